@@ -1,0 +1,227 @@
+"""Build and cache the local cluster's binaries from pinned Go modules.
+
+Called by ``finetune-dev build`` and ``finetune-dev up``. Each component is built once into
+``<cache>/bin/<component>-<version>/`` and marked complete by a stamp file written last, so a
+second run reuses it in milliseconds. A failed build raises ``BuildError`` naming the component
+and carrying the tail of its build log.
+
+k8s.io/kubernetes and etcd cannot be built with ``go install module@version`` (their go.mod
+relies on ``replace`` lines that Go ignores in a dependency), so each is built from a small
+generated wrapper module that pins the staging modules explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from finetune_dev.paths import cache_dir, log_tail
+
+KUBERNETES_VERSION = "v1.37.2"
+ETCD_VERSION = "v3.6.16"
+HELM_VERSION = "v3.22.0"
+VERSITYGW_VERSION = "v1.8.0"
+
+
+class BuildError(RuntimeError):
+    """A component failed to build; the message names it and shows its log tail."""
+
+
+@dataclass(frozen=True)
+class Component:
+    """One Go module version and the binaries built from it."""
+
+    name: str
+    module: str
+    version: str
+    # binary name -> package import path
+    binaries: dict[str, str]
+    ldflags: tuple[str, ...] = ()
+    # Whether the module's own go.mod needs a generated wrapper to build.
+    needs_wrapper: bool = False
+
+    @property
+    def directory(self) -> Path:
+        return cache_dir() / "bin" / f"{self.name}-{self.version}"
+
+    def path(self, binary: str) -> Path:
+        return self.directory / binary
+
+    @property
+    def complete(self) -> bool:
+        return (self.directory / ".complete").exists() and all(self.path(b).exists() for b in self.binaries)
+
+
+def _kubernetes_ldflags(version: str) -> tuple[str, ...]:
+    major, minor = version.lstrip("v").split(".")[:2]
+    flags = []
+    for pkg in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version"):
+        flags += [
+            f"-X {pkg}.gitVersion={version}",
+            f"-X {pkg}.gitMajor={major}",
+            f"-X {pkg}.gitMinor={minor}",
+            f"-X {pkg}.gitTreeState=clean",
+            f"-X {pkg}.buildDate=1970-01-01T00:00:00Z",
+        ]
+    return tuple(flags)
+
+
+KUBERNETES = Component(
+    name="kubernetes",
+    module="k8s.io/kubernetes",
+    version=KUBERNETES_VERSION,
+    binaries={
+        "kube-apiserver": "k8s.io/kubernetes/cmd/kube-apiserver",
+        "kube-controller-manager": "k8s.io/kubernetes/cmd/kube-controller-manager",
+        "kube-scheduler": "k8s.io/kubernetes/cmd/kube-scheduler",
+        "kubectl": "k8s.io/kubernetes/cmd/kubectl",
+    },
+    ldflags=_kubernetes_ldflags(KUBERNETES_VERSION),
+    needs_wrapper=True,
+)
+ETCD = Component(
+    name="etcd",
+    module="go.etcd.io/etcd/server/v3",
+    version=ETCD_VERSION,
+    binaries={"etcd": "go.etcd.io/etcd/server/v3"},
+    needs_wrapper=True,
+)
+HELM = Component(
+    name="helm",
+    module="helm.sh/helm/v3",
+    version=HELM_VERSION,
+    binaries={"helm": "helm.sh/helm/v3/cmd/helm"},
+    ldflags=(f"-X helm.sh/helm/v3/internal/version.version={HELM_VERSION}",),
+)
+VERSITYGW = Component(
+    name="versitygw",
+    module="github.com/versity/versitygw",
+    version=VERSITYGW_VERSION,
+    binaries={"versitygw": "github.com/versity/versitygw/cmd/versitygw"},
+)
+
+COMPONENTS: tuple[Component, ...] = (KUBERNETES, ETCD, HELM, VERSITYGW)
+
+
+def _go_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        GOTOOLCHAIN="local",
+        CGO_ENABLED="0",
+        GOFLAGS="-mod=mod -buildvcs=false",
+        GOCACHE=str(cache_dir() / "go-build"),
+    )
+    # Keep the module cache where Go keeps it by default (shared with other projects) unless
+    # the caller chose one; it is outside the repository either way.
+    return env
+
+
+def _run(cmd: list[str], *, cwd: Path, log: Path, component: str) -> None:
+    with log.open("a") as out:
+        out.write(f"\n$ {' '.join(cmd)}\n")
+        out.flush()
+        result = subprocess.run(cmd, cwd=cwd, env=_go_env(), stdout=out, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        raise BuildError(
+            f"building {component} failed (exit {result.returncode}) running "
+            f"{' '.join(cmd[:3])}...; log {log}:\n{log_tail(log)}"
+        )
+
+
+def _staging_replaces(component: Component, *, workdir: Path, log: Path) -> list[str]:
+    """The ``replace`` lines that pin k8s.io staging modules to the release's v0.X.Y tags."""
+    _run(
+        ["go", "mod", "download", "-json", f"{component.module}@{component.version}"],
+        cwd=workdir,
+        log=log,
+        component=component.name,
+    )
+    gomod = _module_cache() / "cache/download" / component.module / "@v" / f"{component.version}.mod"
+    staging = sorted(set(re.findall(r"^\s+(k8s\.io/[\w.-]+) v0\.0\.0$", gomod.read_text(), re.M)))
+    if not staging:
+        raise BuildError(f"building {component.name}: no staging modules found in {gomod}")
+    staging_version = "v0." + component.version.lstrip("v").split(".", 1)[1]
+    return [f"\t{m} => {m} {staging_version}" for m in staging]
+
+
+def _module_cache() -> Path:
+    out = subprocess.run(
+        ["go", "env", "GOMODCACHE"], env=_go_env(), capture_output=True, text=True, check=True
+    )
+    return Path(out.stdout.strip())
+
+
+def _write_wrapper(component: Component, *, workdir: Path, log: Path) -> None:
+    replaces: list[str] = []
+    if component.module == "k8s.io/kubernetes":
+        replaces = _staging_replaces(component, workdir=workdir, log=log)
+    imports = "\n".join(f'\t_ "{pkg}"' for pkg in sorted(set(component.binaries.values())))
+    gomod = f"module finetune.dev/localcluster/{component.name}\n\ngo 1.26\n\n"
+    gomod += f"require {component.module} {component.version}\n"
+    if replaces:
+        gomod += "\nreplace (\n" + "\n".join(replaces) + "\n)\n"
+    (workdir / "go.mod").write_text(gomod)
+    # A tools file so `go mod tidy` keeps the main packages' dependencies.
+    (workdir / "tools.go").write_text(f"//go:build tools\n\npackage tools\n\nimport (\n{imports}\n)\n")
+    _run(["go", "mod", "tidy", "-e"], cwd=workdir, log=log, component=component.name)
+
+
+def build(component: Component, *, force: bool = False) -> Path:
+    """Build ``component`` into its cache directory unless it is already complete."""
+    if component.complete and not force:
+        return component.directory
+    logs = cache_dir() / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / f"build-{component.name}-{component.version}.log"
+    log.write_text("")
+    workdir = cache_dir() / "src" / f"{component.name}-{component.version}"
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    staging = component.directory.with_name(component.directory.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    if component.needs_wrapper:
+        _write_wrapper(component, workdir=workdir, log=log)
+    else:
+        (workdir / "go.mod").write_text(f"module finetune.dev/localcluster/{component.name}\n\ngo 1.26\n")
+        _run(
+            ["go", "get", f"{component.module}@{component.version}"],
+            cwd=workdir,
+            log=log,
+            component=component.name,
+        )
+    ldflags = " ".join(("-s", "-w", *component.ldflags))
+    for binary, package in component.binaries.items():
+        _run(
+            ["go", "build", "-trimpath", f"-ldflags={ldflags}", "-o", str(staging / binary), package],
+            cwd=workdir,
+            log=log,
+            component=component.name,
+        )
+    (staging / ".complete").write_text(f"{component.module}@{component.version}\n")
+    shutil.rmtree(component.directory, ignore_errors=True)
+    staging.rename(component.directory)
+    return component.directory
+
+
+def build_all(*, force: bool = False, echo: bool = True) -> None:
+    for component in COMPONENTS:
+        if echo and not component.complete:
+            print(f"building {component.name} {component.version} (cached after the first time)", flush=True)
+        build(component, force=force)
+
+
+def binary(name: str) -> Path:
+    """Path of a built binary by name (e.g. ``kube-apiserver``); raises if not built yet."""
+    for component in COMPONENTS:
+        if name in component.binaries:
+            if not component.complete:
+                raise BuildError(
+                    f"{component.name} {component.version} is not built: run `finetune-dev build`"
+                )
+            return component.path(name)
+    raise KeyError(name)

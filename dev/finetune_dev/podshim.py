@@ -1,0 +1,56 @@
+"""Inside a pod's private mount and UTS namespaces: mount its volumes, set its hostname, exec.
+
+The process node starts each container as
+``unshare --mount --uts --propagation private -- python -m finetune_dev.podshim PLAN.json``.
+This module bind-mounts each prepared volume directory (and the pod's /etc/hosts and termination
+message file) at its mount path, sets the hostname, changes directory and replaces itself with
+the container's command, so the container's PID is the one the node signals.
+
+Mount points that do not exist on the machine are created (empty directories or files); the
+node leaves them in place, because another pod's namespace may be using the same path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _mount(source: str, target: str, read_only: bool) -> None:
+    target_path = Path(target)
+    if Path(source).is_dir():
+        target_path.mkdir(parents=True, exist_ok=True)
+    else:
+        target_path.parent.mkdir(parents=True, exist_ok=True)
+        if not target_path.exists():
+            target_path.touch()
+    subprocess.run(["mount", "--bind", source, target], check=True)
+    if read_only:
+        subprocess.run(["mount", "-o", "remount,bind,ro", target], check=True)
+
+
+def main() -> None:
+    plan = json.loads(Path(sys.argv[1]).read_text())
+    try:
+        for mount in plan["mounts"]:
+            _mount(mount["source"], mount["target"], mount.get("readOnly", False))
+        socket.sethostname(plan["hostname"])
+    except (OSError, subprocess.CalledProcessError) as exc:
+        print(f"process node: could not prepare the container's namespace: {exc}", file=sys.stderr)
+        sys.exit(128)
+    os.chdir(plan.get("workingDir") or "/")
+    argv = plan["command"]
+    try:
+        os.execvpe(argv[0], argv, plan["env"])
+    except OSError as exc:
+        # Like a container runtime: a command that cannot be started exits 127 (not found) or 126.
+        print(f"process node: cannot run {argv[0]!r}: {exc.strerror}", file=sys.stderr)
+        sys.exit(127 if isinstance(exc, FileNotFoundError) else 126)
+
+
+if __name__ == "__main__":
+    main()

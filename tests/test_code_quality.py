@@ -1,0 +1,40 @@
+"""Lint, type checks and import-layer contracts run as part of the test suite.
+
+Each runs the real tool on the repository and fails with the tool's own report.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def _run(*cmd: str) -> None:
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}"
+
+
+def test_ruff_lint_is_clean() -> None:
+    _run(str(BIN / "ruff"), "check", "operator", "trainer", "dev", "tests", "bench")
+
+
+@pytest.mark.parametrize(
+    "package",
+    [
+        pytest.param("dev/finetune_dev", id="dev"),
+        pytest.param("operator/finetune_operator", id="operator"),
+        pytest.param("trainer/finetune_trainer", id="trainer"),
+    ],
+)
+def test_mypy_type_checks(package: str) -> None:
+    _run(str(BIN / "mypy"), package)
+
+
+def test_import_layers_hold() -> None:
+    _run(str(BIN / "lint-imports"))

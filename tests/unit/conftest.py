@@ -1,0 +1,1 @@
+"""Unit tier: pure functions only — no processes, no network, no cluster, no torch."""
