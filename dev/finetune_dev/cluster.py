@@ -468,7 +468,7 @@ def _controller_manager_command(c: Cluster) -> list[str]:
         "--use-service-account-credentials=true",
         f"--service-cluster-ip-range={SERVICE_CIDR}",
         # The process node does not renew a Lease: spare it from the node lifecycle controller.
-        "--controllers=*,-node-lifecycle-controller,-taint-eviction-controller,-cloud-node-lifecycle-controller,-service-lb-controller,-node-route-controller",
+        "--controllers=*,-node-lifecycle-controller,-taint-eviction-controller",
     ]
 
 

@@ -656,6 +656,27 @@ class NodeAgent:
             if exc.status != 409:
                 raise
         self.heartbeat()
+        self._clear_startup_taints()
+
+    def _clear_startup_taints(self) -> None:
+        """Remove the not-ready taint the API server puts on new Nodes.
+
+        On a real cluster the node lifecycle controller removes it once the kubelet reports
+        Ready; that controller is disabled here (the process node renews no Lease), so the node
+        does it itself after posting Ready.
+        """
+        node = self.core.read_node(self.node_name)
+        taints = node.spec.taints or []
+        kept = [
+            t
+            for t in taints
+            if t.key not in ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable")
+        ]
+        if len(kept) != len(taints):
+            body = {
+                "spec": {"taints": [self.core.api_client.sanitize_for_serialization(t) for t in kept] or None}
+            }
+            self.core.patch_node(self.node_name, body)
 
     def heartbeat(self) -> None:
         cpu = str(int(os.environ.get("FINETUNE_DEV_NODE_CPU", str((os.cpu_count() or 2) * 4))))

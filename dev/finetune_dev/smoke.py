@@ -16,8 +16,18 @@ from finetune_dev.cli import cluster_from_env
 NAMESPACE = "finetune-smoke"
 
 MANIFESTS = [
-    {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "smoke"}, "data": {"message": "hello from the process node"}},
-    {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "smoke"}, "stringData": {"token": "not-a-real-secret"}},
+    {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "smoke"},
+        "data": {"message": "hello from the process node"},
+    },
+    {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "smoke"},
+        "stringData": {"token": "not-a-real-secret"},
+    },
 ]
 
 SCRIPT = (
@@ -46,7 +56,12 @@ def main() -> int:
                             "name": "smoke",
                             "image": "python:3.11-slim",
                             "command": [sys.executable, "-c", SCRIPT],
-                            "env": [{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "smoke", "key": "token"}}}],
+                            "env": [
+                                {
+                                    "name": "TOKEN",
+                                    "valueFrom": {"secretKeyRef": {"name": "smoke", "key": "token"}},
+                                }
+                            ],
                             "volumeMounts": [{"name": "smoke", "mountPath": "/etc/smoke"}],
                         }
                     ],
@@ -59,15 +74,22 @@ def main() -> int:
         cluster.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=json.dumps(manifest))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        status = json.loads(cluster.kubectl("get", "job", "smoke", "-n", NAMESPACE, "-o", "json").stdout)["status"]
+        status = json.loads(cluster.kubectl("get", "job", "smoke", "-n", NAMESPACE, "-o", "json").stdout)[
+            "status"
+        ]
         if status.get("succeeded") or status.get("failed"):
             break
         time.sleep(0.5)
-    pods = json.loads(cluster.kubectl("get", "pods", "-n", NAMESPACE, "-l", "job-name=smoke", "-o", "json").stdout)["items"]
+    pods = json.loads(
+        cluster.kubectl("get", "pods", "-n", NAMESPACE, "-l", "job-name=smoke", "-o", "json").stdout
+    )["items"]
     for pod in pods:
-        terminated = pod["status"]["containerStatuses"][0]["state"].get("terminated", {})
-        print(f"pod {pod['metadata']['name']}: phase {pod['status']['phase']}, exit code {terminated.get('exitCode')}, "
-              f"termination message {terminated.get('message')!r}")
+        statuses = pod["status"].get("containerStatuses") or [{"state": {}}]
+        terminated = statuses[0]["state"].get("terminated", {})
+        print(
+            f"pod {pod['metadata']['name']}: phase {pod['status']['phase']}, exit code {terminated.get('exitCode')}, "
+            f"termination message {terminated.get('message')!r}"
+        )
     ok = bool(pods) and all(p["status"]["phase"] == "Succeeded" for p in pods)
     print("smoke job succeeded" if ok else "smoke job FAILED")
     return 0 if ok else 1

@@ -1,0 +1,190 @@
+"""Restart safety and the operator's identity, on the real cluster.
+
+The operator is stopped at chosen points of a reconcile without test hooks in production code:
+it runs under an identity that lacks exactly one permission, so its cycle fails at that API
+call (after creating the children before it, or before writing status); then it is stopped and
+a correctly-permitted operator takes over. Exactly one set of children must exist afterwards,
+the status must converge, and nothing the trainer reported may be lost.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from finetune_operator import rbac
+from tests.integration import operator_env
+from tests.integration.operator_env import (
+    SERVICE_ACCOUNT,
+    SYSTEM_NAMESPACE,
+    apply,
+    children,
+    identity_kubeconfig,
+    manifest,
+    running_operator,
+    status,
+    wait_phase,
+)
+from tests.kube import ClusterHandle, wait_for
+
+pytestmark = [pytest.mark.cluster]
+crd = operator_env.crd
+operator_dir = operator_env.operator_dir
+operator_kubeconfig = operator_env.operator_kubeconfig
+
+AS_OPERATOR = f"--as=system:serviceaccount:{SYSTEM_NAMESPACE}:{SERVICE_ACCOUNT}"
+
+
+def _role_without(resource: str, verb: str) -> dict[str, Any]:
+    role = copy.deepcopy(rbac.cluster_role())
+    for rule in role["rules"]:
+        if resource in rule["resources"]:
+            if len(rule["resources"]) > 1:
+                rule["resources"].remove(resource)
+                role["rules"].append(
+                    {**rule, "resources": [resource], "verbs": [v for v in rule["verbs"] if v != verb]}
+                )
+            else:
+                rule["verbs"].remove(verb)
+    return role
+
+
+def _all_children(cluster: ClusterHandle, namespace: str) -> list[str]:
+    out = cluster.kubectl(
+        "get",
+        "configmaps,services,jobs",
+        "-n",
+        namespace,
+        "-l",
+        "app.kubernetes.io/managed-by=finetune-operator",
+        "-o",
+        "name",
+    ).stdout
+    return sorted(line for line in out.splitlines() if line)
+
+
+def _can_i(cluster: ClusterHandle, verb: str, resource: str) -> Any:
+    name, _, sub = resource.partition("/")
+    extra = [f"--subresource={sub}"] if sub else []
+    return cluster.kubectl("auth", "can-i", verb, name, *extra, "-A", AS_OPERATOR, check=False)
+
+
+@pytest.mark.parametrize(
+    ("allowed", "denied"),
+    [
+        pytest.param(
+            [],
+            [
+                ("get", "secrets"),
+                ("list", "secrets"),
+                ("create", "pods"),
+                ("delete", "pods"),
+                ("delete", "jobs.batch"),
+                ("delete", "configmaps"),
+                ("create", "finetunejobs.finetune.dev"),
+                ("delete", "finetunejobs.finetune.dev"),
+                ("create", "roles.rbac.authorization.k8s.io"),
+                ("create", "leases.coordination.k8s.io"),
+            ],
+            id="denied",
+        ),
+        pytest.param(
+            [
+                ("watch", "finetunejobs.finetune.dev"),
+                ("patch", "finetunejobs.finetune.dev/status"),
+                ("create", "jobs.batch"),
+                ("watch", "jobs.batch"),
+                ("create", "configmaps"),
+                ("create", "services"),
+                ("list", "pods"),
+                ("create", "events"),
+            ],
+            [],
+            id="allowed",
+        ),
+    ],
+)
+def test_operator_identity_is_no_wider_than_needed(
+    cluster: ClusterHandle,
+    operator_kubeconfig: Path,
+    allowed: list[tuple[str, str]],
+    denied: list[tuple[str, str]],
+) -> None:
+    for verb, resource in allowed:
+        result = _can_i(cluster, verb, resource)
+        assert result.stdout.strip() == "yes", f"{verb} {resource}: {result.stdout} {result.stderr}"
+    for verb, resource in denied:
+        result = _can_i(cluster, verb, resource)
+        assert result.stdout.strip() == "no", f"operator may {verb} {resource}"
+
+
+def test_restart_between_creating_children(
+    cluster: ClusterHandle, namespace: str, operator_dir: Path, operator_kubeconfig: Path
+) -> None:
+    limited = identity_kubeconfig(
+        cluster, "finetune-operator-no-jobs", _role_without("jobs", "create"), operator_dir
+    )
+    runs = operator_dir / "runs-restart"
+    with running_operator(limited, runs):
+        apply(cluster, namespace, manifest("split", "ok"))
+        wait_for(
+            lambda: _all_children(cluster, namespace) == ["configmap/split-config", "service/split"],
+            timeout=30,
+            what="ConfigMap and Service only",
+        )
+        time.sleep(1)
+    assert _all_children(cluster, namespace) == ["configmap/split-config", "service/split"]
+    with running_operator(operator_kubeconfig, runs):
+        done = wait_phase(cluster, namespace, "split", "Succeeded", timeout=120)
+    assert _all_children(cluster, namespace) == ["configmap/split-config", "job.batch/split", "service/split"]
+    assert done["progress"]["steps"] == "20/20"
+
+
+def test_restart_during_status_update(
+    cluster: ClusterHandle, namespace: str, operator_dir: Path, operator_kubeconfig: Path
+) -> None:
+    limited = identity_kubeconfig(
+        cluster, "finetune-operator-no-status", _role_without("finetunejobs/status", "patch"), operator_dir
+    )
+    runs = operator_dir / "runs-restart"
+    with running_operator(limited, runs):
+        apply(cluster, namespace, manifest("nostatus", "slow", suspend=True))
+        wait_for(lambda: len(_all_children(cluster, namespace)) == 3, timeout=30, what="the children")
+        time.sleep(1)
+    assert status(cluster, namespace, "nostatus") == {}
+    job_uid = json.loads(cluster.kubectl("get", "job", "nostatus", "-n", namespace, "-o", "json").stdout)[
+        "metadata"
+    ]["uid"]
+    with running_operator(operator_kubeconfig, runs):
+        wait_phase(cluster, namespace, "nostatus", "Suspended", timeout=30)
+    after = json.loads(cluster.kubectl("get", "job", "nostatus", "-n", namespace, "-o", "json").stdout)[
+        "metadata"
+    ]["uid"]
+    assert after == job_uid, "the Job was not re-created"
+    assert len(_all_children(cluster, namespace)) == 3
+
+
+def test_job_finishing_while_operator_is_down_loses_nothing(
+    cluster: ClusterHandle, namespace: str, operator_dir: Path, operator_kubeconfig: Path
+) -> None:
+    runs = operator_dir / "runs-restart"
+    with running_operator(operator_kubeconfig, runs):
+        apply(cluster, namespace, manifest("offline", "ok", hyperparameters={"maxSteps": 40, "batchSize": 4}))
+        wait_phase(cluster, namespace, "offline", "Running", timeout=90)
+    cluster.kubectl("wait", "--for=condition=Complete", "job/offline", "-n", namespace, "--timeout=120s")
+    assert status(cluster, namespace, "offline")["phase"] == "Running"
+    with running_operator(operator_kubeconfig, runs):
+        done = wait_phase(cluster, namespace, "offline", "Succeeded", timeout=60)
+    assert done["progress"]["steps"] == "40/40"
+    assert done["latestEvaluation"]["step"] == 40, "results came from the termination message"
+    assert done["checkpoints"][-1]["uri"].endswith("step-000040/")
+    assert children(cluster, namespace, "offline") == [
+        "configmap/offline-config",
+        "job.batch/offline",
+        "service/offline",
+    ]

@@ -1,0 +1,308 @@
+"""The real API server rejects invalid FineTuneJobs with messages naming the field and what is
+allowed (OpenAPI schema + CEL rules of the generated CRD). No operator runs here."""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import pytest
+
+from tests.integration import operator_env
+from tests.integration.operator_env import manifest
+from tests.kube import ClusterHandle
+
+pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("crd")]
+crd = operator_env.crd
+
+
+def with_spec(**changes: Any) -> dict[str, Any]:
+    obj = manifest("bad")
+    for path, value in changes.items():
+        node = obj["spec"]
+        parts = path.split("__")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        if value is None:
+            node.pop(parts[-1], None)
+        else:
+            node[parts[-1]] = value
+    return obj
+
+
+def named(name: str) -> dict[str, Any]:
+    obj = manifest("x")
+    obj["metadata"]["name"] = name
+    return obj
+
+
+def no_spec() -> dict[str, Any]:
+    obj = manifest("bad")
+    del obj["spec"]
+    return obj
+
+
+INVALID = [
+    ("no-spec", no_spec(), ["spec: Required value"]),
+    ("no-model", with_spec(model=None), ["spec.model: Required value"]),
+    ("no-dataset", with_spec(dataset=None), ["spec.dataset: Required value"]),
+    (
+        "model-name-and-uri",
+        with_spec(model={"name": "pythia-70m", "uri": "hf://EleutherAI/pythia-70m"}),
+        ["spec.model: Invalid value", "exactly one of name (a catalog model) or uri"],
+    ),
+    (
+        "model-neither",
+        with_spec(model={"init": "pretrained"}),
+        ["spec.model: Invalid value", "exactly one of name"],
+    ),
+    (
+        "model-init-enum",
+        with_spec(model__init="random"),
+        ['spec.model.init: Unsupported value: "random"', '"pretrained", "scratch"'],
+    ),
+    (
+        "model-uri-scheme",
+        with_spec(model={"uri": "http://example.com/m"}),
+        ["spec.model.uri: Invalid value", "should match '^(s3|file|hf)://.+$'"],
+    ),
+    ("model-name-pattern", with_spec(model={"name": "Pythia_70M!"}), ["spec.model.name: Invalid value"]),
+    (
+        "dataset-name-and-train",
+        with_spec(dataset={"name": "reuters", "train": ["s3://d/t.jsonl"]}),
+        ["spec.dataset: Invalid value", "exactly one of name (a registered dataset) or train"],
+    ),
+    (
+        "dataset-train-empty",
+        with_spec(dataset={"train": []}),
+        ["spec.dataset.train: Invalid value", "should have at least 1 items"],
+    ),
+    (
+        "dataset-format-enum",
+        with_spec(dataset__format="parquet"),
+        ['spec.dataset.format: Unsupported value: "parquet"', '"text", "prompt-completion", "chat"'],
+    ),
+    (
+        "dropout-above-1",
+        with_spec(hyperparameters__dropout=1.5),
+        [
+            "spec.hyperparameters.dropout: Invalid value: 1.5: spec.hyperparameters.dropout in body should be less than or equal to 1"
+        ],
+    ),
+    (
+        "learning-rate-zero",
+        with_spec(hyperparameters__learningRate=0),
+        ["spec.hyperparameters.learningRate: Invalid value: 0", "should be greater than 0"],
+    ),
+    (
+        "batch-size-zero",
+        with_spec(hyperparameters__batchSize=0),
+        ["spec.hyperparameters.batchSize: Invalid value: 0", "should be greater than or equal to 1"],
+    ),
+    (
+        "batch-size-type",
+        with_spec(hyperparameters__batchSize="eight"),
+        ['spec.hyperparameters.batchSize: Invalid value: "string"', "must be of type integer"],
+    ),
+    (
+        "precision-enum",
+        with_spec(hyperparameters__precision="int8"),
+        ['spec.hyperparameters.precision: Unsupported value: "int8"', '"fp32", "bf16", "fp16"'],
+    ),
+    (
+        "steps-and-epochs",
+        with_spec(hyperparameters__epochs=1),
+        ["spec.hyperparameters: Invalid value", "maxSteps and epochs are exclusive"],
+    ),
+    (
+        "warmup-steps-and-ratio",
+        with_spec(hyperparameters__warmupSteps=10, hyperparameters__warmupRatio=0.1),
+        ["warmupSteps and warmupRatio are exclusive"],
+    ),
+    (
+        "micro-batch-divides",
+        with_spec(hyperparameters__microBatchSize=3),
+        [
+            "spec.hyperparameters.microBatchSize: Invalid value",
+            "batchSize must be a multiple of microBatchSize",
+        ],
+    ),
+    (
+        "world-size-divides",
+        with_spec(resources={"nodes": 3}),
+        [
+            "spec.hyperparameters.batchSize: Invalid value",
+            "multiple of microBatchSize * resources.nodes * resources.processesPerNode",
+        ],
+    ),
+    (
+        "lora-needs-pretrained",
+        with_spec(model={"name": "pythia-70m", "init": "scratch"}, lora={"rank": 8}),
+        ["spec.lora: Invalid value", "lora needs model.init: pretrained"],
+    ),
+    (
+        "lora-rank-zero",
+        with_spec(lora={"rank": 0}),
+        ["spec.lora.rank: Invalid value: 0", "greater than or equal to 1"],
+    ),
+    ("nodes-zero", with_spec(resources={"nodes": 0}), ["spec.resources.nodes: Invalid value: 0"]),
+    (
+        "memory-quantity",
+        with_spec(resources={"memory": "lots"}),
+        ['spec.resources.memory: Invalid value: "lots"'],
+    ),
+    (
+        "grace-too-short",
+        with_spec(runPolicy={"terminationGracePeriodSeconds": 5}),
+        ["spec.runPolicy.terminationGracePeriodSeconds: Invalid value: 5", "greater than or equal to 30"],
+    ),
+    (
+        "output-uri-needs-slash",
+        with_spec(checkpoints={"outputUri": "s3://bucket/run"}),
+        ["spec.checkpoints.outputUri: Invalid value"],
+    ),
+    (
+        "endpoint-scheme",
+        with_spec(storage={"endpoint": "ftp://s3.local"}),
+        ["spec.storage.endpoint: Invalid value"],
+    ),
+    (
+        "toleration-exists-with-value",
+        with_spec(resources={"tolerations": [{"key": "gpu", "operator": "Exists", "value": "x"}]}),
+        ["spec.resources.tolerations[0]: Invalid value", "value must be empty when operator is Exists"],
+    ),
+    (
+        "baseline-neither",
+        with_spec(evaluation={"baselines": [{"revision": "main"}]}),
+        ["spec.evaluation.baselines[0]: Invalid value", "exactly one of name"],
+    ),
+    (
+        "unknown-field",
+        with_spec(hyperparameters__learningrate=0.1),
+        ['unknown field "spec.hyperparameters.learningrate"'],
+    ),
+    ("name-starts-with-digit", named("1job"), ["metadata.name: Invalid value", "starting with a letter"]),
+    ("name-too-long", named("a" * 53), ["metadata.name: Invalid value", "must be at most 52 characters"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("obj", "expected"), [pytest.param(obj, expected, id=case) for case, obj, expected in INVALID]
+)
+def test_invalid_manifest_rejected(
+    cluster: ClusterHandle, namespace: str, obj: dict[str, Any], expected: list[str]
+) -> None:
+    result = cluster.kubectl(
+        "create", "--dry-run=server", "-n", namespace, "-f", "-", input=json.dumps(obj), check=False
+    )
+    assert result.returncode != 0, f"accepted: {json.dumps(obj.get('spec', obj))}"
+    for fragment in expected:
+        assert fragment in result.stderr, f"{fragment!r} not in: {result.stderr}"
+
+
+def test_valid_manifest_gets_defaults(cluster: ClusterHandle, namespace: str) -> None:
+    out = cluster.kubectl(
+        "create",
+        "--dry-run=server",
+        "-n",
+        namespace,
+        "-o",
+        "json",
+        "-f",
+        "-",
+        input=json.dumps(manifest("ok")),
+    )
+    spec = json.loads(out.stdout)["spec"]
+    assert spec["hyperparameters"]["learningRate"] == 5e-05
+    assert spec["hyperparameters"]["dropout"] == 0
+    assert spec["resources"] == {"nodes": 1, "processesPerNode": 1, "gpus": 0}
+    assert spec["runPolicy"]["backoffLimit"] == 0
+    assert spec["suspend"] is False and spec["cancel"] is False
+    assert "lora" not in spec, "no LoRA unless asked for"
+
+
+def _create_started(cluster: ClusterHandle, namespace: str, name: str) -> None:
+    cluster.kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(manifest(name)))
+    status = {"status": {"phase": "Running", "startTime": "2026-11-29T06:00:00Z"}}
+    cluster.kubectl(
+        "patch",
+        "ftj",
+        name,
+        "-n",
+        namespace,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps(status),
+    )
+
+
+@pytest.mark.parametrize(
+    ("patch", "fragment"),
+    [
+        pytest.param({"spec": {"model": {"name": "pythia-160m"}}}, "spec.model: Invalid value", id="model"),
+        pytest.param(
+            {"spec": {"dataset": {"train": ["file:///standin/ok/other.jsonl"]}}},
+            "spec.dataset: Invalid value",
+            id="dataset",
+        ),
+        pytest.param(
+            {"spec": {"hyperparameters": {"learningRate": 0.001}}},
+            "spec.hyperparameters: Invalid value",
+            id="hyperparameters",
+        ),
+        pytest.param({"spec": {"lora": {"rank": 4}}}, "spec.lora: Invalid value", id="lora-added"),
+    ],
+)
+def test_training_sections_immutable_once_started(
+    cluster: ClusterHandle, namespace: str, patch: dict[str, Any], fragment: str
+) -> None:
+    _create_started(cluster, namespace, "started")
+    result = cluster.kubectl(
+        "patch", "ftj", "started", "-n", namespace, "--type=merge", "-p", json.dumps(patch), check=False
+    )
+    assert result.returncode != 0
+    assert fragment in result.stderr and "immutable once the job has started" in result.stderr, result.stderr
+
+
+def test_changes_allowed_before_start_and_outside_training_sections(
+    cluster: ClusterHandle, namespace: str
+) -> None:
+    cluster.kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(manifest("fresh")))
+    cluster.kubectl(
+        "patch",
+        "ftj",
+        "fresh",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        json.dumps({"spec": {"hyperparameters": {"learningRate": 0.001}}}),
+    )
+    _create_started(cluster, namespace, "running")
+    for change in ({"suspend": True}, {"evaluation": {"everySteps": 3}}, {"runPolicy": {"backoffLimit": 2}}):
+        cluster.kubectl(
+            "patch", "ftj", "running", "-n", namespace, "--type=merge", "-p", json.dumps({"spec": change})
+        )
+
+
+def test_cancel_cannot_be_undone(cluster: ClusterHandle, namespace: str) -> None:
+    obj = copy.deepcopy(manifest("cancelled"))
+    obj["spec"]["cancel"] = True
+    cluster.kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(obj))
+    result = cluster.kubectl(
+        "patch",
+        "ftj",
+        "cancelled",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        '{"spec":{"cancel":false}}',
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "spec.cancel: Invalid value" in result.stderr and "cancel cannot be undone" in result.stderr, (
+        result.stderr
+    )

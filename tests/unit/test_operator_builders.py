@@ -1,0 +1,257 @@
+"""Desired children of a FineTuneJob (pure builders)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import yaml
+
+from finetune_operator import builders
+from finetune_operator.api import SpecError
+from finetune_operator.settings import Settings
+from finetune_trainer import contract
+from finetune_trainer.config import TrainerConfig
+from tests.operator.factories import SETTINGS, UID, parsed
+
+
+def _children(**kwargs: Any) -> dict[str, dict[str, Any]]:
+    settings = kwargs.pop("settings", SETTINGS)
+    return {child["kind"]: child for child in builders.build_children(parsed(**kwargs), settings)}
+
+
+def _env(job: dict[str, Any]) -> dict[str, Any]:
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    return {item["name"]: item.get("value", item.get("valueFrom")) for item in container["env"]}
+
+
+def test_children_in_creation_order_with_deterministic_names() -> None:
+    children = builders.build_children(parsed(), SETTINGS)
+    assert [(c["kind"], c["metadata"]["name"]) for c in children] == [
+        ("ConfigMap", "demo-config"),
+        ("Service", "demo"),
+        ("Job", "demo"),
+    ]
+    assert children == builders.build_children(parsed(), SETTINGS), "builders must be deterministic"
+
+
+def test_children_are_owned_and_labelled() -> None:
+    for child in builders.build_children(parsed(), SETTINGS):
+        meta = child["metadata"]
+        assert meta["namespace"] == "team-a"
+        assert meta["ownerReferences"] == [
+            {
+                "apiVersion": "finetune.dev/v1alpha1",
+                "kind": "FineTuneJob",
+                "name": "demo",
+                "uid": UID,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
+        assert meta["labels"]["finetune.dev/job-name"] == "demo"
+        assert meta["labels"]["app.kubernetes.io/managed-by"] == "finetune-operator"
+
+
+def test_config_map_round_trips_through_the_trainer_contract() -> None:
+    config_map = _children(lora={"rank": 4})["ConfigMap"]
+    config = TrainerConfig.from_yaml(config_map["data"]["config.yaml"])
+    assert config.model.name == "pythia-70m"
+    assert config.hyperparameters.max_steps == 100
+    assert config.lora is not None and config.lora.rank == 4
+    assert config.run.uri == "s3://runs/team-a/demo/"
+    assert (config.run.namespace, config.run.job_name) == ("team-a", "demo")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "settings", "expected"),
+    [
+        pytest.param({}, SETTINGS, "s3://runs/team-a/demo/", id="operator-default"),
+        pytest.param(
+            {"storage": {"runsUri": "s3://mine/x/"}}, SETTINGS, "s3://mine/x/team-a/demo/", id="spec-runs-uri"
+        ),
+        pytest.param(
+            {"checkpoints": {"outputUri": "file:///tmp/run/"}},
+            SETTINGS,
+            "file:///tmp/run/",
+            id="output-uri-wins",
+        ),
+    ],
+)
+def test_run_folder(overrides: dict[str, Any], settings: Settings, expected: str) -> None:
+    assert builders.run_uri(parsed(**overrides), settings) == expected
+
+
+def test_headless_service_for_rendezvous() -> None:
+    service = _children()["Service"]
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["publishNotReadyAddresses"] is True
+    assert service["spec"]["selector"] == {"finetune.dev/job-name": "demo"}
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"rendezvous": 29500, "progress": 9090}
+
+
+def test_indexed_job_with_torchrun_environment() -> None:
+    job = _children(resources={"nodes": 2, "processesPerNode": 4})["Job"]
+    spec = job["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 2, 2)
+    pod = spec["template"]["spec"]
+    assert pod["subdomain"] == "demo" and pod["restartPolicy"] == "Never"
+    env = _env(job)
+    assert env["PET_NNODES"] == "2"
+    assert env["PET_NPROC_PER_NODE"] == "4"
+    assert env["PET_NODE_RANK"] == {
+        "fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}
+    }
+    assert env["PET_MASTER_ADDR"] == "demo-0.demo"
+    assert env["PET_MASTER_PORT"] == "29500"
+    assert env[contract.ENV_POD_IP] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert env[contract.ENV_CONFIG] == "/etc/finetune/config.yaml"
+    assert env[contract.ENV_PROGRESS_PORT] == "9090"
+    container = pod["containers"][0]
+    assert container["command"] == ["torchrun", "-m", "finetune_trainer"]  # 8 processes
+    assert container["image"] == "trainer:test"
+    assert {"name": "config", "mountPath": "/etc/finetune", "readOnly": True} in container["volumeMounts"]
+
+
+def test_single_process_runs_the_trainer_directly() -> None:
+    """So exit code 3 reaches the podFailurePolicy (torchrun would turn it into 1)."""
+    container = _children()["Job"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["python", "-m", "finetune_trainer"]
+
+
+def test_pod_failure_policy_and_run_policy() -> None:
+    job = _children(
+        runPolicy={"backoffLimit": 2, "activeDeadlineSeconds": 3600, "ttlSecondsAfterFinished": 600}
+    )["Job"]
+    spec = job["spec"]
+    assert (spec["backoffLimit"], spec["activeDeadlineSeconds"], spec["ttlSecondsAfterFinished"]) == (
+        2,
+        3600,
+        600,
+    )
+    rules = spec["podFailurePolicy"]["rules"]
+    assert rules[0] == {
+        "action": "FailJob",
+        "onExitCodes": {
+            "containerName": "trainer",
+            "operator": "In",
+            "values": [contract.EXIT_INVALID_INPUT],
+        },
+    }
+    assert rules[1] == {
+        "action": "Ignore",
+        "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+    }
+    assert spec["template"]["spec"]["terminationGracePeriodSeconds"] == 300
+
+
+def test_optional_run_policy_fields_left_out() -> None:
+    spec = _children()["Job"]["spec"]
+    assert "activeDeadlineSeconds" not in spec and "ttlSecondsAfterFinished" not in spec
+
+
+def test_pod_security_restricted() -> None:
+    pod = _children()["Job"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]["securityContext"]
+    assert container == {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "runAsNonRoot": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["automountServiceAccountToken"] is False
+    assert not any("hostPath" in v for v in pod["volumes"])
+
+
+def test_credentials_only_through_secret_refs() -> None:
+    job = _children(storage={"credentialsSecret": {"name": "s3", "accessKeyIdKey": "id"}})["Job"]
+    env = _env(job)
+    assert env["AWS_ACCESS_KEY_ID"] == {"secretKeyRef": {"name": "s3", "key": "id"}}
+    assert env["AWS_SECRET_ACCESS_KEY"] == {"secretKeyRef": {"name": "s3", "key": "AWS_SECRET_ACCESS_KEY"}}
+    settings = Settings(runs_uri="s3://runs/", credentials_secret="cluster-s3")
+    env = _env(_children(settings=settings)["Job"])
+    assert env["AWS_ACCESS_KEY_ID"] == {"secretKeyRef": {"name": "cluster-s3", "key": "AWS_ACCESS_KEY_ID"}}
+    assert "AWS_ACCESS_KEY_ID" not in _env(_children()["Job"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "suspend"),
+    [
+        pytest.param({}, False, id="running"),
+        pytest.param({"suspend": True}, True, id="suspended"),
+        pytest.param({"cancel": True}, True, id="cancelled"),
+    ],
+)
+def test_suspend_and_cancel_suspend_the_job(overrides: dict[str, Any], suspend: bool) -> None:
+    assert _children(**overrides)["Job"]["spec"]["suspend"] is suspend
+
+
+def test_resources_and_scheduling() -> None:
+    resources = {
+        "cpu": "4",
+        "memory": "16Gi",
+        "gpus": 2,
+        "nodeSelector": {"gpu": "a100"},
+        "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "priorityClassName": "training",
+        "image": "custom:1",
+        "serviceAccountName": "trainer",
+        "queueName": "team-a",
+    }
+    job = _children(resources=resources, hyperparameters={"batchSize": 8})["Job"]
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["resources"] == {
+        "requests": {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "2"},
+        "limits": {"memory": "16Gi", "nvidia.com/gpu": "2"},
+    }
+    assert container["image"] == "custom:1"
+    assert pod["nodeSelector"] == {"gpu": "a100"}
+    assert pod["tolerations"] == [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert (pod["priorityClassName"], pod["serviceAccountName"]) == ("training", "trainer")
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "settings", "fragment"),
+    [
+        pytest.param(
+            {"model": {"name": "gpt-17"}},
+            SETTINGS,
+            "spec.model.name: unknown catalog model 'gpt-17'",
+            id="unknown-model",
+        ),
+        pytest.param(
+            {"evaluation": {"baselines": [{"name": "pythia-160m"}, {"name": "nope"}]}},
+            SETTINGS,
+            "spec.evaluation.baselines[1].name: unknown catalog model 'nope'",
+            id="unknown-baseline",
+        ),
+        pytest.param({}, Settings(), "spec.checkpoints.outputUri: no run folder", id="no-run-folder"),
+        pytest.param(
+            {"dataset": {"name": "reuters"}},
+            SETTINGS,
+            "spec.dataset.name: registered datasets need storage.datasetsUri",
+            id="no-datasets-uri",
+        ),
+    ],
+)
+def test_operator_side_checks(overrides: dict[str, Any], settings: Settings, fragment: str) -> None:
+    with pytest.raises(SpecError) as info:
+        builders.build_children(parsed(**overrides), settings)
+    assert any(fragment in error for error in info.value.errors), info.value.errors
+
+
+def test_command_override_for_local_stand_ins() -> None:
+    settings = Settings.from_env(
+        {"FINETUNE_TRAINER_COMMAND": '["python", "-m", "standin"]', "FINETUNE_RUNS_URI": "s3://r/"}
+    )
+    job = _children(settings=settings)["Job"]
+    assert job["spec"]["template"]["spec"]["containers"][0]["command"] == ["python", "-m", "standin"]
+
+
+def test_config_yaml_is_plain() -> None:
+    data = yaml.safe_load(_children()["ConfigMap"]["data"]["config.yaml"])
+    assert set(data) == {"model", "dataset", "hyperparameters", "evaluation", "checkpoints", "run"}

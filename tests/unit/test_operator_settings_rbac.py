@@ -1,0 +1,64 @@
+"""Operator settings from the environment, and the RBAC rules the chart ships (pure)."""
+
+from __future__ import annotations
+
+import pytest
+
+from finetune_operator import rbac
+from finetune_operator.settings import DEFAULT_TRAINER_COMMAND, Settings
+
+
+def test_defaults() -> None:
+    settings = Settings.from_env({})
+    assert settings.trainer_command == DEFAULT_TRAINER_COMMAND
+    assert (settings.progress_port, settings.master_port, settings.poll_interval_seconds) == (
+        9090,
+        29500,
+        10.0,
+    )
+    assert settings.runs_uri is None
+
+
+@pytest.mark.parametrize(
+    ("env", "attr", "expected"),
+    [
+        pytest.param(
+            {"FINETUNE_TRAINER_COMMAND": "finetune-trainer --verbose"},
+            "trainer_command",
+            ("finetune-trainer", "--verbose"),
+            id="command-shell-words",
+        ),
+        pytest.param(
+            {"FINETUNE_TRAINER_COMMAND": '["python", "-m", "x y"]'},
+            "trainer_command",
+            ("python", "-m", "x y"),
+            id="command-json",
+        ),
+        pytest.param({"FINETUNE_RUNS_URI": "s3://runs/"}, "runs_uri", "s3://runs/", id="runs-uri"),
+        pytest.param(
+            {"FINETUNE_POLL_INTERVAL_SECONDS": "2.5"}, "poll_interval_seconds", 2.5, id="poll-interval"
+        ),
+        pytest.param(
+            {"FINETUNE_TRAINER_EXTRA_ENV": '{"HF_HUB_OFFLINE": "1"}'},
+            "extra_env",
+            {"HF_HUB_OFFLINE": "1"},
+            id="extra-env",
+        ),
+        pytest.param({"FINETUNE_CREDENTIALS_SECRET": "s3"}, "credentials_secret", "s3", id="default-secret"),
+    ],
+)
+def test_from_env(env: dict[str, str], attr: str, expected: object) -> None:
+    assert getattr(Settings.from_env(env), attr) == expected
+
+
+def test_rbac_is_minimal() -> None:
+    role = rbac.cluster_role()
+    verbs = {
+        (group, resource): set(verbs) for group, resources, verbs, _ in rbac.RULES for resource in resources
+    }
+    assert all("delete" not in v and "deletecollection" not in v and "*" not in v for v in verbs.values())
+    assert ("", "secrets") not in verbs
+    assert verbs[("", "pods")] == {"list"}
+    assert verbs[("batch", "jobs")] == {"get", "list", "watch", "create", "patch"}
+    assert all(rule["apiGroups"] != ["*"] and rule["resources"] != ["*"] for rule in role["rules"])
+    assert all(why for *_, why in rbac.RULES), "every rule says why"

@@ -1,0 +1,394 @@
+"""Status derivation (pure): observed Job, pods and progress → phase, conditions, results."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from finetune_operator.api import FineTuneJobStatus, ObjectRef, Reason
+from finetune_operator.status import Observed, Problem, derive_status, invalid_spec_status
+from tests.operator.factories import NOW, batch_job, condition, parsed, pod, progress_report
+
+
+def _conditions(status: dict[str, Any]) -> dict[str, str]:
+    return {c["type"]: c["status"] for c in status["conditions"]}
+
+
+SUMMARY_OK = json.dumps(
+    {
+        "phase": "Succeeded",
+        "exitCode": 0,
+        "reason": "Completed",
+        "message": "done",
+        "step": 100,
+        "totalSteps": 100,
+        "runUri": "s3://runs/team-a/demo/",
+        "finalUri": "s3://runs/team-a/demo/final/",
+        "evaluations": [
+            {"step": 0, "loss": 3.1, "accuracy": 0.41, "perplexity": 22.2},
+            {"step": 100, "loss": 2.1, "accuracy": 0.55, "perplexity": 8.2},
+        ],
+        "lastCheckpoint": {
+            "step": 100,
+            "uri": "s3://runs/team-a/demo/checkpoints/step-000100/",
+            "time": "2026-11-29T06:20:00Z",
+            "metrics": {"evalLoss": 2.1},
+        },
+    }
+)
+SUMMARY_INVALID = json.dumps(
+    {
+        "phase": "Failed",
+        "exitCode": 3,
+        "reason": "InvalidData",
+        "message": "train.jsonl line 3: no field 'text'",
+        "step": 0,
+        "totalSteps": None,
+        "runUri": None,
+    }
+)
+
+CASES = [
+    # id, spec overrides, observed, expected (phase, reason, Ready, Reconciling, Stalled), message fragment
+    ("no-job-yet", {}, Observed(), ("Pending", "Creating", "False", "True", "False"), "creating"),
+    (
+        "job-no-pods",
+        {},
+        Observed(job=batch_job()),
+        ("Pending", "WaitingForPods", "False", "True", "False"),
+        "waiting",
+    ),
+    (
+        "pod-pending",
+        {},
+        Observed(job=batch_job(active=1), pods=[pod(phase="Pending")]),
+        ("Pending", "WaitingForPods", "False", "True", "False"),
+        "waiting",
+    ),
+    (
+        "running",
+        {},
+        Observed(job=batch_job(active=1), pods=[pod()]),
+        ("Running", "Training", "False", "True", "False"),
+        "1/1 pod(s) running",
+    ),
+    (
+        "running-partial",
+        {"resources": {"nodes": 2}},
+        Observed(job=batch_job(active=2), pods=[pod(0), pod(1, phase="Pending")]),
+        ("Running", "Training", "False", "True", "False"),
+        "1/2 pod(s)",
+    ),
+    (
+        "succeeded",
+        {},
+        Observed(
+            job=batch_job(
+                succeeded=1,
+                conditions=[condition("SuccessCriteriaMet"), condition("Complete")],
+                completion_time="2026-11-29T06:21:00Z",
+            ),
+            pods=[pod(phase="Succeeded", exit_code=0, message=SUMMARY_OK)],
+        ),
+        ("Succeeded", "Succeeded", "True", "False", "False"),
+        "final model in s3://runs/team-a/demo/final/",
+    ),
+    (
+        "invalid-input",
+        {},
+        Observed(
+            job=batch_job(
+                failed=1,
+                conditions=[
+                    condition(
+                        "Failed",
+                        "PodFailurePolicy",
+                        "Container trainer for pod team-a/demo-0 failed with exit code 3 matching FailJob rule at index 0",
+                    )
+                ],
+            ),
+            pods=[pod(phase="Failed", exit_code=3, message=SUMMARY_INVALID)],
+        ),
+        ("Failed", "InvalidInput", "False", "False", "True"),
+        "exit code 3 (InvalidData): train.jsonl line 3: no field 'text'",
+    ),
+    (
+        "failure-target-counts-as-failed",
+        {},
+        Observed(
+            job=batch_job(failed=1, conditions=[condition("FailureTarget", "PodFailurePolicy")]),
+            pods=[pod(phase="Failed", exit_code=3)],
+        ),
+        ("Failed", "InvalidInput", "False", "False", "True"),
+        "not retried",
+    ),
+    (
+        "backoff-exceeded",
+        {},
+        Observed(
+            job=batch_job(
+                failed=4,
+                conditions=[
+                    condition("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")
+                ],
+            ),
+            pods=[
+                pod(
+                    phase="Failed",
+                    exit_code=1,
+                    message="Traceback ... CUDA OOM",
+                    finished_at=f"2026-11-29T06:1{i}:00Z",
+                )
+                for i in range(4)
+            ],
+        ),
+        ("Failed", "BackoffLimitExceeded", "False", "False", "True"),
+        "exit code 1 (Error): Traceback ... CUDA OOM",
+    ),
+    (
+        "deadline",
+        {},
+        Observed(
+            job=batch_job(
+                conditions=[
+                    condition("Failed", "DeadlineExceeded", "Job was active longer than specified deadline")
+                ]
+            )
+        ),
+        ("Failed", "DeadlineExceeded", "False", "False", "True"),
+        "activeDeadlineSeconds",
+    ),
+    (
+        "suspended",
+        {"suspend": True},
+        Observed(job=batch_job(suspend=True)),
+        ("Suspended", "Suspended", "False", "False", "False"),
+        "set it to false to resume",
+    ),
+    (
+        "suspending",
+        {"suspend": True},
+        Observed(job=batch_job(suspend=True), pods=[pod()]),
+        ("Suspended", "Suspended", "False", "False", "False"),
+        "saving a checkpoint",
+    ),
+    (
+        "cancelling",
+        {"cancel": True},
+        Observed(job=batch_job(suspend=True), pods=[pod()]),
+        ("Running", "Cancelling", "False", "True", "False"),
+        "cancelling",
+    ),
+    (
+        "cancelled",
+        {"cancel": True},
+        Observed(job=batch_job(suspend=True)),
+        ("Cancelled", "Cancelled", "False", "False", "True"),
+        "checkpoints are kept",
+    ),
+    (
+        "missing-secret",
+        {},
+        Observed(
+            job=batch_job(active=1),
+            pods=[pod(phase="Pending", waiting=("CreateContainerConfigError", 'secret "s3" not found'))],
+        ),
+        ("Pending", "SecretNotFound", "False", "False", "True"),
+        'secret "s3" not found',
+    ),
+    (
+        "bad-image",
+        {},
+        Observed(
+            job=batch_job(active=1),
+            pods=[pod(phase="Pending", waiting=("ImagePullBackOff", "no such image"))],
+        ),
+        ("Pending", "ImagePullFailed", "False", "False", "True"),
+        "no such image",
+    ),
+    (
+        "operator-invalid-spec",
+        {},
+        Observed(
+            problem=Problem(Reason.INVALID_SPEC, "invalid spec: spec.model.name: unknown", permanent=True)
+        ),
+        ("Failed", "InvalidSpec", "False", "False", "True"),
+        "unknown",
+    ),
+    (
+        "name-conflict",
+        {},
+        Observed(problem=Problem(Reason.NAME_CONFLICT, "Job 'demo' exists", permanent=False)),
+        ("Pending", "NameConflict", "False", "False", "True"),
+        "exists",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "observed", "expected", "fragment"), [pytest.param(*case[1:], id=case[0]) for case in CASES]
+)
+def test_phase_and_conditions(
+    overrides: dict[str, Any], observed: Observed, expected: tuple[str, ...], fragment: str
+) -> None:
+    status = derive_status(parsed(generation=3, **overrides), observed, None, NOW)
+    conds = _conditions(status)
+    assert (
+        status["phase"],
+        status["reason"],
+        conds["Ready"],
+        conds["Reconciling"],
+        conds["Stalled"],
+    ) == expected
+    assert fragment in status["message"]
+    assert status["observedGeneration"] == 3
+    assert all(c["observedGeneration"] == 3 for c in status["conditions"])
+    FineTuneJobStatus.model_validate(status)  # matches the CRD's status schema
+
+
+def test_progress_from_rank_zero() -> None:
+    status = derive_status(parsed(), Observed(job=batch_job(active=1), pods=[pod()]), progress_report(), NOW)
+    progress = status["progress"]
+    assert (progress["step"], progress["totalSteps"], progress["steps"], progress["percent"]) == (
+        40,
+        100,
+        "40/100",
+        40.0,
+    )
+    assert (progress["trainLoss"], progress["tokensPerSecond"], progress["etaSeconds"]) == (2.5, 1200.0, 60.0)
+    assert progress["trainerPhase"] == "Training"
+    assert status["latestEvaluation"] == {"step": 20, "loss": 2.7, "accuracy": 0.47, "perplexity": 14.9}
+    assert [e["step"] for e in status["evaluations"]] == [0, 20]
+    assert status["baselines"] == [
+        {"model": "pythia-160m", "loss": 2.9, "accuracy": 0.44, "perplexity": 18.2}
+    ]
+    assert status["checkpoints"][0]["step"] == 20
+    assert status["startTime"] == "2026-11-29T06:00:01Z"
+    FineTuneJobStatus.model_validate(status)
+
+
+def test_progress_kept_when_not_polled() -> None:
+    first = derive_status(parsed(), Observed(job=batch_job(active=1), pods=[pod()]), progress_report(), NOW)
+    again = derive_status(
+        parsed(status=first),
+        Observed(job=batch_job(active=1), pods=[pod()]),
+        None,
+        NOW + timedelta(seconds=5),
+    )
+    assert again == first, "the same observation gives the same status"
+
+
+def test_evaluations_merge_across_polls() -> None:
+    first = derive_status(parsed(), Observed(job=batch_job(active=1), pods=[pod()]), progress_report(), NOW)
+    later = progress_report(
+        step=60, evaluations=[{"step": 40, "loss": 2.5, "accuracy": 0.5, "perplexity": 12.2}]
+    )
+    second = derive_status(parsed(status=first), Observed(job=batch_job(active=1), pods=[pod()]), later, NOW)
+    assert [e["step"] for e in second["evaluations"]] == [0, 20, 40]
+    assert second["latestEvaluation"]["step"] == 40
+
+
+def test_final_summary_fills_in_results() -> None:
+    observed = Observed(
+        job=batch_job(
+            succeeded=1, conditions=[condition("Complete")], completion_time="2026-11-29T06:21:00Z"
+        ),
+        pods=[pod(phase="Succeeded", exit_code=0, message=SUMMARY_OK)],
+    )
+    status = derive_status(parsed(), observed, None, NOW)
+    assert status["progress"]["steps"] == "100/100"
+    assert status["progress"]["percent"] == 100.0
+    assert status["latestEvaluation"]["step"] == 100
+    assert status["checkpoints"][-1]["uri"].endswith("step-000100/")
+    assert status["completionTime"] == "2026-11-29T06:21:00Z"
+    assert status["exitCode"] == 0
+
+
+def test_terminal_phase_is_sticky_when_job_is_gone() -> None:
+    """A Job deleted by ttlSecondsAfterFinished leaves the FineTuneJob's status as it was."""
+    observed = Observed(
+        job=batch_job(succeeded=1, conditions=[condition("Complete")]),
+        pods=[pod(phase="Succeeded", exit_code=0, message=SUMMARY_OK)],
+    )
+    done = derive_status(parsed(), observed, None, NOW)
+    later = derive_status(parsed(status=done), Observed(), None, NOW + timedelta(hours=1))
+    assert later == done
+
+
+def test_cancel_after_success_stays_succeeded() -> None:
+    done = derive_status(parsed(), Observed(job=batch_job(conditions=[condition("Complete")])), None, NOW)
+    after = derive_status(
+        parsed(status=done, cancel=True),
+        Observed(job=batch_job(suspend=True, conditions=[condition("Complete")])),
+        None,
+        NOW,
+    )
+    assert after["phase"] == "Succeeded"
+
+
+def test_transition_times_change_only_on_transitions() -> None:
+    running = derive_status(parsed(), Observed(job=batch_job(active=1), pods=[pod()]), None, NOW)
+    later = NOW + timedelta(minutes=5)
+    still = derive_status(
+        parsed(status=running), Observed(job=batch_job(active=1), pods=[pod()]), None, later
+    )
+    assert still["conditions"] == running["conditions"]
+    done = derive_status(
+        parsed(status=running), Observed(job=batch_job(conditions=[condition("Complete")])), None, later
+    )
+    times = {c["type"]: c["lastTransitionTime"] for c in done["conditions"]}
+    assert times["Ready"] == "2026-11-29T06:05:00Z"  # False -> True
+    assert times["Reconciling"] == "2026-11-29T06:05:00Z"  # True -> False
+    assert times["Stalled"] == "2026-11-29T06:00:00Z"  # False all along
+
+
+def test_invalid_spec_status() -> None:
+    ref = ObjectRef(name="demo", namespace="team-a", uid="u", generation=2)
+    status = invalid_spec_status(ref, {}, ["spec.model: exactly one of name or uri must be set"], NOW)
+    assert (status["phase"], status["reason"]) == ("Failed", "InvalidSpec")
+    assert "spec.model: exactly one of name or uri" in status["message"]
+    assert _conditions(status) == {"Ready": "False", "Reconciling": "False", "Stalled": "True"}
+    FineTuneJobStatus.model_validate(status)
+
+
+def test_invalid_spec_failure_is_reevaluated_after_a_fix() -> None:
+    failed = derive_status(
+        parsed(), Observed(problem=Problem(Reason.INVALID_SPEC, "bad", permanent=True)), None, NOW
+    )
+    fixed = derive_status(parsed(status=failed, generation=2), Observed(job=batch_job()), None, NOW)
+    assert fixed["phase"] == "Pending"
+
+
+@pytest.mark.parametrize(
+    ("report", "expected_steps"),
+    [
+        pytest.param({"step": 5, "totalSteps": None}, "5", id="total-unknown"),
+        pytest.param({"step": "x", "totalSteps": 10}, "0/10", id="garbage-step"),
+        pytest.param({"step": 3, "totalSteps": 10, "trainLoss": float("nan")}, "3/10", id="nan-loss-dropped"),
+        pytest.param(
+            {
+                "step": -4,
+                "totalSteps": -1,
+                "etaSeconds": -5,
+                "tokensPerSecond": -1,
+                "evaluations": [{"step": -1}, "x"],
+                "checkpoints": [{"step": -2, "uri": "s3://x/"}],
+                "trainedTokens": -9,
+                "epoch": -1,
+            },
+            "0",
+            id="negative-values-dropped",
+        ),
+        pytest.param(
+            {"step": True, "totalSteps": 10, "baselines": [{"model": 3}, "x"]}, "0/10", id="wrong-types"
+        ),
+    ],
+)
+def test_malformed_progress_is_tolerated(report: dict[str, Any], expected_steps: str) -> None:
+    status = derive_status(parsed(), Observed(job=batch_job(active=1), pods=[pod()]), report, NOW)
+    assert status["progress"]["steps"] == expected_steps
+    assert "trainLoss" not in status["progress"]
+    FineTuneJobStatus.model_validate(status)
