@@ -394,3 +394,32 @@ def test_s3_multipart_upload_of_64_mib_reads_back_identical(cluster: ClusterHand
     target = tmp_path / "back.bin"
     s3.download_file(bucket, "data/blob.bin", str(target), Config=transfer)
     assert hashlib.sha256(target.read_bytes()).digest() == hashlib.sha256(source.read_bytes()).digest()
+
+
+def test_pods_get_a_service_account_token_and_reach_the_api_in_cluster(cluster: ClusterHandle, namespace: str) -> None:
+    cluster.kubectl("create", "serviceaccount", "lister", "-n", namespace)
+    cluster.kubectl("create", "role", "cm-reader", "--verb=get,list", "--resource=configmaps", "-n", namespace)
+    cluster.kubectl("create", "rolebinding", "lister-reads", "--role=cm-reader", f"--serviceaccount={namespace}:lister", "-n", namespace)
+    script = textwrap.dedent(
+        """
+        import pathlib
+        from kubernetes import client, config
+        config.load_incluster_config()
+        namespace = pathlib.Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace").read_text()
+        names = sorted(cm.metadata.name for cm in client.CoreV1Api().list_namespaced_config_map(namespace).items)
+        try:
+            client.CoreV1Api().list_namespaced_secret(namespace)
+            secrets = "allowed"
+        except client.ApiException as exc:
+            secrets = str(exc.status)
+        pathlib.Path("/dev/termination-log").write_text(f"{namespace} {names} secrets:{secrets}")
+        """
+    )
+    apply(cluster, namespace, job_manifest("incluster", [python_container(script)], template_spec={"serviceAccountName": "lister"}))
+
+    condition = wait_job_finished(cluster, namespace, "incluster")
+
+    [pod] = job_pods(cluster, namespace, "incluster")
+    assert condition["type"] == "Complete", pod["status"]
+    message = pod["status"]["containerStatuses"][0]["state"]["terminated"]["message"]
+    assert message == f"{namespace} ['kube-root-ca.crt'] secrets:403"
