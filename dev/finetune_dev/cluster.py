@@ -80,6 +80,19 @@ class Ports:
     def kubelet(self) -> int:
         return self.base + 6
 
+    @property
+    def pod_network(self) -> str:
+        """The first two octets of this cluster's pod IPs: 127.<n>, distinct per port base.
+
+        Pods of two clusters on one machine then never share an address (all of 127.0.0.0/8
+        is local)."""
+        return f"127.{20 + (self.base // 100) % 200}"
+
+    @property
+    def kubernetes_service_ip(self) -> str:
+        """Where pods reach the API server as https://kubernetes.default.svc (port 443)."""
+        return f"{self.pod_network}.255.1"
+
 
 @dataclass
 class Cluster:
@@ -141,7 +154,7 @@ class Cluster:
         binaries.build_all(echo=True)
         self.root.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(exist_ok=True)
-        pki.ensure(self.pki)
+        pki.ensure(self.pki, extra_ips=(self.ports.kubernetes_service_ip,))
         self._write_kubeconfigs()
         self._link_tools()
         started = time.monotonic()
@@ -150,8 +163,8 @@ class Cluster:
                 continue
             self._check_port_free(component)
             echo(f"starting {component.name}")
-            component.start(self)
-            component.wait_healthy(self)
+            process = component.start(self)
+            component.wait_healthy(self, process)
         self._wait_bootstrap()
         echo(f"cluster ready in {time.monotonic() - started:.1f}s (kubeconfig {self.kubeconfig})")
 
@@ -343,7 +356,7 @@ class Component:
     def log(self, cluster: Cluster) -> Path:
         return cluster.logs / f"{self.name}.log"
 
-    def start(self, cluster: Cluster) -> None:
+    def start(self, cluster: Cluster) -> subprocess.Popen[bytes]:
         self._pidfile(cluster).parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **self.env(cluster)}
         env.pop("KUBECONFIG", None)
@@ -361,11 +374,12 @@ class Component:
             except OSError as exc:
                 raise ClusterError(f"{self.name} could not be started: {exc}") from exc
         self._pidfile(cluster).write_text(str(process.pid))
+        return process
 
-    def wait_healthy(self, cluster: Cluster) -> None:
+    def wait_healthy(self, cluster: Cluster, process: subprocess.Popen[bytes]) -> None:
         deadline = time.monotonic() + self.start_timeout
         while not self.healthy(cluster):
-            if not self.running(cluster):
+            if process.poll() is not None:
                 raise ClusterError(
                     f"{self.name} exited during start-up; log {self.log(cluster)}:\n{log_tail(self.log(cluster))}"
                 )
@@ -498,6 +512,8 @@ def _node_command(c: Cluster) -> list[str]:
         f"--kubelet-port={c.ports.kubelet}",
         f"--pki-dir={c.pki}",
         f"--apiserver-port={c.ports.apiserver}",
+        f"--pod-network={c.ports.pod_network}",
+        f"--kubernetes-service-ip={c.ports.kubernetes_service_ip}",
     ]
 
 

@@ -32,6 +32,7 @@ import os
 import platform
 import shutil
 import signal
+import socket
 import socketserver
 import ssl
 import subprocess
@@ -57,7 +58,7 @@ MAX_TERMINATION_MESSAGE = 4096
 FALLBACK_LOG_LINES = 80
 RESTART_BACKOFF_MAX = 60.0
 HEARTBEAT_SECONDS = 20
-FIRST_POD_IP = ipaddress.ip_address("127.0.0.10")
+FIRST_POD_HOST = 10  # pod IPs are <pod network>.0.10 upwards
 
 
 def _now() -> str:
@@ -577,6 +578,8 @@ class NodeAgent:
         state_dir: Path,
         kubelet_port: int,
         apiserver_port: int,
+        pod_network: str = "127.0",
+        kubernetes_service_ip: str | None = None,
     ) -> None:
         self.core = core
         self.node_name = node_name
@@ -584,6 +587,8 @@ class NodeAgent:
         self.kubelet_port = kubelet_port
         self.apiserver_port = apiserver_port
         self.host_ip = "127.0.0.1"
+        self.first_pod_ip = ipaddress.ip_address(f"{pod_network}.0.{FIRST_POD_HOST}")
+        self.kubernetes_service_ip = kubernetes_service_ip
         self.workers: dict[str, PodWorker] = {}
         self.lock = threading.RLock()
         self.stopping = threading.Event()
@@ -602,14 +607,67 @@ class NodeAgent:
         return dict(self.core.api_client.sanitize_for_serialization(obj))
 
     def service_env(self) -> dict[str, str]:
-        """The in-cluster API address every pod gets (the Service IP is not routable here)."""
-        port = str(self.apiserver_port)
+        """The in-cluster API address every pod gets, as the kubelet injects it."""
+        host, port = self.api_address()
         return {
-            "KUBERNETES_SERVICE_HOST": "127.0.0.1",
-            "KUBERNETES_SERVICE_PORT": port,
-            "KUBERNETES_SERVICE_PORT_HTTPS": port,
-            "KUBERNETES_PORT": f"tcp://127.0.0.1:{port}",
+            "KUBERNETES_SERVICE_HOST": host,
+            "KUBERNETES_SERVICE_PORT": str(port),
+            "KUBERNETES_SERVICE_PORT_HTTPS": str(port),
+            "KUBERNETES_PORT": f"tcp://{host}:{port}",
+            f"KUBERNETES_PORT_{port}_TCP": f"tcp://{host}:{port}",
         }
+
+    def api_address(self) -> tuple[str, int]:
+        """The `kubernetes` Service as pods see it: the forwarder's IP and 443, else the API server."""
+        if self.kubernetes_service_ip:
+            return self.kubernetes_service_ip, 443
+        return "127.0.0.1", self.apiserver_port
+
+    def static_hosts(self) -> list[tuple[str, list[str]]]:
+        if not self.kubernetes_service_ip:
+            return []
+        names = [
+            "kubernetes",
+            "kubernetes.default",
+            "kubernetes.default.svc",
+            "kubernetes.default.svc.cluster.local",
+        ]
+        return [(self.kubernetes_service_ip, names)]
+
+    def serve_kubernetes_service(self) -> None:
+        """Forward <service ip>:443 to the API server, like kube-proxy does for the Service.
+
+        In-cluster clients that use the DNS name https://kubernetes.default.svc (kopf does) or
+        KUBERNETES_SERVICE_HOST then reach the API server with its certificate's name intact.
+        """
+        if not self.kubernetes_service_ip:
+            return
+        listener = socket.create_server((self.kubernetes_service_ip, 443), reuse_port=False)
+
+        def pump(source: socket.socket, target: socket.socket) -> None:
+            try:
+                while data := source.recv(65536):
+                    target.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for sock in (source, target):
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+
+        def accept() -> None:
+            while not self.stopping.is_set():
+                downstream, _ = listener.accept()
+                try:
+                    upstream = socket.create_connection(("127.0.0.1", self.apiserver_port), timeout=10)
+                except OSError:
+                    downstream.close()
+                    continue
+                upstream.settimeout(None)
+                for a, b in ((downstream, upstream), (upstream, downstream)):
+                    threading.Thread(target=pump, args=(a, b), daemon=True).start()
+
+        threading.Thread(target=accept, name="kubernetes-service", daemon=True).start()
 
     def base_env(self) -> dict[str, str]:
         """What a process inherits from the "image": the project's Python environment on PATH."""
@@ -741,7 +799,7 @@ class NodeAgent:
     # --- pods -------------------------------------------------------------------------------
     def allocate_ip(self) -> str:
         used = {w.ip for w in self.workers.values()}
-        candidate = FIRST_POD_IP
+        candidate = self.first_pod_ip
         while str(candidate) in used:
             candidate += 1
         return str(candidate)
@@ -763,7 +821,7 @@ class NodeAgent:
             for worker in workers:
                 path = worker.directory / "hosts"
                 path.parent.mkdir(parents=True, exist_ok=True)
-                content = podspec.hosts_file(worker.host_entry(), entries, headless)
+                content = podspec.hosts_file(worker.host_entry(), entries, headless, self.static_hosts())
                 with path.open("a+") as handle:
                     handle.seek(0)
                     if handle.read() != content:
@@ -1019,6 +1077,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kubelet-port", type=int, required=True)
     parser.add_argument("--apiserver-port", type=int, required=True)
     parser.add_argument("--pki-dir", type=Path, required=True)
+    parser.add_argument("--pod-network", default="127.0", help="first two octets of pod IPs")
+    parser.add_argument(
+        "--kubernetes-service-ip", default=None, help="serve the kubernetes Service here (port 443)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(threadName)s %(message)s")
     if subprocess.run(["unshare", "--mount", "--uts", "true"], capture_output=True).returncode != 0:
@@ -1030,6 +1092,8 @@ def main(argv: list[str] | None = None) -> None:
         state_dir=args.state_dir,
         kubelet_port=args.kubelet_port,
         apiserver_port=args.apiserver_port,
+        pod_network=args.pod_network,
+        kubernetes_service_ip=args.kubernetes_service_ip,
     )
 
     def stop(signum: int, frame: object) -> None:
@@ -1039,6 +1103,7 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     serve_kubelet_api(agent, args.kubelet_port, args.pki_dir)
+    agent.serve_kubernetes_service()
     log.info("process node %s starting", args.node_name)
     agent.run()
 

@@ -88,8 +88,11 @@ def _pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def ensure(pki_dir: Path) -> None:
-    """Create every certificate and key under ``pki_dir`` that does not exist yet."""
+def ensure(pki_dir: Path, *, extra_ips: tuple[str, ...] = ()) -> None:
+    """Create every certificate and key under ``pki_dir`` that does not exist yet.
+
+    ``extra_ips`` are added to the API server certificate (the in-cluster service address).
+    """
     pki_dir.mkdir(parents=True, exist_ok=True)
     ca_cert_path, ca_key_path = pki_dir / "ca.crt", pki_dir / "ca.key"
     if not ca_cert_path.exists():
@@ -136,7 +139,7 @@ def ensure(pki_dir: Path) -> None:
         (pki_dir / f"{stem}.crt").write_bytes(_pem(builder.sign(ca_key, hashes.SHA256())))
 
     sans: list[x509.GeneralName] = [x509.DNSName(d) for d in SERVING_DNS]
-    sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in SERVING_IPS]
+    sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in (*SERVING_IPS, *extra_ips)]
     issue("apiserver", _name("kube-apiserver"), ExtendedKeyUsageOID.SERVER_AUTH, sans)
     node_sans: list[x509.GeneralName] = [
         x509.DNSName("localhost"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -281,7 +281,12 @@ class HostEntry:
     subdomain: str
 
 
-def hosts_file(own: HostEntry, others: list[HostEntry], headless_services: set[tuple[str, str]]) -> str:
+def hosts_file(
+    own: HostEntry,
+    others: list[HostEntry],
+    headless_services: set[tuple[str, str]],
+    static: Sequence[tuple[str, list[str]]] = (),
+) -> str:
     """The /etc/hosts of a pod: itself, plus every pod reachable as ``<hostname>.<subdomain>``.
 
     A pod's ``hostname.subdomain`` resolves only when a Service named like the subdomain exists
@@ -304,6 +309,7 @@ def hosts_file(own: HostEntry, others: list[HostEntry], headless_services: set[t
         entry_names = names(other, other.namespace == own.namespace)
         if entry_names:
             lines.append("\t".join([other.ip, *entry_names]))
+    lines += ["\t".join([ip, *static_names]) for ip, static_names in static]
     return "\n".join(lines) + "\n"
 
 

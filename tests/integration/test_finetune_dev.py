@@ -118,10 +118,10 @@ def test_a_component_that_exits_at_start_is_named_with_its_log_tail(tmp_path: Pa
         health=lambda c: False,
         port=lambda c: 1,
     )
-    broken.start(cluster)
+    process = broken.start(cluster)
 
     with pytest.raises(ClusterError) as info:
-        broken.wait_healthy(cluster)
+        broken.wait_healthy(cluster, process)
 
     assert str(info.value).startswith("broken-component exited during start-up")
     assert "fatal: cannot open data dir" in str(info.value)
