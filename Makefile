@@ -7,7 +7,7 @@ setup:
 # Sets everything up and runs the main job on the local cluster.
 demo: setup
 	.venv/bin/finetune-dev up
-	.venv/bin/python -m finetune_dev.smoke
+	.venv/bin/python -m finetune_dev.demo
 
 # Runs the whole test suite: lint, types, import layers, unit, trainer, integration.
 test: setup

@@ -1,7 +1,7 @@
 """Fixtures and helpers for the operator's integration tests (tests/integration/test_operator_*.py).
 
 - `crd` (session): the generated CRD applied to the real API server, Established.
-- `operator_kubeconfig` (session): a ServiceAccount `finetune-system/finetune-operator` bound to
+- `operator_kubeconfig` (session): a ServiceAccount `finetune-operator-tests/finetune-operator` bound to
   exactly the ClusterRole of `finetune_operator.rbac` (what the Helm chart ships), and a
   kubeconfig holding its token — the operator never runs as cluster admin here.
 - `operator` (module): the operator running in-process under `kopf.testing.KopfRunner` with that
@@ -32,8 +32,8 @@ from finetune_operator import crdgen, rbac
 from tests.kube import ClusterHandle, wait_for
 
 STANDIN = Path(__file__).with_name("standin_trainer.py")
-SYSTEM_NAMESPACE = "finetune-system"
-SERVICE_ACCOUNT = "finetune-operator"
+SYSTEM_NAMESPACE = "finetune-operator-tests"
+SERVICE_ACCOUNT = "finetune-operator-test"  # cluster-scoped names must not clash with the chart
 
 
 @pytest.fixture(scope="session")
@@ -86,6 +86,23 @@ def operator_dir() -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def operator_kubeconfig(cluster: ClusterHandle, crd: None, operator_dir: Path) -> Path:
     return identity_kubeconfig(cluster, SERVICE_ACCOUNT, rbac.cluster_role(), operator_dir)
+
+
+def assert_no_other_operator(cluster: ClusterHandle) -> None:
+    """Two operators on one cluster would both reconcile the tests' jobs, with different
+    settings (trainer command, run folders): refuse to run rather than fail obscurely."""
+    out = cluster.kubectl(
+        "get", "deployments", "-A", "-l", "app.kubernetes.io/name=finetune-operator", "-o", "json"
+    ).stdout
+    running = [
+        f"{d['metadata']['namespace']}/{d['metadata']['name']}"
+        for d in json.loads(out)["items"]
+        if (d.get("spec") or {}).get("replicas", 1)
+    ]
+    assert not running, (
+        f"another finetune-operator runs in this cluster ({', '.join(running)}); the operator tests "
+        "need to be the only one: uninstall or scale it to 0, or use a private test cluster"
+    )
 
 
 def free_port() -> int:
@@ -162,6 +179,7 @@ def _reachable(url: str) -> bool:
 def operator(
     cluster: ClusterHandle, operator_kubeconfig: Path, operator_dir: Path
 ) -> Iterator[OperatorProcess]:
+    assert_no_other_operator(cluster)
     runs = operator_dir / "runs"
     runs.mkdir(exist_ok=True)
     with running_operator(operator_kubeconfig, runs) as process:
