@@ -21,7 +21,7 @@ def _run(*cmd: str) -> None:
 
 
 def test_ruff_lint_is_clean() -> None:
-    _run(str(BIN / "ruff"), "check", "operator", "trainer", "dev", "tests", "bench")
+    _run(str(BIN / "ruff"), "check", "operator", "trainer", "dev", "cli", "tests", "bench")
 
 
 @pytest.mark.parametrize(
@@ -30,6 +30,7 @@ def test_ruff_lint_is_clean() -> None:
         pytest.param("dev/finetune_dev", id="dev"),
         pytest.param("operator/finetune_operator", id="operator"),
         pytest.param("trainer/finetune_trainer", id="trainer"),
+        pytest.param("cli/finetune_cli", id="cli"),
     ],
 )
 def test_mypy_type_checks(package: str) -> None:
@@ -38,3 +39,14 @@ def test_mypy_type_checks(package: str) -> None:
 
 def test_import_layers_hold() -> None:
     _run(str(BIN / "lint-imports"))
+
+
+def test_cli_imports_without_the_ml_stack() -> None:
+    """`kubectl finetune` installs with the operator's dependencies: loading every CLI module
+    must not import torch or transformers (import-linter sees static imports; this sees run time)."""
+    script = (
+        "import sys, finetune_cli.main, finetune_cli.shell, finetune_cli.plot;"
+        "loaded = sorted(m for m in ('torch', 'transformers', 'kopf') if m in sys.modules);"
+        "assert not loaded, loaded"
+    )
+    _run(sys.executable, "-c", script)

@@ -396,10 +396,22 @@ def test_s3_multipart_upload_of_64_mib_reads_back_identical(cluster: ClusterHand
     assert hashlib.sha256(target.read_bytes()).digest() == hashlib.sha256(source.read_bytes()).digest()
 
 
-def test_pods_get_a_service_account_token_and_reach_the_api_in_cluster(cluster: ClusterHandle, namespace: str) -> None:
+def test_pods_get_a_service_account_token_and_reach_the_api_in_cluster(
+    cluster: ClusterHandle, namespace: str
+) -> None:
     cluster.kubectl("create", "serviceaccount", "lister", "-n", namespace)
-    cluster.kubectl("create", "role", "cm-reader", "--verb=get,list", "--resource=configmaps", "-n", namespace)
-    cluster.kubectl("create", "rolebinding", "lister-reads", "--role=cm-reader", f"--serviceaccount={namespace}:lister", "-n", namespace)
+    cluster.kubectl(
+        "create", "role", "cm-reader", "--verb=get,list", "--resource=configmaps", "-n", namespace
+    )
+    cluster.kubectl(
+        "create",
+        "rolebinding",
+        "lister-reads",
+        "--role=cm-reader",
+        f"--serviceaccount={namespace}:lister",
+        "-n",
+        namespace,
+    )
     script = textwrap.dedent(
         """
         import pathlib
@@ -415,7 +427,11 @@ def test_pods_get_a_service_account_token_and_reach_the_api_in_cluster(cluster: 
         pathlib.Path("/dev/termination-log").write_text(f"{namespace} {names} secrets:{secrets}")
         """
     )
-    apply(cluster, namespace, job_manifest("incluster", [python_container(script)], template_spec={"serviceAccountName": "lister"}))
+    apply(
+        cluster,
+        namespace,
+        job_manifest("incluster", [python_container(script)], template_spec={"serviceAccountName": "lister"}),
+    )
 
     condition = wait_job_finished(cluster, namespace, "incluster")
 

@@ -200,24 +200,26 @@ def _rv(cluster: ClusterHandle, namespace: str, name: str) -> str:
 
 
 def test_time_from_pod_succeeded_to_job_succeeded(cluster: ClusterHandle, namespace: str) -> None:
-    """Reported in the issue note: how quickly the operator notices the end."""
+    """Reported in the issue note: how quickly the operator notices the end (polled every 0.1 s)."""
+    from kubernetes import client
+
+    api = cluster.api_client()
+    core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
     apply(cluster, namespace, manifest("quick", "ok", hyperparameters={"maxSteps": 5, "batchSize": 4}))
-    wait_phase(cluster, namespace, "quick", "Succeeded", timeout=90)
-    pods = json.loads(
-        cluster.kubectl(
-            "get", "pods", "-n", namespace, "-l", "finetune.dev/job-name=quick", "-o", "json"
-        ).stdout
-    )["items"]
-    finished = max(
-        cs["state"]["terminated"]["finishedAt"] for p in pods for cs in p["status"]["containerStatuses"]
-    )
-    events_done = [e for e in events(cluster, namespace, "quick") if e["reason"] == "Succeeded"]
-    assert events_done
-    from datetime import datetime
-
-    def parse(text: str) -> datetime:
-        return datetime.fromisoformat(text.replace("Z", "+00:00"))
-
-    delay = (parse(events_done[-1]["firstTimestamp"]) - parse(finished)).total_seconds()
-    Path("/tmp/finetune-operator-succeeded-latency.txt").write_text(f"{delay}\n")
-    assert delay < 10, f"pod finished at {finished}, FineTuneJob Succeeded {delay:.1f}s later"
+    pod_done = job_done = None
+    deadline = time.monotonic() + 90
+    while job_done is None and time.monotonic() < deadline:
+        now = time.monotonic()
+        pods = core.list_namespaced_pod(namespace, label_selector="finetune.dev/job-name=quick").items
+        if pod_done is None and pods and all(p.status.phase == "Succeeded" for p in pods):
+            pod_done = now
+        ftj = custom.get_namespaced_custom_object(
+            "finetune.dev", "v1alpha1", namespace, "finetunejobs", "quick"
+        )
+        if (ftj.get("status") or {}).get("phase") == "Succeeded":
+            job_done = now
+        time.sleep(0.1)
+    assert pod_done is not None and job_done is not None, "the job did not finish"
+    delay = job_done - pod_done
+    Path("/tmp/finetune-operator-succeeded-latency.txt").write_text(f"{delay:.2f}\n")
+    assert delay < 5, f"FineTuneJob Succeeded {delay:.1f}s after its pod"

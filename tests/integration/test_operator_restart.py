@@ -23,6 +23,7 @@ from tests.integration.operator_env import (
     SERVICE_ACCOUNT,
     SYSTEM_NAMESPACE,
     apply,
+    assert_no_other_operator,
     children,
     identity_kubeconfig,
     manifest,
@@ -126,6 +127,7 @@ def test_operator_identity_is_no_wider_than_needed(
 def test_restart_between_creating_children(
     cluster: ClusterHandle, namespace: str, operator_dir: Path, operator_kubeconfig: Path
 ) -> None:
+    assert_no_other_operator(cluster)
     limited = identity_kubeconfig(
         cluster, "finetune-operator-no-jobs", _role_without("jobs", "create"), operator_dir
     )
@@ -148,6 +150,7 @@ def test_restart_between_creating_children(
 def test_restart_during_status_update(
     cluster: ClusterHandle, namespace: str, operator_dir: Path, operator_kubeconfig: Path
 ) -> None:
+    assert_no_other_operator(cluster)
     limited = identity_kubeconfig(
         cluster, "finetune-operator-no-status", _role_without("finetunejobs/status", "patch"), operator_dir
     )
@@ -172,6 +175,7 @@ def test_restart_during_status_update(
 def test_job_finishing_while_operator_is_down_loses_nothing(
     cluster: ClusterHandle, namespace: str, operator_dir: Path, operator_kubeconfig: Path
 ) -> None:
+    assert_no_other_operator(cluster)
     runs = operator_dir / "runs-restart"
     with running_operator(operator_kubeconfig, runs):
         apply(cluster, namespace, manifest("offline", "ok", hyperparameters={"maxSteps": 40, "batchSize": 4}))

@@ -35,7 +35,9 @@ def stages() -> dict[str, list[str]]:
     return result
 
 
-@pytest.mark.parametrize(("target", "script"), [("operator", "finetune-operator"), ("trainer", "finetune-trainer")])
+@pytest.mark.parametrize(
+    ("target", "script"), [("operator", "finetune-operator"), ("trainer", "finetune-trainer")]
+)
 def test_target_runs_an_installed_console_script_as_non_root(target: str, script: str) -> None:
     instructions = stages()[target]
     assert f'ENTRYPOINT ["{script}"]' in instructions

@@ -41,7 +41,7 @@ def test_needs_reconcile(event: dict[str, Any], needed: bool) -> None:
     [
         pytest.param(body(1, 1, "Running"), [("ns", "a", True)], id="running-is-polled"),
         pytest.param(body(1, 1, "Pending", stalled=True), [("ns", "a", True)], id="stalled-is-rechecked"),
-        pytest.param(body(1, 1, "Pending"), [], id="pending-waits-for-events"),
+        pytest.param(body(1, 1, "Pending"), [("ns", "a", True)], id="pending-is-watched"),
         pytest.param(body(1, 1, "Suspended"), [], id="suspended-is-quiet"),
         pytest.param(body(1, 1, "Succeeded"), [], id="finished-is-quiet"),
     ],
@@ -60,7 +60,7 @@ def test_failed_cycle_is_retried_after_backoff() -> None:
     schedule.reconciled("ns", "a", ok=False, status=None, now=100.0, polled=False)
     assert schedule.due(103.0) == []
     assert schedule.due(105.0) == [("ns", "a", False)]
-    schedule.reconciled("ns", "a", ok=True, status=body(1, 1, "Pending")["status"], now=105.0, polled=False)
+    schedule.reconciled("ns", "a", ok=True, status=body(1, 1, "Suspended")["status"], now=105.0, polled=False)
     assert schedule.due(200.0) == []
     assert not schedule.needs_reconcile("ns", "a")
 

@@ -392,3 +392,17 @@ def test_malformed_progress_is_tolerated(report: dict[str, Any], expected_steps:
     assert status["progress"]["steps"] == expected_steps
     assert "trainLoss" not in status["progress"]
     FineTuneJobStatus.model_validate(status)
+
+
+def test_no_flap_to_pending_between_pod_exit_and_job_completion() -> None:
+    running = derive_status(parsed(), Observed(job=batch_job(active=1), pods=[pod()]), None, NOW)
+    exited = Observed(job=batch_job(), pods=[pod(phase="Succeeded", exit_code=0, message=SUMMARY_OK)])
+    between = derive_status(parsed(status=running), exited, None, NOW)
+    assert (between["phase"], between["message"]) == (
+        "Running",
+        "pods exited; waiting for the Job to conclude",
+    )
+    resumed = derive_status(
+        parsed(status=running), Observed(job=batch_job(active=1), pods=[pod(phase="Pending")]), None, NOW
+    )
+    assert resumed["phase"] == "Pending", "new pods that have not started yet are Pending"

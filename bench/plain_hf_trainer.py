@@ -1,0 +1,111 @@
+"""The baseline of the trainer benchmark: a plain Hugging Face Trainer script (run_clm style).
+
+Same model, data, packing and settings as finetune-trainer; no project code. Prints one JSON
+line: tokens/s over the timed steps, peak RSS, step-0 eval loss, local checkpoint save seconds.
+
+    python bench/plain_hf_trainer.py --model DIR --train FILE --eval FILE --steps 8 --seq 128 --batch 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+
+
+def blocks(path: str, tokenizer, length: int) -> list[dict[str, list[int]]]:  # type: ignore[no-untyped-def]
+    texts = [json.loads(line)["text"] for line in Path(path).read_text().splitlines() if line.strip()]
+    ids: list[int] = []
+    for x in tokenizer(texts, return_attention_mask=False)["input_ids"]:
+        ids.extend([*x, tokenizer.eos_token_id])
+    return [
+        {"input_ids": ids[i : i + length], "labels": ids[i : i + length]} for i in range(0, len(ids), length)
+    ]
+
+
+def collate(batch: list[dict[str, list[int]]], pad: int) -> dict[str, torch.Tensor]:
+    width = max(len(b["input_ids"]) for b in batch)
+    ids = torch.full((len(batch), width), pad)
+    labels = torch.full((len(batch), width), -100)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, b in enumerate(batch):
+        n = len(b["input_ids"])
+        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(b["input_ids"]), torch.tensor(b["labels"]), 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+class Timer(TrainerCallback):
+    def __init__(self, skip: int) -> None:
+        self.skip, self.start, self.end, self.steps = skip, 0.0, 0.0, 0
+
+    def on_step_end(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
+        if state.global_step == self.skip:
+            self.start = time.perf_counter()
+        elif state.global_step > self.skip:
+            self.end, self.steps = time.perf_counter(), state.global_step - self.skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--train", required=True)
+    p.add_argument("--eval", required=True)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--out", default="/tmp/plain-hf-bench")
+    args = p.parse_args()
+    torch.manual_seed(42)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    train, evaluation = blocks(args.train, tokenizer, args.seq), blocks(args.eval, tokenizer, args.seq)
+    training_args = TrainingArguments(
+        output_dir=args.out,
+        per_device_train_batch_size=args.batch,
+        per_device_eval_batch_size=args.batch,
+        max_steps=args.steps,
+        learning_rate=1e-4,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=42,
+        remove_unused_columns=False,
+    )
+    timer = Timer(skip=1)
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=evaluation,  # type: ignore[arg-type]
+        data_collator=lambda b: collate(b, pad),
+        callbacks=[timer],
+    )
+    eval_loss = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    started = time.perf_counter()
+    trainer._save_checkpoint(trainer.model, trial=None)
+    save_seconds = time.perf_counter() - started
+    tokens = timer.steps * args.batch * args.seq
+    print(
+        json.dumps(
+            {
+                "tokensPerSecond": tokens / (timer.end - timer.start),
+                "peakRssMiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "step0EvalLoss": eval_loss,
+                "saveSeconds": save_seconds,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""The operator's only door to the Kubernetes API: a small wrapper with plain-dict objects.
+
+`Cluster` is the interface `reconcile` uses (tests/operator fakes it); `KubeCluster` implements
+it with the official client, reading raw JSON (`_preload_content=False`) so objects are the same
+camelCase dicts the builders produce. Creating an existing object returns the existing one
+(AlreadyExists is success: names are deterministic). Every request is counted in
+`metrics.API_REQUESTS`.
+
+Imported by `reconcile` (the interface) and `handlers` (the implementation). No decisions here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any, Protocol
+
+from kubernetes import client as k8s_client
+from kubernetes.client.rest import ApiException
+
+from finetune_operator import metrics
+from finetune_operator.api import GROUP, PLURAL, VERSION, ObjectRef
+from finetune_operator.status import rfc3339
+
+Obj = dict[str, Any]
+
+
+class ApiError(Exception):
+    """A failed API request other than the expected 404/409."""
+
+    def __init__(self, verb: str, kind: str, status: int, reason: str) -> None:
+        super().__init__(f"{verb} {kind}: {status} {reason}")
+        self.verb = verb
+        self.kind = kind
+        self.status = status
+        self.reason = reason
+
+
+class Cluster(Protocol):
+    """What reconcile needs from the API server."""
+
+    def get_job_object(self, namespace: str, name: str) -> Obj | None:
+        """The FineTuneJob, or None if it is gone."""
+
+    def get(self, kind: str, namespace: str, name: str) -> Obj | None:
+        """A child (ConfigMap, Service, Job) or None."""
+
+    def create(self, obj: Mapping[str, Any]) -> tuple[Obj, bool]:
+        """Create a child; returns (the object, created). If it exists: (existing, False)."""
+
+    def patch(self, kind: str, namespace: str, name: str, patch: Mapping[str, Any]) -> Obj:
+        """Merge-patch a child."""
+
+    def list_pods(self, namespace: str, selector: Mapping[str, str]) -> list[Obj]:
+        """Pods matching all labels."""
+
+    def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> Obj:
+        """Merge-patch the FineTuneJob's status subresource."""
+
+    def event(self, ref: ObjectRef, *, type: str, reason: str, message: str, now: datetime) -> None:
+        """Record a core/v1 Event on the FineTuneJob (best effort)."""
+
+
+def _selector(labels: Mapping[str, str]) -> str:
+    return ",".join(f"{key}={value}" for key, value in sorted(labels.items()))
+
+
+class KubeCluster:
+    """`Cluster` over the official client (one shared ApiClient, thread-safe for our use)."""
+
+    def __init__(self, api_client: k8s_client.ApiClient) -> None:
+        self.core = k8s_client.CoreV1Api(api_client)
+        self.batch = k8s_client.BatchV1Api(api_client)
+        self.custom = k8s_client.CustomObjectsApi(api_client)
+
+    # -- plumbing ----------------------------------------------------------------------------
+    def _call(self, verb: str, kind: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Obj | None:
+        """Run one request; returns the parsed JSON, None on 404; raises ApiError otherwise."""
+        metrics.API_REQUESTS.labels(verb=verb, kind=kind).inc()
+        try:
+            response = fn(*args, _preload_content=False, **kwargs)
+        except ApiException as exc:
+            if exc.status == 404 and verb in ("get", "patch", "delete"):
+                return None
+            if exc.status == 409 and verb == "create":
+                raise _AlreadyExists() from None
+            metrics.ERRORS.labels(kind=f"api_{exc.status}").inc()
+            raise ApiError(verb, kind, int(exc.status or 0), str(exc.reason)) from None
+        data = response.data
+        return json.loads(data) if data else {}
+
+    def _readers(self, kind: str) -> tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]:
+        """(read, create, patch) for a child kind."""
+        if kind == "ConfigMap":
+            return (
+                self.core.read_namespaced_config_map,
+                self.core.create_namespaced_config_map,
+                self.core.patch_namespaced_config_map,
+            )
+        if kind == "Service":
+            return (
+                self.core.read_namespaced_service,
+                self.core.create_namespaced_service,
+                self.core.patch_namespaced_service,
+            )
+        if kind == "Job":
+            return (
+                self.batch.read_namespaced_job,
+                self.batch.create_namespaced_job,
+                self.batch.patch_namespaced_job,
+            )
+        raise ValueError(f"not a child kind: {kind}")
+
+    # -- Cluster -----------------------------------------------------------------------------
+    def get_job_object(self, namespace: str, name: str) -> Obj | None:
+        return self._call(
+            "get",
+            "FineTuneJob",
+            self.custom.get_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            name,
+        )
+
+    def get(self, kind: str, namespace: str, name: str) -> Obj | None:
+        read, _, _ = self._readers(kind)
+        return self._call("get", kind, read, name, namespace)
+
+    def create(self, obj: Mapping[str, Any]) -> tuple[Obj, bool]:
+        kind = obj["kind"]
+        namespace = obj["metadata"]["namespace"]
+        name = obj["metadata"]["name"]
+        read, create, _ = self._readers(kind)
+        try:
+            created = self._call("create", kind, create, namespace, obj)
+        except _AlreadyExists:
+            existing = self._call("get", kind, read, name, namespace)
+            if existing is None:  # deleted in between: try once more
+                created = self._call("create", kind, create, namespace, obj)
+                return created or {}, True
+            return existing, False
+        return created or {}, True
+
+    def patch(self, kind: str, namespace: str, name: str, patch: Mapping[str, Any]) -> Obj:
+        _, _, patch_fn = self._readers(kind)
+        result = self._call("patch", kind, patch_fn, name, namespace, patch)
+        if result is None:
+            raise ApiError("patch", kind, 404, "NotFound")
+        return result
+
+    def list_pods(self, namespace: str, selector: Mapping[str, str]) -> list[Obj]:
+        result = self._call(
+            "list", "Pod", self.core.list_namespaced_pod, namespace, label_selector=_selector(selector)
+        )
+        return list((result or {}).get("items") or [])
+
+    def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> Obj:
+        result = self._call(
+            "patch",
+            "FineTuneJob/status",
+            self.custom.patch_namespaced_custom_object_status,
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            name,
+            {"status": dict(status)},
+        )
+        return result or {}
+
+    def event(self, ref: ObjectRef, *, type: str, reason: str, message: str, now: datetime) -> None:
+        timestamp = rfc3339(now)
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{ref.name}.", "namespace": ref.namespace},
+            "involvedObject": {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": "FineTuneJob",
+                "name": ref.name,
+                "namespace": ref.namespace,
+                "uid": ref.uid,
+            },
+            "type": type,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": "finetune-operator"},
+            "reportingComponent": "finetune.dev/operator",
+            "reportingInstance": "finetune-operator",
+            "firstTimestamp": timestamp,
+            "lastTimestamp": timestamp,
+            "count": 1,
+        }
+        with contextlib.suppress(ApiError, _AlreadyExists):  # events are best effort
+            self._call("create", "Event", self.core.create_namespaced_event, ref.namespace, body)
+
+
+class _AlreadyExists(Exception):
+    pass

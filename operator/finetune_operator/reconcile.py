@@ -1,0 +1,285 @@
+"""One reconcile cycle of a FineTuneJob: fetch → ensure children → observe → one status write.
+
+Level-based and idempotent: create, update, resume, Job events and the progress timer all call
+`reconcile`; running it twice changes nothing (deterministic names, AlreadyExists is success,
+the status is written only when it differs). Decisions are made by the pure modules
+(`builders`, `status`); this module only sequences API calls through `k8s.Cluster` and polls
+progress through `progress.ProgressSource`. Events are emitted after the status write.
+
+What the API server could not reject (an unknown catalog model, no run folder) ends in phase
+Failed with reason InvalidSpec and creates nothing; it is never an exception, so kopf never
+retries it. API errors propagate as `k8s.ApiError` for the glue to retry.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from finetune_operator import builders, metrics
+from finetune_operator.api import (
+    FineTuneJob,
+    ObjectRef,
+    Phase,
+    Reason,
+    SpecError,
+)
+from finetune_operator.k8s import Cluster
+from finetune_operator.progress import ProgressSource
+from finetune_operator.settings import Settings
+from finetune_operator.status import Observed, Problem, derive_status, invalid_spec_status
+
+log = logging.getLogger(__name__)
+
+TERMINAL_PHASES = frozenset(p.value for p in Phase if p.terminal)
+# Status fields that change on every poll without meaning anything new.
+_VOLATILE = ("updatedAt",)
+
+
+@dataclass
+class Outcome:
+    """What one cycle did (for handlers, metrics and tests)."""
+
+    phase: str | None = None
+    status: dict[str, Any] = field(default_factory=dict)
+    status_written: bool = False
+    created: list[str] = field(default_factory=list)
+    patched: list[str] = field(default_factory=list)
+    events: list[tuple[str, str, str]] = field(default_factory=list)
+    gone: bool = False
+
+
+def reconcile(
+    cluster: Cluster,
+    namespace: str,
+    name: str,
+    *,
+    settings: Settings,
+    now: datetime,
+    progress: ProgressSource | None = None,
+    trigger: str = "event",
+    fresh: Mapping[str, Any] | None = None,
+    observed_job: Mapping[str, Any] | None = None,
+) -> Outcome:
+    """Bring one FineTuneJob's children and status up to date. `progress`: poll rank 0 too.
+
+    `fresh`: the object just created (its ADDED watch event): it is used instead of reading it
+    again, and its children are created without reading them first (AlreadyExists still works).
+    `observed_job`: the batch Job from its watch event: refresh the status from it without
+    reading or re-creating the children (a FineTuneJob event or the loop does that).
+    """
+    started = time.monotonic()
+    result = "ok"
+    try:
+        outcome = _reconcile(
+            cluster,
+            namespace,
+            name,
+            settings=settings,
+            now=now,
+            progress=progress,
+            fresh=fresh,
+            observed_job=observed_job,
+        )
+        metrics.PHASES.set(namespace, name, None if outcome.gone else outcome.phase)
+        return outcome
+    except Exception:
+        result = "error"
+        raise
+    finally:
+        metrics.RECONCILES.labels(trigger=trigger, result=result).inc()
+        metrics.RECONCILE_DURATION.labels(trigger=trigger).observe(time.monotonic() - started)
+
+
+def _reconcile(
+    cluster: Cluster,
+    namespace: str,
+    name: str,
+    *,
+    settings: Settings,
+    now: datetime,
+    progress: ProgressSource | None,
+    fresh: Mapping[str, Any] | None,
+    observed_job: Mapping[str, Any] | None,
+) -> Outcome:
+    obj = dict(fresh) if fresh is not None else cluster.get_job_object(namespace, name)
+    if obj is None or (obj.get("metadata") or {}).get("deletionTimestamp"):
+        return Outcome(gone=True)  # children go with it (ownerReferences)
+    ref = ObjectRef.from_object(obj)
+    previous: Mapping[str, Any] = obj.get("status") or {}
+    outcome = Outcome()
+    try:
+        job = FineTuneJob.from_object(obj)
+    except SpecError as exc:
+        metrics.ERRORS.labels(kind="invalid_spec").inc()
+        new_status = invalid_spec_status(ref, previous, exc.errors, now)
+        _write(cluster, ref, previous, new_status, outcome, now)
+        return outcome
+
+    prev_phase = previous.get("phase")
+    finished = prev_phase in TERMINAL_PHASES and previous.get("reason") != Reason.INVALID_SPEC.value
+    problem: Problem | None = None
+    run_uri: str | None = None
+    batch_job: dict[str, Any] | None = None
+    if finished:
+        # Never re-create the children of a finished job (its Job may be gone by TTL).
+        batch_job = cluster.get("Job", namespace, builders.batch_job_name(name))
+    elif observed_job is not None:
+        batch_job = dict(observed_job)
+        run_uri = builders.run_uri(job, settings)
+    else:
+        try:
+            children = builders.build_children(job, settings)
+        except SpecError as exc:
+            metrics.ERRORS.labels(kind="invalid_spec").inc()
+            problem = Problem(Reason.INVALID_SPEC, "invalid spec: " + "; ".join(exc.errors), permanent=True)
+        else:
+            run_uri = builders.run_uri(job, settings)
+            batch_job, problem = _ensure_children(
+                cluster, job, children, outcome, create_first=fresh is not None
+            )
+
+    pods: list[dict[str, Any]] = []
+    if batch_job is not None and _may_have_pods(batch_job):
+        pods = cluster.list_pods(namespace, builders.labels(name))
+    report = _poll(progress, pods, settings) if progress is not None else None
+    observed = Observed(job=batch_job, pods=pods, problem=problem, run_uri=run_uri)
+    new_status = derive_status(job, observed, report, now)
+    _write(cluster, ref, previous, new_status, outcome, now)
+    return outcome
+
+
+def _ensure_children(
+    cluster: Cluster,
+    job: FineTuneJob,
+    children: list[dict[str, Any]],
+    outcome: Outcome,
+    *,
+    create_first: bool = False,
+) -> tuple[dict[str, Any] | None, Problem | None]:
+    """Create what is missing, sync what may change; returns (the batch Job, a problem).
+    Read first: in the steady state a cycle costs reads only."""
+    batch_job: dict[str, Any] | None = None
+    for desired in children:
+        kind = desired["kind"]
+        meta = desired["metadata"]
+        existing = None if create_first else cluster.get(kind, meta["namespace"], meta["name"])
+        if existing is None:
+            current, created = cluster.create(desired)  # AlreadyExists (a race) returns the object
+        else:
+            current, created = existing, False
+        if created:
+            outcome.created.append(f"{kind}/{meta['name']}")
+        elif not _owned_by(current, job.ref.uid):
+            return None, Problem(
+                Reason.NAME_CONFLICT,
+                f"{kind} {meta['name']!r} exists and is not owned by this FineTuneJob: delete or rename it",
+                permanent=False,
+            )
+        else:
+            patch = _sync_patch(desired, current)
+            if patch:
+                current = cluster.patch(kind, meta["namespace"], meta["name"], patch)
+                outcome.patched.append(f"{kind}/{meta['name']}")
+        if kind == "Job":
+            batch_job = current
+    return batch_job, None
+
+
+def _may_have_pods(batch_job: Mapping[str, Any]) -> bool:
+    """False for a Job that never had a pod (just created, or suspended from the start)."""
+    job_status = batch_job.get("status") or {}
+    counts = ("active", "failed", "succeeded", "terminating", "ready")
+    return any(job_status.get(key) for key in counts) or bool(job_status.get("uncountedTerminatedPods"))
+
+
+def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return any(ref.get("uid") == uid and ref.get("controller") for ref in refs)
+
+
+def _sync_patch(desired: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What to change on an existing child: the ConfigMap's data, the Job's suspend flag.
+    (A Job's pod template is immutable; other spec changes apply to the next FineTuneJob.)"""
+    if desired["kind"] == "ConfigMap" and desired.get("data") != current.get("data"):
+        return {"data": desired["data"]}
+    if desired["kind"] == "Job":
+        want = bool(desired["spec"].get("suspend"))
+        if bool((current.get("spec") or {}).get("suspend")) != want:
+            return {"spec": {"suspend": want}}
+    return None
+
+
+def _poll(progress: ProgressSource, pods: list[dict[str, Any]], settings: Settings) -> dict[str, Any] | None:
+    """Rank 0's progress report, if rank 0 is running."""
+    for pod in pods:
+        annotations = (pod.get("metadata") or {}).get("annotations") or {}
+        pod_status = pod.get("status") or {}
+        if (
+            annotations.get(builders.COMPLETION_INDEX_ANNOTATION) == "0"
+            and pod_status.get("phase") == "Running"
+            and pod_status.get("podIP")
+            and not (pod.get("metadata") or {}).get("deletionTimestamp")
+        ):
+            return progress(pod_status["podIP"], settings.progress_port)
+    return None
+
+
+def merge_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch (RFC 7386) turning `old` into `new`: changed keys, None for removed
+    keys at any depth, lists replaced whole."""
+    patch: dict[str, Any] = {key: None for key in old if key not in new}
+    for key, value in new.items():
+        before = old.get(key)
+        if isinstance(value, Mapping) and isinstance(before, Mapping):
+            nested = merge_patch(before, value)
+            if nested:
+                patch[key] = nested
+        elif value != before or key not in old:
+            patch[key] = value
+    return patch
+
+
+def _comparable(status: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(status)
+    if isinstance(out.get("progress"), Mapping):
+        out["progress"] = {k: v for k, v in out["progress"].items() if k not in _VOLATILE}
+    return out
+
+
+def _write(
+    cluster: Cluster,
+    ref: ObjectRef,
+    previous: Mapping[str, Any],
+    new: dict[str, Any],
+    outcome: Outcome,
+    now: datetime,
+) -> None:
+    """One status write if anything changed; then the events for a phase change."""
+    outcome.status = new
+    outcome.phase = new.get("phase")
+    if _comparable(new) == _comparable(previous):
+        return
+    cluster.patch_status(ref.namespace, ref.name, merge_patch(previous, new))
+    metrics.STATUS_WRITES.inc()
+    outcome.status_written = True
+    old_phase = previous.get("phase")
+    if new.get("phase") != old_phase or new.get("reason") != previous.get("reason"):
+        failed = new.get("phase") == Phase.FAILED.value or bool(
+            [
+                c
+                for c in new.get("conditions") or []
+                if c.get("type") == "Stalled" and c.get("status") == "True"
+            ]
+            and new.get("phase") != Phase.CANCELLED.value
+        )
+        kind = "Warning" if failed else "Normal"
+        reason = str(new.get("reason") or new.get("phase"))
+        message = f"{old_phase or 'New'} → {new.get('phase')}: {new.get('message') or ''}".strip()
+        cluster.event(ref, type=kind, reason=reason, message=message, now=now)
+        outcome.events.append((kind, reason, message))
+    log.info("%s/%s: %s (%s)", ref.namespace, ref.name, new.get("phase"), new.get("reason"))

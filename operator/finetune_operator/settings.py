@@ -1,0 +1,80 @@
+"""Operator settings: one frozen value passed into builders and reconcile (pure).
+
+Read once at startup from the environment (`Settings.from_env`), so tests pass their own
+`Settings(...)` instead of patching globals. Must not import kopf or the Kubernetes client.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from finetune_trainer import contract
+
+# One process in all: run the trainer directly, so its exit code (3 = invalid input) reaches the
+# Job's podFailurePolicy unchanged.
+DEFAULT_TRAINER_COMMAND = ("python", "-m", "finetune_trainer")
+# Several processes: torchrun reads PET_<OPTION> environment variables for each of its options, so
+# the command needs no shell or $(VAR) expansion. (torchrun exits 1 when a worker fails, whatever
+# the worker's code: see docs/operator.md.)
+DEFAULT_DISTRIBUTED_COMMAND = ("torchrun", "-m", "finetune_trainer")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """What the operator decides for every job (overridable per job where the spec says so)."""
+
+    trainer_image: str = "ghcr.io/finetune-operator/trainer:0.1.0"
+    trainer_command: tuple[str, ...] = DEFAULT_TRAINER_COMMAND
+    distributed_command: tuple[str, ...] = DEFAULT_DISTRIBUTED_COMMAND
+    image_pull_policy: str = "IfNotPresent"
+    progress_port: int = contract.DEFAULT_PROGRESS_PORT
+    master_port: int = 29500
+    # Defaults for spec.storage (a cluster's object store); None: the spec must say.
+    runs_uri: str | None = None
+    datasets_uri: str | None = None
+    storage_endpoint: str | None = None
+    credentials_secret: str | None = None
+    # How often rank 0's progress endpoint is polled while a job runs.
+    poll_interval_seconds: float = 10.0
+    progress_timeout_seconds: float = 2.0
+    run_as_user: int = 1000
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        """Settings from FINETUNE_* variables (see docs/operator.md)."""
+        kwargs: dict[str, object] = {}
+        for name, attr in (
+            ("FINETUNE_TRAINER_COMMAND", "trainer_command"),
+            ("FINETUNE_DISTRIBUTED_COMMAND", "distributed_command"),
+        ):
+            command = env.get(name)
+            if command:
+                kwargs[attr] = tuple(
+                    json.loads(command) if command.lstrip().startswith("[") else shlex.split(command)
+                )
+        extra = env.get("FINETUNE_TRAINER_EXTRA_ENV")
+        if extra:
+            kwargs["extra_env"] = dict(json.loads(extra))
+        strings = {
+            "FINETUNE_TRAINER_IMAGE": "trainer_image",
+            "FINETUNE_IMAGE_PULL_POLICY": "image_pull_policy",
+            "FINETUNE_RUNS_URI": "runs_uri",
+            "FINETUNE_DATASETS_URI": "datasets_uri",
+            "FINETUNE_STORAGE_ENDPOINT": "storage_endpoint",
+            "FINETUNE_CREDENTIALS_SECRET": "credentials_secret",
+        }
+        for name, attr in strings.items():
+            if env.get(name):
+                kwargs[attr] = env[name]
+        numbers = {
+            "FINETUNE_POLL_INTERVAL_SECONDS": "poll_interval_seconds",
+            "FINETUNE_PROGRESS_TIMEOUT_SECONDS": "progress_timeout_seconds",
+        }
+        for name, attr in numbers.items():
+            if env.get(name):
+                kwargs[attr] = float(env[name])
+        return cls(**kwargs)  # type: ignore[arg-type]

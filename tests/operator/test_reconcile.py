@@ -1,0 +1,341 @@
+"""reconcile() against the fake cluster: children, status writes, idempotency, restart safety."""
+
+from __future__ import annotations
+
+import copy
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from finetune_operator import metrics
+from finetune_operator.k8s import ApiError
+from finetune_operator.reconcile import Outcome, merge_patch, reconcile
+from tests.operator.factories import NOW, SETTINGS, condition, ftj, pod, progress_report
+from tests.operator.fake import Crash, FakeCluster
+
+CHILDREN = [("ConfigMap", "demo-config"), ("Job", "demo"), ("Service", "demo")]
+
+
+class FakeProgress:
+    def __init__(self, report: dict[str, Any] | None) -> None:
+        self.report = report
+        self.calls: list[tuple[str, int]] = []
+
+    def __call__(self, pod_ip: str, port: int) -> dict[str, Any] | None:
+        self.calls.append((pod_ip, port))
+        return copy.deepcopy(self.report)
+
+
+def run(fake: FakeCluster, *, seconds: float = 0, progress: FakeProgress | None = None) -> Outcome:
+    return reconcile(
+        fake, "team-a", "demo", settings=SETTINGS, now=NOW + timedelta(seconds=seconds), progress=progress
+    )
+
+
+def set_spec(fake: FakeCluster, **changes: Any) -> None:
+    obj = fake.job_object()
+    obj["spec"].update(changes)
+    obj["metadata"]["generation"] += 1
+
+
+def job_runs(fake: FakeCluster, *pods: dict[str, Any], **status: Any) -> None:
+    """What the Job controller and kubelet would report."""
+    fake.objects[("Job", "team-a", "demo")]["status"] = {"startTime": "2026-11-29T06:00:01Z", **status}
+    fake.pods = list(pods)
+
+
+def test_first_cycle_creates_children_and_writes_status_once(fake: FakeCluster) -> None:
+    fake.put_job_object(ftj())
+    outcome = run(fake)
+    assert fake.children() == CHILDREN
+    assert outcome.created == ["ConfigMap/demo-config", "Service/demo", "Job/demo"]
+    assert fake.writes() == [
+        ("create", "ConfigMap"),
+        ("create", "Service"),
+        ("create", "Job"),
+        ("patch", "FineTuneJob/status"),
+        ("event", "Event"),
+    ]
+    assert ("list", "Pod") not in fake.calls, "a Job just created has no pods to list"
+    status = fake.job_object()["status"]
+    assert (status["phase"], status["reason"], status["runUri"]) == (
+        "Pending",
+        "WaitingForPods",
+        "s3://runs/team-a/demo/",
+    )
+    assert fake.events == [("Normal", "WaitingForPods", "New → Pending: waiting for pods to start")]
+
+
+def test_second_cycle_writes_nothing(fake: FakeCluster) -> None:
+    fake.put_job_object(ftj())
+    run(fake)
+    fake.calls.clear()
+    outcome = run(fake, seconds=30)
+    assert fake.writes() == [] and not outcome.status_written
+    assert fake.children() == CHILDREN
+
+
+def test_running_then_succeeded(fake: FakeCluster) -> None:
+    fake.put_job_object(ftj())
+    run(fake)
+    job_runs(fake, pod(), active=1, ready=1)
+    assert run(fake, seconds=5).phase == "Running"
+    assert fake.job_object()["status"]["startTime"] == "2026-11-29T06:00:01Z"
+    summary = '{"phase":"Succeeded","exitCode":0,"reason":"Completed","message":"ok","step":100,"totalSteps":100,"runUri":null}'
+    job_runs(
+        fake,
+        pod(phase="Succeeded", exit_code=0, message=summary),
+        succeeded=1,
+        conditions=[condition("Complete")],
+    )
+    outcome = run(fake, seconds=60)
+    assert outcome.phase == "Succeeded"
+    status = fake.job_object()["status"]
+    assert status["progress"]["steps"] == "100/100"
+    assert [e[1] for e in fake.events] == ["WaitingForPods", "Training", "Succeeded"]
+
+
+def test_progress_polled_from_rank_zero_only(fake: FakeCluster) -> None:
+    fake.put_job_object(ftj(resources={"nodes": 2}))
+    run(fake)
+    job_runs(fake, pod(1, ip="127.0.0.9"), pod(0, ip="127.0.0.8"), active=2)
+    source = FakeProgress(progress_report())
+    run(fake, progress=source)
+    assert source.calls == [("127.0.0.8", 9090)]
+    assert fake.job_object()["status"]["progress"]["steps"] == "40/100"
+
+
+def test_unreachable_progress_keeps_the_last_known(fake: FakeCluster) -> None:
+    fake.put_job_object(ftj())
+    run(fake)
+    job_runs(fake, pod(), active=1)
+    run(fake, progress=FakeProgress(progress_report()))
+    fake.calls.clear()
+    run(fake, seconds=10, progress=FakeProgress(None))
+    assert fake.writes() == []
+    assert fake.job_object()["status"]["progress"]["step"] == 40
+
+
+def test_same_progress_again_is_not_rewritten(fake: FakeCluster) -> None:
+    fake.put_job_object(ftj())
+    run(fake)
+    job_runs(fake, pod(), active=1)
+    run(fake, progress=FakeProgress(progress_report()))
+    fake.calls.clear()
+    run(fake, seconds=10, progress=FakeProgress(progress_report()))
+    assert fake.writes() == [], "only updatedAt changed: no write"
+
+
+def test_suspend_and_resume_patch_the_job(fake: FakeCluster) -> None:
+    fake.put_job_object(ftj())
+    run(fake)
+    job_runs(fake, pod(), active=1)
+    run(fake)
+    set_spec(fake, suspend=True)
+    outcome = run(fake)
+    assert outcome.patched == ["Job/demo"]
+    assert fake.objects[("Job", "team-a", "demo")]["spec"]["suspend"] is True
+    fake.pods = []
+    assert run(fake).phase == "Suspended"
+    set_spec(fake, suspend=False)
+    outcome = run(fake)
+    assert fake.objects[("Job", "team-a", "demo")]["spec"]["suspend"] is False
+    assert outcome.phase == "Pending"
+
+
+def test_cancel_ends_cancelled_and_never_restarts(fake: FakeCluster) -> None:
+    fake.put_job_object(ftj())
+    run(fake)
+    job_runs(fake, pod(), active=1)
+    run(fake)
+    set_spec(fake, cancel=True)
+    assert run(fake).phase == "Running"  # pods still saving their checkpoint
+    assert fake.objects[("Job", "team-a", "demo")]["spec"]["suspend"] is True
+    fake.pods = []
+    assert run(fake).phase == "Cancelled"
+    fake.calls.clear()
+    del fake.objects[("Job", "team-a", "demo")]
+    assert run(fake).phase == "Cancelled"
+    assert ("create", "Job") not in fake.calls
+
+
+def test_finished_job_is_not_recreated_after_ttl(fake: FakeCluster) -> None:
+    fake.put_job_object(ftj())
+    run(fake)
+    job_runs(fake, succeeded=1, conditions=[condition("Complete")])
+    run(fake)
+    status = copy.deepcopy(fake.job_object()["status"])
+    del fake.objects[("Job", "team-a", "demo")]
+    fake.calls.clear()
+    run(fake, seconds=600)
+    assert fake.writes() == []
+    assert fake.job_object()["status"] == status
+
+
+def test_unknown_model_fails_without_children_or_retry(fake: FakeCluster) -> None:
+    fake.put_job_object(ftj(model={"name": "gpt-17"}))
+    outcome = run(fake)
+    assert fake.children() == []
+    assert (outcome.phase, outcome.status["reason"]) == ("Failed", "InvalidSpec")
+    assert "spec.model.name: unknown catalog model 'gpt-17'" in outcome.status["message"]
+    assert fake.events[0][0] == "Warning"
+    fake.calls.clear()
+    run(fake, seconds=60)
+    assert fake.writes() == []
+
+
+def test_fixing_an_invalid_spec_recovers(fake: FakeCluster) -> None:
+    fake.put_job_object(ftj(model={"name": "gpt-17"}))
+    run(fake)
+    set_spec(fake, model={"name": "pythia-70m"})
+    assert run(fake).phase == "Pending"
+    assert fake.children() == CHILDREN
+
+
+def test_schema_invalid_object_becomes_failed(fake: FakeCluster) -> None:
+    obj = ftj()
+    obj["spec"]["hyperparameters"] = {"dropout": 7}
+    fake.put_job_object(obj)
+    outcome = run(fake)
+    assert outcome.phase == "Failed"
+    assert "spec.hyperparameters.dropout" in outcome.status["message"]
+
+
+def test_name_taken_by_a_foreign_object_stalls(fake: FakeCluster) -> None:
+    fake.put_job_object(ftj())
+    fake.objects[("ConfigMap", "team-a", "demo-config")] = {
+        "kind": "ConfigMap",
+        "metadata": {"name": "demo-config", "namespace": "team-a"},
+        "data": {},
+    }
+    outcome = run(fake)
+    assert (outcome.phase, outcome.status["reason"]) == ("Pending", "NameConflict")
+    assert ("Job", "demo") not in fake.children()
+    assert {c["type"]: c["status"] for c in outcome.status["conditions"]}["Stalled"] == "True"
+
+
+def test_config_map_follows_spec_changes(fake: FakeCluster) -> None:
+    fake.put_job_object(ftj())
+    run(fake)
+    set_spec(fake, evaluation={"everySteps": 7})
+    outcome = run(fake)
+    assert outcome.patched == ["ConfigMap/demo-config"]
+    assert "everySteps: 7" in fake.objects[("ConfigMap", "team-a", "demo-config")]["data"]["config.yaml"]
+
+
+def test_api_errors_propagate_for_retry(fake: FakeCluster) -> None:
+    fake.put_job_object(ftj())
+    fake.fail_on = ("create", "Job")
+    before = metrics.RECONCILES.labels(trigger="event", result="error")._value.get()
+    with pytest.raises(ApiError):
+        run(fake)
+    assert metrics.RECONCILES.labels(trigger="event", result="error")._value.get() == before + 1
+
+
+def test_deleted_or_deleting_job_is_left_alone(fake: FakeCluster) -> None:
+    assert run(fake).gone
+    obj = ftj()
+    obj["metadata"]["deletionTimestamp"] = "2026-11-29T06:00:00Z"
+    fake.put_job_object(obj)
+    assert run(fake).gone
+    assert fake.children() == []
+
+
+CRASH_POINTS = [
+    ("create", "ConfigMap"),
+    ("create", "Service"),
+    ("get", "Job"),
+    ("create", "Job"),
+    ("patch", "FineTuneJob/status"),
+    ("event", "Event"),
+]
+
+
+@pytest.mark.parametrize(
+    "crash_on", [pytest.param(point, id=f"{point[0]}-{point[1]}") for point in CRASH_POINTS]
+)
+def test_restart_at_any_point_converges(crash_on: tuple[str, str]) -> None:
+    """The operator dies mid-cycle; the next cycle (after a restart) ends like an uninterrupted one."""
+    clean = FakeCluster()
+    clean.put_job_object(ftj())
+    run(clean)
+    crashed = FakeCluster()
+    crashed.put_job_object(ftj())
+    crashed.crash_on = crash_on
+    with pytest.raises(Crash):
+        run(crashed)
+    run(crashed, seconds=1)
+    run(crashed, seconds=2)
+    assert crashed.children() == clean.children() == CHILDREN
+    creates = [call for call in crashed.calls if call[0] == "create" and call[1] != "Event"]
+    assert len([c for c in creates if c[1] == "Job"]) <= 2  # at most retried, never duplicated
+    for key in clean.objects:
+        if key[0] != "FineTuneJob":
+            clean_obj = {k: v for k, v in clean.objects[key].items() if k != "metadata"}
+            crashed_obj = {k: v for k, v in crashed.objects[key].items() if k != "metadata"}
+            assert crashed_obj == clean_obj
+    assert crashed.job_object()["status"]["phase"] == clean.job_object()["status"]["phase"]
+
+
+def test_fresh_object_skips_the_reads(fake: FakeCluster) -> None:
+    """On kopf's create cause the body is fresh: no GET of the job, children created directly."""
+    obj = ftj()
+    fake.put_job_object(obj)
+    reconcile(fake, "team-a", "demo", settings=SETTINGS, now=NOW, fresh=obj)
+    assert fake.calls == [
+        ("create", "ConfigMap"),
+        ("create", "Service"),
+        ("create", "Job"),
+        ("patch", "FineTuneJob/status"),
+        ("event", "Event"),
+    ]
+    fake.calls.clear()
+    reconcile(fake, "team-a", "demo", settings=SETTINGS, now=NOW, fresh=obj)  # a retried create
+    assert fake.children() == CHILDREN
+
+
+def test_stored_status_equals_the_derived_one_after_fields_disappear(fake: FakeCluster) -> None:
+    """Merge patches must remove nested keys too (progress.etaSeconds goes away on success)."""
+    fake.put_job_object(ftj())
+    run(fake)
+    job_runs(fake, pod(), active=1)
+    run(fake, progress=FakeProgress(progress_report()))
+    assert "etaSeconds" in fake.job_object()["status"]["progress"]
+    job_runs(fake, succeeded=1, conditions=[condition("Complete")])
+    outcome = run(fake, seconds=30)
+    assert fake.job_object()["status"] == outcome.status
+    assert "etaSeconds" not in fake.job_object()["status"]["progress"]
+    fake.calls.clear()
+    run(fake, seconds=60)
+    assert fake.writes() == []
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "patch"),
+    [
+        pytest.param({"a": 1}, {"a": 1}, {}, id="same"),
+        pytest.param({"a": 1, "b": 2}, {"a": 1}, {"b": None}, id="removed"),
+        pytest.param({"p": {"x": 1, "y": 2}}, {"p": {"x": 1}}, {"p": {"y": None}}, id="nested-removed"),
+        pytest.param({"l": [1, 2]}, {"l": [1]}, {"l": [1]}, id="list-replaced"),
+        pytest.param({}, {"p": {"x": 1}}, {"p": {"x": 1}}, id="added"),
+    ],
+)
+def test_merge_patch(old: dict[str, Any], new: dict[str, Any], patch: dict[str, Any]) -> None:
+    assert merge_patch(old, new) == patch
+
+
+def test_job_event_refreshes_status_without_touching_children(fake: FakeCluster) -> None:
+    fake.put_job_object(ftj())
+    run(fake)
+    job_runs(fake, pod(), active=1)
+    observed = copy.deepcopy(fake.objects[("Job", "team-a", "demo")])
+    fake.calls.clear()
+    outcome = reconcile(fake, "team-a", "demo", settings=SETTINGS, now=NOW, observed_job=observed)
+    assert outcome.phase == "Running"
+    assert fake.calls == [
+        ("get", "FineTuneJob"),
+        ("list", "Pod"),
+        ("patch", "FineTuneJob/status"),
+        ("event", "Event"),
+    ]

@@ -1,0 +1,125 @@
+"""Two processes under torchrun (gloo on CPU) reach the loss of one process with the same global
+batch, and only rank 0 writes to the run folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from finetune_trainer import contract
+from tests.trainer.conftest import base_config, run_trainer, write_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _launch(config: Path, tmp_path: Path, name: str) -> subprocess.CompletedProcess[str]:
+    """`finetune-trainer` with torchrun's PET_* variables, as the pod runs it: it starts torchrun."""
+    env = {
+        **os.environ,
+        "FINETUNE_CACHE_DIR": str(tmp_path / f"cache-{name}"),
+        "FINETUNE_TERMINATION_LOG": str(tmp_path / f"termination-{name}"),
+        "OMP_NUM_THREADS": "1",
+        "PET_NNODES": "1",
+        "PET_NPROC_PER_NODE": "2",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "finetune_trainer", "--config", str(config)],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(
+    model_dir: Callable[[str], Path], text_data: dict[str, str], tmp_path: Path
+) -> None:
+    settings = {"maxSteps": 4, "batchSize": 4, "microBatchSize": 2}
+    single = base_config(model_dir("llama"), text_data, tmp_path / "single", hyperparameters=settings)
+    code, one = run_trainer(single, tmp_path, "single.json")  # gradient accumulation 2
+    assert code == 0
+
+    run = tmp_path / "ddp"
+    config = write_config(tmp_path / "ddp.json", base_config(model_dir("llama"), text_data, run, hyperparameters=settings))
+    result = _launch(config, tmp_path, "ddp")
+    assert result.returncode == contract.EXIT_OK, result.stdout[-3000:] + result.stderr[-3000:]
+    two = json.loads((tmp_path / "termination-ddp").read_text())
+    assert [e["step"] for e in two["evaluations"]] == [0, 2, 4]
+    for a, b in zip(one["evaluations"], two["evaluations"], strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-4)
+        assert b["accuracy"] == pytest.approx(a["accuracy"], abs=1e-6)
+    run_json = json.loads((run / "run.json").read_text())
+    assert run_json["worldSize"] == 2
+    # rank 1 holds its RNG state in the checkpoint (uploaded by rank 0), but writes nothing itself
+    manifest = json.loads((run / "checkpoints" / "step-000004" / "manifest.json").read_text())
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= {f["path"] for f in manifest["files"]}
+    assert result.stdout.count("Step | Accuracy") == 1
+
+
+def test_invalid_input_keeps_its_exit_code_through_torchrun(
+    model_dir: Callable[[str], Path], text_data: dict[str, str], tmp_path: Path
+) -> None:
+    config = base_config(model_dir("gpt2"), text_data, tmp_path / "run",
+                         hyperparameters={"batchSize": 3, "microBatchSize": 1})  # 3 % (1 x 2 processes) != 0
+    result = _launch(write_config(tmp_path / "bad.json", config), tmp_path, "bad")
+    assert result.returncode == contract.EXIT_INVALID_INPUT, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "termination-bad").read_text())
+    assert "not a multiple" in summary["message"]
+
+
+def test_sigterm_to_the_launcher_checkpoints_every_rank_at_the_same_step(
+    model_dir: Callable[[str], Path], text_data: dict[str, str], tmp_path: Path
+) -> None:
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "c.json", base_config(
+        model_dir("llama"), text_data, run,
+        hyperparameters={"maxSteps": 200, "batchSize": 4, "microBatchSize": 2},
+        evaluation={"everySteps": 100}, checkpoints={"everySteps": 5},
+    ))
+    env = {
+        **os.environ, "FINETUNE_CACHE_DIR": str(tmp_path / "cache"), "FINETUNE_TERMINATION_LOG": str(tmp_path / "term"),
+        "OMP_NUM_THREADS": "1", "PET_NNODES": "1", "PET_NPROC_PER_NODE": "2",
+    }
+    process = subprocess.Popen([sys.executable, "-m", "finetune_trainer", "--config", str(config)], env=env, cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (run / "checkpoints" / "step-000005" / "manifest.json").exists():
+        assert process.poll() is None and time.monotonic() < deadline, "no checkpoint before the deadline"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == contract.EXIT_TERMINATED
+    summary = json.loads((tmp_path / "term").read_text())
+    assert summary["reason"] == "Terminated" and 5 <= summary["step"] < 200
+    manifest = json.loads((run / "checkpoints" / f"step-{summary['step']:06d}" / "manifest.json").read_text())
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= {f["path"] for f in manifest["files"]}
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        pytest.param({}, False, id="nothing-set"),
+        pytest.param({"PET_NNODES": "1", "PET_NPROC_PER_NODE": "1"}, False, id="one-process"),
+        pytest.param({"PET_NNODES": "1", "PET_NPROC_PER_NODE": "2"}, True, id="two-processes"),
+        pytest.param({"PET_NNODES": "2", "PET_NPROC_PER_NODE": "1"}, True, id="two-nodes"),
+        pytest.param({"PET_NNODES": "2", "RANK": "1"}, False, id="already-a-worker"),
+    ],
+)
+def test_wants_launch(env: dict[str, str], expected: bool) -> None:
+    from finetune_trainer.launch import wants_launch
+
+    assert wants_launch(env) is expected
+
+
+def test_worker_exit_codes_map_back_to_the_contract() -> None:
+    from finetune_trainer.launch import exit_code_of
+
+    assert exit_code_of([0, 3]) == contract.EXIT_INVALID_INPUT
+    assert exit_code_of([143, -15]) == contract.EXIT_TERMINATED
+    assert exit_code_of([1, 0]) == contract.EXIT_FAILURE
+    assert exit_code_of([0, 0]) == contract.EXIT_OK

@@ -1,0 +1,139 @@
+"""The trainer as a pod runs it: a separate process, SIGTERM, restart and resume; the progress
+endpoint and Prometheus metrics while it runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from finetune_trainer import contract
+from finetune_trainer.telemetry import Progress, serve
+from tests.trainer.conftest import base_config, final_eval, write_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start(config: Path, tmp_path: Path, name: str, port: int = 0) -> tuple[subprocess.Popen[bytes], Path]:
+    env = {
+        **os.environ,
+        "FINETUNE_CONFIG": str(config),
+        "FINETUNE_CACHE_DIR": str(tmp_path / "cache"),
+        "FINETUNE_TERMINATION_LOG": str(tmp_path / f"termination-{name}"),
+        "FINETUNE_PROGRESS_PORT": str(port),
+        "POD_IP": "127.0.0.1",
+        "OMP_NUM_THREADS": "1",
+    }
+    log = (tmp_path / f"{name}.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "finetune_trainer"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+    )
+    return process, tmp_path / f"termination-{name}"
+
+
+def _wait(predicate: Callable[[], bool], timeout: float, what: str, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"trainer exited with {process.returncode} while waiting for {what}")
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _slow_config(model: Path, data: dict[str, str], run: Path, steps: int = 60) -> dict[str, Any]:
+    # linear decay with warmup: the resumed run must restore the scheduler, not just the weights
+    return base_config(
+        model, data, run,
+        hyperparameters={"maxSteps": steps, "lrScheduler": "linear", "warmupSteps": 5, "learningRate": 3e-3},
+        evaluation={"everySteps": 20, "logEverySteps": 5},
+        checkpoints={"everySteps": 10, "keepLast": 2},
+    )
+
+
+def test_sigterm_checkpoints_exits_retryable_and_the_restart_matches_an_uninterrupted_run(
+    model_dir: Callable[[str], Path], text_data: dict[str, str], tmp_path: Path
+) -> None:
+    model = model_dir("llama")
+    whole_config = write_config(tmp_path / "whole.json", _slow_config(model, text_data, tmp_path / "whole"))
+    process, termination = _start(whole_config, tmp_path, "whole")
+    assert process.wait(timeout=180) == contract.EXIT_OK
+    uninterrupted = json.loads(termination.read_text())
+
+    run = tmp_path / "killed"
+    config = write_config(tmp_path / "killed.json", _slow_config(model, text_data, run))
+    process, termination = _start(config, tmp_path, "first")
+    _wait(lambda: (run / "checkpoints" / "step-000010" / "manifest.json").exists(), 120, "the first checkpoint", process)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == contract.EXIT_TERMINATED
+    stopped = json.loads(termination.read_text())
+    assert stopped["reason"] == "Terminated" and 10 <= stopped["step"] < 60, stopped
+    assert (run / "checkpoints" / f"step-{stopped['step']:06d}" / "manifest.json").exists()
+
+    process, termination = _start(config, tmp_path, "second")
+    assert process.wait(timeout=180) == contract.EXIT_OK
+    resumed = json.loads(termination.read_text())
+    assert final_eval(resumed)["step"] == 60
+    assert final_eval(resumed)["loss"] == pytest.approx(final_eval(uninterrupted)["loss"], abs=1e-6)
+
+
+def test_progress_endpoint_and_metrics_while_training(
+    model_dir: Callable[[str], Path], text_data: dict[str, str], tmp_path: Path
+) -> None:
+    port = _free_port()
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "c.json", _slow_config(model_dir("gpt2"), text_data, run, steps=150))
+    process, termination = _start(config, tmp_path, "progress", port=port)
+    url = f"http://127.0.0.1:{port}"
+
+    def training_seen() -> bool:
+        try:
+            report = json.loads(urllib.request.urlopen(url + "/progress", timeout=2).read())
+        except OSError:
+            return False
+        return bool(report["phase"] == "Training" and report["step"] > 0 and report["evaluations"])
+
+    try:
+        _wait(training_seen, 120, "phase Training on /progress", process)
+        report = json.loads(urllib.request.urlopen(url + "/progress", timeout=2).read())
+        assert set(report) == set(contract.ProgressReport.__annotations__)
+        assert report["totalSteps"] == 150 and report["evaluations"][0]["step"] == 0
+        metrics = urllib.request.urlopen(url + "/metrics", timeout=2).read().decode()
+        assert "finetune_step " in metrics and "finetune_eval_loss " in metrics
+    finally:
+        assert process.wait(timeout=180) == contract.EXIT_OK
+    summary = json.loads(termination.read_text())
+    assert summary["phase"] == "Succeeded" and summary["finalUri"].endswith("/final/")
+
+
+def test_progress_report_shape_and_http() -> None:
+    progress = Progress()
+    progress.update(phase=contract.TrainerPhase.TRAINING, step=3, totalSteps=10, trainLoss=1.5)
+    progress.add_evaluation(contract.EvaluationPoint(step=0, loss=2.0, accuracy=0.4, perplexity=7.39))
+    server = serve(progress, host="127.0.0.1", port=0)
+    try:
+        port = server.server_address[1]
+        body = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/progress", timeout=2).read())
+        assert body["phase"] == "Training" and body["step"] == 3 and body["evaluations"][0]["loss"] == 2.0
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2).read() == b"ok"
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+        assert "finetune_train_loss 1.5" in metrics and "finetune_eval_perplexity 7.39" in metrics
+    finally:
+        server.shutdown()

@@ -1,0 +1,204 @@
+"""Rows and tables the CLI prints, from FineTuneJob objects (pure)."""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Any
+
+import pytest
+from rich.console import Console
+
+from finetune_cli import views
+from finetune_cli.experiments import ROLE_EVALUATION
+from tests.unit.cli_factories import REUTERS_STATUS, ftj, reuters_job
+
+
+def _text(view: views.View) -> str:
+    out = io.StringIO()
+    Console(file=out, width=200).print(views.render(view))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("job", "phase"),
+    [
+        pytest.param(ftj(phase="Running"), "Running", id="from-status"),
+        pytest.param(ftj(suspend=True), "Suspended", id="suspended-not-yet-seen"),
+        pytest.param(ftj(), "Pending", id="new-not-yet-seen"),
+        pytest.param(ftj(cancel=True), "Cancelling", id="cancel-not-yet-seen"),
+    ],
+)
+def test_phase_of(job: dict[str, Any], phase: str) -> None:
+    assert views.phase_of(job) == phase
+
+
+@pytest.mark.parametrize(
+    ("status", "text"),
+    [
+        pytest.param({}, "", id="no-progress"),
+        pytest.param({"progress": {"step": 5}}, "5", id="total-unknown"),
+        pytest.param({"progress": {"step": 50, "totalSteps": 200}}, "50/200 (25%)", id="percent-computed"),
+        pytest.param(
+            {"phase": "Succeeded", "progress": {"step": 198, "totalSteps": 200}},
+            "200/200 (100%)",
+            id="succeeded-is-done",
+        ),
+    ],
+)
+def test_progress_text(status: dict[str, Any], text: str) -> None:
+    assert views.progress_text(ftj(**status)) == text
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        pytest.param(None, "-", id="unknown"),
+        pytest.param(42.4, "42s", id="seconds"),
+        pytest.param(125, "2m05s", id="minutes"),
+        pytest.param(3720, "1h02m", id="hours"),
+        pytest.param(float("nan"), "-", id="nan"),
+    ],
+)
+def test_duration(seconds: float | None, text: str) -> None:
+    assert views.duration(seconds) == text
+
+
+@pytest.mark.parametrize(
+    ("spec_model", "label"),
+    [
+        pytest.param({"name": "pythia-70m"}, "pythia-70m", id="catalog-name"),
+        pytest.param({"uri": "s3://models/team/my-model/"}, "my-model", id="uri-folder"),
+    ],
+)
+def test_model_label_without_status(spec_model: dict[str, Any], label: str) -> None:
+    job = ftj()
+    job["spec"]["model"] = spec_model
+    assert views.model_label(job) == label
+
+
+def test_jobs_view_has_the_studio_columns() -> None:
+    view = views.jobs_view([reuters_job()], namespace="team")
+    assert [c.header for c in view.columns][:7] == [
+        "ID",
+        "Model",
+        "Dataset",
+        "Start",
+        "End",
+        "Phase",
+        "Progress",
+    ]
+    row = view.rows[0]
+    assert (row["id"], row["model"], row["phase"], row["progress"]) == (
+        "neox-reuters",
+        "pythia-1.4b",
+        "Succeeded",
+        "2000/2000 (100%)",
+    )
+    text = _text(view)
+    assert "2026-11-29 06:01:00" in text
+    assert "1.880" in text
+
+
+def test_jobs_view_empty_says_what_to_do() -> None:
+    view = views.jobs_view([], namespace="team")
+    assert "kubectl finetune experiment add" in view.empty
+
+
+def test_jobs_view_shows_a_dashboard_link_when_configured() -> None:
+    view = views.jobs_view([reuters_job()], namespace="team", dashboard="https://grafana/d/ft?ns=team")
+    assert "https://grafana/d/ft?ns=team" in _text(view)
+
+
+def test_compare_reproduces_the_studio_table() -> None:
+    rows = views.compare_rows([reuters_job()])
+    table = [
+        (r["model"], r["step"], r["accuracy"], r["loss"], round(r["perplexity"], 2), r["kind"]) for r in rows
+    ]
+    assert table == [
+        ("gpt-j-6b", 0, 0.625, 1.92, 6.84, "baseline"),
+        ("pythia-1.4b", 0, 0.52, 2.41, 11.13, "zero-shot"),
+        ("pythia-1.4b", 1000, 0.59, 1.95, 7.03, "fine-tuned"),
+        ("pythia-1.4b", 2000, 0.602, 1.88, 6.56, "fine-tuned"),
+    ]
+    view = views.compare_view([reuters_job()])
+    assert [c.header for c in view.columns][:5] == ["Model", "Step", "Accuracy", "Loss", "Perplexity"]
+    assert view.highlight == {3}  # the fine-tuned 1.4B model has the lowest loss
+
+
+def test_compare_lists_a_shared_baseline_once_and_flags_different_datasets() -> None:
+    other = ftj("neox-patents", dataset={"name": "patents"}, **REUTERS_STATUS)
+    same = ftj("neox-reuters-2", **REUTERS_STATUS)
+    rows = views.compare_rows([reuters_job(), same, other])
+    baselines = [(r["model"], r["dataset"]) for r in rows if r["kind"] == "baseline"]
+    assert baselines == [("gpt-j-6b", "reuters"), ("gpt-j-6b", "patents")]
+    assert views.compare_view([reuters_job(), other]).caption == "Different datasets are not comparable."
+
+
+def test_compare_takes_only_step_zero_of_an_evaluation_job() -> None:
+    job = ftj("eval-gpt-j", model="gpt-j-6b", role=ROLE_EVALUATION, evaluations=REUTERS_STATUS["evaluations"])
+    rows = views.compare_rows([job])
+    assert [(r["model"], r["step"], r["kind"]) for r in rows] == [("gpt-j-6b", 0, "evaluation")]
+
+
+def test_compare_derives_perplexity_from_loss_when_missing() -> None:
+    job = ftj(evaluations=[{"step": 0, "loss": 2.0, "accuracy": 0.5}])
+    assert views.compare_rows([job])[0]["perplexity"] == pytest.approx(math.exp(2.0))
+
+
+def test_evaluations_view_links_steps_to_checkpoint_ids() -> None:
+    view = views.evaluations_view(reuters_job())
+    by_step = {(r["kind"], r["step"]): r["checkpoint"] for r in view.rows}
+    assert by_step == {
+        ("baseline", 0): None,
+        ("zero-shot", 0): None,
+        ("fine-tuned", 1000): "neox-reuters:1000",
+        ("fine-tuned", 2000): "neox-reuters:2000",
+    }
+
+
+def test_checkpoints_view_has_id_time_and_step() -> None:
+    view = views.checkpoints_view([reuters_job()], title="Checkpoints")
+    assert [(r["id"], r["step"], r["time"]) for r in view.rows] == [
+        ("neox-reuters:1000", 1000, "2026-11-29T07:31:00Z"),
+        ("neox-reuters:2000", 2000, "2026-11-29T09:01:00Z"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("given", "changed"),
+    [
+        pytest.param({"maxSteps": 2000, "learningRate": 2e-5}, {"maxSteps", "learningRate"}, id="some-set"),
+        pytest.param({"dropout": 0.0, "batchSize": 8}, set(), id="defaults-written-out"),
+        pytest.param(None, set(), id="absent"),
+    ],
+)
+def test_hyperparameters_view_shows_values_next_to_defaults(
+    given: dict[str, Any] | None, changed: set[str]
+) -> None:
+    view = views.hyperparameters_view(ftj(hyperparameters=given))
+    rows = {r["name"]: r for r in view.rows}
+    assert (rows["dropout"]["value"], rows["dropout"]["default"]) == (0.0, 0.0)
+    assert {r["name"] for r in view.rows if r["changed"]} == changed
+    assert {view.rows[i]["name"] for i in view.highlight} == changed
+
+
+def test_plot_series_has_a_line_per_job_and_a_flat_line_per_baseline() -> None:
+    series = views.plot_series([reuters_job()])
+    job, baseline = series
+    assert job.label == "neox-reuters (pythia-1.4b)"
+    assert job.steps == [0, 1000, 2000]
+    assert job.values["loss"] == [2.41, 1.95, 1.88]
+    assert baseline.baseline
+    assert baseline.steps == [0, 2000]
+    assert baseline.values["accuracy"] == [0.625, 0.625]
+
+
+def test_summary_view_names_phase_and_run_folder() -> None:
+    job = ftj(
+        phase="Failed", reason="InvalidInput", message="train.jsonl:3: no field 'text'", runUri="s3://runs/x/"
+    )
+    rows = {r["field"]: r["value"] for r in views.summary_view(job).rows}
+    assert rows["phase"] == "Failed"
+    assert rows["message"] == "train.jsonl:3: no field 'text'"
+    assert rows["runUri"] == "s3://runs/x/"

@@ -1,0 +1,155 @@
+"""`finetune-trainer`: the training pod's entry point (also `python -m finetune_trainer`).
+
+Reads the config, serves progress on rank 0, runs the recipe, prints the result table, writes
+the termination message and maps outcomes to the exit codes of `contract`:
+0 done, 3 invalid config/data (permanent), 143 SIGTERM handled (checkpoint saved), 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+
+from finetune_trainer import contract
+from finetune_trainer.config import TrainerConfig
+from finetune_trainer.errors import InvalidInput, Reason
+from finetune_trainer.launch import launch, wants_launch
+from finetune_trainer.telemetry import Progress, serve, write_termination_message
+
+log = logging.getLogger("finetune_trainer")
+
+
+def format_validation_error(exc: ValidationError) -> list[str]:
+    """One line per error, naming the field by its camelCase path."""
+    lines = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error["loc"]) or "(config)"
+        lines.append(f"{where}: {error['msg']}")
+    return lines
+
+
+def load_config(path: str) -> TrainerConfig:
+    try:
+        return TrainerConfig.from_file(path)
+    except FileNotFoundError as exc:
+        raise InvalidInput(f"config file {path} not found") from exc
+    except ValidationError as exc:
+        raise InvalidInput(f"invalid config {path}", details=format_validation_error(exc)) from exc
+    except Exception as exc:  # YAML syntax and the like
+        raise InvalidInput(f"cannot read config {path}: {exc}") from exc
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="finetune-trainer", description=__doc__)
+    parser.add_argument("--config", default=None, help=f"default: ${contract.ENV_CONFIG} or {contract.DEFAULT_CONFIG_PATH}")
+    parser.add_argument("--check", action="store_true", help="validate config and data only (exit 0 or 3)")
+    args = parser.parse_args(argv)
+    if not args.check and wants_launch():
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s launcher %(levelname)s %(name)s: %(message)s")
+        return launch(["--config", args.config] if args.config else [])
+    rank = int(os.environ.get("RANK", "0"))
+    is_main = rank == 0
+    logging.basicConfig(
+        level=logging.INFO if is_main else logging.WARNING,
+        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    progress = Progress()
+    termination_path = contract.termination_message_path()
+    config: TrainerConfig | None = None
+    try:
+        config = load_config(args.config or contract.config_path())
+        if args.check:
+            return check(config)
+        if is_main:
+            serve(progress, host=contract.bind_address(), port=contract.progress_port())
+        return train(config, progress, termination_path, is_main=is_main)
+    except InvalidInput as exc:
+        log.error("%s", exc)
+        progress.update(phase="Failed")
+        if is_main:
+            write_termination_message(
+                termination_path, _summary(config, progress, contract.EXIT_INVALID_INPUT, exc.reason, str(exc))
+            )
+        return contract.EXIT_INVALID_INPUT
+
+
+def check(config: TrainerConfig) -> int:
+    from finetune_trainer.data import load_raw
+
+    load_raw(config.dataset, seed=config.hyperparameters.seed, datasets_uri=config.run.datasets_uri,
+             endpoint=config.run.storage_endpoint, region=config.run.storage_region)
+    print("config and data are valid")
+    return contract.EXIT_OK
+
+
+def train(config: TrainerConfig, progress: Progress, termination_path: str, *, is_main: bool) -> int:
+    from finetune_trainer.train import StopFlag, Terminated, format_table, run
+
+    stop = StopFlag()
+    stop.install()
+    try:
+        outcome = run(config, progress=progress, stop=stop)
+    except (InvalidInput, KeyboardInterrupt):
+        raise
+    except Terminated:
+        progress.update(phase="Terminated")
+        if is_main:
+            write_termination_message(
+                termination_path,
+                _summary(config, progress, contract.EXIT_TERMINATED, Reason.TERMINATED, "terminated before training"),
+            )
+        return contract.EXIT_TERMINATED
+    except Exception as exc:
+        log.exception("training failed")
+        progress.update(phase="Failed")
+        if is_main:
+            message = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
+            write_termination_message(
+                termination_path, _summary(config, progress, contract.EXIT_FAILURE, Reason.ERROR, message)
+            )
+        return contract.EXIT_FAILURE
+    if outcome.terminated:
+        code, reason, message = contract.EXIT_TERMINATED, Reason.TERMINATED, f"terminated at step {outcome.step}; checkpoint saved"
+    else:
+        code, reason, message = contract.EXIT_OK, Reason.COMPLETED, f"trained {outcome.step} steps"
+    if is_main:
+        print(format_table(outcome), flush=True)
+        summary = _summary(config, progress, code, reason, message)
+        if outcome.final_uri:
+            summary["finalUri"] = outcome.final_uri
+        write_termination_message(termination_path, summary)
+    return code
+
+
+def _summary(
+    config: TrainerConfig | None, progress: Progress, code: int, reason: Reason, message: str
+) -> contract.TerminationSummary:
+    report = progress.report()
+    phase = {contract.EXIT_OK: "Succeeded", contract.EXIT_TERMINATED: "Terminated"}.get(code, "Failed")
+    summary = contract.TerminationSummary(
+        phase=phase,
+        exitCode=code,
+        reason=reason.value,
+        message=message,
+        step=report["step"],
+        totalSteps=report["totalSteps"],
+        runUri=config.run_uri if config is not None else None,
+    )
+    if report["checkpoints"]:
+        summary["lastCheckpoint"] = report["checkpoints"][-1]
+    if report["evaluations"]:
+        summary["evaluations"] = report["evaluations"]
+    if report["baselines"]:
+        summary["baselines"] = report["baselines"]
+    return summary
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,483 @@
+"""The typed configuration contract of the trainer.
+
+One `TrainerConfig` is what a training pod reads (YAML at `$FINETUNE_CONFIG`) and what the
+operator renders into the ConfigMap. Its sub-models are embedded unchanged in the `FineTuneJob`
+CRD (`spec.model`, `spec.dataset`, `spec.hyperparameters`, `spec.lora`, `spec.evaluation`,
+`spec.checkpoints`) and the CRD's OpenAPI schema is generated from them, so:
+
+- every constraint the API server must enforce is a plain JSON-schema constraint (ge/le, enums,
+  patterns, lengths); no custom field validators;
+- checks that span fields live in `model_validator`s and are mirrored as CEL rules in the CRD
+  (each validator's docstring states the rule);
+- field names are camelCase on the wire (`alias_generator=to_camel`), snake_case in Python.
+
+Checks that need the runtime (world size, the tokenizer, the data) are done by the trainer's
+preflight and exit with `contract.EXIT_INVALID_INPUT`.
+
+Imported by: the trainer, the operator and the CLI. Must not import torch, transformers or kopf.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, NamedTuple, Self
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+# URI grammar shared with the CRD schema.
+MODEL_URI_PATTERN = r"^(s3|file|hf)://.+$"
+DATA_URI_PATTERN = r"^(s3|file)://.+$"
+RUN_URI_PATTERN = r"^(s3|file)://.+/$"
+NAME_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$"
+ENDPOINT_PATTERN = r"^https?://[^\s/]+(/.*)?$"
+
+DataUri = Annotated[str, Field(pattern=DATA_URI_PATTERN, max_length=1024)]
+
+
+class _Spec(BaseModel):
+    """Base of every contract model: camelCase aliases, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+    )
+
+
+class ModelSpec(_Spec):
+    """Which model to start from (also used for evaluation baselines)."""
+
+    name: str | None = Field(
+        default=None,
+        pattern=NAME_PATTERN,
+        max_length=63,
+        description="Catalog name (see `kubectl finetune list models`), e.g. pythia-1.4b. "
+        "Exactly one of name or uri.",
+    )
+    uri: str | None = Field(
+        default=None,
+        pattern=MODEL_URI_PATTERN,
+        max_length=1024,
+        description="Model location: s3://… or file://… (a Hugging Face format directory, or a "
+        ".gguf file to import), or hf://org/name. Exactly one of name or uri.",
+    )
+    init: Literal["pretrained", "scratch"] = Field(
+        default="pretrained",
+        description="pretrained: fine-tune the weights; scratch: random weights from the model's "
+        "config (train from scratch).",
+    )
+    revision: str | None = Field(
+        default=None,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9._/-]+$",
+        description="Revision (branch, tag or commit) for hf:// models.",
+    )
+
+    @model_validator(mode="after")
+    def _name_xor_uri(self) -> Self:
+        """CEL: has(self.name) != has(self.uri)"""
+        if (self.name is None) == (self.uri is None):
+            raise ValueError("exactly one of name or uri must be set")
+        return self
+
+    @property
+    def display_name(self) -> str:
+        if self.name is not None:
+            return self.name
+        assert self.uri is not None
+        return self.uri.rstrip("/").rsplit("/", 1)[-1]
+
+
+class DatasetSpec(_Spec):
+    """Training and evaluation data."""
+
+    name: str | None = Field(
+        default=None,
+        pattern=NAME_PATTERN,
+        max_length=63,
+        description="A registered dataset (`kubectl finetune add dataset`): files under "
+        "<datasetsUri>/<name>/train/ and optionally <name>/eval/. Exactly one of name or train.",
+    )
+    train: list[DataUri] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        description="Training files: s3:// or file:// URIs of .jsonl or .txt files; globs (*, **) "
+        "allowed. Exactly one of name or train.",
+    )
+    eval: list[DataUri] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        description="Evaluation files (same forms as train). If unset, evalSize records are held "
+        "out of the training data.",
+    )
+    format: Literal["text", "prompt-completion", "chat"] = Field(
+        default="text",
+        description="Record format. text: loss on every token; prompt-completion: loss only on "
+        "the completion; chat: the tokenizer's chat template, loss only on assistant turns. "
+        ".txt files are always text (one document per file).",
+    )
+    text_field: str = Field(
+        default="text", min_length=1, max_length=64, description="JSONL field of a text record."
+    )
+    prompt_field: str = Field(
+        default="prompt", min_length=1, max_length=64, description="JSONL field of the prompt."
+    )
+    completion_field: str = Field(
+        default="completion",
+        min_length=1,
+        max_length=64,
+        description="JSONL field of the completion.",
+    )
+    messages_field: str = Field(
+        default="messages",
+        min_length=1,
+        max_length=64,
+        description="JSONL field of the chat messages (list of {role, content}).",
+    )
+    train_on_inputs: bool = Field(
+        default=False,
+        description="Also compute the loss on prompts / non-assistant turns.",
+    )
+    packing: bool = Field(
+        default=True,
+        description="Concatenate documents (separated by the EOS token) and cut them into blocks "
+        "of sequenceLength tokens. Off: one record per sequence, padded; longer records are "
+        "split into several sequences, never truncated silently.",
+    )
+    eval_size: int = Field(
+        default=64,
+        ge=1,
+        le=100_000,
+        description="Records held out of the training data for evaluation when eval is unset.",
+    )
+
+    @model_validator(mode="after")
+    def _name_xor_train(self) -> Self:
+        """CEL: has(self.name) != has(self.train)"""
+        if (self.name is None) == (self.train is None):
+            raise ValueError("exactly one of name or train must be set")
+        return self
+
+
+class Hyperparameters(_Spec):
+    """Optimisation settings. Each field's type, range and default is what the CLI prints."""
+
+    max_steps: int | None = Field(
+        default=None,
+        ge=1,
+        le=10_000_000,
+        description="Optimizer steps to train. Exclusive with epochs; if neither is set, 1 epoch.",
+    )
+    epochs: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=1000.0,
+        description="Passes over the training data (fractions allowed). Exclusive with maxSteps.",
+    )
+    learning_rate: float = Field(
+        default=5e-5, gt=0.0, le=1.0, description="Peak learning rate of AdamW."
+    )
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field(
+        default="linear",
+        description="Decay after warmup: constant, linear to 0, or cosine to 0.",
+    )
+    warmup_steps: int = Field(
+        default=0,
+        ge=0,
+        le=1_000_000,
+        description="Linear warmup steps. Exclusive with warmupRatio.",
+    )
+    warmup_ratio: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="Warmup as a fraction of the total steps. Exclusive with warmupSteps.",
+    )
+    batch_size: int = Field(
+        default=8,
+        ge=1,
+        le=65_536,
+        description="Global batch: sequences per optimizer step, over all processes.",
+    )
+    micro_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        le=4_096,
+        description="Sequences per process per forward pass. Gradient accumulation = batchSize / "
+        "(microBatchSize x processes). Default: batchSize / processes (no accumulation).",
+    )
+    sequence_length: int = Field(
+        default=512,
+        ge=16,
+        le=131_072,
+        description="Tokens per sequence (block size when packing).",
+    )
+    weight_decay: float = Field(default=0.0, ge=0.0, le=1.0, description="AdamW weight decay.")
+    dropout: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="Dropout probability set on the model's dropout layers.",
+    )
+    max_grad_norm: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=1000.0,
+        description="Gradient clipping norm; 0 disables clipping.",
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32",
+        description="Training precision: fp32, or bf16/fp16 mixed precision (fp16 needs a GPU).",
+    )
+    seed: int = Field(
+        default=42, ge=0, le=2**32 - 1, description="Random seed (weights init, data order)."
+    )
+    gradient_checkpointing: bool = Field(
+        default=False,
+        description="Recompute activations in the backward pass to save memory.",
+    )
+
+    @model_validator(mode="after")
+    def _exclusive(self) -> Self:
+        """CEL: !(has(self.maxSteps) && has(self.epochs));
+        !(self.warmupSteps > 0 && self.warmupRatio > 0.0);
+        !has(self.microBatchSize) || self.batchSize % self.microBatchSize == 0"""
+        errors = []
+        if self.max_steps is not None and self.epochs is not None:
+            errors.append("maxSteps and epochs are exclusive")
+        if self.warmup_steps > 0 and self.warmup_ratio > 0.0:
+            errors.append("warmupSteps and warmupRatio are exclusive")
+        if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
+            errors.append("batchSize must be a multiple of microBatchSize")
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+    def gradient_accumulation(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on each process; ValueError if it does not divide."""
+        micro = self.micro_batch(world_size)
+        if self.batch_size % (micro * world_size):
+            raise ValueError(
+                f"hyperparameters.batchSize={self.batch_size} is not a multiple of "
+                f"microBatchSize ({micro}) x processes ({world_size})"
+            )
+        return self.batch_size // (micro * world_size)
+
+    def micro_batch(self, world_size: int) -> int:
+        if self.micro_batch_size is not None:
+            return self.micro_batch_size
+        if self.batch_size % world_size:
+            raise ValueError(
+                f"hyperparameters.batchSize={self.batch_size} is not a multiple of the "
+                f"number of processes ({world_size})"
+            )
+        return self.batch_size // world_size
+
+
+class LoraSpec(_Spec):
+    """Parameter-efficient fine-tuning with LoRA (peft). Absent: full fine-tuning."""
+
+    rank: int = Field(default=8, ge=1, le=1024, description="LoRA rank r.")
+    alpha: float = Field(default=16.0, gt=0.0, le=4096.0, description="LoRA scaling alpha.")
+    dropout: float = Field(default=0.05, ge=0.0, le=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=128)]] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        description="Module names to adapt; default: peft's choice for the model family "
+        "(the attention projections).",
+    )
+    merge_on_export: bool = Field(
+        default=True,
+        description="final/ holds the merged model; the adapter alone is in final/adapter/.",
+    )
+
+
+class EvaluationSpec(_Spec):
+    """When and how much to evaluate, and which baselines to compare against."""
+
+    every_steps: int = Field(
+        default=100,
+        ge=1,
+        le=10_000_000,
+        description="Evaluate every N optimizer steps (and always at the last step).",
+    )
+    at_start: bool = Field(
+        default=True, description="Evaluate at step 0: the zero-shot baseline of the model."
+    )
+    max_batches: int | None = Field(
+        default=None,
+        ge=1,
+        le=1_000_000,
+        description="Evaluate at most this many micro-batches per process; default: the whole "
+        "eval set.",
+    )
+    log_every_steps: int = Field(
+        default=10,
+        ge=1,
+        le=100_000,
+        description="Train loss is logged as the token-weighted mean over this many steps.",
+    )
+    baselines: list[ModelSpec] = Field(
+        default_factory=list,
+        max_length=8,
+        description="Other models evaluated zero-shot on the same eval set, reported side by side.",
+    )
+
+
+class CheckpointSpec(_Spec):
+    """Checkpoint cadence and retention."""
+
+    every_steps: int = Field(
+        default=500,
+        ge=1,
+        le=10_000_000,
+        description="Save a checkpoint every N optimizer steps (and at the end).",
+    )
+    keep_last: int = Field(
+        default=3,
+        ge=1,
+        le=1000,
+        description="Keep the newest K complete checkpoints; older ones are deleted.",
+    )
+    output_uri: str | None = Field(
+        default=None,
+        pattern=RUN_URI_PATTERN,
+        max_length=1024,
+        description="Run folder (s3://…/ or file://…/, ending in /) for checkpoints, metrics and "
+        "final/; default: run.uri, set by the operator.",
+    )
+
+
+class RunSpec(_Spec):
+    """Filled in by the operator, not by users. Credentials never appear here: they come from
+    the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, HF_TOKEN) via a Secret."""
+
+    uri: str | None = Field(
+        default=None,
+        pattern=RUN_URI_PATTERN,
+        max_length=1024,
+        description="Run folder, e.g. s3://bucket/runs/<namespace>/<job>/.",
+    )
+    storage_endpoint: str | None = Field(
+        default=None,
+        pattern=ENDPOINT_PATTERN,
+        max_length=1024,
+        description="S3 endpoint URL (http(s)://host:port); default: AWS.",
+    )
+    storage_region: str | None = Field(
+        default=None, max_length=64, description="S3 region name."
+    )
+    datasets_uri: str | None = Field(
+        default=None,
+        pattern=RUN_URI_PATTERN,
+        max_length=1024,
+        description="Where registered datasets live (<datasetsUri>/<name>/train/…).",
+    )
+    namespace: str | None = Field(default=None, max_length=63, description="FineTuneJob namespace.")
+    job_name: str | None = Field(default=None, max_length=253, description="FineTuneJob name.")
+
+
+class TrainerConfig(_Spec):
+    """Everything one training run needs. Rendered by the operator into the pod's ConfigMap."""
+
+    model: ModelSpec
+    dataset: DatasetSpec
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    lora: LoraSpec | None = None
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    checkpoints: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    run: RunSpec = Field(default_factory=RunSpec)
+
+    @model_validator(mode="after")
+    def _run_folder(self) -> Self:
+        """CEL (on the rendered config only; run.uri is the operator's): a run folder is known."""
+        if self.checkpoints.output_uri is None and self.run.uri is None:
+            raise ValueError("no run folder: set checkpoints.outputUri or run.uri")
+        if self.dataset.name is not None and self.run.datasets_uri is None:
+            raise ValueError("dataset.name needs run.datasetsUri (set by the operator)")
+        return self
+
+    @property
+    def run_uri(self) -> str:
+        uri = self.checkpoints.output_uri or self.run.uri
+        assert uri is not None
+        return uri
+
+    @classmethod
+    def from_dict(cls, data: Any) -> TrainerConfig:
+        return cls.model_validate(data)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> TrainerConfig:
+        return cls.model_validate(yaml.safe_load(text))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TrainerConfig:
+        return cls.from_yaml(Path(path).read_text(encoding="utf-8"))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire form: camelCase keys, unset optional fields left out."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+class FieldRow(NamedTuple):
+    """One line of `kubectl finetune list hyperparameters`."""
+
+    name: str
+    type: str
+    range: str
+    default: str
+    description: str
+
+
+def describe_fields(model: type[BaseModel]) -> list[FieldRow]:
+    """Name (camelCase), type, range, default and description of each field of a spec model,
+    e.g. FieldRow('dropout', 'float', '[0.0, 1.0]', '0.0', ...)."""
+    rows = []
+    for name, info in model.model_fields.items():
+        alias = info.alias or name
+        schema = model.model_json_schema(by_alias=True)["properties"][alias]
+        variants = [s for s in schema.get("anyOf", [schema]) if s.get("type") != "null"]
+        main = variants[0] if variants else schema
+        if "enum" in main:
+            type_name, range_text = "enum", " | ".join(str(v) for v in main["enum"])
+        elif "const" in main:
+            type_name, range_text = "enum", str(main["const"])
+        else:
+            type_name = {"integer": "int", "number": "float", "boolean": "bool", "string": "str"}.get(
+                main.get("type", ""), main.get("type", "object")
+            )
+            low = main.get("minimum", main.get("exclusiveMinimum"))
+            high = main.get("maximum", main.get("exclusiveMaximum"))
+            range_text = ""
+            if low is not None or high is not None:
+                left = "(" if "exclusiveMinimum" in main else "["
+                right = ")" if "exclusiveMaximum" in main else "]"
+                range_text = f"{left}{_num(low, type_name)}, {_num(high, type_name)}{right}"
+        if info.is_required():
+            default = "required"
+        elif info.default_factory is not None:
+            default = "-"
+        else:
+            default = "unset" if info.default is None else str(info.default).lower() if isinstance(
+                info.default, bool
+            ) else str(info.default)
+        rows.append(FieldRow(alias, type_name, range_text, default, info.description or ""))
+    return rows
+
+
+def _num(value: Any, type_name: str) -> str:
+    if value is None:
+        return "∞"
+    if type_name == "float":
+        return repr(float(value))
+    return str(value)

@@ -1,0 +1,36 @@
+"""Errors that end a run with `contract.EXIT_INVALID_INPUT` (permanent: retrying cannot help).
+
+Raised by config loading, model resolution and the data preflight; caught once in `cli.main`.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Reason(StrEnum):
+    COMPLETED = "Completed"
+    INVALID_CONFIG = "InvalidConfig"
+    INVALID_DATA = "InvalidData"
+    TERMINATED = "Terminated"
+    ERROR = "Error"
+
+
+class InvalidInput(Exception):
+    """The config or the data is wrong; the message names the field or file:line."""
+
+    def __init__(self, message: str, *, reason: Reason = Reason.INVALID_CONFIG, details: list[str] | None = None):
+        super().__init__(message)
+        self.reason = reason
+        self.details = details or []
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if self.details:
+            text += "\n" + "\n".join(f"  {d}" for d in self.details)
+        return text
+
+
+class InvalidData(InvalidInput):
+    def __init__(self, message: str, *, details: list[str] | None = None):
+        super().__init__(message, reason=Reason.INVALID_DATA, details=details)

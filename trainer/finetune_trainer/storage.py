@@ -1,0 +1,254 @@
+"""Object storage for runs, models and data: `file://` and `s3://` behind one small interface.
+
+Called by the trainer's data, model and checkpoint code. Credentials come only from the
+environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY); the endpoint from the config. Keys are
+'/'-separated and relative to the store's root URI. No torch here.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import unquote, urlparse
+
+MULTIPART_CHUNK = 8 * 1024 * 1024
+HASH_CHUNK = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str  # relative to the listed prefix
+    size: int
+
+
+class Store(Protocol):
+    """A flat key space rooted at one URI (a 'folder')."""
+
+    uri: str
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]: ...
+    def read_bytes(self, key: str) -> bytes: ...
+    def write_bytes(self, key: str, data: bytes) -> None: ...
+    def upload_file(self, local: Path, key: str) -> None: ...
+    def upload_file_hashed(self, local: Path, key: str) -> str:
+        """Upload and return the SHA-256, reading the file once."""
+        ...
+    def download_file(self, key: str, local: Path) -> None: ...
+    def delete_prefix(self, prefix: str) -> None: ...
+    def exists(self, key: str) -> bool: ...
+
+
+class LocalStore:
+    def __init__(self, uri: str) -> None:
+        parsed = urlparse(uri)
+        self.uri = uri if uri.endswith("/") else uri + "/"
+        self.root = Path(unquote(parsed.netloc + parsed.path))
+
+    def _path(self, key: str) -> Path:
+        return self.root / key
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        base = self._path(prefix)
+        if base.is_file():
+            return [ObjectInfo(prefix, base.stat().st_size)]
+        if not base.is_dir():
+            return []
+        out = [
+            ObjectInfo(p.relative_to(self.root).as_posix(), p.stat().st_size)
+            for p in sorted(base.rglob("*"))
+            if p.is_file() and not p.name.endswith(".partial")
+        ]
+        return out
+
+    def read_bytes(self, key: str) -> bytes:
+        return self._path(key).read_bytes()
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".partial")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+
+    def upload_file(self, local: Path, key: str) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".partial")
+        shutil.copyfile(local, tmp)
+        os.replace(tmp, path)
+
+    def upload_file_hashed(self, local: Path, key: str) -> str:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".partial")
+        digest = hashlib.sha256()
+        with local.open("rb") as source, tmp.open("wb") as target:
+            for chunk in iter(lambda: source.read(HASH_CHUNK), b""):
+                digest.update(chunk)
+                target.write(chunk)
+        os.replace(tmp, path)
+        return digest.hexdigest()
+
+    def download_file(self, key: str, local: Path) -> None:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self._path(key), local)
+
+    def delete_prefix(self, prefix: str) -> None:
+        path = self._path(prefix)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists():
+            path.unlink()
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+
+class S3Store:
+    def __init__(self, uri: str, *, endpoint: str | None = None, region: str | None = None) -> None:
+        import boto3
+        from boto3.s3.transfer import TransferConfig
+        from botocore.config import Config
+
+        parsed = urlparse(uri)
+        self.uri = uri if uri.endswith("/") else uri + "/"
+        self.bucket = parsed.netloc
+        self.prefix = parsed.path.lstrip("/")
+        if self.prefix and not self.prefix.endswith("/"):
+            self.prefix += "/"
+        self.client: Any = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name=region or os.environ.get("AWS_REGION") or "us-east-1",
+            config=Config(
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+                s3={"addressing_style": "path"},
+                retries={"max_attempts": 5, "mode": "standard"},
+            ),
+        )
+        self.transfer = TransferConfig(
+            multipart_threshold=MULTIPART_CHUNK, multipart_chunksize=MULTIPART_CHUNK, max_concurrency=8
+        )
+
+    def _key(self, key: str) -> str:
+        return self.prefix + key
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        full = self._key(prefix)
+        out: list[ObjectInfo] = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+            for obj in page.get("Contents", []):
+                out.append(ObjectInfo(obj["Key"][len(self.prefix) :], int(obj["Size"])))
+        if prefix and not prefix.endswith("/"):  # a prefix names a folder or one exact object
+            out = [o for o in out if o.key == prefix or o.key.startswith(prefix + "/")]
+        return sorted(out, key=lambda o: o.key)
+
+    def read_bytes(self, key: str) -> bytes:
+        body: bytes = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        return body
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def upload_file(self, local: Path, key: str) -> None:
+        self.client.upload_file(str(local), self.bucket, self._key(key), Config=self.transfer)
+
+    def upload_file_hashed(self, local: Path, key: str) -> str:
+        """Multipart upload from a sequential reader that hashes what it hands to boto3."""
+        with local.open("rb") as handle:
+            reader = _HashingReader(handle)
+            self.client.upload_fileobj(reader, self.bucket, self._key(key), Config=self.transfer)
+        return reader.digest.hexdigest()
+
+    def download_file(self, key: str, local: Path) -> None:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        self.client.download_file(self.bucket, self._key(key), str(local), Config=self.transfer)
+
+    def delete_prefix(self, prefix: str) -> None:
+        keys = [o.key for o in self.list(prefix)]
+        for i in range(0, len(keys), 1000):
+            self.client.delete_objects(
+                Bucket=self.bucket,
+                Delete={"Objects": [{"Key": self._key(k)} for k in keys[i : i + 1000]], "Quiet": True},
+            )
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except self.client.exceptions.ClientError:
+            return False
+        return True
+
+
+class _HashingReader:
+    """A non-seekable reader: boto3 then reads it strictly in order, so the hash is of the file."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+        self.digest = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data: bytes = self.handle.read(size)
+        self.digest.update(data)
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+
+def open_store(uri: str, *, endpoint: str | None = None, region: str | None = None) -> Store:
+    scheme = urlparse(uri).scheme
+    if scheme == "file":
+        return LocalStore(uri)
+    if scheme == "s3":
+        return S3Store(uri, endpoint=endpoint, region=region)
+    raise ValueError(f"unsupported storage URI {uri!r}: expected file:// or s3://")
+
+
+def split_glob(uri: str) -> tuple[str, str]:
+    """'s3://b/data/train-*.jsonl' -> ('s3://b/data/', 'train-*.jsonl'); no glob -> (dir, name)."""
+    scheme, rest = uri.split("://", 1)
+    parts = rest.split("/")
+    for i, part in enumerate(parts):
+        if any(c in part for c in "*?["):
+            return f"{scheme}://{'/'.join(parts[:i])}/", "/".join(parts[i:])
+    return f"{scheme}://{'/'.join(parts[:-1])}/", parts[-1]
+
+
+def expand(uri: str, *, endpoint: str | None = None, region: str | None = None) -> list[tuple[Store, ObjectInfo]]:
+    """Files matching a URI with optional globs (`*` within a path segment, `**` across), or every
+    file below it when it names a folder. Sorted by key."""
+    root, pattern = split_glob(uri)
+    store = open_store(root, endpoint=endpoint, region=region)
+    if not any(c in pattern for c in "*?["):
+        return [(store, o) for o in store.list(pattern)]
+    fixed = pattern.split("*")[0].rsplit("/", 1)[0] if "/" in pattern.split("*")[0] else ""
+    return [(store, o) for o in store.list(fixed) if _glob_match(o.key, pattern)]
+
+
+def _glob_match(key: str, pattern: str) -> bool:
+    if "**" in pattern:
+        return fnmatch.fnmatchcase(key, pattern.replace("**/", "*").replace("**", "*"))
+    return len(key.split("/")) == len(pattern.split("/")) and fnmatch.fnmatchcase(key, pattern)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(HASH_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def iter_local_files(folder: Path) -> Iterator[Path]:
+    yield from (p for p in sorted(folder.rglob("*")) if p.is_file())
