@@ -439,3 +439,41 @@ def test_pods_get_a_service_account_token_and_reach_the_api_in_cluster(
     assert condition["type"] == "Complete", pod["status"]
     message = pod["status"]["containerStatuses"][0]["state"]["terminated"]["message"]
     assert message == f"{namespace} ['kube-root-ca.crt'] secrets:403"
+
+
+def test_restart_policy_on_failure_restarts_the_container_in_the_same_pod(
+    cluster: ClusterHandle, namespace: str
+) -> None:
+    script = textwrap.dedent(
+        """
+        import pathlib, sys
+        marker = pathlib.Path("/scratch/attempted")
+        if not marker.exists():
+            marker.write_text("1")
+            print("first attempt fails", flush=True)
+            sys.exit(7)
+        print("second attempt succeeds", flush=True)
+        """
+    )
+    container = python_container(script, volumeMounts=[{"name": "scratch", "mountPath": "/scratch"}])
+    apply(
+        cluster,
+        namespace,
+        job_manifest(
+            "retry-in-place",
+            [container],
+            backoffLimit=3,
+            template_spec={"restartPolicy": "OnFailure", "volumes": [{"name": "scratch", "emptyDir": {}}]},
+        ),
+    )
+
+    condition = wait_job_finished(cluster, namespace, "retry-in-place")
+
+    assert condition["type"] == "Complete"
+    [pod] = job_pods(cluster, namespace, "retry-in-place")
+    status = pod["status"]["containerStatuses"][0]
+    assert status["restartCount"] == 1
+    assert status["lastState"]["terminated"]["exitCode"] == 7
+    assert status["state"]["terminated"]["exitCode"] == 0
+    previous = cluster.kubectl("logs", "-n", namespace, pod["metadata"]["name"], "--previous").stdout
+    assert "first attempt fails" in previous
