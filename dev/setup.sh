@@ -18,6 +18,12 @@ for tool in unshare mount; do
   command -v "$tool" >/dev/null || { echo "setup: '$tool' (util-linux) is required by the process node" >&2; exit 1; }
 done
 
+# Build the control-plane binaries (Go, CPU-bound) while pip downloads and unpacks (I/O-bound).
+# Cached by version: a no-op after the first time. Needs only the standard library.
+build_log=$(mktemp)
+PYTHONPATH=dev "$python" -m finetune_dev.binaries >"$build_log" 2>&1 &
+build_pid=$!
+
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 stamp=".venv/.installed-$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
@@ -29,3 +35,11 @@ if [ ! -f "$stamp" ]; then
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
+
+if ! wait "$build_pid"; then
+  echo "setup: building the local cluster's binaries failed:" >&2
+  tail -n 40 "$build_log" >&2
+  exit 1
+fi
+grep -v '^$' "$build_log" || true
+rm -f "$build_log"

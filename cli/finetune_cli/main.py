@@ -28,10 +28,10 @@ import yaml
 from pydantic.alias_generators import to_camel
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
+from rich.table import Column as RichColumn
 
 from finetune_cli import catalog, datasets, experiments, storage, views
 from finetune_cli.errors import CliError
-from finetune_operator.api import Phase
 from finetune_trainer.catalog import CATALOG
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 OUTPUTS = ("table", "json", "yaml")
 ENV_DASHBOARD = "FINETUNE_DASHBOARD_URL"  # e.g. https://grafana/d/finetune?var-namespace={namespace}&var-job={name}
 DEFAULT_MODEL = "smollm2-135m-instruct"
-TERMINAL = {Phase.SUCCEEDED.value, Phase.FAILED.value, Phase.CANCELLED.value}
+TERMINAL = views.TERMINAL_PHASES  # Succeeded, Failed, Cancelled
 
 
 class Parser(argparse.ArgumentParser):
@@ -74,6 +74,17 @@ class App:
 
     def registry(self) -> storage.Registry:
         return storage.Registry(storage.datasets_uri(getattr(self.args, "datasets_uri", None)))
+
+    def registered(self, name: str) -> tuple[str, dict[str, Any]] | None:
+        """(registry URI, the dataset's metadata) when a registry is configured, else None (the
+        operator's datasetsUri applies); CliError if the dataset is not in the registry."""
+        if not (getattr(self.args, "datasets_uri", None) or os.environ.get(storage.ENV_DATASETS_URI)):
+            return None
+        registry = self.registry()
+        found = registry.get(name)
+        if found is None:
+            raise CliError(f"dataset {name} is not registered in {registry.uri}", hint="see `kubectl finetune list datasets`")
+        return registry.uri, found
 
     # ---- printing ----
     def data(self, value: Any) -> bool:
@@ -176,7 +187,10 @@ def cmd_list_datasets(app: App) -> None:
 
 
 def cmd_list_checkpoints(app: App) -> None:
-    jobs = [app.jobs.get(app.args.job_id)] if app.args.job_id else app.jobs.list()
+    if app.args.job_id:
+        jobs = [app.jobs.get(app.args.job_id)]
+    else:  # an evaluation job's one-step checkpoint is a by-product, not a result
+        jobs = [j for j in app.jobs.list() if experiments.role(j) != experiments.ROLE_EVALUATION]
     title = f"Checkpoints of {app.args.job_id}" if app.args.job_id else f"Checkpoints in {app.namespace}"
     app.view(views.checkpoints_view(jobs, title=title))
 
@@ -267,13 +281,9 @@ def cmd_experiment_add(app: App) -> None:
     else:
         model = args.model or DEFAULT_MODEL
         data_format, datasets_uri = "text", None
-        if args.dataset:
-            datasets_uri = storage.datasets_uri(args.datasets_uri) if (args.datasets_uri or os.environ.get(storage.ENV_DATASETS_URI)) else None
-            if datasets_uri:
-                registered = storage.Registry(datasets_uri).get(args.dataset)
-                if registered is None:
-                    raise CliError(f"dataset {args.dataset} is not registered in {datasets_uri}", hint="see `kubectl finetune list datasets`")
-                data_format = str(registered.get("format") or "text")
+        registered = app.registered(args.dataset) if args.dataset else None
+        if registered:
+            datasets_uri, data_format = registered[0], str(registered[1].get("format") or "text")
         name = args.name or default_name(model)
         text = experiments.template(name=name, model=model, dataset=args.dataset, data_format=data_format, datasets_uri=datasets_uri)
         manifest = None
@@ -360,11 +370,7 @@ def cmd_status_view(app: App) -> None:
         if link:
             summary["dashboard"] = link
         if not app.data(summary):
-            app.view(views.summary_view(job) if not link else views.View(
-                title=f"FineTuneJob {app.args.job_id}",
-                columns=[views.Column("field", "Field"), views.Column("value", "Value")],
-                rows=[*views.summary_view(job).rows, {"field": "dashboard", "value": link}],
-            ))
+            app.view(views.summary_view(summary))
 
 
 def cmd_status_cancel(app: App) -> None:
@@ -383,40 +389,30 @@ def watch(app: App, names: Sequence[str] | None) -> None:
     """Live progress bars until every watched job is finished (or --timeout, or Ctrl-C)."""
     deadline = time.monotonic() + app.args.timeout if app.args.timeout else None
     progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.percentage:>3.0f}%"),
-        TextColumn("{task.fields[steps]}"),
-        TextColumn("{task.fields[phase]}"),
-        TextColumn("{task.fields[detail]}"),
+        TextColumn("{task.description}", table_column=RichColumn(no_wrap=True)),
+        BarColumn(bar_width=24),
+        TextColumn("{task.percentage:>3.0f}%", table_column=RichColumn(no_wrap=True)),
+        TextColumn("{task.fields[steps]}", table_column=RichColumn(no_wrap=True)),
+        TextColumn("{task.fields[phase]}", table_column=RichColumn(no_wrap=True)),
+        TextColumn("{task.fields[detail]}", table_column=RichColumn(overflow="ellipsis", no_wrap=True, max_width=40)),
         console=app.console,
     )
     tasks: dict[str, TaskID] = {}
-    final: list[dict[str, Any]] = []
     try:
         with progress:
             while True:
                 jobs = app.jobs.list()
-                watched = [j for j in jobs if names is None or j["metadata"]["name"] in names]
-                if names is None:
-                    watched = [j for j in watched if views.phase_of(j) not in TERMINAL or j["metadata"]["name"] in tasks]
+                if names is None:  # every unfinished job, and those already on screen
+                    watched = [j for j in jobs if views.phase_of(j) not in TERMINAL or j["metadata"]["name"] in tasks]
+                else:
+                    watched = [j for j in jobs if j["metadata"]["name"] in names]
                 for job in watched:
                     name = job["metadata"]["name"]
-                    step, total, percent = views.progress_of(job)
-                    row = views.job_row(job)
-                    detail = " ".join(
-                        x for x in (
-                            f"loss {row['evalLoss']:.3f}" if isinstance(row["evalLoss"], float) else "",
-                            f"eta {row['eta']}" if row["eta"] else "",
-                            (row["message"] or "")[:60] if row["phase"] in TERMINAL else "",
-                        ) if x
-                    )
-                    fields = {"steps": f"{step}/{total}" if total else str(step), "phase": row["phase"], "detail": detail}
+                    percent, fields = views.progress_fields(job)
                     if name not in tasks:
                         tasks[name] = progress.add_task(name, total=100.0, **fields)
-                    progress.update(tasks[name], completed=percent or 0.0, **fields)
-                final = [views.job_row(j) for j in watched]
-                if not watched or all(r["phase"] in TERMINAL for r in final):
+                    progress.update(tasks[name], completed=percent, **fields)
+                if all(views.phase_of(j) in TERMINAL for j in watched):
                     break
                 if deadline is not None and time.monotonic() > deadline:
                     break
@@ -450,13 +446,10 @@ def cmd_eval(app: App) -> None:
         model, model_text = {"name": args.model}, args.model
     if args.dataset:
         dataset: dict[str, Any] = {"name": args.dataset, "format": args.format or "text"}
-        if args.datasets_uri or os.environ.get(storage.ENV_DATASETS_URI):
-            registry = app.registry()
-            registered = registry.get(args.dataset)
-            if registered is None:
-                raise CliError(f"dataset {args.dataset} is not registered in {registry.uri}", hint="see `kubectl finetune list datasets`")
-            dataset["format"] = args.format or registered.get("format") or "text"
-            storage_spec["datasetsUri"] = registry.uri
+        registered = app.registered(args.dataset)
+        if registered:
+            storage_spec["datasetsUri"] = registered[0]
+            dataset["format"] = args.format or registered[1].get("format") or "text"
         data_text = args.dataset
     elif args.data:
         uris = [storage.as_uri(p) for p in args.data]

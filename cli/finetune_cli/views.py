@@ -27,6 +27,8 @@ class Column:
     justify: str = "left"
     format: Callable[[Any], str] | None = None
     no_wrap: bool = False
+    optional: bool = False  # left out of the table when no row has a value
+    min_width: int | None = None
 
 
 @dataclass(frozen=True)
@@ -56,11 +58,19 @@ def cell(value: Any, fmt: Callable[[Any], str] | None = None) -> str:
 
 def render(view: View) -> Table:
     table = Table(title=view.title, caption=view.caption, title_justify="left")
-    for column in view.columns:
-        table.add_column(column.header, justify=column.justify, no_wrap=column.no_wrap)  # type: ignore[arg-type]
+    columns = [
+        c for c in view.columns if not c.optional or any(row.get(c.key) not in (None, "") for row in view.rows)
+    ]
+    for column in columns:
+        table.add_column(
+            column.header,
+            justify=column.justify,  # type: ignore[arg-type]
+            no_wrap=column.no_wrap,
+            min_width=column.min_width,
+        )
     for index, row in enumerate(view.rows):
         style = "bold" if index in view.highlight else None
-        table.add_row(*(cell(row.get(c.key), c.format) for c in view.columns), style=style)
+        table.add_row(*(cell(row.get(c.key), c.format) for c in columns), style=style)
     return table
 
 
@@ -77,6 +87,12 @@ def parse_time(value: str | None) -> datetime | None:
 def short_time(value: Any) -> str:
     parsed = parse_time(str(value))
     return parsed.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if parsed else str(value)
+
+
+def minute_time(value: Any) -> str:
+    """Month, day and minute in UTC: what fits a status table (-o json has the full time)."""
+    parsed = parse_time(str(value))
+    return parsed.astimezone(UTC).strftime("%m-%d %H:%M") if parsed else str(value)
 
 
 def duration(seconds: float | None) -> str:
@@ -116,6 +132,9 @@ def dataset_label(job: Mapping[str, Any]) -> str:
     return str(train[0]).rstrip("/").rsplit("/", 1)[-1] if train else "?"
 
 
+TERMINAL_PHASES = frozenset(p.value for p in Phase if p.terminal)
+
+
 def phase_of(job: Mapping[str, Any]) -> str:
     """The operator's phase; before the operator has seen the job, what its spec asks for."""
     status = job.get("status") or {}
@@ -148,10 +167,29 @@ def progress_text(job: Mapping[str, Any]) -> str:
     return f"{text} ({percent:.0f}%)" if percent is not None else text
 
 
+def progress_fields(job: Mapping[str, Any]) -> tuple[float, dict[str, Any]]:
+    """Percent done and the text columns of a job's live progress bar."""
+    step, total, percent = progress_of(job)
+    row = job_row(job)
+    detail = [
+        f"loss {row['evalLoss']:.3f}" if isinstance(row["evalLoss"], int | float) else "",
+        f"eta {row['eta']}" if row["eta"] else "",
+        str(row["message"] or "")[:60] if row["phase"] in TERMINAL_PHASES else "",
+    ]
+    fields = {
+        "steps": f"{step}/{total}" if total else str(step),
+        "phase": row["phase"],
+        "detail": " ".join(d for d in detail if d),
+    }
+    return percent or 0.0, fields
+
+
 def job_row(job: Mapping[str, Any]) -> dict[str, Any]:
     meta = job.get("metadata") or {}
     status = job.get("status") or {}
     latest = status.get("latestEvaluation") or {}
+    if role(job) == ROLE_EVALUATION:  # its result is the step-0 evaluation, not the step trained after
+        latest = next((e for e in status.get("evaluations") or [] if int(e.get("step") or 0) == 0), {})
     progress = status.get("progress") or {}
     return {
         "id": meta.get("name"),
@@ -177,15 +215,14 @@ def jobs_view(jobs: Sequence[Mapping[str, Any]], *, namespace: str, dashboard: s
         title=f"FineTuneJobs in {namespace}",
         columns=[
             Column("id", "ID", no_wrap=True),
-            Column("model", "Model", no_wrap=True),
-            Column("dataset", "Dataset"),
-            Column("start", "Start", format=short_time),
-            Column("end", "End", format=short_time),
-            Column("phase", "Phase"),
-            Column("progress", "Progress", "right"),
-            Column("eta", "ETA", "right"),
-            Column("evalLoss", "Eval loss", "right", fixed(3)),
-            Column("accuracy", "Accuracy", "right", fixed(3)),
+            Column("model", "Model"),
+            Column("start", "Start (UTC)", format=minute_time, min_width=6),
+            Column("end", "End (UTC)", format=minute_time, min_width=6),
+            Column("phase", "Phase", min_width=9),
+            Column("progress", "Progress", "right", min_width=8),
+            Column("eta", "ETA", "right", optional=True, min_width=5),
+            Column("evalLoss", "Loss", "right", fixed(3), optional=True, min_width=5),
+            Column("accuracy", "Accuracy", "right", fixed(3), optional=True, min_width=5),
         ],
         rows=rows,
         empty=f"no FineTuneJobs in namespace {namespace}; create one with: kubectl finetune experiment add",
@@ -239,8 +276,8 @@ def job_summary(job: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def summary_view(job: Mapping[str, Any]) -> View:
-    summary = job_summary(job)
+def summary_view(summary: Mapping[str, Any]) -> View:
+    """A `job_summary` (plus anything the caller added) as a two-column table."""
     rows = [{"field": k, "value": _flat(v)} for k, v in summary.items() if v not in (None, "", {})]
     return View(
         title=f"FineTuneJob {summary['id']}",
@@ -325,8 +362,13 @@ def hyperparameters_view(job: Mapping[str, Any]) -> View:
     if lora:
         rows.extend({"name": f"lora.{k}", "value": v, "default": None, "changed": True} for k, v in lora.items())
     return View(
-        title=f"Hyper-parameters of {job['metadata']['name']} (changed from the default in bold)",
-        columns=[Column("name", "Name"), Column("value", "Value"), Column("default", "Default")],
+        title=f"Hyper-parameters of {job['metadata']['name']}",
+        columns=[
+            Column("name", "Name"),
+            Column("value", "Value"),
+            Column("default", "Default"),
+            Column("changed", "Changed", format=lambda v: "*" if v else ""),
+        ],
         rows=rows,
         highlight={i for i, r in enumerate(rows) if r["changed"]},
     )
@@ -360,9 +402,9 @@ def checkpoints_view(jobs: Sequence[Mapping[str, Any]], *, title: str) -> View:
             Column("id", "ID", no_wrap=True),
             Column("model", "Model", no_wrap=True),
             Column("step", "Step", "right"),
-            Column("time", "Time", format=short_time),
-            Column("evalLoss", "Eval loss", "right", fixed(3)),
-            Column("evalAccuracy", "Accuracy", "right", fixed(3)),
+            Column("time", "Time", format=short_time, no_wrap=True),
+            Column("evalLoss", "Eval loss", "right", fixed(3), optional=True),
+            Column("evalAccuracy", "Accuracy", "right", fixed(3), optional=True),
             Column("uri", "URI"),
         ],
         rows=checkpoint_rows(jobs),
@@ -451,13 +493,16 @@ METRICS = ("loss", "accuracy", "perplexity")
 
 
 def plot_series(jobs: Sequence[Mapping[str, Any]]) -> list[Series]:
-    """One line per job (its evaluations by step) and one flat line per baseline."""
+    """One line per job (its evaluations by step); one flat line per baseline and per evaluation
+    job (`kubectl finetune eval`: its step-0 result), across the steps of the jobs."""
     series: list[Series] = []
-    seen: set[str] = set()
+    flat: list[tuple[str, Mapping[str, Any]]] = []
     for job in jobs:
         status = job.get("status") or {}
         evaluations = sorted(status.get("evaluations") or [], key=lambda e: int(e.get("step") or 0))
-        if evaluations:
+        if role(job) == ROLE_EVALUATION:
+            flat.extend((f"{model_label(job)} (zero-shot)", e) for e in evaluations if int(e.get("step") or 0) == 0)
+        elif evaluations:
             rows = [_metric_row("", int(e.get("step") or 0), e, job="", dataset="", kind="") for e in evaluations]
             series.append(
                 Series(
@@ -466,15 +511,15 @@ def plot_series(jobs: Sequence[Mapping[str, Any]]) -> list[Series]:
                     values={m: [r[m] for r in rows] for m in METRICS},
                 )
             )
+        flat.extend((f"{b.get('model')} (zero-shot)", b) for b in status.get("baselines") or [])
     last_step = max((s.steps[-1] for s in series if s.steps), default=1) or 1
-    for job in jobs:
-        for baseline in (job.get("status") or {}).get("baselines") or []:
-            label = f"{baseline.get('model')} (zero-shot)"
-            if label in seen:
-                continue
-            seen.add(label)
-            row = _metric_row("", 0, baseline, job="", dataset="", kind="")
-            series.append(
-                Series(label=label, steps=[0, last_step], values={m: [row[m], row[m]] for m in METRICS}, baseline=True)
-            )
+    seen: set[str] = set()
+    for label, metrics in flat:
+        if label in seen:
+            continue
+        seen.add(label)
+        row = _metric_row("", 0, metrics, job="", dataset="", kind="")
+        series.append(
+            Series(label=label, steps=[0, last_step], values={m: [row[m], row[m]] for m in METRICS}, baseline=True)
+        )
     return series

@@ -225,3 +225,9 @@ def binary(name: str) -> Path:
                 )
             return component.path(name)
     raise KeyError(name)
+
+
+if __name__ == "__main__":
+    # Needs only the standard library, so dev/setup.sh runs it before the virtualenv exists
+    # (in parallel with pip): PYTHONPATH=dev python3 -m finetune_dev.binaries
+    build_all()

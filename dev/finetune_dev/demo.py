@@ -94,7 +94,9 @@ def s3_client(cluster: Cluster) -> Any:
         aws_access_key_id=access,
         aws_secret_access_key=secret,
         region_name="us-east-1",
-        config=Config(request_checksum_calculation="when_required", response_checksum_validation="when_required"),
+        config=Config(
+            request_checksum_calculation="when_required", response_checksum_validation="when_required"
+        ),
     )
 
 
@@ -150,7 +152,9 @@ def apply_job(cluster: Cluster, fresh: bool) -> str:
     manifest = yaml.safe_load(EXAMPLE.read_text())
     name = manifest["metadata"]["name"]
     if fresh:
-        _run(cluster, "delete", "finetunejob", name, "-n", DEMO_NAMESPACE, "--ignore-not-found", "--wait=true")
+        _run(
+            cluster, "delete", "finetunejob", name, "-n", DEMO_NAMESPACE, "--ignore-not-found", "--wait=true"
+        )
     _run(cluster, "apply", "-n", DEMO_NAMESPACE, "-f", str(EXAMPLE))
     return str(name)
 
@@ -187,7 +191,9 @@ def follow(cluster: Cluster, name: str, timeout: float) -> dict[str, Any]:
             if phase in TERMINAL:
                 return status
             if time.monotonic() > deadline:
-                sys.exit(f"demo: the job did not finish within {timeout:.0f}s (phase {phase}); see kubectl describe ftj {name} -n {DEMO_NAMESPACE}")
+                sys.exit(
+                    f"demo: the job did not finish within {timeout:.0f}s (phase {phase}); see kubectl describe ftj {name} -n {DEMO_NAMESPACE}"
+                )
             time.sleep(2)
 
 
@@ -196,10 +202,17 @@ def report(status: dict[str, Any]) -> None:
     for column in ("Step", "Accuracy", "Loss", "Perplexity"):
         table.add_column(column, justify="right")
     for ev in status.get("evaluations") or []:
-        table.add_row(str(ev["step"]), f"{ev.get('accuracy', 0):.4f}", f"{ev.get('loss', 0):.4f}", f"{ev.get('perplexity', 0):.3f}")
+        table.add_row(
+            str(ev["step"]),
+            f"{ev.get('accuracy', 0):.4f}",
+            f"{ev.get('loss', 0):.4f}",
+            f"{ev.get('perplexity', 0):.3f}",
+        )
     console.print(table)
     for baseline in status.get("baselines") or []:
-        console.print(f"baseline {baseline['model']}: loss {baseline.get('loss')} accuracy {baseline.get('accuracy')}")
+        console.print(
+            f"baseline {baseline['model']}: loss {baseline.get('loss')} accuracy {baseline.get('accuracy')}"
+        )
     console.print(f"run folder  {status.get('runUri')}")
     for checkpoint in status.get("checkpoints") or []:
         console.print(f"checkpoint  step {checkpoint['step']:>4}  {checkpoint['uri']}")

@@ -57,6 +57,7 @@ KUBELET_VERSION = "v1.37.2"
 MAX_TERMINATION_MESSAGE = 4096
 FALLBACK_LOG_LINES = 80
 RESTART_BACKOFF_MAX = 60.0
+CONFIG_RETRY_SECONDS = 5.0
 HEARTBEAT_SECONDS = 20
 FIRST_POD_HOST = 10  # pod IPs are <pod network>.0.10 upwards
 
@@ -309,9 +310,11 @@ class PodWorker:
         try:
             plan = self._plan(run, mounts)
         except PodSpecError as exc:
+            # Like the kubelet: report it, and try again later (the Secret may be created).
             run.waiting_reason, run.waiting_message = exc.reason, exc.message
             run.terminated = None
             run.process = None
+            run.next_start = time.monotonic() + CONFIG_RETRY_SECONDS
             self.agent.event(self.pod, "Failed", f"Error: {exc.message}", warning=True)
             return
         log_file = self.log_path(run.name, run.restart_count).open("ab")
@@ -380,8 +383,10 @@ class PodWorker:
         while not self.stop_requested.is_set():
             self._start_container(run, mounts)
             self._patch_status()
-            if run.process is None:
-                return False
+            if run.process is None:  # a missing Secret/ConfigMap: retried like the kubelet does
+                if self.stop_requested.wait(timeout=CONFIG_RETRY_SECONDS):
+                    return False
+                continue
             while not self._collect_exit(run):
                 if self.stop_requested.wait(timeout=0.2):
                     return False
@@ -430,7 +435,7 @@ class PodWorker:
                     run.process is None
                     and run.terminated is None
                     and time.monotonic() >= run.next_start
-                    and run.waiting_reason == "CrashLoopBackOff"
+                    and run.waiting_reason in ("CrashLoopBackOff", "CreateContainerConfigError")
                 ):
                     self._start_container(run, mounts)
                     changed = True

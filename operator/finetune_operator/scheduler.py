@@ -3,9 +3,10 @@
 The glue feeds it every FineTuneJob watch event (`observe`) and every finished cycle
 (`reconciled`); it answers `needs_reconcile` for an event (the spec is newer than the status:
 a new job, or a spec change) and `due(now)` for the background loop: jobs whose last cycle
-failed (retried after `retry_seconds`), and jobs to poll every `poll_seconds`: Running (rank 0's
-progress) and Pending (a pod can get stuck — a missing Secret, a bad image — without its Job
-changing, so no Job event would tell). This replaces kopf's per-object timers and
+failed (retried after `retry_seconds`), and jobs to poll: Running every `poll_seconds` (rank 0's
+progress), Pending every `PENDING_FACTOR * poll_seconds` (a pod can get stuck — a missing Secret,
+a bad image — without its Job changing, so no Job event would tell; a full cluster can hold many
+Pending jobs, hence the slower cadence). This replaces kopf's per-object timers and
 handler-progress annotations: no finalizers, no extra writes per job.
 
 Called by `handlers`; must not import kopf or the Kubernetes client.
@@ -21,6 +22,7 @@ from typing import Any
 from finetune_operator.api import Phase
 
 Key = tuple[str, str]
+PENDING_FACTOR = 3
 
 
 @dataclass
@@ -91,8 +93,13 @@ class Schedule:
                 if entry.failed_at is not None and now - entry.failed_at >= self.retry_seconds:
                     out.append((namespace, name, entry.phase == Phase.RUNNING.value))
                     continue
-                watched = entry.phase in (Phase.RUNNING.value, Phase.PENDING.value)
-                if watched and now - entry.polled_at >= self.poll_seconds:
+                if entry.phase == Phase.RUNNING.value:
+                    every: float | None = self.poll_seconds
+                elif entry.phase == Phase.PENDING.value:
+                    every = PENDING_FACTOR * self.poll_seconds
+                else:
+                    every = None
+                if every is not None and now - entry.polled_at >= every:
                     out.append((namespace, name, True))
         return out
 

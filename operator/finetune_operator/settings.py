@@ -16,10 +16,10 @@ from finetune_trainer import contract
 # One process in all: run the trainer directly, so its exit code (3 = invalid input) reaches the
 # Job's podFailurePolicy unchanged.
 DEFAULT_TRAINER_COMMAND = ("python", "-m", "finetune_trainer")
-# Several processes: torchrun reads PET_<OPTION> environment variables for each of its options, so
-# the command needs no shell or $(VAR) expansion. (torchrun exits 1 when a worker fails, whatever
-# the worker's code: see docs/operator.md.)
-DEFAULT_DISTRIBUTED_COMMAND = ("torchrun", "-m", "finetune_trainer")
+# Several processes: the same command. The trainer sees the PET_* variables, starts torchrun
+# itself and maps the workers' exit codes back (any 3 → 3, a handled SIGTERM → 143), which plain
+# torchrun would flatten to 1 — so invalid input fails the job at once here too.
+DEFAULT_DISTRIBUTED_COMMAND = ("python", "-m", "finetune_trainer")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -477,3 +477,40 @@ def test_restart_policy_on_failure_restarts_the_container_in_the_same_pod(
     assert status["state"]["terminated"]["exitCode"] == 0
     previous = cluster.kubectl("logs", "-n", namespace, pod["metadata"]["name"], "--previous").stdout
     assert "first attempt fails" in previous
+
+
+def test_a_missing_secret_keeps_the_pod_waiting_until_it_is_created(
+    cluster: ClusterHandle, namespace: str
+) -> None:
+    container = python_container(
+        "import os, pathlib; pathlib.Path('/dev/termination-log').write_text(os.environ['TOKEN'])",
+        env=[{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "late", "key": "token"}}}],
+    )
+    apply(cluster, namespace, job_manifest("patient", [container]))
+
+    waiting = wait_for(
+        lambda: [
+            s["state"]["waiting"]
+            for p in job_pods(cluster, namespace, "patient")
+            for s in p["status"].get("containerStatuses") or []
+            if s["state"].get("waiting", {}).get("reason") == "CreateContainerConfigError"
+        ],
+        timeout=60,
+        what="the pod to report CreateContainerConfigError",
+    )
+    assert 'secret "late" not found' in waiting[0]["message"]
+
+    apply(
+        cluster,
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "late"},
+            "stringData": {"token": "arrived"},
+        },
+    )
+
+    assert wait_job_finished(cluster, namespace, "patient")["type"] == "Complete"
+    [pod] = job_pods(cluster, namespace, "patient")
+    assert pod["status"]["containerStatuses"][0]["state"]["terminated"]["message"] == "arrived"

@@ -1,9 +1,9 @@
 """Storage behind one interface: the same tests for file:// and for s3://.
 
-The s3:// cases need an S3-compatible server: FINETUNE_TEST_S3_ENDPOINT (e.g. the local
-versitygw the dev cluster starts), AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, and optionally
-FINETUNE_TEST_S3_BUCKET (default finetune-test, created if missing). Without them the s3 cases
-are reported as skipped, never as passed.
+The s3:// cases run against a real S3-compatible server: FINETUNE_TEST_S3_ENDPOINT with
+AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY if set, otherwise the local cluster's versitygw (the
+session's `cluster` fixture, started on first use). FINETUNE_TEST_S3_BUCKET (default
+finetune-test) is created if missing.
 """
 
 from __future__ import annotations
@@ -20,11 +20,25 @@ from finetune_trainer import checkpoints as ckpt
 from finetune_trainer.storage import Store, expand, open_store
 from tests.trainer.conftest import base_config, final_eval, run_trainer
 
-S3_ENDPOINT = os.environ.get("FINETUNE_TEST_S3_ENDPOINT")
+S3_ENDPOINT: str | None = os.environ.get("FINETUNE_TEST_S3_ENDPOINT")
 S3_BUCKET = os.environ.get("FINETUNE_TEST_S3_BUCKET", "finetune-test")
-needs_s3 = pytest.mark.skipif(
-    not S3_ENDPOINT, reason="S3 not tested: set FINETUNE_TEST_S3_ENDPOINT (+ AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)"
-)
+
+
+@pytest.fixture(scope="session")
+def s3_server(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The endpoint of a real S3 server, with its credentials in the environment (as in a pod)."""
+    global S3_ENDPOINT
+    if S3_ENDPOINT:
+        yield S3_ENDPOINT
+        return
+    cluster = request.getfixturevalue("cluster")
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in cluster.env.items():
+            if key.startswith("AWS_"):
+                patch.setenv(key, value)
+        S3_ENDPOINT = cluster.s3_endpoint
+        yield S3_ENDPOINT
+        S3_ENDPOINT = None
 
 
 def _s3_root() -> str:
@@ -43,11 +57,12 @@ def _s3_root() -> str:
     return f"s3://{S3_BUCKET}/tests/{uuid.uuid4().hex[:12]}/"
 
 
-@pytest.fixture(params=[pytest.param("file", id="file"), pytest.param("s3", id="s3", marks=needs_s3)])
+@pytest.fixture(params=[pytest.param("file", id="file"), pytest.param("s3", id="s3")])
 def root(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "file":
         yield f"file://{tmp_path}/store/"
         return
+    request.getfixturevalue("s3_server")
     uri = _s3_root()
     yield uri
     open_store(uri, endpoint=S3_ENDPOINT).delete_prefix("")
@@ -106,9 +121,8 @@ def test_checkpoint_manifest_is_written_last_and_retention_keeps_k(root: str, tm
     assert (back / "model.safetensors").stat().st_size == 1000
 
 
-@needs_s3
 def test_model_data_and_run_folder_on_s3_with_resume(
-    model_dir: Callable[[str], Path], text_data: dict[str, str], tmp_path: Path
+    s3_server: str, model_dir: Callable[[str], Path], text_data: dict[str, str], tmp_path: Path
 ) -> None:
     root = _s3_root()
     store = _store(root)

@@ -79,12 +79,11 @@ def test_model_label_without_status(spec_model: dict[str, Any], label: str) -> N
 
 def test_jobs_view_has_the_studio_columns() -> None:
     view = views.jobs_view([reuters_job()], namespace="team")
-    assert [c.header for c in view.columns][:7] == [
+    assert [c.header for c in view.columns][:6] == [
         "ID",
         "Model",
-        "Dataset",
-        "Start",
-        "End",
+        "Start (UTC)",
+        "End (UTC)",
         "Phase",
         "Progress",
     ]
@@ -96,7 +95,7 @@ def test_jobs_view_has_the_studio_columns() -> None:
         "2000/2000 (100%)",
     )
     text = _text(view)
-    assert "2026-11-29 06:01:00" in text
+    assert "11-29 06:01" in text
     assert "1.880" in text
 
 
@@ -198,7 +197,58 @@ def test_summary_view_names_phase_and_run_folder() -> None:
     job = ftj(
         phase="Failed", reason="InvalidInput", message="train.jsonl:3: no field 'text'", runUri="s3://runs/x/"
     )
-    rows = {r["field"]: r["value"] for r in views.summary_view(job).rows}
+    rows = {r["field"]: r["value"] for r in views.summary_view(views.job_summary(job)).rows}
     assert rows["phase"] == "Failed"
     assert rows["message"] == "train.jsonl:3: no field 'text'"
     assert rows["runUri"] == "s3://runs/x/"
+
+
+def test_empty_optional_columns_are_left_out() -> None:
+    waiting = _text(views.jobs_view([ftj(suspend=True)], namespace="team"))
+    assert "ETA" not in waiting and "Loss" not in waiting
+    assert "Loss" in _text(views.jobs_view([reuters_job()], namespace="team"))
+
+
+def test_plot_series_draws_an_evaluation_job_as_a_flat_zero_shot_line() -> None:
+    evaluation = ftj(
+        "eval-gpt-j", model="gpt-j-6b", role=ROLE_EVALUATION, evaluations=REUTERS_STATUS["evaluations"]
+    )
+    series = views.plot_series([reuters_job(), evaluation])
+    flat = {s.label: s for s in series if s.baseline}
+    assert set(flat) == {"gpt-j-6b (zero-shot)"}  # the job's baseline and the eval job: one line
+    assert flat["gpt-j-6b (zero-shot)"].steps == [0, 2000]
+
+
+def test_an_evaluation_job_reports_its_step_zero_result() -> None:
+    job = ftj(
+        "eval-gpt-j",
+        model="gpt-j-6b",
+        role=ROLE_EVALUATION,
+        evaluations=REUTERS_STATUS["evaluations"],
+        latestEvaluation=REUTERS_STATUS["latestEvaluation"],
+    )
+    row = views.job_row(job)
+    assert (row["evalLoss"], row["accuracy"]) == (2.41, 0.52)
+
+
+@pytest.mark.parametrize(
+    ("status", "percent", "fields"),
+    [
+        pytest.param(
+            {"phase": "Running", "progress": {"step": 50, "totalSteps": 200, "etaSeconds": 90}},
+            25.0,
+            {"steps": "50/200", "phase": "Running", "detail": "eta 1m30s"},
+            id="running",
+        ),
+        pytest.param(
+            {"phase": "Failed", "message": "invalid input", "latestEvaluation": {"loss": 2.0}},
+            0.0,
+            {"steps": "0", "phase": "Failed", "detail": "loss 2.000 invalid input"},
+            id="failed-with-message",
+        ),
+    ],
+)
+def test_progress_fields_of_a_live_bar(
+    status: dict[str, Any], percent: float, fields: dict[str, str]
+) -> None:
+    assert views.progress_fields(ftj(**status)) == (percent, fields)

@@ -21,12 +21,18 @@ def health(obj: dict[str, Any]) -> tuple[str, str]:
     return str(result["status"]), str(result["message"])
 
 
-def job(phase: str | None, *, stalled: bool = False, generation: int = 1, observed: int = 1, **status: Any) -> dict[str, Any]:
+def job(
+    phase: str | None, *, stalled: bool = False, generation: int = 1, observed: int = 1, **status: Any
+) -> dict[str, Any]:
     obj: dict[str, Any] = {"metadata": {"name": "j", "generation": generation}}
     if phase is not None:
         conditions = [
             {"type": "Ready", "status": str(phase == "Succeeded"), "observedGeneration": observed},
-            {"type": "Stalled", "status": str(stalled), "message": "secret \"s3\" not found" if stalled else ""},
+            {
+                "type": "Stalled",
+                "status": str(stalled),
+                "message": 'secret "s3" not found' if stalled else "",
+            },
         ]
         obj["status"] = {"phase": phase, "observedGeneration": observed, "conditions": conditions, **status}
     return obj

@@ -108,13 +108,14 @@ def test_indexed_job_with_torchrun_environment() -> None:
     assert env[contract.ENV_CONFIG] == "/etc/finetune/config.yaml"
     assert env[contract.ENV_PROGRESS_PORT] == "9090"
     container = pod["containers"][0]
-    assert container["command"] == ["torchrun", "-m", "finetune_trainer"]  # 8 processes
+    # 8 processes: the trainer starts torchrun itself from the PET_* variables (keeps exit codes)
+    assert container["command"] == ["python", "-m", "finetune_trainer"]
     assert container["image"] == "trainer:test"
     assert {"name": "config", "mountPath": "/etc/finetune", "readOnly": True} in container["volumeMounts"]
 
 
 def test_single_process_runs_the_trainer_directly() -> None:
-    """So exit code 3 reaches the podFailurePolicy (torchrun would turn it into 1)."""
+    """So exit code 3 reaches the podFailurePolicy."""
     container = _children()["Job"]["spec"]["template"]["spec"]["containers"][0]
     assert container["command"] == ["python", "-m", "finetune_trainer"]
 

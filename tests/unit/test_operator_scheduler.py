@@ -40,8 +40,8 @@ def test_needs_reconcile(event: dict[str, Any], needed: bool) -> None:
     ("event", "due_at_11"),
     [
         pytest.param(body(1, 1, "Running"), [("ns", "a", True)], id="running-is-polled"),
-        pytest.param(body(1, 1, "Pending", stalled=True), [("ns", "a", True)], id="stalled-is-rechecked"),
-        pytest.param(body(1, 1, "Pending"), [("ns", "a", True)], id="pending-is-watched"),
+        pytest.param(body(1, 1, "Pending", stalled=True), [], id="stalled-pending-too"),
+        pytest.param(body(1, 1, "Pending"), [], id="pending-is-polled-less-often"),
         pytest.param(body(1, 1, "Suspended"), [], id="suspended-is-quiet"),
         pytest.param(body(1, 1, "Succeeded"), [], id="finished-is-quiet"),
     ],
@@ -72,3 +72,11 @@ def test_forget() -> None:
     assert len(schedule) == 0 and schedule.due(1000.0) == []
     schedule.reconciled("ns", "a", ok=False, status=None, now=1.0, polled=False)  # unknown: ignored
     assert len(schedule) == 0
+
+
+def test_pending_polled_at_a_slower_cadence() -> None:
+    schedule = Schedule(poll_seconds=10, retry_seconds=5)
+    schedule.observe("ns", "a", body(1, 1, "Pending"))
+    schedule.reconciled("ns", "a", ok=True, status=body(1, 1, "Pending")["status"], now=1.0, polled=True)
+    assert schedule.due(11.0) == []
+    assert schedule.due(31.0) == [("ns", "a", True)]
