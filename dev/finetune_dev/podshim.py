@@ -20,15 +20,17 @@ import sys
 from pathlib import Path
 
 
-def _mount(source: str, target: str, read_only: bool) -> None:
+def _mount(source_fd: int, is_dir: bool, target: str, read_only: bool) -> None:
     target_path = Path(target)
-    if Path(source).is_dir():
+    if is_dir:
         target_path.mkdir(parents=True, exist_ok=True)
     else:
         target_path.parent.mkdir(parents=True, exist_ok=True)
         if not target_path.exists():
             target_path.touch()
-    subprocess.run(["mount", "--bind", source, target], check=True)
+    # Mount through the descriptor opened before any mount: a volume mounted over, say, /tmp
+    # must not hide the sources of the mounts that follow it.
+    subprocess.run(["mount", "--bind", f"/proc/self/fd/{source_fd}", target], check=True, pass_fds=(source_fd,))
     if read_only:
         subprocess.run(["mount", "-o", "remount,bind,ro", target], check=True)
 
@@ -36,13 +38,17 @@ def _mount(source: str, target: str, read_only: bool) -> None:
 def main() -> None:
     plan = json.loads(Path(sys.argv[1]).read_text())
     try:
-        for mount in plan["mounts"]:
-            _mount(mount["source"], mount["target"], mount.get("readOnly", False))
+        workdir = os.open(plan.get("workingDir") or "/", os.O_RDONLY | os.O_DIRECTORY)
+        sources = [(os.open(m["source"], os.O_PATH), Path(m["source"]).is_dir()) for m in plan["mounts"]]
+        for (fd, is_dir), mount in zip(sources, plan["mounts"], strict=True):
+            _mount(fd, is_dir, mount["target"], mount.get("readOnly", False))
+            os.close(fd)
         socket.sethostname(plan["hostname"])
     except (OSError, subprocess.CalledProcessError) as exc:
         print(f"process node: could not prepare the container's namespace: {exc}", file=sys.stderr)
         sys.exit(128)
-    os.chdir(plan.get("workingDir") or "/")
+    os.fchdir(workdir)  # opened before the mounts, for the same reason as the sources
+    os.close(workdir)
     argv = plan["command"]
     try:
         os.execvpe(argv[0], argv, plan["env"])

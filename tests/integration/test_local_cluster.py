@@ -514,3 +514,26 @@ def test_a_missing_secret_keeps_the_pod_waiting_until_it_is_created(
     assert wait_job_finished(cluster, namespace, "patient")["type"] == "Complete"
     [pod] = job_pods(cluster, namespace, "patient")
     assert pod["status"]["containerStatuses"][0]["state"]["terminated"]["message"] == "arrived"
+
+
+def test_a_volume_mounted_over_tmp_does_not_hide_the_other_volumes(
+    cluster: ClusterHandle, namespace: str
+) -> None:
+    # The node's own files may live under /tmp (the tests' clusters do): mounting an emptyDir at
+    # /tmp first must not hide the ConfigMap volume's source from the mounts after it.
+    apply(
+        cluster,
+        namespace,
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg"}, "data": {"k": "v"}},
+    )
+    script = "import pathlib; pathlib.Path('/dev/termination-log').write_text(pathlib.Path('/etc/cfg/k').read_text() + str(list(pathlib.Path('/tmp').iterdir())))"
+    container = python_container(
+        script,
+        volumeMounts=[{"name": "tmp", "mountPath": "/tmp"}, {"name": "cfg", "mountPath": "/etc/cfg"}],
+    )
+    volumes = [{"name": "tmp", "emptyDir": {}}, {"name": "cfg", "configMap": {"name": "cfg"}}]
+    apply(cluster, namespace, job_manifest("shadow", [container], template_spec={"volumes": volumes}))
+
+    assert wait_job_finished(cluster, namespace, "shadow")["type"] == "Complete"
+    [pod] = job_pods(cluster, namespace, "shadow")
+    assert pod["status"]["containerStatuses"][0]["state"]["terminated"]["message"] == "v[]"
