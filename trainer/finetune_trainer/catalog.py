@@ -40,8 +40,9 @@ CATALOG: dict[str, CatalogModel] = {
             "codegen",
             "Salesforce",
             [
-                (f"codegen-{s}-{v}", s.upper(), f"codegen-{s.upper()}-{v}")
-                for s in ["350m", "2b", "6b", "16b"]
+                # Hub names round the sizes down; the parameter counts are 2.7B, 6.1B and 16.1B.
+                (f"codegen-{s}-{v}", size, f"codegen-{s.upper()}-{v}")
+                for s, size in [("350m", "350M"), ("2b", "2.7B"), ("6b", "6.1B"), ("16b", "16.1B")]
                 for v in ["nl", "multi", "mono"]
             ],
         ),
