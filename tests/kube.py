@@ -75,20 +75,7 @@ class ClusterHandle:
         return config.new_client_from_config(config_file=str(self.kubeconfig))
 
     def s3_client(self) -> Any:
-        import boto3
-        from botocore.config import Config
-
-        access, secret = self.cluster.s3_credentials()
-        return boto3.client(
-            "s3",
-            endpoint_url=self.s3_endpoint,
-            aws_access_key_id=access,
-            aws_secret_access_key=secret,
-            region_name="us-east-1",
-            config=Config(
-                request_checksum_calculation="when_required", response_checksum_validation="when_required"
-            ),
-        )
+        return self.cluster.s3_client()
 
 
 def wait_for(predicate: Any, *, timeout: float, what: str, interval: float = 0.25) -> Any:

@@ -29,6 +29,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -143,6 +144,24 @@ class Cluster:
             "AWS_DEFAULT_REGION": S3_REGION,
             "FINETUNE_DEV_BIN": str(self.bin_dir),
         }
+
+    def s3_client(self) -> Any:
+        """A boto3 S3 client for this cluster's versitygw (checksums only when required: boto3's
+        default request checksums are not accepted by every S3-compatible server)."""
+        import boto3
+        from botocore.config import Config
+
+        access, secret = self.s3_credentials()
+        return boto3.client(
+            "s3",
+            endpoint_url=self.s3_endpoint,
+            aws_access_key_id=access,
+            aws_secret_access_key=secret,
+            region_name=S3_REGION,
+            config=Config(
+                request_checksum_calculation="when_required", response_checksum_validation="when_required"
+            ),
+        )
 
     @property
     def bin_dir(self) -> Path:

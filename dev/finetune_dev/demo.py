@@ -83,23 +83,6 @@ def install_operator(cluster: Cluster) -> None:
         sys.exit(f"demo: helm could not install the operator: {result.stderr.strip()}")
 
 
-def s3_client(cluster: Cluster) -> Any:
-    import boto3
-    from botocore.config import Config
-
-    access, secret = cluster.s3_credentials()
-    return boto3.client(
-        "s3",
-        endpoint_url=cluster.s3_endpoint,
-        aws_access_key_id=access,
-        aws_secret_access_key=secret,
-        region_name="us-east-1",
-        config=Config(
-            request_checksum_calculation="when_required", response_checksum_validation="when_required"
-        ),
-    )
-
-
 def _ensure_bucket(s3: Any, bucket: str) -> None:
     existing = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}
     if bucket not in existing:
@@ -123,7 +106,7 @@ def _upload_dir(s3: Any, local: Path, bucket: str, prefix: str) -> int:
 
 
 def stage_model_and_data(cluster: Cluster) -> None:
-    s3 = s3_client(cluster)
+    s3 = cluster.s3_client()
     for bucket in ("finetune-models", "finetune-datasets", "finetune-runs"):
         _ensure_bucket(s3, bucket)
     with console.status("staging SmolLM2-135M-Instruct (GGUF → Hugging Face format, cached) in S3"):
