@@ -21,6 +21,7 @@ import yaml
 from tests.integration.cli_env import CLI, cli, cli_env, cli_json, experiment_file, get_ftj, set_status
 from tests.integration.operator_env import assert_no_other_operator
 from tests.kube import ClusterHandle, wait_for
+from tests.unit.cli_factories import REUTERS_STATUS as REUTERS
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD = ROOT / "crds" / "finetune.dev_finetunejobs.yaml"
@@ -48,31 +49,11 @@ def datasets_uri(cluster: ClusterHandle) -> str:
     return f"s3://{bucket}/datasets/"
 
 
-REUTERS = {
-    "phase": "Succeeded",
-    "model": "pythia-1.4b",
-    "startTime": "2026-11-29T06:01:00Z",
-    "completionTime": "2026-11-29T09:01:00Z",
-    "progress": {"step": 2000, "totalSteps": 2000, "percent": 100.0, "steps": "2000/2000"},
-    "latestEvaluation": {"step": 2000, "loss": 1.88, "accuracy": 0.602, "perplexity": 6.56},
-    "evaluations": [
-        {"step": 0, "loss": 2.41, "accuracy": 0.52, "perplexity": 11.13},
-        {"step": 1000, "loss": 1.95, "accuracy": 0.59, "perplexity": 7.03},
-        {"step": 2000, "loss": 1.88, "accuracy": 0.602, "perplexity": 6.56},
-    ],
-    "baselines": [{"model": "gpt-j-6b", "loss": 1.92, "accuracy": 0.625, "perplexity": 6.84}],
-    "checkpoints": [
-        {"step": 1000, "uri": "s3://runs/t/neox/checkpoints/step-001000/", "time": "2026-11-29T07:31:00Z",
-         "metrics": {"evalLoss": 1.95}},
-        {"step": 2000, "uri": "s3://runs/t/neox/checkpoints/step-002000/", "time": "2026-11-29T09:01:00Z",
-         "metrics": {"evalLoss": 1.88}},
-    ],
-}
-
-
 @pytest.fixture
 def finished_job(cluster: ClusterHandle, namespace: str, status_writable: None, tmp_path: Path) -> str:
-    path = experiment_file(tmp_path, "neox", model={"name": "pythia-1.4b"}, evaluation={"baselines": [{"name": "gpt-j-6b"}]})
+    path = experiment_file(
+        tmp_path, "neox", model={"name": "pythia-1.4b"}, evaluation={"baselines": [{"name": "gpt-j-6b"}]}
+    )
     cluster.kubectl("create", "-n", namespace, "-f", str(path))
     set_status(cluster, namespace, "neox", REUTERS)
     return "neox"
@@ -118,8 +99,14 @@ def test_add_dataset_validates_counts_and_registers(
     result = cli(
         cluster,
         namespace,
-        "add", "dataset", "--name", "market-reports",
-        "--paths", str(EXAMPLE / "train.jsonl"), "--eval-paths", str(EXAMPLE / "eval.jsonl"),
+        "add",
+        "dataset",
+        "--name",
+        "market-reports",
+        "--paths",
+        str(EXAMPLE / "train.jsonl"),
+        "--eval-paths",
+        str(EXAMPLE / "eval.jsonl"),
         datasets_uri=datasets_uri,
     )
     assert "dataset market-reports registered: text, 400 train records, 40 eval records" in result.stdout
@@ -134,8 +121,18 @@ def test_add_dataset_validates_counts_and_registers(
     row = next(d for d in listed if d["name"] == "market-reports")
     assert (row["format"], row["trainRecords"], row["evalRecords"], row["files"]) == ("text", 400, 40, 2)
 
-    again = cli(cluster, namespace, "add", "dataset", "--name", "market-reports", "--paths", str(EXAMPLE / "train.jsonl"),
-                datasets_uri=datasets_uri, check=False)
+    again = cli(
+        cluster,
+        namespace,
+        "add",
+        "dataset",
+        "--name",
+        "market-reports",
+        "--paths",
+        str(EXAMPLE / "train.jsonl"),
+        datasets_uri=datasets_uri,
+        check=False,
+    )
     assert again.returncode == 1
     assert "already exists" in again.stderr and "--replace" in again.stderr
 
@@ -144,9 +141,20 @@ def test_add_dataset_from_s3_with_a_glob(cluster: ClusterHandle, namespace: str,
     bucket = datasets_uri[5:].split("/", 1)[0]
     s3 = cluster.s3_client()
     for i in range(2):
-        s3.put_object(Bucket=bucket, Key=f"raw/qa-{i}.jsonl", Body=b'{"prompt": "q", "completion": "a"}\n' * (i + 1))
-    cli(cluster, namespace, "add", "dataset", "--name", "qa", "--paths", f"s3://{bucket}/raw/qa-*.jsonl",
-        datasets_uri=datasets_uri)
+        s3.put_object(
+            Bucket=bucket, Key=f"raw/qa-{i}.jsonl", Body=b'{"prompt": "q", "completion": "a"}\n' * (i + 1)
+        )
+    cli(
+        cluster,
+        namespace,
+        "add",
+        "dataset",
+        "--name",
+        "qa",
+        "--paths",
+        f"s3://{bucket}/raw/qa-*.jsonl",
+        datasets_uri=datasets_uri,
+    )
     listed = cli_json(cluster, namespace, "list", "datasets", datasets_uri=datasets_uri)
     row = next(d for d in listed if d["name"] == "qa")
     assert (row["format"], row["trainRecords"], row["evalRecords"]) == ("prompt-completion", 3, None)
@@ -155,21 +163,41 @@ def test_add_dataset_from_s3_with_a_glob(cluster: ClusterHandle, namespace: str,
 @pytest.mark.parametrize(
     ("content", "paths", "message"),
     [
-        pytest.param('{"text": "ok"}\n{"text": ""}\n{"txt": "x"}\n', None, "2 record(s) the trainer would reject", id="bad-records"),
+        pytest.param(
+            '{"text": "ok"}\n{"text": ""}\n{"txt": "x"}\n',
+            None,
+            "2 record(s) the trainer would reject",
+            id="bad-records",
+        ),
         pytest.param(None, ["/nonexistent/train.jsonl"], "no such file or folder", id="missing-path"),
         pytest.param('{"body": "x"}\n', None, "cannot tell the format", id="unknown-format"),
     ],
 )
 def test_add_dataset_rejects_bad_input_and_uploads_nothing(
-    cluster: ClusterHandle, namespace: str, datasets_uri: str, tmp_path: Path,
-    content: str | None, paths: list[str] | None, message: str,
+    cluster: ClusterHandle,
+    namespace: str,
+    datasets_uri: str,
+    tmp_path: Path,
+    content: str | None,
+    paths: list[str] | None,
+    message: str,
 ) -> None:
     data = tmp_path / "train.jsonl"
     if content is not None:
         data.write_text(content)
     name = f"bad-{uuid.uuid4().hex[:6]}"
-    result = cli(cluster, namespace, "add", "dataset", "--name", name, "--paths", *(paths or [str(data)]),
-                 datasets_uri=datasets_uri, check=False)
+    result = cli(
+        cluster,
+        namespace,
+        "add",
+        "dataset",
+        "--name",
+        name,
+        "--paths",
+        *(paths or [str(data)]),
+        datasets_uri=datasets_uri,
+        check=False,
+    )
     assert result.returncode == 1
     assert message in result.stderr
     if content and "reject" in message:
@@ -224,7 +252,16 @@ def test_experiment_add_cancelled_when_the_error_is_not_fixed(
     cluster: ClusterHandle, namespace: str, crd: None, tmp_path: Path
 ) -> None:
     command, _ = editor(tmp_path, "keep")
-    result = cli(cluster, namespace, "experiment", "add", "--name", "exp-b", check=False, env=cli_env(cluster, EDITOR=command))
+    result = cli(
+        cluster,
+        namespace,
+        "experiment",
+        "add",
+        "--name",
+        "exp-b",
+        check=False,
+        env=cli_env(cluster, EDITOR=command),
+    )
     assert result.returncode == 1
     assert "edit cancelled" in result.stderr
     assert cluster.kubectl("get", "ftj", "exp-b", "-n", namespace, check=False).returncode != 0
@@ -234,7 +271,10 @@ def test_experiment_add_from_a_file_reports_every_error(
     cluster: ClusterHandle, namespace: str, crd: None, tmp_path: Path
 ) -> None:
     path = experiment_file(
-        tmp_path, "exp-c", model={"name": "pythia-71m"}, hyperparameters={"batchSize": 6, "microBatchSize": 4, "lrScheduler": "exp"}
+        tmp_path,
+        "exp-c",
+        model={"name": "pythia-71m"},
+        hyperparameters={"batchSize": 6, "microBatchSize": 4, "lrScheduler": "exp"},
     )
     result = cli(cluster, namespace, "experiment", "add", "-f", str(path), check=False)
     assert result.returncode == 1
@@ -242,7 +282,9 @@ def test_experiment_add_from_a_file_reports_every_error(
     assert "unknown catalog model 'pythia-71m'" in result.stderr
 
 
-def test_experiment_view_run_and_delete(cluster: ClusterHandle, namespace: str, crd: None, tmp_path: Path) -> None:
+def test_experiment_view_run_and_delete(
+    cluster: ClusterHandle, namespace: str, crd: None, tmp_path: Path
+) -> None:
     for name in ("exp-1", "exp-2", "exp-3"):
         cli(cluster, namespace, "experiment", "add", "-f", str(experiment_file(tmp_path, name)))
         time.sleep(1.1)  # distinct creation timestamps (second resolution)
@@ -267,7 +309,14 @@ def test_experiment_view_run_and_delete(cluster: ClusterHandle, namespace: str, 
 def test_status_and_status_view(cluster: ClusterHandle, namespace: str, finished_job: str) -> None:
     rows = cli_json(cluster, namespace, "status")
     assert [(r["id"], r["model"], r["phase"], r["progress"], r["start"], r["end"]) for r in rows] == [
-        ("neox", "pythia-1.4b", "Succeeded", "2000/2000 (100%)", "2026-11-29T06:01:00Z", "2026-11-29T09:01:00Z")
+        (
+            "neox",
+            "pythia-1.4b",
+            "Succeeded",
+            "2000/2000 (100%)",
+            "2026-11-29T06:01:00Z",
+            "2026-11-29T09:01:00Z",
+        )
     ]
     table = cli(cluster, namespace, "status").stdout
     for text in ("ID", "Model", "Start", "End", "Phase", "Progress", "neox", "11-29 09:01"):
@@ -275,9 +324,16 @@ def test_status_and_status_view(cluster: ClusterHandle, namespace: str, finished
 
     summaries = cli(cluster, namespace, "status", "view", "--job_id", finished_job, "--summaries").stdout
     assert "gpt-j-6b" in summaries and "neox:2000" in summaries and "0.602" in summaries
-    hyper = {r["name"]: r for r in cli_json(cluster, namespace, "status", "view", "--job_id", finished_job, "--hyperparams")}
+    hyper = {
+        r["name"]: r
+        for r in cli_json(cluster, namespace, "status", "view", "--job_id", finished_job, "--hyperparams")
+    }
     assert (hyper["maxSteps"]["value"], hyper["maxSteps"]["changed"]) == (10, True)
-    assert (hyper["dropout"]["value"], hyper["dropout"]["default"], hyper["dropout"]["changed"]) == (0.0, 0.0, False)
+    assert (hyper["dropout"]["value"], hyper["dropout"]["default"], hyper["dropout"]["changed"]) == (
+        0.0,
+        0.0,
+        False,
+    )
     checkpoints = cli_json(cluster, namespace, "status", "view", "--job_id", finished_job, "--checkpoints")
     assert [c["id"] for c in checkpoints] == ["neox:1000", "neox:2000"]
     summary = cli_json(cluster, namespace, "status", "view", "--job_id", finished_job)
@@ -330,7 +386,9 @@ def test_status_watch_shows_live_progress(
     set_status(cluster, namespace, "watched", {"phase": "Running", "progress": {"step": 5, "totalSteps": 10}})
     running = cli(cluster, namespace, "status", "--watch", "--interval", "0.5", "--timeout", "2")
     assert "watched" in running.stdout and "50%" in running.stdout and "5/10 Running" in running.stdout
-    set_status(cluster, namespace, "watched", {"phase": "Succeeded", "progress": {"step": 10, "totalSteps": 10}})
+    set_status(
+        cluster, namespace, "watched", {"phase": "Succeeded", "progress": {"step": 10, "totalSteps": 10}}
+    )
     done = cli(cluster, namespace, "status", "--watch")  # nothing unfinished: returns at once
     assert "no running FineTuneJobs to watch" in done.stdout
 
@@ -340,24 +398,49 @@ def test_eval_of_a_checkpoint_creates_an_evaluation_job_and_waits_for_step_zero(
     cluster: ClusterHandle, namespace: str, finished_job: str
 ) -> None:
     evaluation = subprocess.Popen(
-        [str(CLI), f"--namespace={namespace}", "eval", "--checkpoint", f"{finished_job}:1000",
-         "--data", "s3://data/patents-eval.jsonl", "--name", "eval-ckpt", "--wait", "--interval", "0.5", "--timeout", "60"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(cluster),
+        [
+            str(CLI),
+            f"--namespace={namespace}",
+            "eval",
+            "--checkpoint",
+            f"{finished_job}:1000",
+            "--data",
+            "s3://data/patents-eval.jsonl",
+            "--name",
+            "eval-ckpt",
+            "--wait",
+            "--interval",
+            "0.5",
+            "--timeout",
+            "60",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(cluster),
     )
     try:
         job = wait_for(
-            lambda: cluster.kubectl("get", "ftj", "eval-ckpt", "-n", namespace, "-o", "json", check=False).stdout,
-            timeout=30, what="the evaluation job",
+            lambda: (
+                cluster.kubectl("get", "ftj", "eval-ckpt", "-n", namespace, "-o", "json", check=False).stdout
+            ),
+            timeout=30,
+            what="the evaluation job",
         )
         spec = json.loads(job)["spec"]
         assert spec["model"] == {"uri": REUTERS["checkpoints"][0]["uri"], "init": "pretrained"}
         assert spec["dataset"]["eval"] == ["s3://data/patents-eval.jsonl"]
         assert spec["evaluation"]["atStart"] is True
-        set_status(cluster, namespace, "eval-ckpt", {
-            "phase": "Running",
-            "model": "step-001000",
-            "evaluations": [{"step": 0, "loss": 2.2, "accuracy": 0.55, "perplexity": 9.03}],
-        })
+        set_status(
+            cluster,
+            namespace,
+            "eval-ckpt",
+            {
+                "phase": "Running",
+                "model": "step-001000",
+                "evaluations": [{"step": 0, "loss": 2.2, "accuracy": 0.55, "perplexity": 9.03}],
+            },
+        )
         out, err = evaluation.communicate(timeout=30)
     finally:
         evaluation.kill()
@@ -367,8 +450,19 @@ def test_eval_of_a_checkpoint_creates_an_evaluation_job_and_waits_for_step_zero(
     assert ("step-001000", 0, "evaluation") in [(r["model"], r["step"], r["kind"]) for r in rows]
 
 
-def test_eval_rejects_unknown_checkpoints_and_models(cluster: ClusterHandle, namespace: str, finished_job: str) -> None:
-    step = cli(cluster, namespace, "eval", "--checkpoint", f"{finished_job}:5", "--data", "s3://d/x.jsonl", check=False)
+def test_eval_rejects_unknown_checkpoints_and_models(
+    cluster: ClusterHandle, namespace: str, finished_job: str
+) -> None:
+    step = cli(
+        cluster,
+        namespace,
+        "eval",
+        "--checkpoint",
+        f"{finished_job}:5",
+        "--data",
+        "s3://d/x.jsonl",
+        check=False,
+    )
     assert step.returncode == 1 and "it has steps 1000, 2000" in step.stderr
     model = cli(cluster, namespace, "eval", "--model", "gpt-5", "--data", "s3://d/x.jsonl", check=False)
     assert model.returncode == 1 and "unknown catalog model 'gpt-5'" in model.stderr
@@ -376,7 +470,17 @@ def test_eval_rejects_unknown_checkpoints_and_models(cluster: ClusterHandle, nam
 
 # ---- the interactive shell --------------------------------------------------------------------------
 def test_shell_driven_by_stdin(cluster: ClusterHandle, namespace: str, finished_job: str) -> None:
-    script = "\n".join(["help", "list models --family cerebras", "status", "compare -o json", "status view", "history", "exit"])
+    script = "\n".join(
+        [
+            "help",
+            "list models --family cerebras",
+            "status",
+            "compare -o json",
+            "status view",
+            "history",
+            "exit",
+        ]
+    )
     result = cli(cluster, namespace, "shell", input=script + "\n")
     out = result.stdout
     assert "commands (type `help COMMAND` for options)" in out
@@ -385,4 +489,3 @@ def test_shell_driven_by_stdin(cluster: ClusterHandle, namespace: str, finished_
     assert '"model": "gpt-j-6b"' in out
     assert "the following arguments are required: --job_id" in result.stderr
     assert "   6  history" in out
-
