@@ -108,9 +108,12 @@ def test_suspend_and_resume_continue_from_checkpoint(
     suspended = wait_phase(cluster, namespace, "pause", "Suspended")
     assert conditions(suspended)["Ready"] == ("False", "Suspended")
     wait_for(lambda: not _pods(cluster, namespace, "pause"), timeout=60, what="pods to go away")
-    assert (
-        status(cluster, namespace, "pause")["message"]
-        == "suspended (spec.suspend); set it to false to resume"
+    # The operator notices the pods are gone on its next cycle: wait for it, not for the pods.
+    wait_for(
+        lambda: status(cluster, namespace, "pause")["message"]
+        == "suspended (spec.suspend); set it to false to resume",
+        timeout=30,
+        what="the status to say the job is suspended",
     )
     run_dir = operator.runs_dir / namespace / "pause"
     saved = int((run_dir / "standin-checkpoint").read_text())
