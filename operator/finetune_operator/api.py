@@ -24,13 +24,17 @@ from pydantic.alias_generators import to_camel
 
 from finetune_trainer.config import (
     ENDPOINT_PATTERN,
+    MODE_DESCRIPTION,
     RUN_URI_PATTERN,
+    TRAIN,
     CheckpointSpec,
     DatasetSpec,
     EvaluationSpec,
     Hyperparameters,
     LoraSpec,
+    Mode,
     ModelSpec,
+    mode_errors,
 )
 
 GROUP = "finetune.dev"
@@ -84,6 +88,7 @@ class Reason(enum.StrEnum):
     CREATING = "Creating"
     WAITING_FOR_PODS = "WaitingForPods"
     TRAINING = "Training"
+    EVALUATING = "Evaluating"  # Running in mode Evaluate
     SUCCEEDED = "Succeeded"
     SUSPENDED = "Suspended"
     CANCELLING = "Cancelling"
@@ -242,8 +247,9 @@ class RunPolicy(_Model):
 
 
 class FineTuneJobSpec(_Model):
-    """What to train, on what, how, and where."""
+    """What to train (or only evaluate), on what, how, and where."""
 
+    mode: Mode = Field(default=TRAIN, description=MODE_DESCRIPTION)
     model: ModelSpec = Field(description="The model to start from.")
     dataset: DatasetSpec = Field(description="Training and evaluation data.")
     hyperparameters: Hyperparameters = Field(
@@ -297,8 +303,12 @@ class Progress(_Model):
         default=None, description="The trainer's own phase: Starting, Preflight, Evaluating, Training, ..."
     )
     step: int = Field(default=0, ge=0, description="Optimizer steps done.")
-    total_steps: int | None = Field(default=None, ge=0, description="Optimizer steps in the run.")
-    steps: str | None = Field(default=None, description="step/totalSteps, for printing.")
+    total_steps: int | None = Field(
+        default=None, ge=0, description="Optimizer steps in the run (0 in mode Evaluate)."
+    )
+    steps: str | None = Field(
+        default=None, description="step/totalSteps, for printing; eval for a job in mode Evaluate."
+    )
     percent: float | None = Field(default=None, ge=0.0, le=100.0)
     epoch: float | None = Field(default=None, ge=0.0)
     train_loss: float | None = Field(default=None, description="Token-weighted mean over the logging window.")
@@ -358,13 +368,17 @@ class FineTuneJobStatus(_Model):
     progress: Progress | None = Field(default=None, description="Training progress from rank 0.")
     latest_evaluation: Evaluation | None = Field(default=None, description="The newest evaluation (printed).")
     evaluations: list[Evaluation] = Field(
-        default_factory=list, description="Evaluations: step 0 (zero-shot) and the newest 49."
+        default_factory=list,
+        description="Evaluations: step 0 (zero-shot) and the newest 49; in mode Evaluate, the one "
+        "evaluation (step 0).",
     )
     baselines: list[Baseline] = Field(
         default_factory=list, description="Zero-shot baselines on the same eval set."
     )
     checkpoints: list[CheckpointRecord] = Field(
-        default_factory=list, description="Complete checkpoints, newest 20."
+        default_factory=list,
+        description="Complete checkpoints that still exist in the run folder (checkpoints.keepLast "
+        "deletes older ones), newest 20.",
     )
 
 
@@ -394,7 +408,16 @@ class SpecError(ValueError):
 
 def cross_field_errors(spec: FineTuneJobSpec) -> list[str]:
     """Rules spanning sections (mirrored by the spec-level CEL rules in `crdgen`)."""
-    errors = []
+    errors = [
+        f"spec.{path}: {message}"
+        for path, message in mode_errors(
+            spec.mode,
+            dataset=spec.dataset,
+            hyperparameters=spec.hyperparameters,
+            lora=spec.lora,
+            evaluation=spec.evaluation,
+        )
+    ]
     if spec.lora is not None and spec.model.init != "pretrained":
         errors.append("spec.lora: LoRA needs model.init: pretrained")
     hp = spec.hyperparameters

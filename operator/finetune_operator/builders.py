@@ -115,6 +115,7 @@ def render_config(job: FineTuneJob, settings: Settings) -> TrainerConfig:
         job_name=job.name,
     )
     return TrainerConfig(
+        mode=spec.mode,
         model=spec.model,
         dataset=spec.dataset,
         hyperparameters=spec.hyperparameters,

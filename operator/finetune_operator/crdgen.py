@@ -44,8 +44,13 @@ CEL_RULES: dict[type[BaseModel], list[Rule]] = {
     ],
     trainer_config.DatasetSpec: [
         {
-            "rule": "has(self.name) != has(self.train)",
-            "message": "exactly one of name (a registered dataset) or train (a list of URIs) must be set",
+            "rule": "!(has(self.name) && has(self.train))",
+            "message": "name (a registered dataset) and train (a list of URIs) are exclusive: set one of them",
+        },
+        {
+            "rule": "has(self.name) || has(self.train) || has(self.eval)",
+            "message": "set name (a registered dataset), train (a list of URIs) or, in mode Evaluate, "
+            "eval (a list of URIs)",
         },
     ],
     trainer_config.Hyperparameters: [
@@ -64,6 +69,33 @@ CEL_RULES: dict[type[BaseModel], list[Rule]] = {
         },
     ],
     api.FineTuneJobSpec: [
+        # mode (trainer_config.mode_errors)
+        {
+            "rule": "self.mode == 'Evaluate' || has(self.dataset.name) || has(self.dataset.train)",
+            "message": "mode Train needs dataset.name or dataset.train (eval alone is for mode Evaluate)",
+            "fieldPath": ".dataset",
+        },
+        {
+            "rule": "self.mode == 'Train' || !has(self.lora)",
+            "message": "lora is not allowed in mode Evaluate (nothing is trained); to evaluate a LoRA "
+            "checkpoint, give its folder as model.uri",
+            "fieldPath": ".lora",
+        },
+        {
+            "rule": "self.mode == 'Train' || !has(self.hyperparameters.maxSteps)",
+            "message": "maxSteps is not allowed in mode Evaluate (nothing is trained)",
+            "fieldPath": ".hyperparameters.maxSteps",
+        },
+        {
+            "rule": "self.mode == 'Train' || !has(self.hyperparameters.epochs)",
+            "message": "epochs is not allowed in mode Evaluate (nothing is trained)",
+            "fieldPath": ".hyperparameters.epochs",
+        },
+        {
+            "rule": "self.mode == 'Train' || self.evaluation.atStart",
+            "message": "atStart must be true in mode Evaluate (the step-0 evaluation is the result)",
+            "fieldPath": ".evaluation.atStart",
+        },
         {
             "rule": "!has(self.lora) || self.model.init == 'pretrained'",
             "message": "lora needs model.init: pretrained (LoRA adapts existing weights)",
@@ -93,7 +125,7 @@ CEL_RULES: dict[type[BaseModel], list[Rule]] = {
 
 # Sections frozen once training started (status.startTime set): a running job's results must
 # describe one configuration. Before the start they may change (the ConfigMap is re-rendered).
-IMMUTABLE_ONCE_STARTED = ("model", "dataset", "hyperparameters", "lora")
+IMMUTABLE_ONCE_STARTED = ("mode", "model", "dataset", "hyperparameters", "lora")
 
 
 # The subset of JSONSchemaProps the generator may emit (no $ref, patternProperties, propertyNames).

@@ -41,8 +41,43 @@ def test_object_identity() -> None:
         ),
         pytest.param(
             {"dataset": {"name": "reuters", "train": ["s3://a/b"]}},
-            ["spec.dataset: exactly one of name or train"],
+            ["spec.dataset: name and train are exclusive"],
             id="dataset-name-and-train",
+        ),
+        pytest.param(
+            {"dataset": {"format": "text"}},
+            ["spec.dataset: set name (a registered dataset), train (URIs) or, in mode Evaluate, eval"],
+            id="dataset-no-source",
+        ),
+        pytest.param(
+            {"dataset": {"eval": ["s3://d/eval.jsonl"]}},
+            ["spec.dataset: mode Train needs dataset.name or dataset.train (eval alone is for mode Evaluate)"],
+            id="train-needs-training-data",
+        ),
+        pytest.param(
+            {"mode": "Test"},
+            ["spec.mode: Input should be 'Train' or 'Evaluate'"],
+            id="mode-enum",
+        ),
+        pytest.param(
+            {"mode": "Evaluate", "lora": {"rank": 4}, "hyperparameters": None},
+            ["spec.lora: not allowed in mode Evaluate (nothing is trained); to evaluate a LoRA checkpoint"],
+            id="evaluate-without-lora",
+        ),
+        pytest.param(
+            {"mode": "Evaluate"},
+            ["spec.hyperparameters.maxSteps: not allowed in mode Evaluate"],
+            id="evaluate-without-max-steps",
+        ),
+        pytest.param(
+            {"mode": "Evaluate", "hyperparameters": {"epochs": 2}},
+            ["spec.hyperparameters.epochs: not allowed in mode Evaluate"],
+            id="evaluate-without-epochs",
+        ),
+        pytest.param(
+            {"mode": "Evaluate", "hyperparameters": None, "evaluation": {"atStart": False}},
+            ["spec.evaluation.atStart: must be true in mode Evaluate (the step-0 evaluation is the result)"],
+            id="evaluate-at-start",
         ),
         pytest.param(
             {"dataset": {"train": ["http://x/y"]}},
@@ -100,6 +135,28 @@ def test_invalid_specs_name_the_field(overrides: dict[str, Any], expected: list[
     text = "\n".join(info.value.errors)
     for fragment in expected:
         assert fragment in text
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param({"dataset": {"eval": ["s3://d/eval.jsonl"]}}, id="eval-files-only"),
+        pytest.param({"dataset": {"name": "reuters"}}, id="registered-dataset"),
+        pytest.param({"dataset": {"train": ["s3://d/t.jsonl"], "evalSize": 16}}, id="held-out-of-train"),
+        pytest.param(
+            {"hyperparameters": {"batchSize": 4, "sequenceLength": 1024, "learningRate": 0.1}},
+            id="training-settings-ignored",
+        ),
+    ],
+)
+def test_evaluate_mode_specs(overrides: dict[str, Any]) -> None:
+    parsed = parse_spec({**spec(hyperparameters=None), "mode": "Evaluate", **overrides})
+    assert parsed.mode == "Evaluate"
+    assert parsed.evaluation.at_start
+
+
+def test_mode_defaults_to_train() -> None:
+    assert parse_spec(spec()).mode == "Train"
 
 
 def test_all_errors_at_once() -> None:

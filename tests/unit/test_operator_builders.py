@@ -63,6 +63,16 @@ def test_config_map_round_trips_through_the_trainer_contract() -> None:
     assert (config.run.namespace, config.run.job_name) == ("team-a", "demo")
 
 
+def test_evaluate_mode_is_rendered_for_the_trainer() -> None:
+    config_map = _children(
+        mode="Evaluate", hyperparameters=None, dataset={"eval": ["s3://data/reuters/eval.jsonl"]}
+    )["ConfigMap"]
+    config = TrainerConfig.from_yaml(config_map["data"]["config.yaml"])
+    assert config.mode == "Evaluate"
+    assert (config.dataset.train, config.dataset.eval) == (None, ["s3://data/reuters/eval.jsonl"])
+    assert config.run.uri == "s3://runs/team-a/demo/", "an evaluation has its own run folder"
+
+
 @pytest.mark.parametrize(
     ("overrides", "settings", "expected"),
     [
@@ -255,4 +265,4 @@ def test_command_override_for_local_stand_ins() -> None:
 
 def test_config_yaml_is_plain() -> None:
     data = yaml.safe_load(_children()["ConfigMap"]["data"]["config.yaml"])
-    assert set(data) == {"model", "dataset", "hyperparameters", "evaluation", "checkpoints", "run"}
+    assert set(data) == {"mode", "model", "dataset", "hyperparameters", "evaluation", "checkpoints", "run"}

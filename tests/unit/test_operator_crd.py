@@ -117,6 +117,9 @@ def test_printer_columns(crd: dict[str, Any]) -> None:
             id="section-defaults-written-out",
         ),
         pytest.param(".spec.suspend", {"type": "boolean", "default": False}, id="suspend"),
+        pytest.param(
+            ".spec.mode", {"type": "string", "enum": ["Train", "Evaluate"], "default": "Train"}, id="mode-enum"
+        ),
         pytest.param(".status.phase", {"enum": [p.value for p in api.Phase]}, id="phase-enum"),
     ],
 )
@@ -166,6 +169,17 @@ def test_trainer_validators_are_mirrored_in_cel(model: type[BaseModel]) -> None:
     generated = [rule["rule"] for rule in crdgen.CEL_RULES[model]]
     for rule in documented:
         assert rule in generated, f"{model.__name__}: {rule!r} missing from crdgen.CEL_RULES"
+
+
+def test_mode_rules_are_mirrored_in_cel() -> None:
+    """TrainerConfig's mode rules (`mode_errors`) are spec-level CEL rules, each naming its field."""
+    doc = trainer_config.TrainerConfig._mode.__doc__ or ""
+    documented = [r.strip() for r in " ".join(doc.split("):", 1)[1].split()).split(";") if r.strip()]
+    assert len(documented) == 5
+    generated = {rule["rule"]: rule for rule in crdgen.CEL_RULES[api.FineTuneJobSpec]}
+    for rule in documented:
+        assert rule in generated, f"{rule!r} missing from crdgen.CEL_RULES[FineTuneJobSpec]"
+        assert generated[rule].get("fieldPath"), f"{rule!r} names no field"
 
 
 def test_cel_rules_on_every_occurrence(schema: dict[str, Any]) -> None:

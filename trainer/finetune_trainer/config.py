@@ -11,6 +11,11 @@ CRD (`spec.model`, `spec.dataset`, `spec.hyperparameters`, `spec.lora`, `spec.ev
   (each validator's docstring states the rule);
 - field names are camelCase on the wire (`alias_generator=to_camel`), snake_case in Python.
 
+`mode` says what a run does: `Train` (the default) fine-tunes or trains and evaluates at step 0
+and every N steps; `Evaluate` only evaluates the model (a catalog model, a checkpoint or any
+`model.uri`) on the eval set exactly as step 0 of a training run would, plus the baselines,
+and writes no checkpoint. `mode_errors` holds the rules that tie the sections to the mode.
+
 Checks that need the runtime (world size, the tokenizer, the data) are done by the trainer's
 preflight and exit with `contract.EXIT_INVALID_INPUT`.
 
@@ -34,6 +39,18 @@ NAME_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$"
 ENDPOINT_PATTERN = r"^https?://[^\s/]+(/.*)?$"
 
 DataUri = Annotated[str, Field(pattern=DATA_URI_PATTERN, max_length=1024)]
+
+Mode = Literal["Train", "Evaluate"]
+TRAIN: Mode = "Train"
+EVALUATE: Mode = "Evaluate"
+MODE_DESCRIPTION = (
+    "Train: fine-tune (or train from scratch), evaluating at step 0 and every evaluation.everySteps. "
+    "Evaluate: only evaluate the model on the eval set as step 0 of a training run would (eval loss, "
+    "token accuracy, perplexity), plus the baselines; no optimizer step, no checkpoint. In Evaluate "
+    "mode lora, maxSteps and epochs are not allowed and evaluation.atStart must stay true; the other "
+    "training settings (learning rate and schedule, warmup, weight decay, dropout, gradient clipping "
+    "and checkpointing, checkpoint cadence) are ignored."
+)
 
 
 class _Spec(BaseModel):
@@ -99,21 +116,21 @@ class DatasetSpec(_Spec):
         pattern=NAME_PATTERN,
         max_length=63,
         description="A registered dataset (`kubectl finetune add dataset`): files under "
-        "<datasetsUri>/<name>/train/ and optionally <name>/eval/. Exactly one of name or train.",
+        "<datasetsUri>/<name>/train/ and optionally <name>/eval/. Exclusive with train.",
     )
     train: list[DataUri] | None = Field(
         default=None,
         min_length=1,
         max_length=64,
         description="Training files: s3:// or file:// URIs of .jsonl or .txt files; globs (*, **) "
-        "allowed. Exactly one of name or train.",
+        "allowed. Exclusive with name; one of them is required in mode Train.",
     )
     eval: list[DataUri] | None = Field(
         default=None,
         min_length=1,
         max_length=64,
         description="Evaluation files (same forms as train). If unset, evalSize records are held "
-        "out of the training data.",
+        "out of the training data. In mode Evaluate, eval alone (without name or train) is enough.",
     )
     format: Literal["text", "prompt-completion", "chat"] = Field(
         default="text",
@@ -153,14 +170,17 @@ class DatasetSpec(_Spec):
         default=64,
         ge=1,
         le=100_000,
-        description="Records held out of the training data for evaluation when eval is unset.",
+        description="Records held out of the training data for evaluation when eval is unset "
+        "(chosen by hyperparameters.seed).",
     )
 
     @model_validator(mode="after")
-    def _name_xor_train(self) -> Self:
-        """CEL: has(self.name) != has(self.train)"""
-        if (self.name is None) == (self.train is None):
-            raise ValueError("exactly one of name or train must be set")
+    def _sources(self) -> Self:
+        """CEL: !(has(self.name) && has(self.train)); has(self.name) || has(self.train) || has(self.eval)"""
+        if self.name is not None and self.train is not None:
+            raise ValueError("name and train are exclusive: set one of them")
+        if self.name is None and self.train is None and self.eval is None:
+            raise ValueError("set name (a registered dataset), train (URIs) or, in mode Evaluate, eval (URIs)")
         return self
 
 
@@ -386,6 +406,7 @@ class RunSpec(_Spec):
 class TrainerConfig(_Spec):
     """Everything one training run needs. Rendered by the operator into the pod's ConfigMap."""
 
+    mode: Mode = Field(default=TRAIN, description=MODE_DESCRIPTION)
     model: ModelSpec
     dataset: DatasetSpec
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
@@ -393,6 +414,24 @@ class TrainerConfig(_Spec):
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     checkpoints: CheckpointSpec = Field(default_factory=CheckpointSpec)
     run: RunSpec = Field(default_factory=RunSpec)
+
+    @model_validator(mode="after")
+    def _mode(self) -> Self:
+        """CEL (on the FineTuneJob spec): self.mode == 'Evaluate' || has(self.dataset.name) ||
+        has(self.dataset.train); self.mode == 'Train' || !has(self.lora);
+        self.mode == 'Train' || !has(self.hyperparameters.maxSteps);
+        self.mode == 'Train' || !has(self.hyperparameters.epochs);
+        self.mode == 'Train' || self.evaluation.atStart"""
+        errors = mode_errors(
+            self.mode,
+            dataset=self.dataset,
+            hyperparameters=self.hyperparameters,
+            lora=self.lora,
+            evaluation=self.evaluation,
+        )
+        if errors:
+            raise ValueError("; ".join(f"{path}: {message}" for path, message in errors))
+        return self
 
     @model_validator(mode="after")
     def _run_folder(self) -> Self:
@@ -427,6 +466,37 @@ class TrainerConfig(_Spec):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def mode_errors(
+    mode: Mode,
+    *,
+    dataset: DatasetSpec,
+    hyperparameters: Hyperparameters,
+    lora: LoraSpec | None,
+    evaluation: EvaluationSpec,
+) -> list[tuple[str, str]]:
+    """(field path, what is allowed) for each section that does not fit the mode. Shared by
+    `TrainerConfig` and the operator's spec validation; mirrored by CEL rules in the CRD."""
+    errors = []
+    if mode == TRAIN:
+        if dataset.name is None and dataset.train is None:
+            errors.append(("dataset", "mode Train needs dataset.name or dataset.train (eval alone is for mode Evaluate)"))
+        return errors
+    if lora is not None:
+        errors.append(
+            ("lora", "not allowed in mode Evaluate (nothing is trained); to evaluate a LoRA checkpoint, "
+             "give its folder as model.uri")
+        )
+    if hyperparameters.max_steps is not None:
+        errors.append(("hyperparameters.maxSteps", "not allowed in mode Evaluate (nothing is trained)"))
+    if hyperparameters.epochs is not None:
+        errors.append(("hyperparameters.epochs", "not allowed in mode Evaluate (nothing is trained)"))
+    if not evaluation.at_start:
+        errors.append(
+            ("evaluation.atStart", "must be true in mode Evaluate (the step-0 evaluation is the result)")
+        )
+    return errors
 
 
 class FieldRow(NamedTuple):
