@@ -1,6 +1,6 @@
 """Operator benchmark: apply N suspended FineTuneJobs (no pods run) and measure the operator.
 
-    python bench/operator_bench.py [--jobs 1000] [--concurrency 100] [--kubeconfig PATH]
+    python bench/operator_bench.py [--jobs 1000] [--concurrency 100] [--rate JOBS_PER_S]
 
 Needs a running cluster (`finetune-dev up`; KUBECONFIG from `finetune-dev env`) with the CRD
 applied or appliable. Starts the operator itself (`python -m finetune_operator`, a separate
@@ -10,7 +10,10 @@ process, so its memory is its own) and reports:
 - time from the last apply until every job has a status phase;
 - the operator's peak RSS (VmHWM);
 - API requests per job: the operator's own (its metrics, by verb) and writes to FineTuneJobs
-  (watch MODIFIED events: status patches and kopf's annotation patches).
+  (watch MODIFIED events: status patches and kopf's annotation patches);
+- the same latencies for a reference measured first in the same run: the operator's reconcile
+  called inline right after each apply (no watch, no queue, no worker limit), i.e. what the API
+  server allows on this machine, and the operator's ratios to it.
 
 Targets (issue 3): p99 < 1 s with 100 jobs in flight, all statuses within 60 s of the last
 apply, RSS < 150 MB. Not a timed test: run it by hand; it prints a JSON summary.
@@ -19,6 +22,7 @@ apply, RSS < 150 MB. Not a timed test: run it by hand; it prints a JSON summary.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import re
@@ -28,6 +32,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -129,12 +134,95 @@ class Watcher(threading.Thread):
                 return
 
 
+def measure(
+    api: client.ApiClient,
+    namespace: str,
+    args: argparse.Namespace,
+    apply_one: Callable[[str], None],
+) -> dict[str, Any]:
+    """Apply args.jobs FineTuneJobs through `apply_one` with args.concurrency in flight (paced
+    at args.rate per second if given); returns latencies seen by watches."""
+    jobs, ftjs = Watcher(api, namespace, "jobs"), Watcher(api, namespace, "ftj")
+    jobs.start()
+    ftjs.start()
+    jobs.started.wait()
+    ftjs.started.wait()
+    time.sleep(1)
+    applied: dict[str, float] = {}
+    started = time.monotonic()
+
+    def create(i: int) -> None:
+        if args.rate:
+            time.sleep(max(0.0, started + i / args.rate - time.monotonic()))
+        name = f"bench-{i:05d}"
+        t = time.monotonic()
+        apply_one(name)
+        applied[name] = t
+
+    with ThreadPoolExecutor(args.concurrency) as pool:
+        list(pool.map(create, range(args.jobs)))
+    last_apply = max(applied.values())
+    deadline = time.monotonic() + args.timeout
+    while (len(jobs.first) < args.jobs or len(ftjs.first) < args.jobs) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(3)  # let trailing writes land before counting
+    jobs.stop.set()
+    ftjs.stop.set()
+    latencies = [jobs.first[n] - applied[n] for n in applied if n in jobs.first]
+    status_times = [ftjs.first[n] for n in applied if n in ftjs.first]
+    return {
+        "apply_seconds": round(last_apply - started, 2),
+        "children_latency_p50_s": round(percentile(latencies, 50), 3) if latencies else None,
+        "children_latency_p99_s": round(percentile(latencies, 99), 3) if latencies else None,
+        "children_latency_max_s": round(max(latencies), 3) if latencies else None,
+        "jobs_with_children": len(latencies),
+        "jobs_with_status": len(status_times),
+        "all_status_after_last_apply_s": round(max(status_times) - last_apply, 2) if status_times else None,
+        "finetunejob_modifications_per_job": round(sum(ftjs.modified.values()) / args.jobs, 2),
+    }
+
+
+def reference(api: client.ApiClient, kubectl: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """The floor: the operator's own reconcile (same builders, same API calls, concurrent
+    creates), called by the thread that applied the job, right after the apply — no watch, no
+    queue, no worker limit. What is left between this and the operator is kopf and queueing."""
+    from finetune_operator.k8s import KubeCluster
+    from finetune_operator.reconcile import reconcile
+    from finetune_operator.settings import Settings
+
+    namespace = f"bench-ref-{int(time.time())}"
+    subprocess.run([*kubectl, "create", "namespace", namespace], check=True, capture_output=True)
+    settings = Settings(runs_uri="file:///tmp/finetune-bench-runs/")
+    cluster = KubeCluster(api, parallelism=args.concurrency)
+    custom = client.CustomObjectsApi(api)
+
+    def apply_one(name: str) -> None:
+        created = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, manifest(name))
+        reconcile(
+            cluster,
+            namespace,
+            name,
+            settings=settings,
+            now=datetime.datetime.now(datetime.UTC),
+            trigger="reference",
+            fresh=created,
+        )
+
+    try:
+        return measure(api, namespace, args, apply_one)
+    finally:
+        cluster.close()
+        subprocess.run([*kubectl, "delete", "namespace", namespace, "--wait=false"], capture_output=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=1000)
-    parser.add_argument("--concurrency", type=int, default=100)
+    parser.add_argument("--concurrency", type=int, default=100, help="creates in flight")
+    parser.add_argument("--rate", type=float, default=0, help="pace the applies (jobs/s); 0: a burst")
     parser.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"))
     parser.add_argument("--timeout", type=float, default=300)
+    parser.add_argument("--no-reference", action="store_true", help="skip the reference run")
     parser.add_argument("--keep", action="store_true", help="keep the namespace afterwards")
     args = parser.parse_args()
 
@@ -149,9 +237,12 @@ def main() -> int:
         check=True,
         capture_output=True,
     )
+    api = config.new_client_from_config(config_file=args.kubeconfig)
+    api.configuration.connection_pool_maxsize = 2 * args.concurrency
+    floor = None if args.no_reference else reference(api, kubectl, args)
+
     namespace = f"bench-{int(time.time())}"
     subprocess.run([*kubectl, "create", "namespace", namespace], check=True, capture_output=True)
-
     port = free_port()
     env = {
         **os.environ,
@@ -167,8 +258,6 @@ def main() -> int:
         [sys.executable, "-m", "finetune_operator"], env=env, stdout=log, stderr=subprocess.STDOUT
     )
     metrics_url = f"http://127.0.0.1:{port}/metrics"
-    api = config.new_client_from_config(config_file=args.kubeconfig)
-    api.configuration.connection_pool_maxsize = args.concurrency
     custom = client.CustomObjectsApi(api)
     try:
         deadline = time.monotonic() + 60
@@ -184,60 +273,31 @@ def main() -> int:
         rss_idle = peak_rss_mb(operator.pid)
         cpu_idle = cpu_seconds(operator.pid)
         before = scrape(metrics_url)
-        jobs, ftjs = Watcher(api, namespace, "jobs"), Watcher(api, namespace, "ftj")
-        jobs.start()
-        ftjs.start()
-        jobs.started.wait()
-        ftjs.started.wait()
-        time.sleep(1)
 
-        applied: dict[str, float] = {}
-
-        def create(i: int) -> None:
-            name = f"bench-{i:05d}"
+        def apply_one(name: str) -> None:
             custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, manifest(name))
-            applied[name] = time.monotonic()
 
-        started = time.monotonic()
-        with ThreadPoolExecutor(args.concurrency) as pool:
-            list(pool.map(create, range(args.jobs)))
-        last_apply = max(applied.values())
-        deadline = time.monotonic() + args.timeout
-        while (len(jobs.first) < args.jobs or len(ftjs.first) < args.jobs) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        time.sleep(3)  # let trailing writes land before counting
+        measured = measure(api, namespace, args, apply_one)
         after = scrape(metrics_url)
-        jobs.stop.set()
-        ftjs.stop.set()
-
-        latencies = [jobs.first[n] - applied[n] for n in applied if n in jobs.first]
-        status_times = [ftjs.first[n] for n in applied if n in ftjs.first]
         requests = {
             key: (after.get(key, 0) - before.get(key, 0)) / args.jobs
             for key in after
             if key.startswith("finetune_operator_api_requests_total")
         }
         writes = sum(v for k, v in requests.items() if 'verb="create"' in k or 'verb="patch"' in k)
-        summary = {
+        summary: dict[str, Any] = {
             "jobs": args.jobs,
             "concurrency": args.concurrency,
-            "apply_seconds": round(last_apply - started, 2),
-            "children_latency_p50_s": round(percentile(latencies, 50), 3) if latencies else None,
-            "children_latency_p99_s": round(percentile(latencies, 99), 3) if latencies else None,
-            "children_latency_max_s": round(max(latencies), 3) if latencies else None,
-            "jobs_with_children": len(latencies),
-            "jobs_with_status": len(status_times),
-            "all_status_after_last_apply_s": round(max(status_times) - last_apply, 2)
-            if status_times
-            else None,
+            "rate": args.rate or "burst",
+            "workers": int(os.environ.get("FINETUNE_MAX_WORKERS", "0")) or "default",
+            **measured,
             "operator_rss_idle_mb": round(rss_idle, 1),
             "operator_peak_rss_mb": round(peak_rss_mb(operator.pid), 1),
-            "operator_cpu_seconds": round(cpu_seconds(operator.pid) - cpu_idle, 2),
+            "operator_cpu_ms_per_job": round(1000 * (cpu_seconds(operator.pid) - cpu_idle) / args.jobs, 1),
             "operator_requests_per_job": {
                 k.split("{", 1)[1].rstrip("}"): round(v, 2) for k, v in requests.items()
             },
             "operator_writes_per_job": round(writes, 2),
-            "finetunejob_modifications_per_job": round(sum(ftjs.modified.values()) / args.jobs, 2),
             "status_writes_per_job": round(
                 (
                     after.get("finetune_operator_status_writes_total", 0)
@@ -258,6 +318,16 @@ def main() -> int:
             if count:
                 summary[f"reconciles_{trigger}"] = int(count)
                 summary[f"reconcile_mean_ms_{trigger}"] = round(1000 * total / count, 1)
+        if floor is not None:
+            summary["reference"] = floor
+            summary["ratio_vs_reference"] = {
+                key: round(measured[key] / floor[key], 2) if floor.get(key) else None
+                for key in (
+                    "children_latency_p50_s",
+                    "children_latency_p99_s",
+                    "all_status_after_last_apply_s",
+                )
+            }
         print(json.dumps(summary, indent=2))
         return 0
     finally:

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 SETTINGS = Settings.from_env(os.environ)
 RETRY_SECONDS = 10.0
+DEFAULT_MAX_WORKERS = 8
 LOOP_TICK_SECONDS = 0.5
 
 _state: dict[str, Any] = {}
@@ -142,7 +143,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 10
     settings.networking.request_timeout = 30
-    workers = int(os.environ.get("FINETUNE_MAX_WORKERS", "8"))
+    workers = int(os.environ.get("FINETUNE_MAX_WORKERS", str(DEFAULT_MAX_WORKERS)))
     settings.execution.max_workers = workers
     # At most this many objects are processed at once; further watch events wait in the stream
     # (back-pressure) instead of piling up as queued workers in memory during a burst.
@@ -159,8 +160,10 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         k8s_config.load_kube_config(
             config_file=os.environ.get("KUBECONFIG"), client_configuration=configuration
         )
+    # Each worker holds one connection at a time; the wrapper's pool (concurrent creates,
+    # background events) gets as many again.
     configuration.connection_pool_maxsize = 2 * workers
-    _state["cluster"] = KubeCluster(k8s_client.ApiClient(configuration))
+    _state["cluster"] = KubeCluster(k8s_client.ApiClient(configuration), parallelism=workers)
     _state["progress"] = HttpProgress(SETTINGS.progress_timeout_seconds)
     _state["schedule"] = Schedule(poll_seconds=SETTINGS.poll_interval_seconds, retry_seconds=RETRY_SECONDS)
     port = int(os.environ.get("FINETUNE_METRICS_PORT", "8080"))
@@ -189,6 +192,9 @@ def shutdown(**_: Any) -> None:
         stop, thread = loop
         stop.set()
         thread.join(timeout=30)
+    cluster = _state.pop("cluster", None)
+    if cluster is not None:
+        cluster.close()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -162,16 +162,29 @@ def _ensure_children(
     create_first: bool = False,
 ) -> tuple[dict[str, Any] | None, Problem | None]:
     """Create what is missing, sync what may change; returns (the batch Job, a problem).
-    Read first: in the steady state a cycle costs reads only."""
+
+    A new job (`create_first`) creates them without reading first (after a restart,
+    AlreadyExists returns the existing object), the ConfigMap and the Service at once, then the
+    Job: two round trips instead of three, and the Job — whose pods mount the ConfigMap — is
+    never created beside a ConfigMap that is not ours. Otherwise one child after the other, read
+    first: in the steady state a cycle costs reads only. A name taken by a foreign object stops
+    the cycle before the Job is created."""
+    created_at_once: dict[int, tuple[dict[str, Any], bool]] = {}
+    if create_first:
+        supporting = [i for i, child in enumerate(children) if child["kind"] != "Job"]
+        results = cluster.create_all([children[i] for i in supporting])
+        created_at_once = dict(zip(supporting, results, strict=True))
     batch_job: dict[str, Any] | None = None
-    for desired in children:
+    for index, desired in enumerate(children):
         kind = desired["kind"]
         meta = desired["metadata"]
-        existing = None if create_first else cluster.get(kind, meta["namespace"], meta["name"])
-        if existing is None:
-            current, created = cluster.create(desired)  # AlreadyExists (a race) returns the object
+        if index in created_at_once:
+            current, created = created_at_once[index]
+        elif create_first:
+            current, created = cluster.create(desired)
         else:
-            current, created = existing, False
+            existing = cluster.get(kind, meta["namespace"], meta["name"])
+            current, created = cluster.create(desired) if existing is None else (existing, False)
         if created:
             outcome.created.append(f"{kind}/{meta['name']}")
         elif not _owned_by(current, job.ref.uid):

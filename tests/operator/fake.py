@@ -76,6 +76,11 @@ class FakeCluster:
         self.objects[key] = stored
         return copy.deepcopy(stored), True
 
+    def create_all(self, objs: list[dict[str, Any]]) -> list[tuple[dict[str, Any], bool]]:
+        """In order (the real one runs them concurrently): a crash on the second create leaves the
+        first child behind, as it could on a real cluster."""
+        return [self.create(obj) for obj in objs]
+
     def patch(self, kind: str, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
         self._hook("patch", kind)
         obj = self.objects[(kind, namespace, name)]

@@ -202,14 +202,21 @@ def test_schema_invalid_object_becomes_failed(fake: FakeCluster) -> None:
     assert "spec.hyperparameters.dropout" in outcome.status["message"]
 
 
-def test_name_taken_by_a_foreign_object_stalls(fake: FakeCluster) -> None:
-    fake.put_job_object(ftj())
+@pytest.mark.parametrize("cycle", ["read-first", "fresh-create"])
+def test_name_taken_by_a_foreign_object_stalls(fake: FakeCluster, cycle: str) -> None:
+    """No Job (whose pods would mount the foreign ConfigMap), also when a new job creates its
+    children without reading them first."""
+    obj = ftj()
+    fake.put_job_object(obj)
     fake.objects[("ConfigMap", "team-a", "demo-config")] = {
         "kind": "ConfigMap",
         "metadata": {"name": "demo-config", "namespace": "team-a"},
         "data": {},
     }
-    outcome = run(fake)
+    if cycle == "fresh-create":
+        outcome = reconcile(fake, "team-a", "demo", settings=SETTINGS, now=NOW, fresh=obj)
+    else:
+        outcome = run(fake)
     assert (outcome.phase, outcome.status["reason"]) == ("Pending", "NameConflict")
     assert ("Job", "demo") not in fake.children()
     assert {c["type"]: c["status"] for c in outcome.status["conditions"]}["Stalled"] == "True"
