@@ -130,6 +130,39 @@ def test_termination_message_fits_4096_bytes() -> None:
     assert decoded["evaluations"][0]["step"] == 0 and decoded["evaluations"][-1]["step"] == 199
 
 
+def _checkpoint(step: int) -> contract.CheckpointRecord:
+    return contract.CheckpointRecord(
+        step=step,
+        uri=f"s3://bucket/runs/team/job/checkpoints/step-{step:06d}/",
+        time="2026-11-29T06:00:00Z",
+        metrics={"trainLoss": 2.0, "evalLoss": 2.1, "evalAccuracy": 0.5, "evalPerplexity": 8.2},
+    )
+
+
+@pytest.mark.parametrize(
+    ("count", "expected"),
+    [
+        pytest.param(3, "complete", id="few-fit-whole"),
+        pytest.param(25, "step-and-uri", id="many-lose-metrics-and-times"),
+        pytest.param(60, "absent", id="too-many-left-out-never-cut"),
+    ],
+)
+def test_termination_message_keeps_the_checkpoint_list_whole_or_leaves_it_out(count: int, expected: str) -> None:
+    """A checkpoint missing from the list would read as deleted by keepLast: the list shrinks to
+    steps and URIs, or goes away as a whole."""
+    summary = contract.TerminationSummary(
+        phase="Succeeded", exitCode=0, reason="Completed", message="trained", step=count, totalSteps=count,
+        runUri="s3://bucket/runs/team/job/", checkpoints=[_checkpoint(i + 1) for i in range(count)],
+    )
+    decoded = json.loads(contract.encode_termination_message(summary))
+    if expected == "absent":
+        assert "checkpoints" not in decoded
+        return
+    assert [c["step"] for c in decoded["checkpoints"]] == list(range(1, count + 1))
+    assert all(c["uri"].endswith(f"step-{c['step']:06d}/") for c in decoded["checkpoints"])
+    assert all(("metrics" in c) == (expected == "complete") for c in decoded["checkpoints"])
+
+
 def test_bind_address_and_port_from_env() -> None:
     assert contract.bind_address({"POD_IP": "127.0.0.7"}) == "127.0.0.7"
     assert contract.bind_address({}) == "0.0.0.0"

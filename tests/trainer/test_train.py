@@ -65,7 +65,11 @@ def test_keep_last_deletes_older_checkpoints(
     code, summary = run_trainer(config, tmp_path)
     assert code == 0
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000005", "step-000006"]
-    assert summary["lastCheckpoint"]["step"] == 6
+    # the summary (= the last progress report) lists exactly the checkpoints that still exist
+    assert [(c["step"], c["uri"]) for c in summary["checkpoints"]] == [
+        (5, f"file://{run}/checkpoints/step-000005/"),
+        (6, f"file://{run}/checkpoints/step-000006/"),
+    ]
 
 
 def test_gradient_accumulation_equals_the_full_batch(
@@ -100,6 +104,7 @@ def test_resume_continues_where_the_checkpoint_left_off(
     assert final_eval(resumed)["step"] == 6
     assert final_eval(resumed)["loss"] == pytest.approx(final_eval(uninterrupted)["loss"], abs=1e-6)
     assert resumed["evaluations"][0]["step"] == 0  # history kept across attempts
+    assert [c["step"] for c in resumed["checkpoints"]] == [3, 6], "the first attempt's checkpoint still exists"
 
 
 def test_lora_trains_exports_merged_and_adapter_and_resumes(

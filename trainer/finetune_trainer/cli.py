@@ -142,8 +142,8 @@ def _summary(
         totalSteps=report["totalSteps"],
         runUri=config.run_uri if config is not None else None,
     )
-    if report["checkpoints"]:
-        summary["lastCheckpoint"] = report["checkpoints"][-1]
+    if report["checkpoints"] is not None:  # the same list as the progress report's
+        summary["checkpoints"] = report["checkpoints"]
     if report["evaluations"]:
         summary["evaluations"] = report["evaluations"]
     if report["baselines"]:

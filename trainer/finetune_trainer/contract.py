@@ -92,7 +92,12 @@ class CheckpointRecord(TypedDict):
 
 
 class ProgressReport(TypedDict):
-    """`GET /progress` on rank 0. Numbers are null until known."""
+    """`GET /progress` on rank 0. Numbers are null until known.
+
+    `checkpoints` is the set of complete checkpoints that exist in the run folder now (older ones
+    deleted by checkpoints.keepLast are gone from it; a resumed run's earlier ones are in it),
+    oldest first; null until the trainer has listed the run folder. Readers replace their list
+    with it rather than adding to it."""
 
     phase: str  # TrainerPhase
     step: int
@@ -104,13 +109,16 @@ class ProgressReport(TypedDict):
     etaSeconds: float | None
     evaluations: list[EvaluationPoint]
     baselines: list[BaselineResult]
-    checkpoints: list[CheckpointRecord]
+    checkpoints: list[CheckpointRecord] | None
     updatedAt: str  # RFC 3339 UTC
 
 
 # ---- termination message ---------------------------------------------------------------------
 class TerminationSummary(TypedDict):
-    """Written to the termination message (compact JSON, at most 4096 bytes) at exit."""
+    """Written to the termination message (compact JSON, at most 4096 bytes) at exit.
+
+    `checkpoints` is the progress report's list at exit (the complete checkpoints that exist,
+    oldest first); left out when not known or when it does not fit."""
 
     phase: str  # Succeeded | Failed | Terminated
     exitCode: int
@@ -120,26 +128,31 @@ class TerminationSummary(TypedDict):
     totalSteps: int | None
     runUri: str | None
     finalUri: NotRequired[str]
-    lastCheckpoint: NotRequired[CheckpointRecord]
+    checkpoints: NotRequired[list[CheckpointRecord]]
     evaluations: NotRequired[list[EvaluationPoint]]  # step 0 first, then the newest
     baselines: NotRequired[list[BaselineResult]]
 
 
 def encode_termination_message(summary: TerminationSummary) -> str:
-    """Compact JSON ≤ TERMINATION_MESSAGE_MAX_BYTES: drops middle evaluations, then baselines,
-    then shortens the message until it fits."""
+    """Compact JSON ≤ TERMINATION_MESSAGE_MAX_BYTES: drops middle evaluations, then the
+    checkpoints' metrics and times, then baselines, then the checkpoint list as a whole (never
+    single entries: a missing entry would read as deleted), then shortens the message until it
+    fits."""
     data: dict[str, Any] = dict(summary)
     while True:
         text = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
         if len(text.encode("utf-8")) <= TERMINATION_MESSAGE_MAX_BYTES:
             return text
         evaluations = data.get("evaluations") or []
+        checkpoints = data.get("checkpoints") or []
         if len(evaluations) > 2:
             data["evaluations"] = [evaluations[0], *evaluations[2:]]
+        elif any(set(c) - {"step", "uri"} for c in checkpoints):
+            data["checkpoints"] = [{"step": c["step"], "uri": c["uri"]} for c in checkpoints]
         elif data.get("baselines"):
             data["baselines"] = data["baselines"][:-1]
-        elif data.get("lastCheckpoint", {}).get("metrics"):
-            data["lastCheckpoint"] = {**data["lastCheckpoint"], "metrics": {}}
+        elif "checkpoints" in data:
+            del data["checkpoints"]
         elif len(data.get("message", "")) > 16:
             data["message"] = data["message"][: len(data["message"]) // 2] + "…"
         else:

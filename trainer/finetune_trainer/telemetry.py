@@ -76,7 +76,7 @@ class Progress:
             "etaSeconds": None,
             "evaluations": [],
             "baselines": [],
-            "checkpoints": [],
+            "checkpoints": None,  # not listed yet; then exactly the complete ones that exist
             "updatedAt": utc_now(),
         }
 
@@ -114,6 +114,7 @@ class Progress:
         self.metrics.baseline_loss.labels(model=result["model"]).set(result["loss"])
 
     def set_checkpoints(self, records: list[CheckpointRecord]) -> None:
+        """The complete checkpoints that exist in the run folder now (after keepLast), oldest first."""
         with self._lock:
             self._data["checkpoints"] = records
             self._data["updatedAt"] = utc_now()
