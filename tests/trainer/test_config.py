@@ -65,6 +65,9 @@ def test_snake_case_names_are_accepted_in_python() -> None:
         pytest.param({"dataset": {"train": ["file:///d"], "format": "csv"}}, "dataset.format", id="format-enum"),
         pytest.param({"lora": {"rank": 0}}, "lora.rank", id="lora-rank"),
         pytest.param({"run": {}}, "", id="no-run-folder"),
+        pytest.param({"mode": "Eval"}, "mode", id="mode-enum"),
+        pytest.param({"dataset": {"eval": ["file:///e.jsonl"]}}, "", id="train-mode-needs-train"),
+        pytest.param({"mode": "Evaluate", "hyperparameters": {"maxSteps": 3}}, "", id="evaluate-no-max-steps"),
     ],
 )
 def test_invalid_configs_name_the_field(patch: dict[str, object], field: str) -> None:
@@ -73,6 +76,30 @@ def test_invalid_configs_name_the_field(patch: dict[str, object], field: str) ->
         TrainerConfig.from_dict(data)
     locations = [".".join(str(p) for p in e["loc"]) for e in info.value.errors()]
     assert field in locations, locations
+
+
+def test_evaluate_mode_config_names_every_misfit_field() -> None:
+    data = {
+        **MINIMAL,
+        "mode": "Evaluate",
+        "hyperparameters": {"epochs": 1},
+        "lora": {},
+        "evaluation": {"atStart": False},
+    }
+    with pytest.raises(ValidationError) as info:
+        TrainerConfig.from_dict(data)
+    text = str(info.value)
+    for fragment in (
+        "lora: not allowed in mode Evaluate",
+        "hyperparameters.epochs: not allowed in mode Evaluate",
+        "evaluation.atStart: must be true in mode Evaluate",
+    ):
+        assert fragment in text
+
+
+def test_evaluate_mode_needs_only_eval_files() -> None:
+    config = TrainerConfig.from_dict({**MINIMAL, "mode": "Evaluate", "dataset": {"eval": ["file:///e.jsonl"]}})
+    assert (config.mode, config.dataset.train) == ("Evaluate", None)
 
 
 def test_describe_fields_prints_type_range_default() -> None:

@@ -136,3 +136,26 @@ def test_holdout_is_deterministic_and_disjoint(tmp_path: Path) -> None:
     assert not {r.source for r in first.eval} & {r.source for r in first.train}
     with pytest.raises(InvalidData, match="evalSize"):
         load_raw(DatasetSpec(train=[uri], eval_size=20), seed=1)
+
+
+@pytest.mark.parametrize(
+    ("spec", "need_train", "expected"),
+    [
+        pytest.param({"eval": ["E"]}, False, (0, 3), id="eval-files-only"),
+        pytest.param({"train": ["T"], "eval": ["E"]}, False, (0, 3), id="evaluate-skips-train"),
+        pytest.param({"train": ["T"], "eval": ["E"]}, True, (10, 3), id="train-reads-both"),
+        pytest.param({"train": ["T"], "evalSize": 4}, False, (6, 4), id="evaluate-holds-out-of-train"),
+        pytest.param({"name": "news", "eval": ["E"]}, True, (10, 3), id="eval-overrides-registered-eval"),
+    ],
+)
+def test_eval_sources(spec: dict[str, Any], need_train: bool, expected: tuple[int, int], tmp_path: Path) -> None:
+    """dataset.eval, else a registered dataset's eval/ files, else records held out of train."""
+    train = write_jsonl(tmp_path / "reg" / "news" / "train" / "t.jsonl", [{"text": f"t {i}"} for i in range(10)])
+    write_jsonl(tmp_path / "reg" / "news" / "eval" / "e.jsonl", [{"text": "registered eval"}])
+    evaluation = write_jsonl(tmp_path / "e.jsonl", [{"text": f"e {i}"} for i in range(3)])
+    uris = {"T": train, "E": evaluation}
+    fields = {k: [uris[u] for u in v] if isinstance(v, list) else v for k, v in spec.items()}
+    raw = load_raw(
+        DatasetSpec.model_validate(fields), seed=1, need_train=need_train, datasets_uri=f"file://{tmp_path}/reg/"
+    )
+    assert (len(raw.train), len(raw.eval)) == expected

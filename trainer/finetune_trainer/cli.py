@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 
 from finetune_trainer import contract
-from finetune_trainer.config import TrainerConfig
+from finetune_trainer.config import EVALUATE, TRAIN, TrainerConfig
 from finetune_trainer.errors import InvalidInput, Reason
 from finetune_trainer.launch import launch, wants_launch
 from finetune_trainer.telemetry import Progress, serve, write_termination_message
@@ -83,8 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def check(config: TrainerConfig) -> int:
     from finetune_trainer.data import load_raw
 
-    load_raw(config.dataset, seed=config.hyperparameters.seed, datasets_uri=config.run.datasets_uri,
-             endpoint=config.run.storage_endpoint, region=config.run.storage_region)
+    load_raw(config.dataset, seed=config.hyperparameters.seed, need_train=config.mode == TRAIN,
+             datasets_uri=config.run.datasets_uri, endpoint=config.run.storage_endpoint,
+             region=config.run.storage_region)
     print("config and data are valid")
     return contract.EXIT_OK
 
@@ -101,9 +102,10 @@ def train(config: TrainerConfig, progress: Progress, termination_path: str, *, i
     except Terminated:
         progress.update(phase="Terminated")
         if is_main:
+            before = "during the evaluation" if config.mode == EVALUATE else "before training"
             write_termination_message(
                 termination_path,
-                _summary(config, progress, contract.EXIT_TERMINATED, Reason.TERMINATED, "terminated before training"),
+                _summary(config, progress, contract.EXIT_TERMINATED, Reason.TERMINATED, f"terminated {before}"),
             )
         return contract.EXIT_TERMINATED
     except Exception as exc:
@@ -117,6 +119,8 @@ def train(config: TrainerConfig, progress: Progress, termination_path: str, *, i
         return contract.EXIT_FAILURE
     if outcome.terminated:
         code, reason, message = contract.EXIT_TERMINATED, Reason.TERMINATED, f"terminated at step {outcome.step}; checkpoint saved"
+    elif config.mode == EVALUATE:
+        code, reason, message = contract.EXIT_OK, Reason.COMPLETED, _evaluated(outcome.evaluations)
     else:
         code, reason, message = contract.EXIT_OK, Reason.COMPLETED, f"trained {outcome.step} steps"
     if is_main:
@@ -126,6 +130,16 @@ def train(config: TrainerConfig, progress: Progress, termination_path: str, *, i
             summary["finalUri"] = outcome.final_uri
         write_termination_message(termination_path, summary)
     return code
+
+
+def _evaluated(evaluations: Sequence[contract.EvaluationPoint]) -> str:
+    point = next((e for e in evaluations if e["step"] == 0), None)
+    if point is None:
+        return "evaluated"
+    return (
+        f"evaluated: eval loss {point['loss']:.4f}, token accuracy {point['accuracy']:.4f}, "
+        f"perplexity {point['perplexity']:.3f}"
+    )
 
 
 def _summary(

@@ -162,26 +162,30 @@ def load_raw(
     spec: DatasetSpec,
     *,
     seed: int,
+    need_train: bool = True,
     datasets_uri: str | None = None,
     endpoint: str | None = None,
     region: str | None = None,
 ) -> RawData:
-    """Train and eval records. Without eval sources, `evalSize` records are held out of train
-    (after a seeded shuffle of the record order)."""
+    """Train and eval records. Eval sources: `dataset.eval`, else a registered dataset's eval/
+    files, else `evalSize` records held out of train (after a seeded shuffle of the record
+    order). `need_train=False` (mode Evaluate) skips reading train when the eval sources are known."""
+    eval_uris: list[str] | None = list(spec.eval) if spec.eval else None
     if spec.name is not None:
         assert datasets_uri is not None
         base = datasets_uri.rstrip("/") + f"/{spec.name}/"
         train_uris = [base + "train/**"]
-        eval_uris: list[str] | None = [base + "eval/**"]
-        if not expand(base + "eval/**", endpoint=endpoint, region=region):
-            eval_uris = None
+        if eval_uris is None and expand(base + "eval/**", endpoint=endpoint, region=region):
+            eval_uris = [base + "eval/**"]
     else:
-        assert spec.train is not None
-        train_uris, eval_uris = list(spec.train), (list(spec.eval) if spec.eval else None)
-    train, train_fp = read_sources(train_uris, spec, endpoint=endpoint, region=region)
+        train_uris = list(spec.train or [])
     if eval_uris is not None:
         evaluation, eval_fp = read_sources(eval_uris, spec, endpoint=endpoint, region=region)
+        if not (need_train and train_uris):
+            return RawData([], evaluation, hashlib.sha256(f"eval-only:{eval_fp}".encode()).hexdigest())
+        train, train_fp = read_sources(train_uris, spec, endpoint=endpoint, region=region)
         return RawData(train, evaluation, hashlib.sha256((train_fp + eval_fp).encode()).hexdigest())
+    train, train_fp = read_sources(train_uris, spec, endpoint=endpoint, region=region)
     if len(train) <= spec.eval_size:
         raise InvalidData(
             f"dataset.evalSize={spec.eval_size} holds out all {len(train)} training records; "

@@ -1,10 +1,12 @@
-"""Model sources and loading: catalog names, file://, s3://, hf:// and GGUF import.
+"""Model sources and loading: catalog names, file://, s3://, hf://, GGUF import and LoRA adapters.
 
 Called by the training recipe for the trained model and every baseline. Remote models are
 downloaded once into the local cache (completed by a marker file; files verified against the
 source's manifest.json checksums when it has one, else against the listed sizes). A GGUF file is
 dequantized once and saved as a plain Hugging Face folder, because a GGUF-loaded model is marked
-quantized and cannot be fine-tuned.
+quantized and cannot be fine-tuned. A LoRA adapter folder (a LoRA run's checkpoint
+`<run>/checkpoints/step-N/` or its `<run>/final/adapter/`) is merged once into its base model,
+named by the run's run.json, and saved as a plain Hugging Face folder too.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from finetune_trainer.storage import open_store, sha256_file
 log = logging.getLogger(__name__)
 
 COMPLETE_MARKER = ".finetune-complete"
+ADAPTER_CONFIG = "adapter_config.json"
 # Config attributes holding dropout probabilities across the supported families
 # (GPT-2/Cerebras, GPT-J, CodeGen: *_pdrop; GPT-NeoX: *_dropout; Llama: attention_dropout).
 DROPOUT_ATTRIBUTES = (
@@ -79,6 +82,8 @@ def fetch_model(
         raise InvalidInput(f"model.uri: unsupported scheme in {uri!r}")
     if local.is_file() and local.suffix == ".gguf":
         return import_gguf(local, cache_dir=cache_dir)
+    if not (local / "config.json").exists() and (local / ADAPTER_CONFIG).exists():
+        return merge_adapter(uri, local, cache_dir=cache_dir, endpoint=endpoint, region=region)
     if not (local / "config.json").exists():
         raise InvalidInput(f"model {spec.display_name!r}: {uri} has no config.json (not a Hugging Face folder)")
     return local
@@ -159,6 +164,55 @@ def import_gguf(path: Path, *, cache_dir: Path) -> Path:
     plain.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / COMPLETE_MARKER).write_text(json.dumps({"source": str(path)}))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
+def adapter_base(uri: str, *, endpoint: str | None, region: str | None) -> ModelSpec:
+    """The base model of a LoRA run's adapter at `uri` (`<run>/checkpoints/step-N/` or
+    `<run>/final/adapter/`): `config.model` of `<run>/run.json`."""
+    run_folder = uri.rstrip("/").rsplit("/", 2)[0] + "/"
+    store = open_store(run_folder, endpoint=endpoint, region=region)
+    if not store.exists("run.json"):
+        raise InvalidInput(
+            f"model.uri: {uri} is a LoRA adapter, and {run_folder}run.json, which names its base model, "
+            "does not exist (give a LoRA run's checkpoints/step-N/ or final/adapter/ folder, or a merged model)"
+        )
+    try:
+        base = ModelSpec.model_validate(json.loads(store.read_bytes("run.json"))["config"]["model"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidInput(f"model.uri: {run_folder}run.json names no valid base model: {exc}") from exc
+    if base.init != "pretrained":
+        raise InvalidInput(f"model.uri: the base model of the LoRA adapter {uri} is not pretrained")
+    return base
+
+
+def merge_adapter(
+    uri: str, adapter: Path, *, cache_dir: Path, endpoint: str | None, region: str | None
+) -> Path:
+    """The base model with the LoRA adapter merged in, as a Hugging Face folder (once; cached by
+    the adapter's identity). The tokenizer is the adapter folder's if it has one."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    weights = sorted(adapter.glob("adapter_model.*"))
+    identity = ":".join(f"{w.resolve()}:{w.stat().st_size}:{w.stat().st_mtime_ns}" for w in weights)
+    target = _cache_path(cache_dir, "merged", f"{uri}:{identity}")
+    if (target / COMPLETE_MARKER).exists():
+        return target
+    base_spec = adapter_base(uri, endpoint=endpoint, region=region)
+    base_folder = fetch_model(base_spec, cache_dir=cache_dir, endpoint=endpoint, region=region)
+    log.info("merging the LoRA adapter %s into %s", uri, base_spec.display_name)
+    base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+    tokenizer_folder = adapter if (adapter / "tokenizer_config.json").exists() else base_folder
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tokenizer_folder).save_pretrained(tmp)
+    (tmp / COMPLETE_MARKER).write_text(json.dumps({"adapter": uri, "base": base_spec.display_name}))
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
     return target

@@ -1,5 +1,8 @@
 """The training recipe: setup → data → model → evaluate step 0 + baselines → train → export.
 
+In mode Evaluate the recipe stops after step 0 and the baselines: the same data, model loading
+and evaluation as a training run's step 0, no optimizer, no checkpoint, no final/.
+
 Called by `cli.main` in every process (torchrun or single). Built on transformers' Trainer, with
 three overrides that pin down what DESIGN.md §4 fixes: the loss (token-weighted over the whole
 accumulated, multi-process batch, so gradient accumulation and world size do not change it),
@@ -30,7 +33,7 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from finetune_trainer import checkpoints as ckpt
-from finetune_trainer.config import ModelSpec, TrainerConfig
+from finetune_trainer.config import EVALUATE, ModelSpec, TrainerConfig
 from finetune_trainer.contract import (
     DEFAULT_CACHE_DIR,
     ENV_CACHE_DIR,
@@ -345,6 +348,7 @@ class Recipe:
         return load_raw(
             self.config.dataset,
             seed=self.config.hyperparameters.seed,
+            need_train=self.config.mode != EVALUATE,
             datasets_uri=self.config.run.datasets_uri,
             **self.store_settings,
         )
@@ -522,13 +526,19 @@ class Recipe:
     # ---- the recipe -----------------------------------------------------------------------------
     def run(self) -> Outcome:
         cfg = self.config
+        evaluate_only = cfg.mode == EVALUATE
+        if evaluate_only:
+            self._refuse_training_run_folder()
+            self.total_steps = 0
+            self.progress.update(totalSteps=0)
+            self.progress.set_checkpoints([])  # an evaluation writes none
         raw = self.load_data()
         self.progress.update(phase=TrainerPhase.STARTING)
         model_folder = self.fetch(cfg.model)
         tokenizer = load_tokenizer(model_folder)
         self.pad_id = int(tokenizer.pad_token_id)
         self.progress.update(phase=TrainerPhase.PREFLIGHT)
-        train_dataset = self.sequences(raw, tokenizer, "train")
+        train_dataset = SequenceDataset([]) if evaluate_only else self.sequences(raw, tokenizer, "train")
         self.eval_dataset = self.sequences(raw, tokenizer, "eval")
         log.info(
             "data: %d train sequences (%d trained tokens), %d eval sequences (%d tokens)",
@@ -538,7 +548,7 @@ class Recipe:
             self.eval_dataset.trained_tokens(),
         )
         self._restore_history()
-        resume = self.resume_point()
+        resume = None if evaluate_only else self.resume_point()
         if resume is None:
             self._write_run_json(raw, model_folder, train_dataset, self.eval_dataset)
         model = load_model(
@@ -549,6 +559,9 @@ class Recipe:
         model.to(self.device)
         if resume is None and cfg.evaluation.at_start:
             self.record_evaluation(0, self.evaluate(model, self.eval_dataset))
+        if evaluate_only:
+            del model  # free its memory for the baselines
+            return self._finish_evaluation(raw)
         self.evaluate_baselines(raw)
         self.io.flush()
 
@@ -595,6 +608,36 @@ class Recipe:
             checkpoints=self.checkpoint_records,
             final_uri=final_uri,
             run_uri=cfg.run_uri,
+        )
+
+    # ---- mode Evaluate --------------------------------------------------------------------------
+    def _refuse_training_run_folder(self) -> None:
+        """An evaluation writes run.json and metrics.jsonl, never checkpoints: it must not share
+        a run folder with a training run (it would overwrite that run's run.json)."""
+        trained = bool(ckpt.list_complete(self.run_store))
+        if not trained and self.run_store.exists("run.json"):
+            recorded = json.loads(self.run_store.read_bytes("run.json")).get("config") or {}
+            trained = recorded.get("mode", "Train") != EVALUATE
+        if trained:
+            field = "checkpoints.outputUri" if self.config.checkpoints.output_uri else "run.uri"
+            raise InvalidInput(
+                f"{field}: the run folder {self.config.run_uri} holds a training run; an evaluation "
+                "needs a run folder of its own (another checkpoints.outputUri, or another job name)"
+            )
+
+    def _finish_evaluation(self, raw: RawData) -> Outcome:
+        self.evaluate_baselines(raw)
+        self.io.flush()
+        self.progress.update(phase=TrainerPhase.SUCCEEDED, step=0)
+        return Outcome(
+            terminated=False,
+            step=0,
+            total_steps=0,
+            evaluations=self.evaluations,
+            baselines=self.baselines,
+            checkpoints=[],
+            final_uri=None,
+            run_uri=self.config.run_uri,
         )
 
     def _wrap_lora(self, model: Any) -> Any:
