@@ -64,8 +64,12 @@ def test_pending_running_succeeded(cluster: ClusterHandle, namespace: str, opera
     table = cluster.kubectl("get", "ftj", "happy", "-n", namespace).stdout.splitlines()
     assert table[0].split() == ["NAME", "PHASE", "MODEL", "STEP", "EVAL-LOSS", "ACCURACY", "AGE"]
     assert table[1].split()[:6] == ["happy", "Succeeded", "smollm2-135m-instruct", "30/30", "1.5", "0.6"]
-    reasons = [e["reason"] for e in events(cluster, namespace, "happy")]
-    assert reasons[-1] == "Succeeded", reasons
+    # Events are posted in the background after the status write: wait for the last one.
+    wait_for(
+        lambda: [e["reason"] for e in events(cluster, namespace, "happy")][-1:] == ["Succeeded"],
+        timeout=15,
+        what="a Succeeded event as the job's last event",
+    )
     assert 'finetune_operator_jobs{phase="Succeeded"}' in operator.metrics()
 
 
@@ -76,9 +80,13 @@ def test_invalid_input_fails_at_once(cluster: ClusterHandle, namespace: str) -> 
     assert "exit code 3 (InvalidData): train.jsonl line 1: no field 'text'" in failed["message"]
     assert conditions(failed)["Stalled"] == ("True", "InvalidInput")
     assert failed.get("restarts", 1) == 1, "exit code 3 is not retried"
-    assert any(
-        e["type"] == "Warning" and e["reason"] == "InvalidInput"
-        for e in events(cluster, namespace, "invalid")
+    wait_for(
+        lambda: any(
+            e["type"] == "Warning" and e["reason"] == "InvalidInput"
+            for e in events(cluster, namespace, "invalid")
+        ),
+        timeout=15,
+        what="a Warning event with reason InvalidInput",
     )
 
 
