@@ -5,7 +5,14 @@ Level-based: the same observation gives the same status (times are carried over 
 previous status unless something changed), so `reconcile` writes only when the result differs.
 
 Phases: Pending → Running → Succeeded | Failed, with Suspended (spec.suspend) and Cancelled
-(spec.cancel). Terminal phases are sticky: a finished Job deleted by its TTL leaves the status
+(spec.cancel). A job in mode Evaluate has the same phases (Running with reason Evaluating); its
+progress is step 0 of 0 steps, printed as `eval`, and its result is the step-0 evaluation.
+
+Results: evaluations and baselines accumulate (merged by step and by model); checkpoints are
+replaced by the trainer's own list — the complete checkpoints that still exist, after
+checkpoints.keepLast deleted older ones (a resumed run's earlier checkpoints are in it). The
+list comes from rank 0's progress report while it runs and from its termination summary once
+no rank-0 pod is live (a summary of an earlier attempt never overrides a newer report). Terminal phases are sticky: a finished Job deleted by its TTL leaves the status
 as it was. Conditions follow kstatus (Ready normal-true; Reconciling and Stalled abnormal-true),
 each with observedGeneration, so Argo CD and Flux report health:
 
@@ -33,6 +40,7 @@ from typing import Any
 from finetune_operator.api import ConditionType, FineTuneJob, ObjectRef, Phase, Reason
 from finetune_operator.builders import COMPLETION_INDEX_ANNOTATION, CONTAINER_NAME
 from finetune_trainer import contract
+from finetune_trainer.config import EVALUATE
 
 MESSAGE_MAX = 1024
 
@@ -91,11 +99,12 @@ def derive_status(
     elif "runUri" in previous:
         status["runUri"] = previous["runUri"]
 
+    evaluate = job.spec.mode == EVALUATE
     if progress is not None:
-        _apply_progress(status, progress, now)
+        _apply_progress(status, progress, now, evaluate=evaluate)
     summary = _termination_summary(observed.pods)
     if summary is not None:
-        _apply_summary(status, summary)
+        _apply_summary(status, summary, latest=not _rank0_live(observed.pods), evaluate=evaluate)
     _trim(status)
 
     phase, reason, message, stalled = _phase(job, observed, previous)
@@ -124,7 +133,9 @@ def derive_status(
     if phase is Phase.SUCCEEDED and status.get("progress"):
         progress_status = dict(status["progress"])
         total = progress_status.get("totalSteps")
-        if total:
+        if evaluate:
+            progress_status["percent"] = 100.0
+        elif total:
             progress_status["step"] = total
             progress_status["percent"] = 100.0
             progress_status["steps"] = f"{total}/{total}"
@@ -187,7 +198,7 @@ def _phase(
     if observed.job is not None:
         finished = _job_finished(observed.job)
         if finished is not None:
-            return finished[0], finished[1], _finish_message(finished, observed), False
+            return finished[0], finished[1], _finish_message(job, finished, observed), False
 
     if observed.problem is not None:
         if observed.problem.permanent:
@@ -225,6 +236,8 @@ def _live_phase(job: FineTuneJob, observed: Observed, prev_phase: Phase | None) 
     running = [pod for pod in active if (pod.get("status") or {}).get("phase") == "Running"]
     if running:
         nodes = job.spec.resources.nodes
+        if job.spec.mode == EVALUATE:
+            return Phase.RUNNING, Reason.EVALUATING, f"evaluating: {len(running)}/{nodes} pod(s) running"
         return Phase.RUNNING, Reason.TRAINING, f"training: {len(running)}/{nodes} pod(s) running"
     if prev_phase is Phase.RUNNING and not active and _sorted_terminated(observed.pods):
         # The pods have exited and the Job controller has not concluded yet (it batches pod
@@ -296,10 +309,21 @@ def _job_finished(job: Mapping[str, Any]) -> tuple[Phase, Reason, str] | None:
     return None
 
 
-def _finish_message(finished: tuple[Phase, Reason, str], observed: Observed) -> str:
+def _finish_message(job: FineTuneJob, finished: tuple[Phase, Reason, str], observed: Observed) -> str:
     phase, reason, job_message = finished
     if phase is Phase.SUCCEEDED:
         summary = _termination_summary(observed.pods)
+        if job.spec.mode == EVALUATE:
+            result = next(
+                (e for p in (summary or {}).get("evaluations") or [] if (e := _evaluation(p)) and e["step"] == 0),
+                None,
+            )
+            if result is None or not {"loss", "accuracy", "perplexity"} <= set(result):
+                return "evaluation finished"
+            return (
+                f"evaluation finished: eval loss {result['loss']:.4f}, token accuracy "
+                f"{result['accuracy']:.4f}, perplexity {result['perplexity']:.3f}"
+            )
         final = summary.get("finalUri") if summary else None
         return f"training finished; final model in {final}" if final else "training finished"
     pod_message = _pod_failure_message(observed.pods)
@@ -382,12 +406,20 @@ def _parse_summary(text: str) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and "exitCode" in data else None
 
 
+def _is_rank0(pod: Mapping[str, Any]) -> bool:
+    return ((pod.get("metadata") or {}).get("annotations") or {}).get(COMPLETION_INDEX_ANNOTATION) in (None, "0")
+
+
+def _rank0_live(pods: Sequence[Mapping[str, Any]]) -> bool:
+    """A rank-0 pod that has not ended: a newer attempt than any terminated one."""
+    return any(_is_rank0(pod) for pod in _live_pods(pods))
+
+
 def _termination_summary(pods: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
     """Rank 0's final summary (the newest one, if it was restarted)."""
     summaries = []
     for pod, state in _sorted_terminated(pods):
-        index = ((pod.get("metadata") or {}).get("annotations") or {}).get(COMPLETION_INDEX_ANNOTATION)
-        if index not in (None, "0"):
+        if not _is_rank0(pod):
             continue
         summary = _parse_summary(str(state.get("message") or ""))
         if summary is not None:
@@ -427,6 +459,22 @@ def _evaluation(point: Any) -> dict[str, Any] | None:
     return out
 
 
+def _replace_checkpoints(
+    existing: Sequence[Mapping[str, Any]], reported: Sequence[Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """Exactly the reported checkpoints (the ones that still exist), oldest first; a time or
+    metrics a shortened report left out are kept from the known entry of the same step and URI."""
+    known = {(item.get("step"), item.get("uri")): item for item in existing}
+    out: dict[int, dict[str, Any]] = {}
+    for item in reported:
+        before = known.get((item["step"], item["uri"])) or {}
+        out[item["step"]] = {
+            **{k: before[k] for k in ("time", "metrics") if k in before},
+            **item,
+        }
+    return [out[step] for step in sorted(out)]
+
+
 def _merge_by(
     existing: Sequence[Mapping[str, Any]], new: Sequence[Mapping[str, Any]], key: str
 ) -> list[dict[str, Any]]:
@@ -436,14 +484,18 @@ def _merge_by(
     return [merged[k] for k in sorted(merged)]
 
 
-def _apply_progress(status: dict[str, Any], report: Mapping[str, Any], now: datetime) -> None:
+def _apply_progress(
+    status: dict[str, Any], report: Mapping[str, Any], now: datetime, *, evaluate: bool
+) -> None:
     raw_step, raw_total = report.get("step"), report.get("totalSteps")
     step = _count(raw_step) or 0
     total = _count(raw_total) or None
     progress: dict[str, Any] = {"step": step, "steps": f"{step}/{total}" if total else str(step)}
     if isinstance(report.get("phase"), str):
         progress["trainerPhase"] = report["phase"]
-    if total:
+    if evaluate:
+        progress.update(step=0, totalSteps=0, steps="eval")
+    elif total:
         progress["totalSteps"] = total
         progress["percent"] = round(min(100.0, 100.0 * step / total), 1)
     for source, target in (
@@ -461,10 +513,12 @@ def _apply_progress(status: dict[str, Any], report: Mapping[str, Any], now: date
         progress["trainedTokens"] = trained
     progress["updatedAt"] = rfc3339(now)
     status["progress"] = progress
-    _apply_results(status, report)
+    _apply_results(status, report, checkpoints=True)
 
 
-def _apply_results(status: dict[str, Any], report: Mapping[str, Any]) -> None:
+def _apply_results(status: dict[str, Any], report: Mapping[str, Any], *, checkpoints: bool) -> None:
+    """Evaluations and baselines merged in; with `checkpoints`, the reported checkpoint list (if
+    the report has one) replaces the status's."""
     evaluations = [e for p in report.get("evaluations") or [] if (e := _evaluation(p)) is not None]
     if evaluations:
         status["evaluations"] = _merge_by(status.get("evaluations") or [], evaluations, "step")
@@ -479,9 +533,10 @@ def _apply_results(status: dict[str, Any], report: Mapping[str, Any]) -> None:
             baselines.append(baseline)
     if baselines:
         status["baselines"] = _merge_by(status.get("baselines") or [], baselines, "model")
-    checkpoints = [c for item in report.get("checkpoints") or [] if (c := _checkpoint(item)) is not None]
-    if checkpoints:
-        status["checkpoints"] = _merge_by(status.get("checkpoints") or [], checkpoints, "step")
+    reported = report.get("checkpoints")
+    if checkpoints and isinstance(reported, list):  # null or absent: not known, keep the list
+        valid = [c for item in reported if (c := _checkpoint(item)) is not None]
+        status["checkpoints"] = _replace_checkpoints(status.get("checkpoints") or [], valid)
 
 
 def _checkpoint(item: Any) -> dict[str, Any] | None:
@@ -500,14 +555,20 @@ def _checkpoint(item: Any) -> dict[str, Any] | None:
     return out
 
 
-def _apply_summary(status: dict[str, Any], summary: Mapping[str, Any]) -> None:
-    """Fold rank 0's termination summary in: results survive the pod and the Job."""
-    results = dict(summary)
-    if isinstance(summary.get("lastCheckpoint"), Mapping):
-        results["checkpoints"] = [summary["lastCheckpoint"]]
-    _apply_results(status, results)
+def _apply_summary(
+    status: dict[str, Any], summary: Mapping[str, Any], *, latest: bool, evaluate: bool
+) -> None:
+    """Fold rank 0's termination summary in: results survive the pod and the Job. Its checkpoint
+    list counts only when it is the `latest` word (no rank-0 pod of a newer attempt is live)."""
+    _apply_results(status, summary, checkpoints=latest)
     step = _count(summary.get("step"))
-    if step is not None:
+    if evaluate:
+        progress = dict(status.get("progress") or {})
+        progress.update(step=0, totalSteps=0, steps="eval")
+        if isinstance(summary.get("phase"), str):
+            progress["trainerPhase"] = summary["phase"]
+        status["progress"] = progress
+    elif step is not None:
         progress = dict(status.get("progress") or {})
         total = _count(summary.get("totalSteps")) or progress.get("totalSteps")
         progress["step"] = max(step, int(progress.get("step") or 0))

@@ -4,8 +4,10 @@ Run by the process node as a FineTuneJob's container command (the operator's
 FINETUNE_TRAINER_COMMAND in the integration tests). It reads the rendered TrainerConfig, serves
 `GET /progress` on $POD_IP:$FINETUNE_PROGRESS_PORT (rank 0), "trains" maxSteps steps, evaluates
 every evaluation.everySteps, "checkpoints" (a step file in a file:// run folder) every
-checkpoints.everySteps and on SIGTERM, resumes from that file, and writes the termination
-summary. The scenario is the first training file's parent folder name:
+checkpoints.everySteps and on SIGTERM, keeps the newest checkpoints.keepLast of them (listing
+exactly those, a resumed run's earlier ones included), resumes from that file, and writes the
+termination summary. In mode Evaluate it evaluates step 0 only. The scenario is the parent folder
+name of the first training file (of the first eval file without training files):
 
 - `file:///standin/ok/…`      — 0.1 s per step, exit 0
 - `file:///standin/slow/…`    — 1 s per step (for suspend, resume, cancel)
@@ -48,7 +50,7 @@ class State:
             "etaSeconds": None,
             "evaluations": [],
             "baselines": [],
-            "checkpoints": [],
+            "checkpoints": None,
             "updatedAt": now(),
         }
 
@@ -93,8 +95,10 @@ def finish(summary: dict[str, Any]) -> None:
 def main() -> None:
     config = TrainerConfig.from_file(contract.config_path())
     rank = int(os.environ.get("PET_NODE_RANK", "0"))
-    scenario = Path((config.dataset.train or ["file:///standin/ok/x"])[0].removeprefix("file://")).parent.name
-    total = config.hyperparameters.max_steps or 10
+    sources = config.dataset.train or config.dataset.eval or ["file:///standin/ok/x"]
+    scenario = Path(sources[0].removeprefix("file://")).parent.name
+    evaluate_only = config.mode == "Evaluate"
+    total = 0 if evaluate_only else config.hyperparameters.max_steps or 10
     base = {"totalSteps": total, "runUri": config.run_uri}
     print(
         f"stand-in trainer rank {rank}: scenario {scenario}, {total} steps, run {config.run_uri}", flush=True
@@ -126,6 +130,7 @@ def main() -> None:
     run_dir = Path(config.run_uri.removeprefix("file://"))
     run_dir.mkdir(parents=True, exist_ok=True)
     step_file = run_dir / "standin-checkpoint"
+    records_file = run_dir / "standin-checkpoints.json"
     start = int(step_file.read_text()) if step_file.exists() else 0
     (run_dir / f"standin-starts-rank{rank}").open("a").write(f"{start}\n")
     state = State(total)
@@ -135,33 +140,53 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
 
     evaluations: list[dict[str, Any]] = []
-    checkpoints: list[dict[str, Any]] = []
+    checkpoints: list[dict[str, Any]] = json.loads(records_file.read_text()) if records_file.exists() else []
+    state.update(checkpoints=checkpoints)
 
     def evaluate(step: int) -> None:
-        loss = 3.0 - 1.5 * step / total
+        loss = 3.0 - 1.5 * step / max(total, 1)
         evaluations.append(
             {
                 "step": step,
                 "loss": round(loss, 4),
-                "accuracy": round(0.4 + 0.2 * step / total, 4),
+                "accuracy": round(0.4 + 0.2 * step / max(total, 1), 4),
                 "perplexity": round(2.718281828**loss, 4),
             }
         )
 
     def checkpoint(step: int) -> None:
-        if rank == 0:
-            step_file.write_text(str(step))
-        checkpoints.append(
+        checkpoints[:] = [c for c in checkpoints if c["step"] != step] + [
             {
                 "step": step,
                 "uri": f"{config.run_uri}checkpoints/step-{step:06d}/",
                 "time": now(),
                 "metrics": {"trainLoss": round(3.0 - 1.4 * step / total, 4)},
             }
-        )
+        ]
+        del checkpoints[: -config.checkpoints.keep_last]  # keepLast: older ones are deleted
+        if rank == 0:
+            step_file.write_text(str(step))
+            records_file.write_text(json.dumps(checkpoints))
 
     if start == 0 and config.evaluation.at_start:
         evaluate(0)
+    if evaluate_only:
+        state.update(phase="Evaluating", step=0, evaluations=evaluations, checkpoints=[])
+        time.sleep(0.5 if rank == 0 else 0)  # let a poll see it
+        point = evaluations[0]
+        finish(
+            {
+                **base,
+                "phase": "Succeeded",
+                "exitCode": 0,
+                "reason": "Completed",
+                "message": f"evaluated: eval loss {point['loss']:.4f}, token accuracy {point['accuracy']:.4f}, "
+                f"perplexity {point['perplexity']:.3f}",
+                "step": 0,
+                "evaluations": evaluations,
+                "checkpoints": [],
+            }
+        )
     seconds = 1.0 if scenario == "slow" else 0.1
     step = start
     state.update(phase="Training", step=step, evaluations=evaluations)
@@ -176,6 +201,7 @@ def main() -> None:
                     "reason": "Terminated",
                     "message": f"SIGTERM: checkpoint saved at step {step}",
                     "step": step,
+                    "checkpoints": checkpoints,
                 }
             )
         step += 1
@@ -202,7 +228,7 @@ def main() -> None:
             "step": total,
             "finalUri": f"{config.run_uri}final/",
             "evaluations": evaluations[:1] + evaluations[-1:],
-            "lastCheckpoint": checkpoints[-1],
+            "checkpoints": checkpoints,
         }
     )
 
