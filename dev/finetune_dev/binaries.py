@@ -8,10 +8,16 @@ and carrying the tail of its build log.
 k8s.io/kubernetes and etcd cannot be built with ``go install module@version`` (their go.mod
 relies on ``replace`` lines that Go ignores in a dependency), so each is built from a small
 generated wrapper module that pins the staging modules explicitly.
+
+Small programs of our own live in this repository with their own go.mod and go.sum (dev/kstatus:
+Flux's health library run on our objects by the tests); they are built from that source with
+``-mod=readonly``, so go.sum decides every dependency, and their version names the pinned library
+plus a digest of the sources, so an edit rebuilds.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -43,6 +49,8 @@ class Component:
     ldflags: tuple[str, ...] = ()
     # Whether the module's own go.mod needs a generated wrapper to build.
     needs_wrapper: bool = False
+    # A module in this repository (with its go.mod and go.sum) instead of one fetched by version.
+    source: Path | None = None
 
     @property
     def directory(self) -> Path:
@@ -104,7 +112,31 @@ VERSITYGW = Component(
     binaries={"versitygw": "github.com/versity/versitygw/cmd/versitygw"},
 )
 
-COMPONENTS: tuple[Component, ...] = (KUBERNETES, ETCD, HELM, VERSITYGW)
+
+def _source_version(source: Path, pinned_module: str) -> str:
+    """``pinned_module``'s version in ``source``/go.mod plus a digest of the module's files."""
+    try:
+        files = sorted(p for p in source.iterdir() if p.suffix in (".go", ".mod", ".sum"))
+        gomod = (source / "go.mod").read_text()
+    except FileNotFoundError:
+        return "no-source"  # an installed copy of finetune_dev without the repository
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    pinned = re.search(rf"^\s*{re.escape(pinned_module)} (v\S+)", gomod, re.M)
+    return f"{pinned.group(1) if pinned else 'unpinned'}-{digest.hexdigest()[:8]}"
+
+
+KSTATUS_SOURCE = Path(__file__).resolve().parents[1] / "kstatus"
+KSTATUS = Component(
+    name="kstatus",
+    module="finetune.dev/dev/kstatus",
+    version=_source_version(KSTATUS_SOURCE, "sigs.k8s.io/cli-utils"),
+    binaries={"kstatus": "."},
+    source=KSTATUS_SOURCE,
+)
+
+COMPONENTS: tuple[Component, ...] = (KUBERNETES, ETCD, HELM, VERSITYGW, KSTATUS)
 
 
 def _go_env() -> dict[str, str]:
@@ -174,16 +206,14 @@ def build(component: Component, *, force: bool = False) -> Path:
     """Build ``component`` into its cache directory unless it is already complete."""
     if component.complete and not force:
         return component.directory
-    logs = cache_dir() / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    log = logs / f"build-{component.name}-{component.version}.log"
-    log.write_text("")
+    log = _fresh_log(component)
+    staging = _fresh_staging(component)
+    if component.source is not None:
+        # A module of this repository, built in place: go.sum pins every dependency.
+        return _go_build(component, cwd=component.source, staging=staging, log=log, flags=("-mod=readonly",))
     workdir = cache_dir() / "src" / f"{component.name}-{component.version}"
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
-    staging = component.directory.with_name(component.directory.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     if component.needs_wrapper:
         _write_wrapper(component, workdir=workdir, log=log)
     else:
@@ -194,11 +224,33 @@ def build(component: Component, *, force: bool = False) -> Path:
             log=log,
             component=component.name,
         )
+    return _go_build(component, cwd=workdir, staging=staging, log=log)
+
+
+def _fresh_log(component: Component) -> Path:
+    logs = cache_dir() / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / f"build-{component.name}-{component.version}.log"
+    log.write_text("")
+    return log
+
+
+def _fresh_staging(component: Component) -> Path:
+    staging = component.directory.with_name(component.directory.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def _go_build(
+    component: Component, *, cwd: Path, staging: Path, log: Path, flags: tuple[str, ...] = ()
+) -> Path:
+    """Build every binary into ``staging``, stamp it complete, and move it into place."""
     ldflags = " ".join(("-s", "-w", *component.ldflags))
     for binary, package in component.binaries.items():
         _run(
-            ["go", "build", "-trimpath", f"-ldflags={ldflags}", "-o", str(staging / binary), package],
-            cwd=workdir,
+            ["go", "build", *flags, "-trimpath", f"-ldflags={ldflags}", "-o", str(staging / binary), package],
+            cwd=cwd,
             log=log,
             component=component.name,
         )
