@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from finetune_dev import demo
+from tests.integration.test_gitops_kstatus import kstatus
 from tests.kube import ClusterHandle, get, wait_for
 from tests.unit.test_gitops import health
 
@@ -51,8 +52,9 @@ def test_demo_fine_tunes_smollm2_end_to_end(cluster: ClusterHandle) -> None:
     assert any(k.startswith(f"{prefix}final/") and k.endswith(".safetensors") for k in objects)
     assert f"{prefix}run.json" in objects and f"{prefix}metrics.jsonl" in objects
     assert [c["step"] for c in status["checkpoints"]][-1] == 30
-    # GitOps tools read the same status: the Argo CD health check calls it Healthy.
+    # GitOps tools read the same status: Argo CD's health check calls it Healthy, Flux's kstatus Current.
     assert health(job) == ("Healthy", status["message"])
+    assert kstatus(job) == [("Current", "Resource is Ready")]
     # The printer columns show the outcome.
     table = cluster.kubectl("get", "ftj", "-n", demo.DEMO_NAMESPACE).stdout
     assert "Succeeded" in table and "30/30" in table
