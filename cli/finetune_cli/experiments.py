@@ -2,9 +2,9 @@
 
 An experiment is a FineTuneJob created by `experiment add` with the label
 `finetune.dev/role=experiment` and `spec.suspend: true`: the operator creates nothing that runs
-until `run` sets `suspend: false`. An evaluation (`eval`) is a FineTuneJob labelled
-`finetune.dev/role=evaluation` whose step-0 evaluation is the result (see `eval_manifest`).
-Called by `main`; no I/O.
+until `run` sets `suspend: false`. An evaluation (`eval`) is a FineTuneJob in `spec.mode:
+Evaluate`, labelled `finetune.dev/role=evaluation`, whose one evaluation (step 0) is the result
+(see `eval_manifest`). Called by `main`; no I/O.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from finetune_operator.api import API_VERSION, JOB_NAME_MAX_LENGTH, KIND, Phase
+from finetune_trainer.config import EVALUATE
 
 LABEL_ROLE = "finetune.dev/role"
 ROLE_EXPERIMENT = "experiment"
@@ -116,6 +117,11 @@ def parse_manifest(text: str, *, namespace: str) -> dict[str, Any]:
     return {**data, "metadata": metadata, "spec": {**data["spec"], "suspend": True}}
 
 
+def is_evaluation(job: Mapping[str, Any]) -> bool:
+    """A FineTuneJob in mode Evaluate: its one evaluation (step 0) is its result."""
+    return (job.get("spec") or {}).get("mode") == EVALUATE
+
+
 def role(job: Mapping[str, Any]) -> str | None:
     labels = (job.get("metadata") or {}).get("labels") or {}
     value = labels.get(LABEL_ROLE)
@@ -191,6 +197,28 @@ def eval_name(model_label: str, dataset_label: str, suffix: str) -> str:
     return f"eval-{core}-{suffix}"
 
 
+# The settings that decide what a job's evaluation measures: the block length, the seed that picks
+# held-out eval records, the precision; the micro-batch size and maxBatches decide how much of the
+# eval set is read when maxBatches is set.
+EVALUATION_HYPERPARAMETERS = ("sequenceLength", "seed", "precision")
+
+
+def evaluation_settings(job: Mapping[str, Any]) -> tuple[dict[str, Any], int | None]:
+    """(hyperparameters, evaluation.maxBatches) that make an evaluation of one of `job`'s
+    checkpoints measure what the job's own evaluations measure: its sequence length, seed and
+    precision, its per-process micro-batch size, and its maxBatches."""
+    spec = job.get("spec") or {}
+    given = spec.get("hyperparameters") or {}
+    settings = {key: given[key] for key in EVALUATION_HYPERPARAMETERS if key in given}
+    resources = spec.get("resources") or {}
+    processes = int(resources.get("nodes") or 1) * int(resources.get("processesPerNode") or 1)
+    micro = given.get("microBatchSize") or (int(given["batchSize"]) // processes if given.get("batchSize") else None)
+    if micro:
+        settings["batchSize"] = settings["microBatchSize"] = int(micro)
+    max_batches = (spec.get("evaluation") or {}).get("maxBatches")
+    return settings, (int(max_batches) if max_batches else None)
+
+
 def eval_manifest(
     *,
     name: str,
@@ -198,22 +226,16 @@ def eval_manifest(
     model: Mapping[str, Any],
     dataset: Mapping[str, Any],
     storage: Mapping[str, Any] | None = None,
+    hyperparameters: Mapping[str, Any] | None = None,
     max_batches: int | None = None,
 ) -> dict[str, Any]:
-    """A FineTuneJob that evaluates `model` on `dataset` at step 0 (zero-shot).
-
-    The API has no evaluation-only mode (hyperparameters.maxSteps >= 1), so the job trains one
-    step with the smallest batch after its step-0 evaluation; the CLI reports step 0 only."""
-    evaluation: dict[str, Any] = {"atStart": True, "everySteps": 1}
+    """A FineTuneJob in mode Evaluate: `model` evaluated on `dataset`'s eval set (its eval files,
+    a registered dataset's eval/ files, or evalSize records held out of train), no training."""
+    spec: dict[str, Any] = {"mode": EVALUATE, "model": dict(model), "dataset": dict(dataset)}
+    if hyperparameters:
+        spec["hyperparameters"] = dict(hyperparameters)
     if max_batches:
-        evaluation["maxBatches"] = max_batches
-    spec: dict[str, Any] = {
-        "model": dict(model),
-        "dataset": dict(dataset),
-        "hyperparameters": {"maxSteps": 1, "batchSize": 1},
-        "evaluation": evaluation,
-        "checkpoints": {"everySteps": 1, "keepLast": 1},
-    }
+        spec["evaluation"] = {"maxBatches": max_batches}
     if storage:
         spec["storage"] = dict(storage)
     return {

@@ -187,10 +187,7 @@ def cmd_list_datasets(app: App) -> None:
 
 
 def cmd_list_checkpoints(app: App) -> None:
-    if app.args.job_id:
-        jobs = [app.jobs.get(app.args.job_id)]
-    else:  # an evaluation job's one-step checkpoint is a by-product, not a result
-        jobs = [j for j in app.jobs.list() if experiments.role(j) != experiments.ROLE_EVALUATION]
+    jobs = [app.jobs.get(app.args.job_id)] if app.args.job_id else app.jobs.list()
     title = f"Checkpoints of {app.args.job_id}" if app.args.job_id else f"Checkpoints in {app.namespace}"
     app.view(views.checkpoints_view(jobs, title=title))
 
@@ -428,6 +425,8 @@ def cmd_eval(app: App) -> None:
     args = app.args
     storage_spec: dict[str, Any] = {}
     source_job: dict[str, Any] | None = None
+    hyperparameters: dict[str, Any] = {}
+    max_batches = args.max_batches
     if args.checkpoint:
         try:
             job_name, step = experiments.parse_checkpoint_id(args.checkpoint)
@@ -438,6 +437,8 @@ def cmd_eval(app: App) -> None:
         model: dict[str, Any] = {"uri": uri}
         model_text = f"{job_name}-step{step}"
         storage_spec = dict((source_job.get("spec") or {}).get("storage") or {})
+        hyperparameters, source_max_batches = experiments.evaluation_settings(source_job)
+        max_batches = max_batches or source_max_batches
     elif args.uri:
         model, model_text = {"uri": args.uri}, args.uri.rstrip("/").rsplit("/", 1)[-1]
     else:
@@ -453,7 +454,7 @@ def cmd_eval(app: App) -> None:
         data_text = args.dataset
     elif args.data:
         uris = [storage.as_uri(p) for p in args.data]
-        dataset = {"train": uris, "eval": uris, "format": args.format or "text"}
+        dataset = {"eval": uris, "format": args.format or "text"}
         data_text = uris[0].rstrip("/").rsplit("/", 1)[-1].split(".")[0]
     elif source_job is not None:
         dataset = dict((source_job.get("spec") or {}).get("dataset") or {})
@@ -462,12 +463,18 @@ def cmd_eval(app: App) -> None:
         raise CliError("what to evaluate on? pass --dataset NAME (registered) or --data URI…")
     name = args.name or experiments.eval_name(model_text, data_text, datetime.now(UTC).strftime("%H%M%S"))
     manifest = experiments.eval_manifest(
-        name=name, namespace=app.namespace, model=model, dataset=dataset, storage=storage_spec, max_batches=args.max_batches
+        name=name,
+        namespace=app.namespace,
+        model=model,
+        dataset=dataset,
+        storage=storage_spec,
+        hyperparameters=hyperparameters,
+        max_batches=max_batches,
     )
     app.jobs.create(manifest)
     if not args.wait:
         if not app.data({"job": name}):
-            app.say(f"evaluation job {name} created; its step-0 result appears in: kubectl finetune compare {name}")
+            app.say(f"evaluation job {name} created; its result appears in: kubectl finetune compare {name}")
         return
     deadline = time.monotonic() + args.timeout
     while True:
@@ -617,10 +624,13 @@ def build_parser() -> Parser:
     cancel.add_argument("--job_id", "--job-id", dest="job_id", required=True)
 
     # eval
-    evaluate = add(commands, "eval", cmd_eval, "evaluate a checkpoint or a catalog model zero-shot on a dataset")
+    evaluate = add(commands, "eval", cmd_eval, "evaluate a checkpoint or a catalog model on a dataset (no training)")
     target = evaluate.add_mutually_exclusive_group(required=True)
     target.add_argument("--model", help="catalog model name")
-    target.add_argument("--checkpoint", help="checkpoint ID <job>:<step> (see list checkpoints)")
+    target.add_argument(
+        "--checkpoint",
+        help="checkpoint ID <job>:<step> (see list checkpoints); without --dataset/--data, on its job's eval set",
+    )
     target.add_argument("--uri", help="model URI: s3://…, file://… or hf://org/name")
     source = evaluate.add_mutually_exclusive_group()
     source.add_argument("--dataset", help="registered dataset (its eval/ files, else held-out records)")

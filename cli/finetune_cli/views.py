@@ -15,7 +15,7 @@ from typing import Any
 
 from rich.table import Table
 
-from finetune_cli.experiments import ROLE_EVALUATION, checkpoint_id, role
+from finetune_cli.experiments import checkpoint_id, is_evaluation, role
 from finetune_operator.api import Phase, SpecError, parse_spec
 from finetune_trainer.config import Hyperparameters
 
@@ -147,7 +147,10 @@ def phase_of(job: Mapping[str, Any]) -> str:
 
 
 def progress_of(job: Mapping[str, Any]) -> tuple[int, int | None, float | None]:
-    """(step, total steps, percent) from status.progress."""
+    """(step, total steps, percent) from status.progress; an evaluation has 0 steps and is done
+    when it succeeded."""
+    if is_evaluation(job):
+        return 0, 0, 100.0 if phase_of(job) == Phase.SUCCEEDED else None
     progress = (job.get("status") or {}).get("progress") or {}
     step = int(progress.get("step") or 0)
     total = progress.get("totalSteps")
@@ -160,6 +163,8 @@ def progress_of(job: Mapping[str, Any]) -> tuple[int, int | None, float | None]:
 
 
 def progress_text(job: Mapping[str, Any]) -> str:
+    if is_evaluation(job):
+        return "eval"
     step, total, percent = progress_of(job)
     if total is None:
         return f"{step}" if step else ""
@@ -177,7 +182,7 @@ def progress_fields(job: Mapping[str, Any]) -> tuple[float, dict[str, Any]]:
         str(row["message"] or "")[:60] if row["phase"] in TERMINAL_PHASES else "",
     ]
     fields = {
-        "steps": f"{step}/{total}" if total else str(step),
+        "steps": "eval" if is_evaluation(job) else f"{step}/{total}" if total else str(step),
         "phase": row["phase"],
         "detail": " ".join(d for d in detail if d),
     }
@@ -188,8 +193,8 @@ def job_row(job: Mapping[str, Any]) -> dict[str, Any]:
     meta = job.get("metadata") or {}
     status = job.get("status") or {}
     latest = status.get("latestEvaluation") or {}
-    if role(job) == ROLE_EVALUATION:  # its result is the step-0 evaluation, not the step trained after
-        latest = next((e for e in status.get("evaluations") or [] if int(e.get("step") or 0) == 0), {})
+    if is_evaluation(job):  # its result is its one evaluation, at step 0
+        latest = next((e for e in status.get("evaluations") or [] if int(e.get("step") or 0) == 0), latest)
     progress = status.get("progress") or {}
     return {
         "id": meta.get("name"),
@@ -255,6 +260,7 @@ def job_summary(job: Mapping[str, Any]) -> dict[str, Any]:
     conditions = {c.get("type"): c.get("status") for c in status.get("conditions") or []}
     return {
         "id": row["id"],
+        "mode": (job.get("spec") or {}).get("mode"),
         "model": row["model"],
         "dataset": row["dataset"],
         "phase": row["phase"],
@@ -317,7 +323,7 @@ def evaluations_view(job: Mapping[str, Any]) -> View:
             {
                 "model": model_label(job),
                 "step": step,
-                "kind": "zero-shot" if step == 0 else "fine-tuned",
+                "kind": _kind(job, step),
                 "loss": evaluation.get("loss"),
                 "accuracy": evaluation.get("accuracy"),
                 "perplexity": evaluation.get("perplexity"),
@@ -339,6 +345,13 @@ def evaluations_view(job: Mapping[str, Any]) -> View:
         empty=f"{name} has no evaluations yet (step 0 is evaluated when training starts)",
         highlight=_best(rows),
     )
+
+
+def _kind(job: Mapping[str, Any], step: int) -> str:
+    """evaluation (a job in mode Evaluate), zero-shot (step 0 of a training job) or fine-tuned."""
+    if is_evaluation(job):
+        return "evaluation"
+    return "zero-shot" if step == 0 else "fine-tuned"
 
 
 def _best(rows: Sequence[Mapping[str, Any]]) -> set[int]:
@@ -416,8 +429,8 @@ def checkpoints_view(jobs: Sequence[Mapping[str, Any]], *, title: str) -> View:
 def compare_rows(jobs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """The studio's Table 1: baselines (zero-shot, step 0) then each job's evaluations by step.
 
-    An evaluation job (`kubectl finetune eval`) contributes its step-0 result only. A baseline
-    evaluated by several jobs on the same dataset is listed once."""
+    An evaluation (a job in mode Evaluate, e.g. from `kubectl finetune eval`) contributes its one
+    result, kind `evaluation`. A baseline evaluated by several jobs on the same dataset is listed once."""
     rows: list[dict[str, Any]] = []
     seen_baselines: set[tuple[str, str]] = set()
     for job in jobs:
@@ -431,12 +444,9 @@ def compare_rows(jobs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             seen_baselines.add(key)
             rows.append(_metric_row(str(baseline.get("model")), 0, baseline, job=name, dataset=data, kind="baseline"))
         evaluations = sorted(status.get("evaluations") or [], key=lambda e: int(e.get("step") or 0))
-        if role(job) == ROLE_EVALUATION:
-            evaluations = [e for e in evaluations if int(e.get("step") or 0) == 0]
         for evaluation in evaluations:
             step = int(evaluation.get("step") or 0)
-            kind = ("evaluation" if role(job) == ROLE_EVALUATION else "zero-shot") if step == 0 else "fine-tuned"
-            rows.append(_metric_row(model_label(job), step, evaluation, job=name, dataset=data, kind=kind))
+            rows.append(_metric_row(model_label(job), step, evaluation, job=name, dataset=data, kind=_kind(job, step)))
     return rows
 
 
@@ -494,14 +504,17 @@ METRICS = ("loss", "accuracy", "perplexity")
 
 def plot_series(jobs: Sequence[Mapping[str, Any]]) -> list[Series]:
     """One line per job (its evaluations by step); one flat line per baseline and per evaluation
-    job (`kubectl finetune eval`: its step-0 result), across the steps of the jobs."""
+    (a job in mode Evaluate: labelled zero-shot for a catalog model, evaluation for a checkpoint or
+    another URI), across the steps of the jobs."""
     series: list[Series] = []
     flat: list[tuple[str, Mapping[str, Any]]] = []
     for job in jobs:
         status = job.get("status") or {}
         evaluations = sorted(status.get("evaluations") or [], key=lambda e: int(e.get("step") or 0))
-        if role(job) == ROLE_EVALUATION:
-            flat.extend((f"{model_label(job)} (zero-shot)", e) for e in evaluations if int(e.get("step") or 0) == 0)
+        if is_evaluation(job):
+            catalog_model = ((job.get("spec") or {}).get("model") or {}).get("name")
+            label = f"{model_label(job)} ({'zero-shot' if catalog_model else 'evaluation'})"
+            flat.extend((label, e) for e in evaluations if int(e.get("step") or 0) == 0)
         elif evaluations:
             rows = [_metric_row("", int(e.get("step") or 0), e, job="", dataset="", kind="") for e in evaluations]
             series.append(

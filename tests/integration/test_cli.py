@@ -394,7 +394,7 @@ def test_status_watch_shows_live_progress(
 
 
 # ---- eval --------------------------------------------------------------------------------------------
-def test_eval_of_a_checkpoint_creates_an_evaluation_job_and_waits_for_step_zero(
+def test_eval_of_a_checkpoint_creates_an_evaluate_mode_job_and_waits_for_its_result(
     cluster: ClusterHandle, namespace: str, finished_job: str
 ) -> None:
     evaluation = subprocess.Popen(
@@ -428,9 +428,10 @@ def test_eval_of_a_checkpoint_creates_an_evaluation_job_and_waits_for_step_zero(
             what="the evaluation job",
         )
         spec = json.loads(job)["spec"]
+        assert spec["mode"] == "Evaluate"
         assert spec["model"] == {"uri": REUTERS["checkpoints"][0]["uri"], "init": "pretrained"}
-        assert spec["dataset"]["eval"] == ["s3://data/patents-eval.jsonl"]
-        assert spec["evaluation"]["atStart"] is True
+        assert spec["dataset"]["eval"] == ["s3://data/patents-eval.jsonl"] and "train" not in spec["dataset"]
+        assert spec["evaluation"]["atStart"] is True and "maxSteps" not in spec["hyperparameters"]
         set_status(
             cluster,
             namespace,

@@ -13,6 +13,7 @@ def ftj(
     model: str = "pythia-1.4b",
     created: str = "2026-11-29T06:00:00Z",
     role: str | None = "experiment",
+    mode: str = "Train",
     suspend: bool = False,
     cancel: bool = False,
     dataset: dict[str, Any] | None = None,
@@ -20,6 +21,7 @@ def ftj(
     **status: Any,
 ) -> dict[str, Any]:
     spec: dict[str, Any] = {
+        "mode": mode,
         "model": {"name": model},
         "dataset": dataset or {"name": "reuters"},
         "suspend": suspend,
@@ -75,3 +77,17 @@ REUTERS_STATUS: dict[str, Any] = {
 
 def reuters_job() -> dict[str, Any]:
     return ftj(**REUTERS_STATUS)
+
+
+# `kubectl finetune eval --model gpt-j-6b`: GPT-J 6B evaluated on the Reuters eval set (Table 1).
+GPTJ_EVALUATED: dict[str, Any] = {
+    "phase": "Succeeded",
+    "progress": {"step": 0, "totalSteps": 0, "steps": "eval", "percent": 100.0, "trainerPhase": "Succeeded"},
+    "latestEvaluation": {"step": 0, "loss": 1.92, "accuracy": 0.625, "perplexity": 6.84},
+    "evaluations": [{"step": 0, "loss": 1.92, "accuracy": 0.625, "perplexity": 6.84}],
+    "checkpoints": [],
+}
+
+
+def gptj_evaluation() -> dict[str, Any]:
+    return ftj("eval-gpt-j", model="gpt-j-6b", role="evaluation", mode="Evaluate", **GPTJ_EVALUATED)

@@ -144,17 +144,49 @@ def test_eval_name_is_a_valid_job_name(model: str, dataset: str) -> None:
     assert "--" not in name
 
 
-def test_eval_manifest_evaluates_at_step_zero_and_is_a_valid_spec() -> None:
+def test_eval_manifest_is_a_valid_evaluate_mode_spec() -> None:
     manifest = experiments.eval_manifest(
         name="eval-x",
         namespace="team",
         model={"uri": "s3://runs/team/job/checkpoints/step-000100/"},
-        dataset={"name": "reuters"},
+        dataset={"eval": ["s3://data/reuters/eval.jsonl"]},
         storage={"datasetsUri": "s3://datasets/"},
+        hyperparameters={"sequenceLength": 1024, "seed": 7},
         max_batches=4,
     )
     assert manifest["metadata"]["labels"] == {experiments.LABEL_ROLE: experiments.ROLE_EVALUATION}
+    assert experiments.is_evaluation(manifest)
     spec = parse_spec(manifest["spec"])
-    assert spec.evaluation.at_start
-    assert spec.evaluation.max_batches == 4
-    assert spec.hyperparameters.max_steps == 1
+    assert (spec.mode, spec.evaluation.at_start, spec.evaluation.max_batches) == ("Evaluate", True, 4)
+    assert (spec.hyperparameters.max_steps, spec.hyperparameters.sequence_length) == (None, 1024)
+    assert "checkpoints" not in manifest["spec"] and "lora" not in manifest["spec"]
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        pytest.param(
+            {"hyperparameters": {"maxSteps": 2000, "batchSize": 32, "microBatchSize": 4, "sequenceLength": 1024,
+                                 "seed": 7, "learningRate": 2e-5}, "evaluation": {"maxBatches": 50}},
+            ({"sequenceLength": 1024, "seed": 7, "batchSize": 4, "microBatchSize": 4}, 50),
+            id="micro-batch-and-max-batches",
+        ),
+        pytest.param(
+            {"hyperparameters": {"batchSize": 32, "precision": "bf16"}, "resources": {"nodes": 2, "processesPerNode": 4}},
+            ({"precision": "bf16", "batchSize": 4, "microBatchSize": 4}, None),
+            id="per-process-batch",
+        ),
+        pytest.param({}, ({}, None), id="defaults"),
+    ],
+)
+def test_a_checkpoint_is_evaluated_as_its_job_evaluates(
+    spec: dict[str, Any], expected: tuple[dict[str, Any], int | None]
+) -> None:
+    """Sequence length, seed (the held-out split), precision and micro-batch of the source job."""
+    job = {"metadata": {"name": "neox"}, "spec": {"model": {"name": "pythia-1.4b"}, **spec}}
+    settings, max_batches = experiments.evaluation_settings(job)
+    assert (settings, max_batches) == expected
+    manifest = experiments.eval_manifest(
+        name="e", namespace="n", model={"uri": "s3://r/c/"}, dataset={"name": "d"}, hyperparameters=settings
+    )
+    parse_spec(manifest["spec"])

@@ -10,8 +10,7 @@ import pytest
 from rich.console import Console
 
 from finetune_cli import views
-from finetune_cli.experiments import ROLE_EVALUATION
-from tests.unit.cli_factories import REUTERS_STATUS, ftj, reuters_job
+from tests.unit.cli_factories import REUTERS_STATUS, ftj, gptj_evaluation, reuters_job
 
 
 def _text(view: views.View) -> str:
@@ -134,10 +133,14 @@ def test_compare_lists_a_shared_baseline_once_and_flags_different_datasets() -> 
     assert views.compare_view([reuters_job(), other]).caption == "Different datasets are not comparable."
 
 
-def test_compare_takes_only_step_zero_of_an_evaluation_job() -> None:
-    job = ftj("eval-gpt-j", model="gpt-j-6b", role=ROLE_EVALUATION, evaluations=REUTERS_STATUS["evaluations"])
-    rows = views.compare_rows([job])
-    assert [(r["model"], r["step"], r["kind"]) for r in rows] == [("gpt-j-6b", 0, "evaluation")]
+def test_compare_shows_an_evaluation_next_to_the_fine_tuned_model() -> None:
+    """The studio's Table 1: the fine-tuned 1.4B model against GPT-J 6B evaluated (mode Evaluate)."""
+    rows = views.compare_rows([reuters_job(), gptj_evaluation()])
+    assert [(r["model"], r["step"], r["kind"], r["job"]) for r in rows][-2:] == [
+        ("pythia-1.4b", 2000, "fine-tuned", "neox-reuters"),
+        ("gpt-j-6b", 0, "evaluation", "eval-gpt-j"),
+    ]
+    assert views.compare_view([reuters_job(), gptj_evaluation()]).caption is None, "same dataset"
 
 
 def test_compare_derives_perplexity_from_loss_when_missing() -> None:
@@ -209,26 +212,25 @@ def test_empty_optional_columns_are_left_out() -> None:
     assert "Loss" in _text(views.jobs_view([reuters_job()], namespace="team"))
 
 
-def test_plot_series_draws_an_evaluation_job_as_a_flat_zero_shot_line() -> None:
-    evaluation = ftj(
-        "eval-gpt-j", model="gpt-j-6b", role=ROLE_EVALUATION, evaluations=REUTERS_STATUS["evaluations"]
-    )
-    series = views.plot_series([reuters_job(), evaluation])
+def test_plot_series_draws_an_evaluation_as_a_flat_line() -> None:
+    checkpoint = ftj("eval-ckpt", mode="Evaluate", **{**REUTERS_STATUS, "evaluations": REUTERS_STATUS["evaluations"][:1]})
+    checkpoint["spec"]["model"] = {"uri": "s3://runs/team/neox-reuters/checkpoints/step-001000/"}
+    checkpoint["status"]["model"] = "step-001000"
+    series = views.plot_series([reuters_job(), gptj_evaluation(), checkpoint])
     flat = {s.label: s for s in series if s.baseline}
-    assert set(flat) == {"gpt-j-6b (zero-shot)"}  # the job's baseline and the eval job: one line
+    # the job's GPT-J baseline and the GPT-J evaluation are one zero-shot line; a checkpoint is not zero-shot
+    assert set(flat) == {"gpt-j-6b (zero-shot)", "step-001000 (evaluation)"}
     assert flat["gpt-j-6b (zero-shot)"].steps == [0, 2000]
 
 
-def test_an_evaluation_job_reports_its_step_zero_result() -> None:
-    job = ftj(
-        "eval-gpt-j",
-        model="gpt-j-6b",
-        role=ROLE_EVALUATION,
-        evaluations=REUTERS_STATUS["evaluations"],
-        latestEvaluation=REUTERS_STATUS["latestEvaluation"],
-    )
+def test_an_evaluation_job_shows_its_result_and_eval_as_progress() -> None:
+    job = gptj_evaluation()
     row = views.job_row(job)
-    assert (row["evalLoss"], row["accuracy"]) == (2.41, 0.52)
+    assert (row["evalLoss"], row["accuracy"], row["progress"]) == (1.92, 0.625, "eval")
+    assert views.progress_fields(job) == (100.0, {"steps": "eval", "phase": "Succeeded", "detail": "loss 1.920"})
+    assert views.job_summary(job)["mode"] == "Evaluate"
+    by_kind = {(r["kind"], r["step"]) for r in views.evaluations_view(job).rows}
+    assert by_kind == {("evaluation", 0)}
 
 
 @pytest.mark.parametrize(
