@@ -71,7 +71,42 @@ INVALID = [
     (
         "dataset-name-and-train",
         with_spec(dataset={"name": "reuters", "train": ["s3://d/t.jsonl"]}),
-        ["spec.dataset: Invalid value", "exactly one of name (a registered dataset) or train"],
+        ["spec.dataset: Invalid value", "name (a registered dataset) and train (a list of URIs) are exclusive"],
+    ),
+    (
+        "dataset-no-source",
+        with_spec(dataset={"format": "text"}),
+        ["spec.dataset: Invalid value", "set name (a registered dataset), train (a list of URIs) or, in mode Evaluate, eval"],
+    ),
+    (
+        "train-mode-needs-training-data",
+        with_spec(dataset={"eval": ["s3://d/e.jsonl"]}),
+        ["spec.dataset: Invalid value", "mode Train needs dataset.name or dataset.train"],
+    ),
+    (
+        "mode-enum",
+        with_spec(mode="Test"),
+        ['spec.mode: Unsupported value: "Test"', '"Train", "Evaluate"'],
+    ),
+    (
+        "evaluate-max-steps",
+        with_spec(mode="Evaluate"),
+        ["spec.hyperparameters.maxSteps: Invalid value", "maxSteps is not allowed in mode Evaluate"],
+    ),
+    (
+        "evaluate-epochs",
+        with_spec(mode="Evaluate", hyperparameters={"epochs": 1, "batchSize": 4}),
+        ["spec.hyperparameters.epochs: Invalid value", "epochs is not allowed in mode Evaluate"],
+    ),
+    (
+        "evaluate-lora",
+        with_spec(mode="Evaluate", hyperparameters={"batchSize": 4}, lora={"rank": 4}),
+        ["spec.lora: Invalid value", "lora is not allowed in mode Evaluate", "give its folder as model.uri"],
+    ),
+    (
+        "evaluate-at-start",
+        with_spec(mode="Evaluate", hyperparameters={"batchSize": 4}, evaluation={"atStart": False}),
+        ["spec.evaluation.atStart: Invalid value", "atStart must be true in mode Evaluate"],
     ),
     (
         "dataset-train-empty",
@@ -219,7 +254,21 @@ def test_valid_manifest_gets_defaults(cluster: ClusterHandle, namespace: str) ->
     assert spec["resources"] == {"nodes": 1, "processesPerNode": 1, "gpus": 0}
     assert spec["runPolicy"]["backoffLimit"] == 0
     assert spec["suspend"] is False and spec["cancel"] is False
+    assert spec["mode"] == "Train"
     assert "lora" not in spec, "no LoRA unless asked for"
+
+
+def test_valid_evaluate_manifest(cluster: ClusterHandle, namespace: str) -> None:
+    obj = manifest("evaluation", mode="Evaluate", dataset={"eval": ["file:///standin/ok/eval.jsonl"]},
+                   hyperparameters={"batchSize": 4})
+    out = cluster.kubectl(
+        "create", "--dry-run=server", "-n", namespace, "-o", "json", "-f", "-", input=json.dumps(obj)
+    )
+    spec = json.loads(out.stdout)["spec"]
+    assert (spec["mode"], spec["dataset"]["eval"], spec["evaluation"]["atStart"]) == (
+        "Evaluate", ["file:///standin/ok/eval.jsonl"], True
+    )
+    assert "maxSteps" not in spec["hyperparameters"] and "train" not in spec["dataset"]
 
 
 def _create_started(cluster: ClusterHandle, namespace: str, name: str) -> None:
@@ -253,6 +302,11 @@ def _create_started(cluster: ClusterHandle, namespace: str, name: str) -> None:
             id="hyperparameters",
         ),
         pytest.param({"spec": {"lora": {"rank": 4}}}, "spec.lora: Invalid value", id="lora-added"),
+        pytest.param(
+            {"spec": {"mode": "Evaluate", "hyperparameters": {"maxSteps": None}}},
+            "spec.mode: Invalid value",
+            id="mode",
+        ),
     ],
 )
 def test_training_sections_immutable_once_started(
