@@ -7,14 +7,9 @@ previous status unless something changed), so `reconcile` writes only when the r
 Phases: Pending → Running → Succeeded | Failed, with Suspended (spec.suspend) and Cancelled
 (spec.cancel). A job in mode Evaluate has the same phases (Running with reason Evaluating); its
 progress is step 0 of 0 steps, printed as `eval`, and its result is the step-0 evaluation.
-
-Results: evaluations and baselines accumulate (merged by step and by model); checkpoints are
-replaced by the trainer's own list — the complete checkpoints that still exist, after
-checkpoints.keepLast deleted older ones (a resumed run's earlier checkpoints are in it). The
-list comes from rank 0's progress report while it runs and from its termination summary once
-no rank-0 pod is live (a summary of an earlier attempt never overrides a newer report). Terminal phases are sticky: a finished Job deleted by its TTL leaves the status
-as it was. Conditions follow kstatus (Ready normal-true; Reconciling and Stalled abnormal-true),
-each with observedGeneration, so Argo CD and Flux report health:
+Terminal phases are sticky: a finished Job deleted by its TTL leaves the status as it was.
+Conditions follow kstatus (Ready normal-true; Reconciling and Stalled abnormal-true), each with
+observedGeneration, so Argo CD and Flux report health:
 
 | phase     | Ready | Reconciling | Stalled |
 |-----------|-------|-------------|---------|
@@ -24,6 +19,12 @@ each with observedGeneration, so Argo CD and Flux report health:
 | Succeeded | True  | False       | False   |
 | Failed    | False | False       | True    |
 | Cancelled | False | False       | True    |
+
+Results: evaluations and baselines accumulate (merged by step and by model); checkpoints are
+replaced by the trainer's own list — the complete checkpoints that still exist, after
+checkpoints.keepLast deleted older ones (a resumed run's earlier checkpoints are in it). The
+list comes from rank 0's progress report while it runs and from its termination summary once
+no rank-0 pod is live (a summary of an earlier attempt never overrides a newer report).
 
 Called by `reconcile` and the unit tests; must not import kopf or the Kubernetes client.
 """
@@ -314,11 +315,9 @@ def _finish_message(job: FineTuneJob, finished: tuple[Phase, Reason, str], obser
     if phase is Phase.SUCCEEDED:
         summary = _termination_summary(observed.pods)
         if job.spec.mode == EVALUATE:
-            result = next(
-                (e for p in (summary or {}).get("evaluations") or [] if (e := _evaluation(p)) and e["step"] == 0),
-                None,
-            )
-            if result is None or not {"loss", "accuracy", "perplexity"} <= set(result):
+            points = [e for p in (summary or {}).get("evaluations") or [] if (e := _evaluation(p)) is not None]
+            result = next((e for e in points if e["step"] == 0), {})
+            if not {"loss", "accuracy", "perplexity"} <= set(result):
                 return "evaluation finished"
             return (
                 f"evaluation finished: eval loss {result['loss']:.4f}, token accuracy "
