@@ -28,7 +28,7 @@ def test_experiment_run_watch_compare_plot(cluster: ClusterHandle, namespace: st
         dataset={"train": ["file:///standin/ok/train.jsonl"]},
         hyperparameters={"maxSteps": 20, "batchSize": 4},
         evaluation={"everySteps": 10},
-        checkpoints={"everySteps": 10},
+        checkpoints={"everySteps": 5, "keepLast": 2},
         runPolicy={"backoffLimit": 0, "terminationGracePeriodSeconds": 30},
     )
     cli(cluster, namespace, "experiment", "add", "-f", str(path))
@@ -49,16 +49,23 @@ def test_experiment_run_watch_compare_plot(cluster: ClusterHandle, namespace: st
     table = cli(cluster, namespace, "compare").stdout
     assert "smollm2-135m-instruct" in table and "Perplexity" in table
     checkpoints = cli_json(cluster, namespace, "list", "checkpoints")
-    assert [c["id"] for c in checkpoints] == ["studio:10", "studio:20"]
+    assert [c["id"] for c in checkpoints] == ["studio:15", "studio:20"], "keepLast deleted steps 5 and 10"
     png = tmp_path / "studio.png"
     cli(cluster, namespace, "plot", "studio", "--out", str(png))
     assert png.read_bytes()[:4] == b"\x89PNG"
 
-    cli(cluster, namespace, "eval", "--checkpoint", "studio:10", "--data", "file:///standin/ok/eval.jsonl",
+    cli(cluster, namespace, "eval", "--checkpoint", "studio:15", "--data", "file:///standin/ok/eval.jsonl",
         "--name", "eval-studio", "--wait", "--interval", "0.5", "--timeout", "120")
     kinds = [(r["job"], r["step"], r["kind"]) for r in cli_json(cluster, namespace, "compare")]
     assert ("eval-studio", 0, "evaluation") in kinds
-    assert get_ftj(cluster, namespace, "eval-studio")["spec"]["model"]["uri"] == checkpoints[0]["uri"]
+    evaluation = get_ftj(cluster, namespace, "eval-studio")
+    assert (evaluation["spec"]["mode"], evaluation["spec"]["model"]["uri"]) == ("Evaluate", checkpoints[0]["uri"])
+    wait_phase(cluster, namespace, "eval-studio", "Succeeded", timeout=60)
+    done = get_ftj(cluster, namespace, "eval-studio")["status"]
+    assert (done["progress"]["steps"], done["progress"]["totalSteps"], done["checkpoints"]) == ("eval", 0, [])
+    assert [e["step"] for e in done["evaluations"]] == [0]
+    assert done["message"].startswith("evaluation finished: eval loss ")
+    assert [r["id"] for r in cli_json(cluster, namespace, "list", "checkpoints")] == ["studio:15", "studio:20"]
 
 
 def test_status_cancel_stops_a_running_job(cluster: ClusterHandle, namespace: str, tmp_path: Path) -> None:
