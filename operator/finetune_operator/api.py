@@ -91,6 +91,7 @@ class Reason(enum.StrEnum):
     EVALUATING = "Evaluating"  # Running in mode Evaluate
     SUCCEEDED = "Succeeded"
     SUSPENDED = "Suspended"
+    SUSPENDING = "Suspending"  # Suspended while pods still save a checkpoint
     CANCELLING = "Cancelling"
     CANCELLED = "Cancelled"
     INVALID_INPUT = "InvalidInput"  # the trainer exited with EXIT_INVALID_INPUT

@@ -15,7 +15,7 @@ observedGeneration, so Argo CD and Flux report health:
 |-----------|-------|-------------|---------|
 | Pending   | False | True        | False (True when stuck on something outside the spec) |
 | Running   | False | True        | False   |
-| Suspended | False | False       | False   |
+| Suspended | –     | False (True while pods still save a checkpoint: reason Suspending) | False |
 | Succeeded | True  | False       | False   |
 | Failed    | False | False       | True    |
 | Cancelled | False | False       | True    |
@@ -232,7 +232,7 @@ def _live_phase(job: FineTuneJob, observed: Observed, prev_phase: Phase | None) 
         return Phase.PENDING, Reason.CREATING, "creating the Job"
     if job.spec.suspend:
         if active:
-            return Phase.SUSPENDED, Reason.SUSPENDED, f"suspending: {len(active)} pod(s) saving a checkpoint"
+            return Phase.SUSPENDED, Reason.SUSPENDING, f"suspending: {len(active)} pod(s) saving a checkpoint"
         return Phase.SUSPENDED, Reason.SUSPENDED, "suspended (spec.suspend); set it to false to resume"
     running = [pod for pod in active if (pod.get("status") or {}).get("phase") == "Running"]
     if running:
@@ -612,14 +612,18 @@ def conditions(
     stalled: bool = False,
 ) -> list[dict[str, Any]]:
     """kstatus conditions for a phase (see the module docstring's table)."""
-    ready = phase is Phase.SUCCEEDED
-    reconciling = phase in (Phase.PENDING, Phase.RUNNING) and not stalled
+    reconciling = (phase in (Phase.PENDING, Phase.RUNNING) or reason is Reason.SUSPENDING) and not stalled
     is_stalled = phase in (Phase.FAILED, Phase.CANCELLED) or stalled
     values = {
-        ConditionType.READY: ready,
+        ConditionType.READY: phase is Phase.SUCCEEDED,
         ConditionType.RECONCILING: reconciling,
         ConditionType.STALLED: is_stalled,
     }
+    if phase is Phase.SUSPENDED:
+        # No Ready condition: kstatus (Flux) reads Ready=False as "in progress", which would hold
+        # a `wait: true` Kustomization until it times out; without it a settled suspended job is
+        # Current, as intended. Ready=True would make `kubectl wait --for=condition=Ready` lie.
+        del values[ConditionType.READY]
     before = {c.get("type"): c for c in previous}
     out = []
     for kind, value in values.items():

@@ -85,9 +85,10 @@ TABLE: dict[tuple[str, str, str, str], tuple[str, str]] = {
     ("Pending", "False", "True", "False"): ("InProgress", "Progressing"),
     ("Pending", "False", "False", "True"): ("Failed", "Degraded"),
     ("Running", "False", "True", "False"): ("InProgress", "Progressing"),
-    # Neither Reconciling nor Stalled: kstatus falls back to Ready=False and says InProgress
-    # for as long as the job stays suspended.
-    ("Suspended", "False", "False", "False"): ("InProgress", "Suspended"),
+    # A settled suspended job has no Ready condition (Ready=False would read as InProgress for as
+    # long as it stays suspended); while its pods still save a checkpoint it is Reconciling.
+    ("Suspended", "-", "False", "False"): ("Current", "Suspended"),
+    ("Suspended", "-", "True", "False"): ("InProgress", "Suspended"),
     ("Succeeded", "True", "False", "False"): ("Current", "Healthy"),
     ("Failed", "False", "False", "True"): ("Failed", "Degraded"),
     ("Cancelled", "False", "False", "True"): ("Failed", "Degraded"),
@@ -104,7 +105,7 @@ BEFORE_CONDITIONS: dict[str, tuple[str, str]] = {
 def row(case: str) -> tuple[str, str, str, str]:
     status = OBJECTS[case]["status"]
     conditions = {c["type"]: c["status"] for c in status["conditions"]}
-    return status["phase"], conditions["Ready"], conditions["Reconciling"], conditions["Stalled"]
+    return status["phase"], conditions.get("Ready", "-"), conditions["Reconciling"], conditions["Stalled"]
 
 
 def expected(case: str) -> tuple[str, str]:
@@ -133,7 +134,13 @@ def test_flux_and_argocd_health_per_phase(case: str, computed: dict[str, tuple[s
 def test_flux_shows_the_jobs_own_message(case: str, computed: dict[str, tuple[str, str]]) -> None:
     """A progressing or failed Kustomization quotes the job's status message (from a condition)."""
     flux, message = computed[case]
-    assert message == ("Resource is Ready" if flux == "Current" else OBJECTS[case]["status"]["message"])
+    status = OBJECTS[case]["status"]
+    if flux != "Current":
+        assert message == status["message"]
+    elif status["phase"] == "Succeeded":
+        assert message == "Resource is Ready"
+    else:  # suspended: no Ready condition to quote
+        assert message == "Resource is current"
 
 
 def test_flux_names_the_generation_it_waits_for(computed: dict[str, tuple[str, str]]) -> None:

@@ -199,14 +199,14 @@ CASES = [
         "suspended",
         {"suspend": True},
         Observed(job=batch_job(suspend=True)),
-        ("Suspended", "Suspended", "False", "False", "False"),
+        ("Suspended", "Suspended", None, "False", "False"),  # no Ready: Current for kstatus
         "set it to false to resume",
     ),
     (
         "suspending",
         {"suspend": True},
         Observed(job=batch_job(suspend=True), pods=[pod()]),
-        ("Suspended", "Suspended", "False", "False", "False"),
+        ("Suspended", "Suspending", None, "True", "False"),
         "saving a checkpoint",
     ),
     (
@@ -273,7 +273,7 @@ def test_phase_and_conditions(
     assert (
         status["phase"],
         status["reason"],
-        conds["Ready"],
+        conds.get("Ready"),
         conds["Reconciling"],
         conds["Stalled"],
     ) == expected
