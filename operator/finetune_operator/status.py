@@ -15,7 +15,7 @@ observedGeneration, so Argo CD and Flux report health:
 |-----------|-------|-------------|---------|
 | Pending   | False | True        | False (True when stuck on something outside the spec) |
 | Running   | False | True        | False   |
-| Suspended | –     | False (True while pods still save a checkpoint: reason Suspending) | False |
+| Suspended | (none) | False (True while pods still save a checkpoint: reason Suspending) | False |
 | Succeeded | True  | False       | False   |
 | Failed    | False | False       | True    |
 | Cancelled | False | False       | True    |
@@ -315,7 +315,9 @@ def _finish_message(job: FineTuneJob, finished: tuple[Phase, Reason, str], obser
     if phase is Phase.SUCCEEDED:
         summary = _termination_summary(observed.pods)
         if job.spec.mode == EVALUATE:
-            points = [e for p in (summary or {}).get("evaluations") or [] if (e := _evaluation(p)) is not None]
+            points = [
+                e for p in (summary or {}).get("evaluations") or [] if (e := _evaluation(p)) is not None
+            ]
             result = next((e for e in points if e["step"] == 0), {})
             if not {"loss", "accuracy", "perplexity"} <= set(result):
                 return "evaluation finished"
@@ -406,7 +408,10 @@ def _parse_summary(text: str) -> dict[str, Any] | None:
 
 
 def _is_rank0(pod: Mapping[str, Any]) -> bool:
-    return ((pod.get("metadata") or {}).get("annotations") or {}).get(COMPLETION_INDEX_ANNOTATION) in (None, "0")
+    return ((pod.get("metadata") or {}).get("annotations") or {}).get(COMPLETION_INDEX_ANNOTATION) in (
+        None,
+        "0",
+    )
 
 
 def _rank0_live(pods: Sequence[Mapping[str, Any]]) -> bool:
@@ -430,11 +435,18 @@ def _termination_summary(pods: Sequence[Mapping[str, Any]]) -> dict[str, Any] | 
 # progress
 
 
+# Metrics in the status are for people, `kubectl get` and GitOps tools: 5 significant digits
+# (0.78004, not 0.7800356164157423). Full precision stays in the run folder's metrics.jsonl and
+# in the trainer's Prometheus metrics.
+SIGNIFICANT_DIGITS = 5
+
+
 def _number(value: Any) -> float | None:
+    """A finite number from untrusted JSON, rounded to SIGNIFICANT_DIGITS, else None."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     number = float(value)
-    return number if math.isfinite(number) else None
+    return float(f"{number:.{SIGNIFICANT_DIGITS}g}") if math.isfinite(number) else None
 
 
 def _count(value: Any) -> int | None:
@@ -548,7 +560,7 @@ def _checkpoint(item: Any) -> dict[str, Any] | None:
     out: dict[str, Any] = {"step": item["step"], "uri": item["uri"]}
     if isinstance(item.get("time"), str):
         out["time"] = item["time"]
-    metrics = {k: float(v) for k, v in (item.get("metrics") or {}).items() if _number(v) is not None}
+    metrics = {k: n for k, v in (item.get("metrics") or {}).items() if (n := _number(v)) is not None}
     if metrics:
         out["metrics"] = metrics
     return out

@@ -55,7 +55,11 @@ SUMMARY_EVALUATED = json.dumps(
         "checkpoints": [],
     }
 )
-EVALUATE = {"mode": "Evaluate", "hyperparameters": None, "dataset": {"eval": ["s3://data/reuters/eval.jsonl"]}}
+EVALUATE = {
+    "mode": "Evaluate",
+    "hyperparameters": None,
+    "dataset": {"eval": ["s3://data/reuters/eval.jsonl"]},
+}
 SUMMARY_INVALID = json.dumps(
     {
         "phase": "Failed",
@@ -315,6 +319,43 @@ def test_progress_kept_when_not_polled() -> None:
     assert again == first, "the same observation gives the same status"
 
 
+def test_metrics_in_the_status_have_five_significant_digits() -> None:
+    """What `kubectl get ftj` prints: 0.78004, not 0.7800356164157423 (metrics.jsonl keeps it all)."""
+    report = progress_report(
+        trainLoss=0.91234567,
+        evaluations=[
+            {
+                "step": 30,
+                "loss": 0.7800356164157423,
+                "accuracy": 0.7665081880612784,
+                "perplexity": 2.1815499631049864,
+            }
+        ],
+        baselines=[
+            {
+                "model": "gpt-j-6b",
+                "loss": 3.6211434680195125,
+                "accuracy": 0.36,
+                "perplexity": 37.380286555882904,
+            }
+        ],
+    )
+    status = derive_status(parsed(), Observed(job=batch_job(active=1), pods=[pod()]), report, NOW)
+    assert status["latestEvaluation"] == {
+        "step": 30,
+        "loss": 0.78004,
+        "accuracy": 0.76651,
+        "perplexity": 2.1815,
+    }
+    assert status["baselines"][-1] == {
+        "model": "gpt-j-6b",
+        "loss": 3.6211,
+        "accuracy": 0.36,
+        "perplexity": 37.38,
+    }
+    assert status["progress"]["trainLoss"] == 0.91235
+
+
 def test_evaluations_merge_across_polls() -> None:
     first = derive_status(parsed(), Observed(job=batch_job(active=1), pods=[pod()]), progress_report(), NOW)
     later = progress_report(
@@ -452,8 +493,16 @@ def _ckpt(step: int, *, detailed: bool = True) -> dict[str, Any]:
 
 def _summary(*steps: int, detailed: bool = True, listed: bool = True, **fields: Any) -> str:
     """A termination summary listing the checkpoints `steps` (left out unless `listed`)."""
-    summary: dict[str, Any] = {"phase": "Succeeded", "exitCode": 0, "reason": "Completed", "message": "done",
-                               "step": 60, "totalSteps": 60, "runUri": "s3://runs/team-a/demo/", **fields}
+    summary: dict[str, Any] = {
+        "phase": "Succeeded",
+        "exitCode": 0,
+        "reason": "Completed",
+        "message": "done",
+        "step": 60,
+        "totalSteps": 60,
+        "runUri": "s3://runs/team-a/demo/",
+        **fields,
+    }
     if listed:
         summary["checkpoints"] = [_ckpt(s, detailed=detailed) for s in steps]
     return json.dumps(summary)
@@ -461,31 +510,63 @@ def _summary(*steps: int, detailed: bool = True, listed: bool = True, **fields: 
 
 NO_LIST = object()  # the report has no checkpoint list (null: the trainer has not listed them yet)
 RUNNING = [pod()]
-DONE = Observed(job=batch_job(succeeded=1, conditions=[condition("Complete")]),
-                pods=[pod(phase="Succeeded", exit_code=0, message=_summary(40, 50, 60))])
-FAILED_POD = pod(phase="Failed", exit_code=1, message=_summary(20, 30, 40, phase="Failed", exitCode=1, step=40))
+DONE = Observed(
+    job=batch_job(succeeded=1, conditions=[condition("Complete")]),
+    pods=[pod(phase="Succeeded", exit_code=0, message=_summary(40, 50, 60))],
+)
+FAILED_POD = pod(
+    phase="Failed", exit_code=1, message=_summary(20, 30, 40, phase="Failed", exitCode=1, step=40)
+)
 FAILED = Observed(job=batch_job(failed=1), pods=[FAILED_POD])
 RETRYING = Observed(job=batch_job(active=1, failed=1), pods=[FAILED_POD, pod(phase="Running")])
 
 CHECKPOINT_CASES = [
     # id, checkpoints in the previous status, observed, reported list (or NO_LIST / None: not polled), expected steps
     ("first-report", [], Observed(job=batch_job(active=1), pods=RUNNING), [10], [10]),
-    ("keep-last-deleted-the-oldest", [10, 20, 30], Observed(job=batch_job(active=1), pods=RUNNING),
-     [20, 30, 40], [20, 30, 40]),
-    ("not-listed-yet-keeps-the-list", [10, 20], Observed(job=batch_job(active=1), pods=RUNNING), NO_LIST, [10, 20]),
-    ("resumed-run-lists-earlier-checkpoints", [10, 20], Observed(job=batch_job(active=1), pods=RUNNING),
-     [10, 20, 30], [10, 20, 30]),
+    (
+        "keep-last-deleted-the-oldest",
+        [10, 20, 30],
+        Observed(job=batch_job(active=1), pods=RUNNING),
+        [20, 30, 40],
+        [20, 30, 40],
+    ),
+    (
+        "not-listed-yet-keeps-the-list",
+        [10, 20],
+        Observed(job=batch_job(active=1), pods=RUNNING),
+        NO_LIST,
+        [10, 20],
+    ),
+    (
+        "resumed-run-lists-earlier-checkpoints",
+        [10, 20],
+        Observed(job=batch_job(active=1), pods=RUNNING),
+        [10, 20, 30],
+        [10, 20, 30],
+    ),
     ("not-polled-keeps-the-list", [10, 20], Observed(job=batch_job(active=1), pods=RUNNING), None, [10, 20]),
     ("final-summary-after-the-last-retention", [30, 40, 50], DONE, None, [40, 50, 60]),
     ("summary-and-report-agree", [30, 40, 50], DONE, [40, 50, 60], [40, 50, 60]),
     ("failed-attempts-summary-after-its-last-retention", [10, 20, 30], FAILED, None, [20, 30, 40]),
     ("retry-report-replaces", [20, 30, 40], RETRYING, [30, 40, 50], [30, 40, 50]),
     ("earlier-attempts-summary-ignored-while-a-retry-runs", [30, 40, 50], RETRYING, None, [30, 40, 50]),
-    ("summary-without-a-list-keeps-the-list", [30, 40],
-     Observed(job=batch_job(succeeded=1, conditions=[condition("Complete")]),
-              pods=[pod(phase="Succeeded", exit_code=0, message=_summary(listed=False))]), None, [30, 40]),
-    ("malformed-entries-dropped", [10], Observed(job=batch_job(active=1), pods=RUNNING),
-     [{"step": -1, "uri": "s3://x/"}, {"step": 20}, _ckpt(30)], [30]),
+    (
+        "summary-without-a-list-keeps-the-list",
+        [30, 40],
+        Observed(
+            job=batch_job(succeeded=1, conditions=[condition("Complete")]),
+            pods=[pod(phase="Succeeded", exit_code=0, message=_summary(listed=False))],
+        ),
+        None,
+        [30, 40],
+    ),
+    (
+        "malformed-entries-dropped",
+        [10],
+        Observed(job=batch_job(active=1), pods=RUNNING),
+        [{"step": -1, "uri": "s3://x/"}, {"step": 20}, _ckpt(30)],
+        [30],
+    ),
 ]
 
 
@@ -499,7 +580,9 @@ def test_status_lists_exactly_the_checkpoints_that_still_exist(
     before = {"phase": "Running", "checkpoints": [_ckpt(s) for s in previous]}
     report = None
     if reported is not None:
-        checkpoints = None if reported is NO_LIST else [c if isinstance(c, dict) else _ckpt(c) for c in reported]
+        checkpoints = (
+            None if reported is NO_LIST else [c if isinstance(c, dict) else _ckpt(c) for c in reported]
+        )
         report = progress_report(step=60, total=60, checkpoints=checkpoints)
     status = derive_status(parsed(status=before), observed, report, NOW)
     assert [c["step"] for c in status.get("checkpoints", [])] == expected
@@ -509,27 +592,46 @@ def test_status_lists_exactly_the_checkpoints_that_still_exist(
 def test_a_shortened_summary_keeps_what_is_known_of_each_checkpoint() -> None:
     """The termination summary may carry only step and URI (4096 bytes); time and metrics stay."""
     before = {"phase": "Running", "checkpoints": [_ckpt(40), _ckpt(50)]}
-    done = Observed(job=batch_job(succeeded=1, conditions=[condition("Complete")]),
-                    pods=[pod(phase="Succeeded", exit_code=0, message=_summary(50, 60, detailed=False))])
+    done = Observed(
+        job=batch_job(succeeded=1, conditions=[condition("Complete")]),
+        pods=[pod(phase="Succeeded", exit_code=0, message=_summary(50, 60, detailed=False))],
+    )
     status = derive_status(parsed(status=before), done, None, NOW)
     assert status["checkpoints"] == [_ckpt(50), _ckpt(60, detailed=False)]
 
 
 # ---- mode Evaluate -------------------------------------------------------------------------------------
 def test_an_evaluation_reports_step_zero_of_zero_steps_printed_as_eval() -> None:
-    report = progress_report(step=0, total=0, phase="Evaluating", trainLoss=None, learningRate=None,
-                             etaSeconds=None, tokensPerSecond=None, epoch=None, checkpoints=[],
-                             evaluations=[{"step": 0, "loss": 2.2, "accuracy": 0.55, "perplexity": 9.025}])
+    report = progress_report(
+        step=0,
+        total=0,
+        phase="Evaluating",
+        trainLoss=None,
+        learningRate=None,
+        etaSeconds=None,
+        tokensPerSecond=None,
+        epoch=None,
+        checkpoints=[],
+        evaluations=[{"step": 0, "loss": 2.2, "accuracy": 0.55, "perplexity": 9.025}],
+    )
     running = derive_status(parsed(**EVALUATE), Observed(job=batch_job(active=1), pods=[pod()]), report, NOW)
     assert running["progress"] == {
-        "step": 0, "totalSteps": 0, "steps": "eval", "trainerPhase": "Evaluating", "updatedAt": "2026-11-29T06:00:00Z"
+        "step": 0,
+        "totalSteps": 0,
+        "steps": "eval",
+        "trainerPhase": "Evaluating",
+        "updatedAt": "2026-11-29T06:00:00Z",
     }
     assert running["latestEvaluation"]["step"] == 0 and running["checkpoints"] == []
-    done = Observed(job=batch_job(succeeded=1, conditions=[condition("Complete")]),
-                    pods=[pod(phase="Succeeded", exit_code=0, message=SUMMARY_EVALUATED)])
+    done = Observed(
+        job=batch_job(succeeded=1, conditions=[condition("Complete")]),
+        pods=[pod(phase="Succeeded", exit_code=0, message=SUMMARY_EVALUATED)],
+    )
     finished = derive_status(parsed(status=running, **EVALUATE), done, None, NOW)
     assert (finished["phase"], finished["progress"]["steps"], finished["progress"]["percent"]) == (
-        "Succeeded", "eval", 100.0
+        "Succeeded",
+        "eval",
+        100.0,
     )
     assert finished["evaluations"] == [{"step": 0, "loss": 2.2, "accuracy": 0.55, "perplexity": 9.025}]
     assert finished["baselines"][0]["model"] == "pythia-160m" and finished["checkpoints"] == []
