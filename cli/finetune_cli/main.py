@@ -533,12 +533,14 @@ def cmd_shell(app: App) -> None:
 
 
 # ---- parser ------------------------------------------------------------------------------------------
-def _common(*, top: bool) -> argparse.ArgumentParser:
-    """Options accepted before or after the command (defaults only on the top parser)."""
+def _common(*, top: bool, short_namespace: bool = True) -> argparse.ArgumentParser:
+    """Options accepted before or after the command (defaults only on the top parser). `-n` is
+    kubectl's namespace flag everywhere except after `run`, where it is the studio's count."""
     parser = argparse.ArgumentParser(add_help=False)
     default = None if top else argparse.SUPPRESS
     parser.add_argument("-o", "--output", choices=OUTPUTS, default="table" if top else argparse.SUPPRESS, help="table (default), json or yaml")
-    parser.add_argument("--namespace", default=default, help="namespace (default: the kubeconfig context's)")
+    flags = ("-n", "--namespace") if short_namespace else ("--namespace",)
+    parser.add_argument(*flags, default=default, help="namespace (default: the kubeconfig context's)")
     parser.add_argument("--context", default=default, help="kubeconfig context (default: the current one)")
     return parser
 
@@ -550,6 +552,7 @@ def _watch_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> Parser:
     common = _common(top=False)
+    common_without_n = _common(top=False, short_namespace=False)
     parser = Parser(
         prog="kubectl finetune",
         description="The fine-tuning studio: models, datasets, experiments, runs, evaluations.",
@@ -558,7 +561,8 @@ def build_parser() -> Parser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
     def add(group: Any, name: str, handler: Callable[[App], None] | None, help: str, **kwargs: Any) -> Parser:
-        sub: Parser = group.add_parser(name, help=help, description=help, parents=[common], **kwargs)
+        parents = [common_without_n if name == "run" else common]
+        sub: Parser = group.add_parser(name, help=help, description=help, parents=parents, **kwargs)
         if handler is not None:
             sub.set_defaults(handler=handler)
         return sub

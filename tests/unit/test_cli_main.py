@@ -45,6 +45,9 @@ from finetune_cli.shell import StudioShell
             id="compare",
         ),
         pytest.param(["plot", "--out", "x.png"], {"out": "x.png", "jobs": []}, id="plot"),
+        pytest.param(["-n", "team", "status"], {"namespace": "team"}, id="kubectl-n-before"),
+        pytest.param(["status", "view", "-n", "team", "--job_id", "j"], {"namespace": "team"}, id="kubectl-n-after"),
+        pytest.param(["-n", "team", "run", "-n", "2"], {"namespace": "team", "count": 2}, id="run-n-is-the-count"),
     ],
 )
 def test_parser_accepts_the_studio_commands(argv: list[str], expected: dict[str, object]) -> None:
