@@ -212,7 +212,30 @@ def reference(api: client.ApiClient, kubectl: list[str], args: argparse.Namespac
         return measure(api, namespace, args, apply_one)
     finally:
         cluster.close()
-        subprocess.run([*kubectl, "delete", "namespace", namespace, "--wait=false"], capture_output=True)
+        # Deleting thousands of objects loads the API server for a while: finish it before the
+        # operator's run starts, or that run measures the garbage collector too.
+        started = time.monotonic()
+        subprocess.run(
+            [*kubectl, "delete", "namespace", namespace, "--wait=true", "--timeout=900s"], capture_output=True
+        )
+        print(f"reference namespace deleted in {time.monotonic() - started:.0f}s", file=sys.stderr)
+
+
+def wait_for_quiet_namespaces(kubectl: list[str]) -> None:
+    """Wait until no earlier benchmark namespace is still being deleted (see `reference`)."""
+    while True:
+        listed = subprocess.run(
+            [*kubectl, "get", "namespaces", "-o", "json"], check=True, capture_output=True, text=True
+        ).stdout
+        terminating = [
+            item["metadata"]["name"]
+            for item in json.loads(listed)["items"]
+            if item["metadata"]["name"].startswith("bench-") and item["status"].get("phase") == "Terminating"
+        ]
+        if not terminating:
+            return
+        print(f"waiting for namespaces being deleted: {', '.join(terminating)}", file=sys.stderr)
+        time.sleep(5)
 
 
 def main() -> int:
@@ -237,6 +260,7 @@ def main() -> int:
         check=True,
         capture_output=True,
     )
+    wait_for_quiet_namespaces(kubectl)
     api = config.new_client_from_config(config_file=args.kubeconfig)
     api.configuration.connection_pool_maxsize = 2 * args.concurrency
     floor = None if args.no_reference else reference(api, kubectl, args)

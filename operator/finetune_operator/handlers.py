@@ -55,6 +55,10 @@ LOOP_TICK_SECONDS = 0.5
 _state: dict[str, Any] = {}
 _locks: dict[tuple[str, str], threading.Lock] = {}
 _locks_guard = threading.Lock()
+# Each FineTuneJob as last seen (its watch event or our last status write): a Job event
+# refreshes the status from it instead of reading the FineTuneJob again (see reconcile's
+# `cached`: the write is conditional on its resourceVersion).
+_latest: dict[tuple[str, str], dict[str, Any]] = {}
 
 
 def _schedule() -> Schedule:
@@ -82,6 +86,7 @@ def _run(
     poll: bool = False,
     fresh: Mapping[str, Any] | None = None,
     observed_job: Mapping[str, Any] | None = None,
+    cached: Mapping[str, Any] | None = None,
 ) -> None:
     """One cycle; an API error is logged and retried by the loop (never raised into kopf)."""
     cluster = _state.get("cluster")
@@ -99,6 +104,7 @@ def _run(
                 trigger=trigger,
                 fresh=fresh,
                 observed_job=observed_job,
+                cached=cached,
             )
         except ApiError as exc:
             log.warning("%s/%s: %s; retrying in %.0fs", namespace, name, exc, RETRY_SECONDS)
@@ -111,7 +117,10 @@ def _run(
             return
     if outcome.gone:
         _schedule().forget(namespace, name)
+        _latest.pop((namespace, name), None)
     else:
+        if outcome.object is not None:
+            _latest[(namespace, name)] = outcome.object
         _schedule().reconciled(
             namespace, name, ok=True, status=outcome.status, now=time.monotonic(), polled=poll
         )
@@ -147,7 +156,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.execution.max_workers = workers
     # At most this many objects are processed at once; further watch events wait in the stream
     # (back-pressure) instead of piling up as queued workers in memory during a burst.
-    settings.queueing.worker_limit = 8 * workers
+    settings.queueing.worker_limit = int(os.environ.get("FINETUNE_WORKER_LIMIT", str(8 * workers)))
     settings.queueing.idle_timeout = 0.5  # free a worker slot soon after its object goes quiet
     settings.scanning.disabled = True  # we know our resources: no cluster-wide API discovery
     # Watch only our own Jobs, filtered by the API server (not every Job in the cluster).
@@ -207,7 +216,11 @@ def finetunejob_event(type: str | None, body: kopf.Body, namespace: str | None, 
     if type == "DELETED":
         _schedule().forget(namespace, name)
         metrics.PHASES.set(namespace, name, None)
+        _latest.pop((namespace, name), None)
+        with _locks_guard:
+            _locks.pop((namespace, name), None)
         return
+    _latest[(namespace, name)] = dict(body)
     _schedule().observe(namespace, name, body)
     if type is None:  # kopf's initial listing: the operator (re)started
         _run(namespace, name, trigger="resume")
@@ -232,4 +245,5 @@ def child_job_event(type: str | None, body: kopf.Body, **_: Any) -> None:
             and str(ref.get("apiVersion", "")).startswith(GROUP)
         ):
             job = None if type == "DELETED" else dict(body)  # deleted: reconcile re-creates it
-            _run(meta["namespace"], ref["name"], trigger="job-event", poll=True, observed_job=job)
+            key = (meta["namespace"], ref["name"])
+            _run(*key, trigger="job-event", poll=True, observed_job=job, cached=_latest.get(key))

@@ -42,6 +42,10 @@ class ApiError(Exception):
         self.reason = reason
 
 
+class Conflict(ApiError):
+    """A write with a resourceVersion precondition found a newer object (409)."""
+
+
 class Cluster(Protocol):
     """What reconcile needs from the API server."""
 
@@ -64,8 +68,11 @@ class Cluster(Protocol):
     def list_pods(self, namespace: str, selector: Mapping[str, str]) -> list[Obj]:
         """Pods matching all labels."""
 
-    def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> Obj:
-        """Merge-patch the FineTuneJob's status subresource."""
+    def patch_status(
+        self, namespace: str, name: str, status: Mapping[str, Any], *, resource_version: str | None = None
+    ) -> Obj:
+        """Merge-patch the FineTuneJob's status subresource; returns the updated FineTuneJob.
+        With `resource_version`: only if the object still has it, else raises `Conflict`."""
 
     def event(self, ref: ObjectRef, *, type: str, reason: str, message: str, now: datetime) -> None:
         """Record a core/v1 Event on the FineTuneJob (best effort)."""
@@ -102,6 +109,8 @@ class KubeCluster:
                 return None
             if exc.status == 409 and verb == "create":
                 raise _AlreadyExists() from None
+            if exc.status == 409:  # a stale resourceVersion: expected now and then, not an error
+                raise Conflict(verb, kind, 409, str(exc.reason)) from None
             metrics.ERRORS.labels(kind=f"api_{exc.status}").inc()
             raise ApiError(verb, kind, int(exc.status or 0), str(exc.reason)) from None
         data = response.data
@@ -183,7 +192,12 @@ class KubeCluster:
         )
         return list((result or {}).get("items") or [])
 
-    def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> Obj:
+    def patch_status(
+        self, namespace: str, name: str, status: Mapping[str, Any], *, resource_version: str | None = None
+    ) -> Obj:
+        body: dict[str, Any] = {"status": dict(status)}
+        if resource_version is not None:
+            body["metadata"] = {"resourceVersion": resource_version}  # optimistic concurrency
         result = self._call(
             "patch",
             "FineTuneJob/status",
@@ -193,9 +207,9 @@ class KubeCluster:
             namespace,
             PLURAL,
             name,
-            {"status": dict(status)},
+            body,
         )
-        return result or {}
+        return result or {}  # {}: deleted meanwhile (the next cycle sees it gone)
 
     def event(self, ref: ObjectRef, *, type: str, reason: str, message: str, now: datetime) -> None:
         timestamp = rfc3339(now)

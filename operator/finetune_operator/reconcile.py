@@ -28,7 +28,7 @@ from finetune_operator.api import (
     Reason,
     SpecError,
 )
-from finetune_operator.k8s import Cluster
+from finetune_operator.k8s import Cluster, Conflict
 from finetune_operator.progress import ProgressSource
 from finetune_operator.settings import Settings
 from finetune_operator.status import Observed, Problem, derive_status, invalid_spec_status
@@ -51,6 +51,9 @@ class Outcome:
     patched: list[str] = field(default_factory=list)
     events: list[tuple[str, str, str]] = field(default_factory=list)
     gone: bool = False
+    # The FineTuneJob as this cycle left it (the status write's response, else as read): what
+    # the glue may pass as `cached` next time.
+    object: dict[str, Any] | None = None
 
 
 def reconcile(
@@ -64,6 +67,7 @@ def reconcile(
     trigger: str = "event",
     fresh: Mapping[str, Any] | None = None,
     observed_job: Mapping[str, Any] | None = None,
+    cached: Mapping[str, Any] | None = None,
 ) -> Outcome:
     """Bring one FineTuneJob's children and status up to date. `progress`: poll rank 0 too.
 
@@ -71,20 +75,41 @@ def reconcile(
     again, and its children are created without reading them first (AlreadyExists still works).
     `observed_job`: the batch Job from its watch event: refresh the status from it without
     reading or re-creating the children (a FineTuneJob event or the loop does that).
+    `cached` (with `observed_job` only, which leaves the children alone): the FineTuneJob as
+    last seen (a watch event or our last write), used instead of a GET; the status write then
+    carries its resourceVersion, and if the object changed since, the cycle runs once more on a
+    fresh read. Nothing is written from a stale copy.
     """
     started = time.monotonic()
     result = "ok"
     try:
-        outcome = _reconcile(
-            cluster,
-            namespace,
-            name,
-            settings=settings,
-            now=now,
-            progress=progress,
-            fresh=fresh,
-            observed_job=observed_job,
-        )
+        try:
+            outcome = _reconcile(
+                cluster,
+                namespace,
+                name,
+                settings=settings,
+                now=now,
+                progress=progress,
+                fresh=fresh,
+                observed_job=observed_job,
+                cached=cached,
+            )
+        except Conflict:
+            if cached is None or observed_job is None:
+                raise
+            log.debug("%s/%s changed since it was cached; reading it again", namespace, name)
+            outcome = _reconcile(
+                cluster,
+                namespace,
+                name,
+                settings=settings,
+                now=now,
+                progress=progress,
+                fresh=None,
+                observed_job=observed_job,
+                cached=None,
+            )
         metrics.PHASES.set(namespace, name, None if outcome.gone else outcome.phase)
         return outcome
     except Exception:
@@ -105,19 +130,28 @@ def _reconcile(
     progress: ProgressSource | None,
     fresh: Mapping[str, Any] | None,
     observed_job: Mapping[str, Any] | None,
+    cached: Mapping[str, Any] | None,
 ) -> Outcome:
-    obj = dict(fresh) if fresh is not None else cluster.get_job_object(namespace, name)
+    precondition: str | None = None
+    if fresh is not None:
+        obj: dict[str, Any] | None = dict(fresh)
+    elif cached is not None and observed_job is not None:
+        # Only where children are not touched: a stale spec must never reach them.
+        obj = dict(cached)
+        precondition = str((obj.get("metadata") or {}).get("resourceVersion") or "") or None
+    else:
+        obj = cluster.get_job_object(namespace, name)
     if obj is None or (obj.get("metadata") or {}).get("deletionTimestamp"):
         return Outcome(gone=True)  # children go with it (ownerReferences)
     ref = ObjectRef.from_object(obj)
     previous: Mapping[str, Any] = obj.get("status") or {}
-    outcome = Outcome()
+    outcome = Outcome(object=obj)
     try:
         job = FineTuneJob.from_object(obj)
     except SpecError as exc:
         metrics.ERRORS.labels(kind="invalid_spec").inc()
         new_status = invalid_spec_status(ref, previous, exc.errors, now)
-        _write(cluster, ref, previous, new_status, outcome, now)
+        _write(cluster, ref, previous, new_status, outcome, now, precondition)
         return outcome
 
     prev_phase = previous.get("phase")
@@ -149,7 +183,7 @@ def _reconcile(
     report = _poll(progress, pods, settings) if progress is not None else None
     observed = Observed(job=batch_job, pods=pods, problem=problem, run_uri=run_uri)
     new_status = derive_status(job, observed, report, now)
-    _write(cluster, ref, previous, new_status, outcome, now)
+    _write(cluster, ref, previous, new_status, outcome, now, precondition)
     return outcome
 
 
@@ -271,13 +305,18 @@ def _write(
     new: dict[str, Any],
     outcome: Outcome,
     now: datetime,
+    precondition: str | None = None,
 ) -> None:
-    """One status write if anything changed; then the events for a phase change."""
+    """One status write if anything changed (only onto `precondition`'s resourceVersion, if
+    given); then the events for a phase change."""
     outcome.status = new
     outcome.phase = new.get("phase")
     if _comparable(new) == _comparable(previous):
         return
-    cluster.patch_status(ref.namespace, ref.name, merge_patch(previous, new))
+    written = cluster.patch_status(
+        ref.namespace, ref.name, merge_patch(previous, new), resource_version=precondition
+    )
+    outcome.object = written if written.get("metadata") else None
     metrics.STATUS_WRITES.inc()
     outcome.status_written = True
     old_phase = previous.get("phase")

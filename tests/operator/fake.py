@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from finetune_operator.api import ObjectRef
-from finetune_operator.k8s import ApiError
+from finetune_operator.k8s import ApiError, Conflict
 
 
 class Crash(Exception):
@@ -92,9 +92,13 @@ class FakeCluster:
         self._hook("list", "Pod")
         return copy.deepcopy(self.pods)
 
-    def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> dict[str, Any]:
+    def patch_status(
+        self, namespace: str, name: str, status: Mapping[str, Any], *, resource_version: str | None = None
+    ) -> dict[str, Any]:
         self._hook("patch", "FineTuneJob/status")
         obj = self.objects[("FineTuneJob", namespace, name)]
+        if resource_version is not None and resource_version != obj["metadata"].get("resourceVersion"):
+            raise Conflict("patch", "FineTuneJob/status", 409, "Conflict")
         current = obj.setdefault("status", {})
         _merge(current, status)
         self._bump(obj)

@@ -346,3 +346,55 @@ def test_job_event_refreshes_status_without_touching_children(fake: FakeCluster)
         ("patch", "FineTuneJob/status"),
         ("event", "Event"),
     ]
+
+
+def test_job_event_with_the_cached_job_object_reads_nothing(fake: FakeCluster) -> None:
+    """The glue passes the FineTuneJob as last seen: no GET, and the write is conditional."""
+    fake.put_job_object(ftj())
+    cached = run(fake).object
+    assert cached is not None and cached["metadata"]["resourceVersion"]
+    job_runs(fake, pod(), active=1)
+    observed = copy.deepcopy(fake.objects[("Job", "team-a", "demo")])
+    fake.calls.clear()
+    outcome = reconcile(
+        fake, "team-a", "demo", settings=SETTINGS, now=NOW, observed_job=observed, cached=cached
+    )
+    assert outcome.phase == "Running"
+    assert fake.calls == [("list", "Pod"), ("patch", "FineTuneJob/status"), ("event", "Event")]
+    assert outcome.object is not None
+    assert outcome.object["metadata"]["resourceVersion"] == fake.job_object()["metadata"]["resourceVersion"]
+
+
+def test_a_stale_cached_job_object_is_read_again_before_anything_is_written(fake: FakeCluster) -> None:
+    fake.put_job_object(ftj())
+    stale = run(fake).object
+    assert stale is not None
+    stored = fake.job_object()
+    stored["metadata"]["generation"] = 2  # the user changed the spec meanwhile
+    stored["spec"]["hyperparameters"]["maxSteps"] = 50
+    fake._bump(stored)
+    job_runs(fake, pod(), active=1)
+    observed = copy.deepcopy(fake.objects[("Job", "team-a", "demo")])
+    fake.calls.clear()
+    outcome = reconcile(
+        fake, "team-a", "demo", settings=SETTINGS, now=NOW, observed_job=observed, cached=stale
+    )
+    assert fake.calls == [
+        ("list", "Pod"),
+        ("patch", "FineTuneJob/status"),  # refused: resourceVersion changed
+        ("get", "FineTuneJob"),
+        ("list", "Pod"),
+        ("patch", "FineTuneJob/status"),
+        ("event", "Event"),
+    ]
+    assert fake.job_object()["status"]["observedGeneration"] == 2
+    assert outcome.status["observedGeneration"] == 2
+
+
+def test_a_cached_job_object_is_not_used_where_children_are_synced(fake: FakeCluster) -> None:
+    """Without a Job event the cycle syncs children from the spec: it always reads the spec."""
+    fake.put_job_object(ftj())
+    cached = run(fake).object
+    fake.calls.clear()
+    reconcile(fake, "team-a", "demo", settings=SETTINGS, now=NOW, cached=cached)
+    assert fake.calls[0] == ("get", "FineTuneJob")
