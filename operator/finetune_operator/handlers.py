@@ -59,6 +59,17 @@ _locks_guard = threading.Lock()
 # refreshes the status from it instead of reading the FineTuneJob again (see reconcile's
 # `cached`: the write is conditional on its resourceVersion).
 _latest: dict[tuple[str, str], dict[str, Any]] = {}
+_LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+
+
+def _remember(namespace: str, name: str, obj: Mapping[str, Any]) -> None:
+    """Cache a FineTuneJob without what reconcile never reads (managedFields, kubectl's copy
+    of the last applied manifest): 1,000 jobs cost a few MB, not tens."""
+    meta = dict(obj.get("metadata") or {})
+    meta.pop("managedFields", None)
+    if _LAST_APPLIED in (meta.get("annotations") or {}):
+        meta["annotations"] = {k: v for k, v in meta["annotations"].items() if k != _LAST_APPLIED}
+    _latest[(namespace, name)] = {**obj, "metadata": meta}
 
 
 def _schedule() -> Schedule:
@@ -120,7 +131,7 @@ def _run(
         _latest.pop((namespace, name), None)
     else:
         if outcome.object is not None:
-            _latest[(namespace, name)] = outcome.object
+            _remember(namespace, name, outcome.object)
         _schedule().reconciled(
             namespace, name, ok=True, status=outcome.status, now=time.monotonic(), polled=poll
         )
@@ -220,7 +231,7 @@ def finetunejob_event(type: str | None, body: kopf.Body, namespace: str | None, 
         with _locks_guard:
             _locks.pop((namespace, name), None)
         return
-    _latest[(namespace, name)] = dict(body)
+    _remember(namespace, name, body)
     _schedule().observe(namespace, name, body)
     if type is None:  # kopf's initial listing: the operator (re)started
         _run(namespace, name, trigger="resume")
