@@ -1,7 +1,7 @@
 """The baseline of the trainer benchmark: a plain Hugging Face Trainer script (run_clm style).
 
 Same model, data, packing and settings as finetune-trainer; no project code. Prints one JSON
-line: tokens/s over the timed steps, peak RSS, step-0 eval loss, local checkpoint save seconds.
+line: tokens/s of the median timed step, peak RSS, step-0 eval loss, local checkpoint save seconds.
 
     python bench/plain_hf_trainer.py --model DIR --train FILE --eval FILE --steps 8 --seq 128 --batch 4
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import time
 from pathlib import Path
 
@@ -40,14 +41,16 @@ def collate(batch: list[dict[str, list[int]]], pad: int) -> dict[str, torch.Tens
 
 
 class Timer(TrainerCallback):
+    """Seconds of each optimizer step after the first `skip` (step end to step end)."""
+
     def __init__(self, skip: int) -> None:
-        self.skip, self.start, self.end, self.steps = skip, 0.0, 0.0, 0
+        self.skip, self.last, self.durations = skip, 0.0, []
 
     def on_step_end(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
-        if state.global_step == self.skip:
-            self.start = time.perf_counter()
-        elif state.global_step > self.skip:
-            self.end, self.steps = time.perf_counter(), state.global_step - self.skip
+        now = time.perf_counter()
+        if state.global_step > self.skip:
+            self.durations.append(now - self.last)
+        self.last = now
 
 
 def main() -> None:
@@ -94,11 +97,11 @@ def main() -> None:
     started = time.perf_counter()
     trainer._save_checkpoint(trainer.model, trial=None)
     save_seconds = time.perf_counter() - started
-    tokens = timer.steps * args.batch * args.seq
+    # The median step: robust to a noisy neighbour stealing the CPU for a step or two.
     print(
         json.dumps(
             {
-                "tokensPerSecond": tokens / (timer.end - timer.start),
+                "tokensPerSecond": args.batch * args.seq / statistics.median(timer.durations),
                 "peakRssMiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "step0EvalLoss": eval_loss,
                 "saveSeconds": save_seconds,
