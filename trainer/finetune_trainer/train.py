@@ -691,6 +691,10 @@ class Recipe:
 def configure_threads() -> None:
     """Deterministic CPU math; one thread pool per process."""
     torch.use_deterministic_algorithms(True, warn_only=True)
+    # Deterministic mode also fills every uninitialized allocation (activations, gradients,
+    # logits) with NaN by default — a memset per tensor that changes no result of a valid
+    # program; leave allocations as they are (the plain HF Trainer does not pay it either).
+    torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
     if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
 
