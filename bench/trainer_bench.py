@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -173,6 +174,9 @@ def main() -> None:
             result = runner(model, args, work, i)
             results.append(result)
             print(f"round {i} {name}: {json.dumps(result)}", flush=True)
+            if (name, i) != ("plain", 0):  # kept for the upload comparison; each run writes GBs
+                shutil.rmtree(work / f"{name}-{i}", ignore_errors=True)
+                shutil.rmtree(work / f"cache-{i}", ignore_errors=True)
 
     def med(results: list[dict[str, float]], key: str) -> float:
         return statistics.median(r[key] for r in results)
@@ -200,6 +204,7 @@ def main() -> None:
             f"{'upload MiB/s':<22} {upload['oursMiBps']:17.2f} {upload['plainMiBps']:17.2f} "
             f"{upload['oursMiBps'] / upload['plainMiBps']:7.3f}  >= 0.9"
         )
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
