@@ -13,6 +13,7 @@ retries it. API errors propagate as `k8s.ApiError` for the glue to retry.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Mapping
@@ -82,34 +83,25 @@ def reconcile(
     """
     started = time.monotonic()
     result = "ok"
+    cycle = functools.partial(
+        _reconcile,
+        cluster,
+        namespace,
+        name,
+        settings=settings,
+        now=now,
+        progress=progress,
+        fresh=fresh,
+        observed_job=observed_job,
+    )
     try:
         try:
-            outcome = _reconcile(
-                cluster,
-                namespace,
-                name,
-                settings=settings,
-                now=now,
-                progress=progress,
-                fresh=fresh,
-                observed_job=observed_job,
-                cached=cached,
-            )
+            outcome = cycle(cached=cached)
         except Conflict:
             if cached is None or observed_job is None:
                 raise
             log.debug("%s/%s changed since it was cached; reading it again", namespace, name)
-            outcome = _reconcile(
-                cluster,
-                namespace,
-                name,
-                settings=settings,
-                now=now,
-                progress=progress,
-                fresh=None,
-                observed_job=observed_job,
-                cached=None,
-            )
+            outcome = cycle(cached=None)
         metrics.PHASES.set(namespace, name, None if outcome.gone else outcome.phase)
         return outcome
     except Exception:
