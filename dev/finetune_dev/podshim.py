@@ -30,9 +30,24 @@ def _mount(source_fd: int, is_dir: bool, target: str, read_only: bool) -> None:
             target_path.touch()
     # Mount through the descriptor opened before any mount: a volume mounted over, say, /tmp
     # must not hide the sources of the mounts that follow it.
-    subprocess.run(["mount", "--bind", f"/proc/self/fd/{source_fd}", target], check=True, pass_fds=(source_fd,))
+    subprocess.run(
+        ["mount", "--bind", f"/proc/self/fd/{source_fd}", target], check=True, pass_fds=(source_fd,)
+    )
     if read_only:
         subprocess.run(["mount", "-o", "remount,bind,ro", target], check=True)
+
+
+def hidden_paths(search_path: str, mount_targets: list[str]) -> list[tuple[str, str]]:
+    """(PATH entry, volume mount path) for each PATH entry a volume is mounted over. The node
+    runs containers from the host's Python environment: a volume at, say, /tmp hides a checkout
+    that lives under /tmp."""
+    hidden = []
+    for entry in filter(None, search_path.split(":")):
+        for target in mount_targets:
+            if entry == target or entry.startswith(target.rstrip("/") + "/"):
+                hidden.append((entry, target))
+                break
+    return hidden
 
 
 def main() -> None:
@@ -55,6 +70,13 @@ def main() -> None:
     except OSError as exc:
         # Like a container runtime: a command that cannot be started exits 127 (not found) or 126.
         print(f"process node: cannot run {argv[0]!r}: {exc.strerror}", file=sys.stderr)
+        targets = [m["target"] for m in plan["mounts"]]
+        for entry, target in hidden_paths(plan["env"].get("PATH", ""), targets):
+            print(
+                f"process node: the volume mounted at {target} hides {entry} (the host's Python "
+                "environment the node runs containers from): keep the checkout outside that path",
+                file=sys.stderr,
+            )
         sys.exit(127 if isinstance(exc, FileNotFoundError) else 126)
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from finetune_dev import podspec
+from finetune_dev import podshim, podspec
 from finetune_dev.podspec import HostEntry, PodSpecError
 
 OBJECTS: dict[tuple[str, str, str], dict[str, Any]] = {
@@ -228,3 +228,23 @@ def test_phase_is_succeeded_only_when_every_container_exited_zero() -> None:
 def test_hostname_defaults_to_the_pod_name() -> None:
     assert podspec.pod_hostname(pod()) == ("p-0", "")
     assert podspec.pod_hostname(pod(hostname="h", subdomain="s")) == ("h", "s")
+
+
+@pytest.mark.parametrize(
+    ("search_path", "targets", "expected"),
+    [
+        pytest.param(
+            "/tmp/ci/.venv/bin:/usr/bin",
+            ["/tmp", "/etc/cfg"],
+            [("/tmp/ci/.venv/bin", "/tmp")],
+            id="checkout-under-tmp",
+        ),
+        pytest.param("/root/ci/.venv/bin:/usr/bin", ["/tmp"], [], id="checkout-elsewhere"),
+        pytest.param("/tmpfoo/bin", ["/tmp"], [], id="prefix-is-not-a-parent"),
+        pytest.param("/data/bin", ["/data/"], [("/data/bin", "/data/")], id="trailing-slash"),
+    ],
+)
+def test_a_volume_hiding_the_nodes_python_environment_is_named(
+    search_path: str, targets: list[str], expected: list[tuple[str, str]]
+) -> None:
+    assert podshim.hidden_paths(search_path, targets) == expected
