@@ -62,6 +62,14 @@ _latest: dict[tuple[str, str], dict[str, Any]] = {}
 _LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 
 
+def _forget(namespace: str, name: str) -> None:
+    """Drop everything the glue keeps for a FineTuneJob that is gone."""
+    _schedule().forget(namespace, name)
+    _latest.pop((namespace, name), None)
+    with _locks_guard:
+        _locks.pop((namespace, name), None)
+
+
 def _remember(namespace: str, name: str, obj: Mapping[str, Any]) -> None:
     """Cache a FineTuneJob without what reconcile never reads (managedFields, kubectl's copy
     of the last applied manifest): 1,000 jobs cost a few MB, not tens."""
@@ -127,8 +135,7 @@ def _run(
             _schedule().reconciled(namespace, name, ok=False, status=None, now=time.monotonic(), polled=poll)
             return
     if outcome.gone:
-        _schedule().forget(namespace, name)
-        _latest.pop((namespace, name), None)
+        _forget(namespace, name)
     else:
         if outcome.object is not None:
             _remember(namespace, name, outcome.object)
@@ -225,11 +232,8 @@ def shutdown(**_: Any) -> None:
 def finetunejob_event(type: str | None, body: kopf.Body, namespace: str | None, name: str, **_: Any) -> None:
     namespace = namespace or ""
     if type == "DELETED":
-        _schedule().forget(namespace, name)
+        _forget(namespace, name)
         metrics.PHASES.set(namespace, name, None)
-        _latest.pop((namespace, name), None)
-        with _locks_guard:
-            _locks.pop((namespace, name), None)
         return
     _remember(namespace, name, body)
     _schedule().observe(namespace, name, body)
