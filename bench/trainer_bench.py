@@ -162,49 +162,51 @@ def main() -> None:
     p.add_argument("--model", default=None, help="HF folder (default: SmolLM2-135M imported from GGUF)")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="trainer-bench-"))
-    model = (
-        Path(args.model)
-        if args.model
-        else model_folder(Path(os.environ.get("FINETUNE_CACHE_DIR", "/tmp/finetune-cache")))
-    )
-    ours, plain = [], []
-    for i in range(args.rounds):
-        order = [("plain", run_plain, plain), ("ours", run_ours, ours)]
-        for name, runner, results in order if i % 2 == 0 else order[::-1]:  # alternate who goes first
-            result = runner(model, args, work, i)
-            results.append(result)
-            print(f"round {i} {name}: {json.dumps(result)}", flush=True)
-            if (name, i) != ("plain", 0):  # kept for the upload comparison; each run writes GBs
-                shutil.rmtree(work / f"{name}-{i}", ignore_errors=True)
-                shutil.rmtree(work / f"cache-{i}", ignore_errors=True)
-
-    def med(results: list[dict[str, float]], key: str) -> float:
-        return statistics.median(r[key] for r in results)
-
-    print(f"\n{'metric':<22} {'finetune-trainer':>17} {'plain HF Trainer':>17} {'ratio':>7}  target")
-    for key, target in (
-        ("tokensPerSecond", ">= 1.0"),
-        ("peakRssMiB", "<= 1.1"),
-        ("saveSeconds", "stall <= local save"),
-    ):
-        a, b = med(ours, key), med(plain, key)
-        print(f"{key:<22} {a:17.2f} {b:17.2f} {a / b:7.3f}  {target}")
-    a, b = med(ours, "step0EvalLoss"), med(plain, "step0EvalLoss")
-    print(f"{'step0EvalLoss':<22} {a:17.4f} {b:17.4f} {a - b:+7.4f}  |diff| <= 0.01")
-    upload = upload_comparison(
-        work / "plain-0" / "checkpoint-0"
-        if (work / "plain-0" / "checkpoint-0").exists()
-        else next((work / "plain-0").glob("checkpoint-*")),
-        args.rounds,
-    )
-    if upload is None:
-        print("upload throughput: not measured (set BENCH_S3_ENDPOINT and AWS credentials)")
-    else:
-        print(
-            f"{'upload MiB/s':<22} {upload['oursMiBps']:17.2f} {upload['plainMiBps']:17.2f} "
-            f"{upload['oursMiBps'] / upload['plainMiBps']:7.3f}  >= 0.9"
+    try:
+        model = (
+            Path(args.model)
+            if args.model
+            else model_folder(Path(os.environ.get("FINETUNE_CACHE_DIR", "/tmp/finetune-cache")))
         )
-    shutil.rmtree(work, ignore_errors=True)
+        ours, plain = [], []
+        for i in range(args.rounds):
+            order = [("plain", run_plain, plain), ("ours", run_ours, ours)]
+            for name, runner, results in order if i % 2 == 0 else order[::-1]:  # alternate who goes first
+                result = runner(model, args, work, i)
+                results.append(result)
+                print(f"round {i} {name}: {json.dumps(result)}", flush=True)
+                if (name, i) != ("plain", 0):  # kept for the upload comparison; each run writes GBs
+                    shutil.rmtree(work / f"{name}-{i}", ignore_errors=True)
+                    shutil.rmtree(work / f"cache-{i}", ignore_errors=True)
+
+        def med(results: list[dict[str, float]], key: str) -> float:
+            return statistics.median(r[key] for r in results)
+
+        print(f"\n{'metric':<22} {'finetune-trainer':>17} {'plain HF Trainer':>17} {'ratio':>7}  target")
+        for key, target in (
+            ("tokensPerSecond", ">= 1.0"),
+            ("peakRssMiB", "<= 1.1"),
+            ("saveSeconds", "stall <= local save"),
+        ):
+            a, b = med(ours, key), med(plain, key)
+            print(f"{key:<22} {a:17.2f} {b:17.2f} {a / b:7.3f}  {target}")
+        a, b = med(ours, "step0EvalLoss"), med(plain, "step0EvalLoss")
+        print(f"{'step0EvalLoss':<22} {a:17.4f} {b:17.4f} {a - b:+7.4f}  |diff| <= 0.01")
+        upload = upload_comparison(
+            work / "plain-0" / "checkpoint-0"
+            if (work / "plain-0" / "checkpoint-0").exists()
+            else next((work / "plain-0").glob("checkpoint-*")),
+            args.rounds,
+        )
+        if upload is None:
+            print("upload throughput: not measured (set BENCH_S3_ENDPOINT and AWS credentials)")
+        else:
+            print(
+                f"{'upload MiB/s':<22} {upload['oursMiBps']:17.2f} {upload['plainMiBps']:17.2f} "
+                f"{upload['oursMiBps'] / upload['plainMiBps']:7.3f}  >= 0.9"
+            )
+    finally:  # each run writes GBs of checkpoints; a failed run must not leave them behind
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
