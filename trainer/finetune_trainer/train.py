@@ -689,12 +689,21 @@ class Recipe:
 
 
 def configure_threads() -> None:
-    """One thread pool per process. No `torch.use_deterministic_algorithms`: on CPU the default
-    kernels are already reproducible for a given seed and thread count (runs, resumed runs and
-    1 vs 2 processes agree — tests/trainer), and the deterministic variants cost ~7 % per step
-    (SmolLM2-135M, measured); on GPUs they would cost more, as in the HF Trainer's default."""
-    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
+    """Share the CPU cores among this node's training processes, only when they would
+    oversubscribe them (torchrun sets OMP_NUM_THREADS itself; so may the user).
+
+    `torch.set_num_threads` is called only to lower the count: calling it at all, even with the
+    count PyTorch already uses, made every SmolLM2-135M training step ~11 % slower on the 2-vCPU
+    test machine (bench/trainer_bench.py found it; docs/trainer.md). No
+    `torch.use_deterministic_algorithms`: on CPU the default kernels are already reproducible for
+    a given seed and thread count (runs, resumed runs and 1 vs 2 processes agree — tests/trainer),
+    and the deterministic variants cost ~7 % per step (measured); on GPUs they would cost more, as
+    in the HF Trainer's default."""
+    if torch.cuda.is_available() or "OMP_NUM_THREADS" in os.environ:
+        return
+    share = max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    if share < torch.get_num_threads():
+        torch.set_num_threads(share)
 
 
 def run(config: TrainerConfig, *, progress: Progress, stop: StopFlag, env: Mapping[str, str] = os.environ) -> Outcome:
