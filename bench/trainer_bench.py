@@ -60,6 +60,15 @@ class Started(NamedTuple):
     log: Path
 
 
+def launch(
+    command: list[str], env: dict[str, str], log: Path, finish: Callable[[str], dict[str, float]]
+) -> Started:
+    """Start a run: stdout is read for its result, stderr goes to `log`."""
+    with log.open("w") as stderr:  # the child keeps its own copy of the descriptor
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    return Started(process, finish, log)
+
+
 def start_ours(
     model: Path,
     args: argparse.Namespace,
@@ -91,13 +100,6 @@ def start_ours(
         "FINETUNE_PROGRESS_PORT": "0",
         "FINETUNE_TERMINATION_LOG": str(work / f"term-{index}"),
     }
-    process = subprocess.Popen(
-        [*prefix, sys.executable, "-c", OURS, str(path)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=log.open("w"),
-        text=True,
-    )
 
     def finish(stdout: str) -> dict[str, float]:
         result = json.loads(next(line for line in stdout.splitlines() if line.startswith("BENCH "))[6:])
@@ -112,7 +114,7 @@ def start_ours(
             "saveSeconds": next(r["saveSeconds"] for r in records if r["kind"] == "checkpointSaved"),
         }
 
-    return Started(process, finish, log)
+    return launch([*prefix, sys.executable, "-c", OURS, str(path)], env, log, finish)
 
 
 def start_plain(
@@ -131,15 +133,15 @@ def start_plain(
         *("--steps", str(args.steps), "--seq", str(args.seq), "--batch", str(args.batch)),
         *("--out", str(work / f"plain-{index}")),
     ]
-    log = work / f"plain-{index}.log"
-    process = subprocess.Popen(
+    return launch(
         command,
-        env={**os.environ, **extra_env},
-        stdout=subprocess.PIPE,
-        stderr=log.open("w"),
-        text=True,
+        {**os.environ, **extra_env},
+        work / f"plain-{index}.log",
+        lambda stdout: json.loads(stdout.strip().splitlines()[-1]),
     )
-    return Started(process, lambda stdout: json.loads(stdout.strip().splitlines()[-1]), log)
+
+
+SIDES = (("plain", start_plain), ("ours", start_ours))
 
 
 def wait(name: str, run: Started) -> dict[str, float]:
@@ -154,9 +156,8 @@ def round_alternating(
     model: Path, args: argparse.Namespace, work: Path, i: int
 ) -> dict[str, dict[str, float]]:
     """One side after the other on all cores; who goes first alternates between rounds."""
-    order = [("plain", start_plain), ("ours", start_ours)]
     results = {}
-    for name, start in order if i % 2 == 0 else order[::-1]:
+    for name, start in SIDES if i % 2 == 0 else SIDES[::-1]:
         results[name] = wait(name, start(model, args, work, i, {}, []))
     return results
 
@@ -175,7 +176,7 @@ def round_side_by_side(
     one_thread = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     started = {
         name: start(model, args, work, i, one_thread, ["taskset", "-c", str(core)])
-        for (name, start), core in zip((("plain", start_plain), ("ours", start_ours)), cores, strict=True)
+        for (name, start), core in zip(SIDES, cores, strict=True)
     }
     return {name: wait(name, run) for name, run in started.items()}
 

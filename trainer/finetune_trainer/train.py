@@ -694,7 +694,7 @@ def configure_threads() -> None:
 
     `torch.set_num_threads` is called only to lower the count: calling it at all, even with the
     count PyTorch already uses, made every SmolLM2-135M training step ~11 % slower on the 2-vCPU
-    test machine (bench/trainer_bench.py found it; docs/trainer.md). No
+    test machine (measured; docs/trainer.md). No
     `torch.use_deterministic_algorithms`: on CPU the default kernels are already reproducible for
     a given seed and thread count (runs, resumed runs and 1 vs 2 processes agree — tests/trainer),
     and the deterministic variants cost ~7 % per step (measured); on GPUs they would cost more, as
