@@ -53,7 +53,7 @@ class Timer(TrainerCallback):
         self.last = now
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser()
     p.add_argument("--model", required=True)
     p.add_argument("--train", required=True)
@@ -62,7 +62,11 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--out", default="/tmp/plain-hf-bench")
-    args = p.parse_args()
+    return p
+
+
+def make_trainer(args: argparse.Namespace, callbacks: list[TrainerCallback]) -> Trainer:
+    """The plain script's Trainer; also built in-process by bench/interleaved_pair.py."""
     torch.manual_seed(42)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -83,15 +87,20 @@ def main() -> None:
         seed=42,
         remove_unused_columns=False,
     )
-    timer = Timer(skip=1)
-    trainer = Trainer(
+    return Trainer(
         model=model,
         args=training_args,
         train_dataset=train,
         eval_dataset=evaluation,  # type: ignore[arg-type]
         data_collator=lambda b: collate(b, pad),
-        callbacks=[timer],
+        callbacks=callbacks,
     )
+
+
+def main() -> None:
+    args = parser().parse_args()
+    timer = Timer(skip=1)
+    trainer = make_trainer(args, [timer])
     eval_loss = trainer.evaluate()["eval_loss"]
     trainer.train()
     started = time.perf_counter()

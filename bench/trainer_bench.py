@@ -34,7 +34,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "examples" / "data" / "market-reports"
@@ -80,28 +80,9 @@ def start_ours(
     prefix: list[str],
 ) -> Started:
     run = work / f"ours-{index}"
-    config = {
-        "model": {"uri": f"file://{model}"},
-        "dataset": {"train": [f"file://{DATA}/train.jsonl"], "eval": [f"file://{DATA}/eval.jsonl"]},
-        "hyperparameters": {
-            "maxSteps": args.steps,
-            "learningRate": 1e-4,
-            "lrScheduler": "constant",
-            "batchSize": args.batch,
-            "sequenceLength": args.seq,
-        },
-        "evaluation": {"everySteps": args.steps, "logEverySteps": 1},
-        "checkpoints": {"everySteps": args.steps, "keepLast": 1, "outputUri": f"file://{run}/"},
-    }
     path, log = work / f"ours-{index}.json", work / f"ours-{index}.log"
-    path.write_text(json.dumps(config))
-    env = {
-        **os.environ,
-        **extra_env,
-        "FINETUNE_CACHE_DIR": str(work / f"cache-{index}"),
-        "FINETUNE_PROGRESS_PORT": "0",
-        "FINETUNE_TERMINATION_LOG": str(work / f"term-{index}"),
-    }
+    path.write_text(json.dumps(ours_config(model, args, run)))
+    env = {**os.environ, **extra_env, **ours_env(work, index)}
 
     def finish(stdout: str) -> dict[str, float]:
         result = json.loads(next(line for line in stdout.splitlines() if line.startswith("BENCH "))[6:])
@@ -119,6 +100,39 @@ def start_ours(
     return launch([*prefix, sys.executable, "-c", OURS, str(path)], env, log, finish)
 
 
+def ours_config(model: Path, args: argparse.Namespace, run: Path) -> dict[str, object]:
+    """finetune-trainer's config for the same model, data and settings as the plain script."""
+    return {
+        "model": {"uri": f"file://{model}"},
+        "dataset": {"train": [f"file://{DATA}/train.jsonl"], "eval": [f"file://{DATA}/eval.jsonl"]},
+        "hyperparameters": {
+            "maxSteps": args.steps,
+            "learningRate": 1e-4,
+            "lrScheduler": "constant",
+            "batchSize": args.batch,
+            "sequenceLength": args.seq,
+        },
+        "evaluation": {"everySteps": args.steps, "logEverySteps": 1},
+        "checkpoints": {"everySteps": args.steps, "keepLast": 1, "outputUri": f"file://{run}/"},
+    }
+
+
+def ours_env(work: Path, index: int) -> dict[str, str]:
+    return {
+        "FINETUNE_CACHE_DIR": str(work / f"cache-{index}"),
+        "FINETUNE_PROGRESS_PORT": "0",
+        "FINETUNE_TERMINATION_LOG": str(work / f"term-{index}"),
+    }
+
+
+def plain_args(model: Path, args: argparse.Namespace, out: Path) -> list[str]:
+    return [
+        *("--model", str(model), "--train", str(DATA / "train.jsonl"), "--eval", str(DATA / "eval.jsonl")),
+        *("--steps", str(args.steps), "--seq", str(args.seq), "--batch", str(args.batch)),
+        *("--out", str(out)),
+    ]
+
+
 def start_plain(
     model: Path,
     args: argparse.Namespace,
@@ -131,9 +145,7 @@ def start_plain(
         *prefix,
         sys.executable,
         str(ROOT / "bench" / "plain_hf_trainer.py"),
-        *("--model", str(model), "--train", str(DATA / "train.jsonl"), "--eval", str(DATA / "eval.jsonl")),
-        *("--steps", str(args.steps), "--seq", str(args.seq), "--batch", str(args.batch)),
-        *("--out", str(work / f"plain-{index}")),
+        *plain_args(model, args, work / f"plain-{index}"),
     ]
     return launch(
         command,
@@ -183,6 +195,41 @@ def round_side_by_side(
     return {name: wait(name, run) for name, run in started.items()}
 
 
+def round_interleaved(
+    model: Path, args: argparse.Namespace, work: Path, i: int
+) -> dict[str, dict[str, float]]:
+    """Both trainers in one process, one optimizer step each in turn (bench/interleaved_pair.py);
+    who steps first alternates between rounds. With --control both sides are the plain script."""
+    sides = ["plain", "plain"] if args.control else ["ours", "plain"]
+    if i % 2:
+        sides.reverse()
+    config = work / f"ours-{i}.json"
+    config.write_text(json.dumps(ours_config(model, args, work / f"ours-{i}")))
+    command = [
+        sys.executable,
+        str(ROOT / "bench" / "interleaved_pair.py"),
+        *("--sides", ",".join(sides), "--config", str(config)),
+        *plain_args(model, args, work / f"plain-{i}"),
+    ]
+
+    def finish(stdout: str) -> dict[str, float]:
+        return json.loads(next(line for line in stdout.splitlines() if line.startswith("PAIR "))[5:])
+
+    pair = wait("interleaved", launch(command, {**os.environ, **ours_env(work, i)}, work / f"pair-{i}.log", finish))
+    seconds = cast(dict[str, list[float]], pair["seconds"])
+    if args.control:  # plain-1 stepped first; it takes the place of "ours" in even rounds
+        first, second = seconds["plain-1"], seconds["plain-2"]
+        seconds = {"ours": first, "plain": second} if i % 2 == 0 else {"ours": second, "plain": first}
+    tokens = args.batch * args.seq
+    # Step 1 is left out (first batch, warm-up), as in the other modes.
+    ours_steps, plain_steps = seconds["ours"][1:], seconds["plain"][1:]
+    return {
+        "ours": {"tokensPerSecond": tokens / statistics.median(ours_steps)},
+        "plain": {"tokensPerSecond": tokens / statistics.median(plain_steps)},
+        "steps": {"ratio": statistics.median(p / o for o, p in zip(ours_steps, plain_steps, strict=True))},
+    }
+
+
 def upload_comparison(folder: Path, rounds: int) -> dict[str, float] | None:
     endpoint = os.environ.get("BENCH_S3_ENDPOINT")
     if not endpoint:
@@ -224,6 +271,23 @@ def upload_comparison(folder: Path, rounds: int) -> dict[str, float] | None:
     return {"oursMiBps": statistics.median(ours) / 2**20, "plainMiBps": statistics.median(plain) / 2**20}
 
 
+def report_interleaved(
+    ours: list[dict[str, float]], plain: list[dict[str, float]], step_ratios: list[float], *, control: bool
+) -> None:
+    """The tokens/s comparison of --interleaved rounds: per round, the median over its steps of
+    (plain step seconds ÷ ours step seconds) for steps run one right after the other."""
+    label = "plain (A)" if control else "finetune-trainer"
+    a = statistics.median(r["tokensPerSecond"] for r in ours)
+    b = statistics.median(r["tokensPerSecond"] for r in plain)
+    print(f"\n{'metric':<22} {label:>17} {'plain HF Trainer':>17} {'ratio':>7}  target")
+    print(f"{'tokensPerSecond':<22} {a:17.2f} {b:17.2f} {a / b:7.3f}  {'= 1.0 (control)' if control else '>= 1.0'}")
+    print(f"tokens/s ratio per round (median of step pairs): {', '.join(f'{r:.3f}' for r in step_ratios)}")
+    if len(step_ratios) > 1:
+        mean, error = statistics.fmean(step_ratios), statistics.stdev(step_ratios) / len(step_ratios) ** 0.5
+        print(f"tokens/s ratio: mean {mean:.3f} ± {error:.3f} (standard error over {len(step_ratios)} rounds)")
+    print("peak RSS, step-0 loss, checkpoint stall, upload: not measured here (one process); run without --interleaved")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=3)
@@ -231,12 +295,25 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--model", default=None, help="HF folder (default: SmolLM2-135M imported from GGUF)")
-    p.add_argument(
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
         "--side-by-side",
         action="store_true",
         help="run both sides at once, one core and one thread each, swapping cores every round",
     )
+    mode.add_argument(
+        "--interleaved",
+        action="store_true",
+        help="both sides in one process, one optimizer step each in turn (tokens/s only)",
+    )
+    p.add_argument(
+        "--control",
+        action="store_true",
+        help="with --interleaved: the plain script on both sides, to measure the instrument's own spread",
+    )
     args = p.parse_args()
+    if args.control and not args.interleaved:
+        p.error("--control: only with --interleaved")
     work = Path(tempfile.mkdtemp(prefix="trainer-bench-"))
     try:
         model = (
@@ -246,9 +323,18 @@ def main() -> None:
         )
         ours: list[dict[str, float]] = []
         plain: list[dict[str, float]] = []
-        play = round_side_by_side if args.side_by_side else round_alternating
+        step_ratios: list[float] = []
+        play = round_side_by_side if args.side_by_side else round_interleaved if args.interleaved else round_alternating
         for i in range(args.rounds):
             results = play(model, args, work, i)
+            if args.interleaved:
+                step_ratios.append(results["steps"]["ratio"])
+                print(f"round {i}: {json.dumps(results)}", flush=True)
+                for name in ("plain", "ours", "pair", "cache"):
+                    shutil.rmtree(work / f"{name}-{i}", ignore_errors=True)
+                ours.append(results["ours"])
+                plain.append(results["plain"])
+                continue
             for name, collected in (("plain", plain), ("ours", ours)):
                 collected.append(results[name])
                 print(f"round {i} {name}: {json.dumps(results[name])}", flush=True)
@@ -259,6 +345,9 @@ def main() -> None:
         def med(results: list[dict[str, float]], key: str) -> float:
             return statistics.median(r[key] for r in results)
 
+        if args.interleaved:
+            report_interleaved(ours, plain, step_ratios, control=args.control)
+            return
         print(f"\n{'metric':<22} {'finetune-trainer':>17} {'plain HF Trainer':>17} {'ratio':>7}  target")
         for key, target in (
             ("tokensPerSecond", ">= 1.0"),

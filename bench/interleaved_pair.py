@@ -1,0 +1,160 @@
+"""One round of the interleaved trainer benchmark: two trainers in one process, taking turns.
+
+finetune-trainer (in the main thread, through its console entry point) and the plain Hugging Face
+Trainer script (bench/plain_hf_trainer.py, in a second thread) train the same model on the same
+data in the same process, one optimizer step each in turn: while one steps, the other waits on a
+condition variable and uses no CPU. So both see the same process, the same allocator, the same
+neighbours on the host and the same minute, step for step; only what each trainer does per step
+differs. Each step is timed from the moment a trainer gets its turn to its `on_step_end`, which
+includes its logging and callbacks of the step before.
+
+With `--sides plain,plain` both sides are the plain script: the instrument measured against itself.
+
+Prints one JSON line: {"sides": [first, second], "seconds": {side: [seconds of step 1, 2, …]}}.
+Run by bench/trainer_bench.py --interleaved; by hand:
+
+    python bench/interleaved_pair.py --sides ours,plain --config ours.json \\
+        --model DIR --train FILE --eval FILE --steps 12 --seq 128 --batch 4 --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import plain_hf_trainer  # a sibling script, not a package
+
+
+class Turns:
+    """Two named trainers take turns, one optimizer step each, starting together."""
+
+    def __init__(self, first: str, second: str) -> None:
+        self.names = (first, second)
+        self.turn = first
+        self.ready: set[str] = set()
+        self.done: set[str] = set()
+        self.seconds: dict[str, list[float]] = {first: [], second: []}
+        self._changed = threading.Condition()
+
+    def _other(self, name: str) -> str:
+        return self.names[1] if name == self.names[0] else self.names[0]
+
+    def wait_for_turn(self, name: str) -> None:
+        with self._changed:
+            self._changed.wait_for(
+                lambda: self._other(name) in self.done
+                or (self.turn == name and self.ready == set(self.names))
+            )
+
+    def arrive(self, name: str) -> None:
+        with self._changed:
+            self.ready.add(name)
+            self._changed.notify_all()
+
+    def hand_over(self, name: str) -> None:
+        with self._changed:
+            self.turn = self._other(name)
+            self._changed.notify_all()
+
+    def leave(self, name: str) -> None:
+        """Also called when a side fails, so that the other never waits for it."""
+        with self._changed:
+            self.done.add(name)
+            self.ready.add(name)
+            self.turn = self._other(name)
+            self._changed.notify_all()
+
+    def callback(self, name: str) -> TrainerCallback:
+        return _TurnTaker(self, name)
+
+
+class _TurnTaker(TrainerCallback):
+    def __init__(self, turns: Turns, name: str) -> None:
+        self.turns, self.name, self.started = turns, name, 0.0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.turns.arrive(self.name)
+        self.turns.wait_for_turn(self.name)
+        self.started = time.perf_counter()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.turns.seconds[self.name].append(time.perf_counter() - self.started)
+        self.turns.hand_over(self.name)
+        self.turns.wait_for_turn(self.name)
+        self.started = time.perf_counter()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.turns.leave(self.name)
+
+
+def run_plain(args: argparse.Namespace, out: str, callback: TrainerCallback) -> None:
+    trainer = plain_hf_trainer.make_trainer(argparse.Namespace(**{**vars(args), "out": out}), [callback])
+    trainer.evaluate()  # as the plain script does: step-0 evaluation, then training
+    trainer.train()
+
+
+def run_ours(config: str, callback: TrainerCallback) -> None:
+    from finetune_trainer import train as ours
+    from finetune_trainer.cli import main
+
+    # The one change to finetune-trainer: its Trainer also gets the turn-taking callback.
+    construct = ours.FineTuneTrainer.__init__
+
+    def with_turns(self: Any, *a: Any, **kw: Any) -> None:
+        construct(self, *a, **kw)
+        self.add_callback(callback)
+
+    ours.FineTuneTrainer.__init__ = with_turns  # type: ignore[method-assign]
+    code = main(["--config", config])
+    if code != 0:
+        raise SystemExit(f"finetune-trainer exited with {code}")
+
+
+def main() -> None:
+    p = plain_hf_trainer.parser()
+    p.add_argument("--sides", default="ours,plain", help="first,second: ours,plain / plain,ours / plain,plain")
+    p.add_argument("--config", help="finetune-trainer config (JSON) for the side 'ours'")
+    args = p.parse_args()
+    first, second = args.sides.split(",")
+    if {first, second} - {"ours", "plain"} or (first, second) == ("ours", "ours"):
+        raise SystemExit("--sides: two of ours/plain, at most one ours (its entry point installs process state)")
+    names = (first, second) if first != second else (f"{first}-1", f"{second}-2")
+    turns = Turns(*names)
+    failures: list[BaseException] = []
+
+    def side(name: str) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                if name == "ours":
+                    run_ours(args.config, turns.callback(name))
+                else:
+                    run_plain(args, f"{args.out}/{name}", turns.callback(name))
+            except BaseException as exc:  # reported below; the other side must not wait for it
+                failures.append(exc)
+            finally:
+                turns.leave(name)
+
+        return run
+
+    # ours runs in the main thread: it installs a SIGTERM handler, which only the main thread can.
+    in_main, in_thread = (names[0], names[1]) if names[0] == "ours" or names[1] != "ours" else names[::-1]
+    worker = threading.Thread(target=side(in_thread), name=in_thread)
+    worker.start()
+    side(in_main)()
+    worker.join()
+    if failures:
+        raise SystemExit(f"a side failed: {failures[0]!r}")
+    print("PAIR " + json.dumps({"sides": list(names), "seconds": turns.seconds}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
