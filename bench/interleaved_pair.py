@@ -96,22 +96,27 @@ class _TurnTaker(TrainerCallback):
         self.turns.leave(self.name)
 
 
-def run_plain(args: argparse.Namespace, out: str, callback: TrainerCallback) -> None:
-    trainer = plain_hf_trainer.make_trainer(argparse.Namespace(**{**vars(args), "out": out}), [callback])
+def run_plain(args: argparse.Namespace, name: str, turns: Turns, built: Callable[[], None]) -> None:
+    trainer = plain_hf_trainer.make_trainer(
+        argparse.Namespace(**{**vars(args), "out": f"{args.out}/{name}"}), [turns.callback(name)]
+    )
+    built()
     trainer.evaluate()  # as the plain script does: step-0 evaluation, then training
     trainer.train()
 
 
-def run_ours(config: str, callback: TrainerCallback) -> None:
+def run_ours(config: str, turns: Turns, built: Callable[[], None]) -> None:
     from finetune_trainer import train as ours
     from finetune_trainer.cli import main
 
     # The one change to finetune-trainer: its Trainer also gets the turn-taking callback.
     construct = ours.FineTuneTrainer.__init__
+    callback = turns.callback("ours")
 
     def with_turns(self: Any, *a: Any, **kw: Any) -> None:
         construct(self, *a, **kw)
         self.add_callback(callback)
+        built()  # its model is loaded and evaluated at step 0 by now
 
     ours.FineTuneTrainer.__init__ = with_turns  # type: ignore[method-assign]
     code = main(["--config", config])
@@ -129,24 +134,41 @@ def main() -> None:
         raise SystemExit("--sides: two of ours/plain, at most one ours (its entry point installs process state)")
     names = (first, second) if first != second else (f"{first}-1", f"{second}-2")
     turns = Turns(*names)
+    # The sides are set up one after the other, the first side's first (so the order swaps with
+    # the step order), and neither goes on until both Trainers exist: transformers loads models
+    # under process-wide patches of torch (meta-device initialisation), and every
+    # TrainingArguments resets the process-wide accelerate state that the other Trainer uses.
+    built = {name: threading.Event() for name in names}
+
+    def when_built(name: str) -> Callable[[], None]:
+        def wait_for_both() -> None:
+            built[name].set()
+            for event in built.values():
+                event.wait()
+
+        return wait_for_both
+
     failures: list[BaseException] = []
 
     def side(name: str) -> Callable[[], None]:
         def run() -> None:
             try:
+                if name == names[1]:
+                    built[names[0]].wait()
                 if name == "ours":
-                    run_ours(args.config, turns.callback(name))
+                    run_ours(args.config, turns, when_built(name))
                 else:
-                    run_plain(args, f"{args.out}/{name}", turns.callback(name))
+                    run_plain(args, name, turns, when_built(name))
             except BaseException as exc:  # reported below; the other side must not wait for it
                 failures.append(exc)
             finally:
+                built[name].set()
                 turns.leave(name)
 
         return run
 
     # ours runs in the main thread: it installs a SIGTERM handler, which only the main thread can.
-    in_main, in_thread = (names[0], names[1]) if names[0] == "ours" or names[1] != "ours" else names[::-1]
+    in_main, in_thread = names[::-1] if names[1] == "ours" else names
     worker = threading.Thread(target=side(in_thread), name=in_thread)
     worker.start()
     side(in_main)()
