@@ -6,8 +6,11 @@ alternating on all cores (who goes first swaps every round), or with `--side-by-
 once, each pinned to its own core with one thread (cores swap every round), so that a slow
 minute of a shared VM slows both sides alike. Side by side is the instrument for the tokens/s
 ratio: on a shared VM the same work took 8.6 to 9.7 CPU-seconds per step from one round to the
-next, which alternating runs report as a difference between the sides. Then prints medians, the per-round
-tokens/s ratios with their mean and standard error, and these ratios:
+next, which alternating runs report as a difference between the sides. With `--interleaved`
+both train in one process, one optimizer step each in turn (bench/interleaved_pair.py), so that
+each pair of steps runs back to back on the same cores: tokens/s only, and `--control` puts the
+plain script on both sides to show the instrument's own spread. Then prints medians, the
+per-round tokens/s ratios with their mean and standard error, and these ratios:
 
 - tokens/s of the median step after the first (target ≥ 1.0x the plain script),
 - peak RSS (target ≤ 1.1x),
@@ -19,6 +22,7 @@ tokens/s ratios with their mean and standard error, and these ratios:
 
     .venv/bin/python bench/trainer_bench.py --rounds 3 --steps 10
     .venv/bin/python bench/trainer_bench.py --side-by-side --rounds 10 --steps 12
+    .venv/bin/python bench/trainer_bench.py --interleaved --rounds 34 --steps 8 [--control]
 """
 
 from __future__ import annotations
