@@ -132,6 +132,8 @@ def main() -> None:
     first, second = args.sides.split(",")
     if {first, second} - {"ours", "plain"} or (first, second) == ("ours", "ours"):
         raise SystemExit("--sides: two of ours/plain, at most one ours (its entry point installs process state)")
+    if "ours" in (first, second) and not args.config:
+        raise SystemExit("--config: required when --sides includes ours (a finetune-trainer config file)")
     names = (first, second) if first != second else (f"{first}-1", f"{second}-2")
     turns = Turns(*names)
     # The sides are set up one after the other, the first side's first (so the order swaps with

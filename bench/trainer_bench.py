@@ -207,14 +207,16 @@ def round_interleaved(
     sides = ["plain", "plain"] if args.control else ["ours", "plain"]
     if i % 2:
         sides.reverse()
-    config = work / f"ours-{i}.json"
-    config.write_text(json.dumps(ours_config(model, args, work / f"ours-{i}")))
     command = [
         sys.executable,
         str(ROOT / "bench" / "interleaved_pair.py"),
-        *("--sides", ",".join(sides), "--config", str(config)),
+        *("--sides", ",".join(sides)),
         *plain_args(model, args, work / f"plain-{i}"),
     ]
+    if not args.control:
+        config = work / f"ours-{i}.json"
+        config.write_text(json.dumps(ours_config(model, args, work / f"ours-{i}")))
+        command += ["--config", str(config)]
 
     def finish(stdout: str) -> dict[str, float]:
         return json.loads(next(line for line in stdout.splitlines() if line.startswith("PAIR "))[5:])
@@ -275,6 +277,13 @@ def upload_comparison(folder: Path, rounds: int) -> dict[str, float] | None:
     return {"oursMiBps": statistics.median(ours) / 2**20, "plainMiBps": statistics.median(plain) / 2**20}
 
 
+def print_mean_and_error(ratios: list[float]) -> None:
+    """The paired per-round ratios are the comparison; their spread says how far to trust it."""
+    if len(ratios) > 1:  # stdev needs two
+        mean, error = statistics.fmean(ratios), statistics.stdev(ratios) / len(ratios) ** 0.5
+        print(f"tokens/s ratio: mean {mean:.3f} ± {error:.3f} (standard error over {len(ratios)} rounds)")
+
+
 def report_interleaved(
     ours: list[dict[str, float]], plain: list[dict[str, float]], step_ratios: list[float], *, control: bool
 ) -> None:
@@ -286,9 +295,7 @@ def report_interleaved(
     print(f"\n{'metric':<22} {label:>17} {'plain HF Trainer':>17} {'ratio':>7}  target")
     print(f"{'tokensPerSecond':<22} {a:17.2f} {b:17.2f} {a / b:7.3f}  {'= 1.0 (control)' if control else '>= 1.0'}")
     print(f"tokens/s ratio per round (median of step pairs): {', '.join(f'{r:.3f}' for r in step_ratios)}")
-    if len(step_ratios) > 1:
-        mean, error = statistics.fmean(step_ratios), statistics.stdev(step_ratios) / len(step_ratios) ** 0.5
-        print(f"tokens/s ratio: mean {mean:.3f} ± {error:.3f} (standard error over {len(step_ratios)} rounds)")
+    print_mean_and_error(step_ratios)
     print("peak RSS, step-0 loss, checkpoint stall, upload: not measured here (one process); run without --interleaved")
 
 
@@ -334,7 +341,7 @@ def main() -> None:
             if args.interleaved:
                 step_ratios.append(results["steps"]["ratio"])
                 print(f"round {i}: {json.dumps(results)}", flush=True)
-                for name in ("plain", "ours", "pair", "cache"):
+                for name in ("plain", "ours", "cache"):
                     shutil.rmtree(work / f"{name}-{i}", ignore_errors=True)
                 ours.append(results["ours"])
                 plain.append(results["plain"])
@@ -365,10 +372,7 @@ def main() -> None:
             f"tokens/s ratio per round (each pair ran back to back or side by side): "
             f"{', '.join(f'{r:.3f}' for r in paired)}; median {statistics.median(paired):.3f}"
         )
-        if len(paired) > 1:
-            # The paired ratios are the comparison; their spread says how far to trust it.
-            mean, error = statistics.fmean(paired), statistics.stdev(paired) / len(paired) ** 0.5
-            print(f"tokens/s ratio: mean {mean:.3f} ± {error:.3f} (standard error over {len(paired)} rounds)")
+        print_mean_and_error(paired)
         a, b = med(ours, "step0EvalLoss"), med(plain, "step0EvalLoss")
         print(f"{'step0EvalLoss':<22} {a:17.4f} {b:17.4f} {a - b:+7.4f}  |diff| <= 0.01")
         upload = upload_comparison(
