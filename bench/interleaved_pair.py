@@ -9,6 +9,9 @@ differs. Each step is timed from the moment a trainer gets its turn to its `on_s
 includes its logging and callbacks of the step before.
 
 With `--sides plain,plain` both sides are the plain script: the instrument measured against itself.
+With `--shared-model` both sides train one model instance (loaded by ours, or by the first plain
+side), each with its own optimizer, data and callbacks, so that where the weights happen to lie in
+memory cannot favour one side; the optimizer steps of the two then alternate on the same weights.
 
 Prints one JSON line: {"sides": [first, second], "seconds": {side: [seconds of step 1, 2, …]}}.
 Run by bench/trainer_bench.py --interleaved; by hand:
@@ -96,16 +99,32 @@ class _TurnTaker(TrainerCallback):
         self.turns.leave(self.name)
 
 
-def run_plain(args: argparse.Namespace, name: str, turns: Turns, built: Callable[[], None]) -> None:
+class SharedModel:
+    """With --shared-model: the side that loads the model offers it, the other side takes it."""
+
+    def __init__(self, shared: bool) -> None:
+        self.shared, self.model = shared, None
+
+    def offer(self, model: Any) -> None:
+        if self.shared:
+            self.model = model
+
+
+def run_plain(
+    args: argparse.Namespace, name: str, turns: Turns, built: Callable[[], None], shared: SharedModel
+) -> None:
     trainer = plain_hf_trainer.make_trainer(
-        argparse.Namespace(**{**vars(args), "out": f"{args.out}/{name}"}), [turns.callback(name)]
+        argparse.Namespace(**{**vars(args), "out": f"{args.out}/{name}"}), [turns.callback(name)], shared.model
     )
+    if shared.model is not None and trainer.model is not shared.model:
+        raise RuntimeError("--shared-model: the plain Trainer replaced the model it was given")
+    shared.offer(trainer.model)
     built()
     trainer.evaluate()  # as the plain script does: step-0 evaluation, then training
     trainer.train()
 
 
-def run_ours(config: str, turns: Turns, built: Callable[[], None]) -> None:
+def run_ours(config: str, turns: Turns, built: Callable[[], None], shared: SharedModel) -> None:
     from finetune_trainer import train as ours
     from finetune_trainer.cli import main
 
@@ -116,6 +135,7 @@ def run_ours(config: str, turns: Turns, built: Callable[[], None]) -> None:
     def with_turns(self: Any, *a: Any, **kw: Any) -> None:
         construct(self, *a, **kw)
         self.add_callback(callback)
+        shared.offer(self.model)
         built()  # its model is loaded and evaluated at step 0 by now
 
     ours.FineTuneTrainer.__init__ = with_turns  # type: ignore[method-assign]
@@ -128,6 +148,7 @@ def main() -> None:
     p = plain_hf_trainer.parser()
     p.add_argument("--sides", default="ours,plain", help="first,second: ours,plain / plain,ours / plain,plain")
     p.add_argument("--config", help="finetune-trainer config (JSON) for the side 'ours'")
+    p.add_argument("--shared-model", action="store_true", help="both sides train one model instance")
     args = p.parse_args()
     first, second = args.sides.split(",")
     if {first, second} - {"ours", "plain"} or (first, second) == ("ours", "ours"):
@@ -137,9 +158,12 @@ def main() -> None:
     names = (first, second) if first != second else (f"{first}-1", f"{second}-2")
     turns = Turns(*names)
     # The sides are set up one after the other, the first side's first (so the order swaps with
-    # the step order), and neither goes on until both Trainers exist: transformers loads models
-    # under process-wide patches of torch (meta-device initialisation), and every
-    # TrainingArguments resets the process-wide accelerate state that the other Trainer uses.
+    # the step order; with --shared-model the side that loads the model goes first), and neither
+    # goes on until both Trainers exist: transformers loads models under process-wide patches of
+    # torch (meta-device initialisation), and every TrainingArguments resets the process-wide
+    # accelerate state that the other Trainer uses.
+    shared = SharedModel(args.shared_model)
+    set_up_first = "ours" if args.shared_model and "ours" in names else names[0]
     built = {name: threading.Event() for name in names}
 
     def when_built(name: str) -> Callable[[], None]:
@@ -155,12 +179,12 @@ def main() -> None:
     def side(name: str) -> Callable[[], None]:
         def run() -> None:
             try:
-                if name == names[1]:
-                    built[names[0]].wait()
+                if name != set_up_first:
+                    built[set_up_first].wait()
                 if name == "ours":
-                    run_ours(args.config, turns, when_built(name))
+                    run_ours(args.config, turns, when_built(name), shared)
                 else:
-                    run_plain(args, name, turns, when_built(name))
+                    run_plain(args, name, turns, when_built(name), shared)
             except BaseException as exc:  # reported below; the other side must not wait for it
                 failures.append(exc)
             finally:

@@ -65,12 +65,16 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def make_trainer(args: argparse.Namespace, callbacks: list[TrainerCallback]) -> Trainer:
-    """The plain script's Trainer; also built in-process by bench/interleaved_pair.py."""
+def make_trainer(
+    args: argparse.Namespace, callbacks: list[TrainerCallback], model: torch.nn.Module | None = None
+) -> Trainer:
+    """The plain script's Trainer; also built in-process by bench/interleaved_pair.py, which may
+    hand it a model instance that the other side trains too (`model`; loaded from --model if None)."""
     torch.manual_seed(42)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     train, evaluation = blocks(args.train, tokenizer, args.seq), blocks(args.eval, tokenizer, args.seq)
     training_args = TrainingArguments(
         output_dir=args.out,

@@ -9,7 +9,9 @@ ratio: on a shared VM the same work took 8.6 to 9.7 CPU-seconds per step from on
 next, which alternating runs report as a difference between the sides. With `--interleaved`
 both train in one process, one optimizer step each in turn (bench/interleaved_pair.py), so that
 each pair of steps runs back to back on the same cores: tokens/s only, and `--control` puts the
-plain script on both sides to show the instrument's own spread. Then prints medians, the
+plain script on both sides to show the instrument's own spread; `--shared-model` has both train
+one model instance, so that where its weights lie in memory (which sets a model instance's speed
+within a few per cent) is the same for both. Then prints medians, the
 per-round tokens/s ratios with their mean and standard error, and these ratios:
 
 - tokens/s of the median step after the first (target ≥ 1.0x the plain script),
@@ -22,7 +24,7 @@ per-round tokens/s ratios with their mean and standard error, and these ratios:
 
     .venv/bin/python bench/trainer_bench.py --rounds 3 --steps 10
     .venv/bin/python bench/trainer_bench.py --side-by-side --rounds 10 --steps 12
-    .venv/bin/python bench/trainer_bench.py --interleaved --rounds 34 --steps 8 [--control]
+    .venv/bin/python bench/trainer_bench.py --interleaved --rounds 34 --steps 8 [--control] [--shared-model]
 """
 
 from __future__ import annotations
@@ -212,6 +214,7 @@ def round_interleaved(
         str(ROOT / "bench" / "interleaved_pair.py"),
         *("--sides", ",".join(sides)),
         *plain_args(model, args, work / f"plain-{i}"),
+        *(["--shared-model"] if args.shared_model else []),
     ]
     if not args.control:
         config = work / f"ours-{i}.json"
@@ -322,9 +325,15 @@ def main() -> None:
         action="store_true",
         help="with --interleaved: the plain script on both sides, to measure the instrument's own spread",
     )
+    p.add_argument(
+        "--shared-model",
+        action="store_true",
+        help="with --interleaved: both sides train one model instance (each with its own optimizer)",
+    )
     args = p.parse_args()
-    if args.control and not args.interleaved:
-        p.error("--control: only with --interleaved")
+    for flag in ("control", "shared_model"):
+        if getattr(args, flag) and not args.interleaved:
+            p.error(f"--{flag.replace('_', '-')}: only with --interleaved")
     work = Path(tempfile.mkdtemp(prefix="trainer-bench-"))
     try:
         model = (
