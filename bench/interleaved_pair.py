@@ -8,10 +8,11 @@ neighbours on the host and the same minute, step for step; only what each traine
 differs. Each step is timed from the moment a trainer gets its turn to its `on_step_end`, which
 includes its logging and callbacks of the step before.
 
-With `--sides plain,plain` both sides are the plain script: the instrument measured against itself.
-With `--shared-model` both sides train one model instance (loaded by ours, or by the first plain
-side), each with its own optimizer, data and callbacks, so that where the weights happen to lie in
-memory cannot favour one side; the optimizer steps of the two then alternate on the same weights.
+With `--sides plain-1,plain-2` (or `plain-2,plain-1`) both sides are the plain script: the
+instrument measured against itself, plain-1 standing where ours stands (in the main thread, and
+with `--shared-model` the side that loads the model). With `--shared-model` both sides train one
+model instance, each with its own optimizer, data and callbacks, so that where the weights happen
+to lie in memory cannot favour one side; their optimizer steps then alternate on the same weights.
 
 Prints one JSON line: {"sides": [first, second], "seconds": {side: [seconds of step 1, 2, …]}}.
 Run by bench/trainer_bench.py --interleaved; by hand:
@@ -146,16 +147,23 @@ def run_ours(config: str, turns: Turns, built: Callable[[], None], shared: Share
 
 def main() -> None:
     p = plain_hf_trainer.parser()
-    p.add_argument("--sides", default="ours,plain", help="first,second: ours,plain / plain,ours / plain,plain")
+    p.add_argument(
+        "--sides",
+        default="ours,plain",
+        help="who steps first, who second: ours,plain / plain,ours / plain-1,plain-2 / plain-2,plain-1",
+    )
     p.add_argument("--config", help="finetune-trainer config (JSON) for the side 'ours'")
     p.add_argument("--shared-model", action="store_true", help="both sides train one model instance")
     args = p.parse_args()
-    first, second = args.sides.split(",")
-    if {first, second} - {"ours", "plain"} or (first, second) == ("ours", "ours"):
-        raise SystemExit("--sides: two of ours/plain, at most one ours (its entry point installs process state)")
-    if "ours" in (first, second) and not args.config:
+    names = tuple(args.sides.split(","))
+    if sorted(names) not in (["ours", "plain"], ["plain-1", "plain-2"]):
+        raise SystemExit(f"--sides: {args.sides!r}; one of ours,plain / plain,ours / plain-1,plain-2 / plain-2,plain-1")
+    if "ours" in names and not args.config:
         raise SystemExit("--config: required when --sides includes ours (a finetune-trainer config file)")
-    names = (first, second) if first != second else (f"{first}-1", f"{second}-2")
+    # ours, or plain-1 in its place, runs in the main thread: ours installs a SIGTERM handler,
+    # which only the main thread can. With --shared-model it also loads the model.
+    in_main = "ours" if "ours" in names else "plain-1"
+    in_thread = next(name for name in names if name != in_main)
     turns = Turns(*names)
     # The sides are set up one after the other, the first side's first (so the order swaps with
     # the step order; with --shared-model the side that loads the model goes first), and neither
@@ -163,7 +171,7 @@ def main() -> None:
     # torch (meta-device initialisation), and every TrainingArguments resets the process-wide
     # accelerate state that the other Trainer uses.
     shared = SharedModel(args.shared_model)
-    set_up_first = "ours" if args.shared_model and "ours" in names else names[0]
+    set_up_first = in_main if args.shared_model else names[0]
     built = {name: threading.Event() for name in names}
 
     def when_built(name: str) -> Callable[[], None]:
@@ -193,8 +201,6 @@ def main() -> None:
 
         return run
 
-    # ours runs in the main thread: it installs a SIGTERM handler, which only the main thread can.
-    in_main, in_thread = names[::-1] if names[1] == "ours" else names
     worker = threading.Thread(target=side(in_thread), name=in_thread)
     worker.start()
     side(in_main)()

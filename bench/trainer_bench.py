@@ -206,7 +206,9 @@ def round_interleaved(
 ) -> dict[str, dict[str, float]]:
     """Both trainers in one process, one optimizer step each in turn (bench/interleaved_pair.py);
     who steps first alternates between rounds. With --control both sides are the plain script."""
-    sides = ["plain", "plain"] if args.control else ["ours", "plain"]
+    # In --control, plain-1 takes the place of ours: the main thread, the model's loader with
+    # --shared-model, and the numerator of the ratio; it steps first in even rounds, as ours does.
+    sides = ["plain-1", "plain-2"] if args.control else ["ours", "plain"]
     if i % 2:
         sides.reverse()
     command = [
@@ -226,9 +228,8 @@ def round_interleaved(
 
     pair = wait("interleaved", launch(command, {**os.environ, **ours_env(work, i)}, work / f"pair-{i}.log", finish))
     seconds = cast(dict[str, list[float]], pair["seconds"])
-    if args.control:  # plain-1 stepped first; it takes the place of "ours" in even rounds
-        first, second = seconds["plain-1"], seconds["plain-2"]
-        seconds = {"ours": first, "plain": second} if i % 2 == 0 else {"ours": second, "plain": first}
+    if args.control:
+        seconds = {"ours": seconds["plain-1"], "plain": seconds["plain-2"]}
     tokens = args.batch * args.seq
     # Step 1 is left out (first batch, warm-up), as in the other modes.
     ours_steps, plain_steps = seconds["ours"][1:], seconds["plain"][1:]
