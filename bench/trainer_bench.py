@@ -9,9 +9,10 @@ ratio: on a shared VM the same work took 8.6 to 9.7 CPU-seconds per step from on
 next, which alternating runs report as a difference between the sides. With `--interleaved`
 both train in one process, one optimizer step each in turn (bench/interleaved_pair.py), so that
 each pair of steps runs back to back on the same cores: tokens/s only, and `--control` puts the
-plain script on both sides to show the instrument's own spread; `--shared-model` has both train
-one model instance, so that where its weights lie in memory (which sets a model instance's speed
-within a few per cent) is the same for both. Then prints medians, the
+plain script on both sides, in ours' place, to show the instrument's own spread; `--shared-model`
+has both train one model instance, so that nothing about the model differs. On a shared VM one
+pair of steps varies by about 8 % (standard deviation), so more `--steps` per round narrow the
+ratio as well as more rounds, at less cost (each round loads the model). Then prints medians, the
 per-round tokens/s ratios with their mean and standard error, and these ratios:
 
 - tokens/s of the median step after the first (target ≥ 1.0x the plain script),
