@@ -101,13 +101,13 @@ class _TurnTaker(TrainerCallback):
 
 
 class SharedModel:
-    """With --shared-model: the side that loads the model offers it, the other side takes it."""
+    """With --shared-model: the side set up first offers the model it loaded, the other takes it."""
 
     def __init__(self, shared: bool) -> None:
         self.shared, self.model = shared, None
 
     def offer(self, model: Any) -> None:
-        if self.shared:
+        if self.shared and self.model is None:
             self.model = model
 
 

@@ -12,8 +12,9 @@ each pair of steps runs back to back on the same cores: tokens/s only, and `--co
 plain script on both sides, in ours' place, to show the instrument's own spread; `--shared-model`
 has both train one model instance, so that nothing about the model differs. On a shared VM one
 pair of steps varies by about 8 % (standard deviation), so more `--steps` per round narrow the
-ratio as well as more rounds, at less cost (each round loads the model). Then prints medians, the
-per-round tokens/s ratios with their mean and standard error, and these ratios:
+ratio as well as more rounds, at less cost (each round loads the model); interleaved rounds also
+print the ratio of total step time and how much one pair of steps varies. Then prints medians,
+the per-round tokens/s ratios with their mean and standard error, and these ratios:
 
 - tokens/s of the median step after the first (target ≥ 1.0x the plain script),
 - peak RSS (target ≤ 1.1x),
@@ -234,10 +235,17 @@ def round_interleaved(
     tokens = args.batch * args.seq
     # Step 1 is left out (first batch, warm-up), as in the other modes.
     ours_steps, plain_steps = seconds["ours"][1:], seconds["plain"][1:]
+    pair_ratios = [p / o for o, p in zip(ours_steps, plain_steps, strict=True)]
     return {
         "ours": {"tokensPerSecond": tokens / statistics.median(ours_steps)},
         "plain": {"tokensPerSecond": tokens / statistics.median(plain_steps)},
-        "steps": {"ratio": statistics.median(p / o for o, p in zip(ours_steps, plain_steps, strict=True))},
+        "steps": {
+            "ratio": statistics.median(pair_ratios),
+            # tokens/s over all timed steps: plain's total time ÷ ours
+            "totalRatio": sum(plain_steps) / sum(ours_steps),
+            # how much one pair of steps varies: what sets the error of a short round
+            "pairStdev": statistics.stdev(pair_ratios) if len(pair_ratios) > 1 else float("nan"),
+        },
     }
 
 
@@ -290,17 +298,22 @@ def print_mean_and_error(ratios: list[float]) -> None:
 
 
 def report_interleaved(
-    ours: list[dict[str, float]], plain: list[dict[str, float]], step_ratios: list[float], *, control: bool
+    ours: list[dict[str, float]], plain: list[dict[str, float]], steps: list[dict[str, float]], *, control: bool
 ) -> None:
     """The tokens/s comparison of --interleaved rounds: per round, the median over its steps of
-    (plain step seconds ÷ ours step seconds) for steps run one right after the other."""
+    (plain step seconds ÷ ours step seconds) for steps run one right after the other, and the
+    ratio of the two sides' total step time."""
     label = "plain (A)" if control else "finetune-trainer"
     a = statistics.median(r["tokensPerSecond"] for r in ours)
     b = statistics.median(r["tokensPerSecond"] for r in plain)
     print(f"\n{'metric':<22} {label:>17} {'plain HF Trainer':>17} {'ratio':>7}  target")
     print(f"{'tokensPerSecond':<22} {a:17.2f} {b:17.2f} {a / b:7.3f}  {'= 1.0 (control)' if control else '>= 1.0'}")
-    print(f"tokens/s ratio per round (median of step pairs): {', '.join(f'{r:.3f}' for r in step_ratios)}")
-    print_mean_and_error(step_ratios)
+    for key, what in (("ratio", "median of step pairs"), ("totalRatio", "total step time")):
+        ratios = [r[key] for r in steps]
+        print(f"tokens/s ratio per round ({what}): {', '.join(f'{r:.3f}' for r in ratios)}")
+        print_mean_and_error(ratios)
+    spread = statistics.median(r["pairStdev"] for r in steps)
+    print(f"one pair of steps varies by {spread:.1%} (standard deviation, median over rounds)")
     print("peak RSS, step-0 loss, checkpoint stall, upload: not measured here (one process); run without --interleaved")
 
 
@@ -345,12 +358,12 @@ def main() -> None:
         )
         ours: list[dict[str, float]] = []
         plain: list[dict[str, float]] = []
-        step_ratios: list[float] = []
+        interleaved_steps: list[dict[str, float]] = []
         play = round_side_by_side if args.side_by_side else round_interleaved if args.interleaved else round_alternating
         for i in range(args.rounds):
             results = play(model, args, work, i)
             if args.interleaved:
-                step_ratios.append(results["steps"]["ratio"])
+                interleaved_steps.append(results["steps"])
                 print(f"round {i}: {json.dumps(results)}", flush=True)
                 for name in ("plain", "ours", "cache"):
                     shutil.rmtree(work / f"{name}-{i}", ignore_errors=True)
@@ -368,7 +381,7 @@ def main() -> None:
             return statistics.median(r[key] for r in results)
 
         if args.interleaved:
-            report_interleaved(ours, plain, step_ratios, control=args.control)
+            report_interleaved(ours, plain, interleaved_steps, control=args.control)
             return
         print(f"\n{'metric':<22} {'finetune-trainer':>17} {'plain HF Trainer':>17} {'ratio':>7}  target")
         for key, target in (
