@@ -103,7 +103,6 @@ class Reason(enum.StrEnum):
     CONTAINER_CONFIG_ERROR = "ContainerConfigError"
     IMAGE_PULL_FAILED = "ImagePullFailed"
     NAME_CONFLICT = "NameConflict"  # a child's name is taken by an object we do not own
-    JOB_DELETED = "JobDeleted"
 
 
 class _Model(BaseModel):
