@@ -88,11 +88,14 @@ class Jobs:
                 hint="list jobs with `kubectl finetune status` (or pass --namespace)",
             )
         if exc.status == 403:
-            return CliError(f"not allowed to {what}: {message}", hint="ask for RBAC rights on finetunejobs.finetune.dev")
+            return CliError(
+                f"not allowed to {what}: {message}", hint="ask for RBAC rights on finetunejobs.finetune.dev"
+            )
         if exc.status == 409:
             return CliError(
                 f"FineTuneJob {name} already exists in namespace {self.namespace}",
-                hint="choose another metadata.name, or delete it: kubectl finetune experiment delete " + str(name),
+                hint="choose another metadata.name, or delete it: kubectl finetune experiment delete "
+                + str(name),
             )
         if exc.status == 422:
             causes = (body.get("details") or {}).get("causes") or []
@@ -108,7 +111,12 @@ class Jobs:
 
     def get(self, name: str) -> dict[str, Any]:
         return self._call(
-            f"get FineTuneJob {name}", self.api.get_namespaced_custom_object, self.namespace, PLURAL, name, name=name
+            f"get FineTuneJob {name}",
+            self.api.get_namespaced_custom_object,
+            self.namespace,
+            PLURAL,
+            name,
+            name=name,
         )
 
     def create(self, manifest: Mapping[str, Any], *, dry_run: bool = False) -> dict[str, Any]:
@@ -139,5 +147,10 @@ class Jobs:
 
     def delete(self, name: str) -> None:
         self._call(
-            f"delete FineTuneJob {name}", self.api.delete_namespaced_custom_object, self.namespace, PLURAL, name, name=name
+            f"delete FineTuneJob {name}",
+            self.api.delete_namespaced_custom_object,
+            self.namespace,
+            PLURAL,
+            name,
+            name=name,
         )

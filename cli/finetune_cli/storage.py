@@ -44,7 +44,9 @@ def _guard(what: str, fn: Any, *args: Any) -> Any:
         raise
     except Exception as exc:  # botocore errors, connection errors, OSError
         name = type(exc).__name__
-        hint = "check AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, and that the bucket exists"
+        hint = (
+            "check AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, and that the bucket exists"
+        )
         if isinstance(exc, FileNotFoundError):
             hint = "check the path"
         raise CliError(f"{what}: {name}: {exc}", hint=hint) from None
@@ -57,7 +59,9 @@ def as_uri(path: str) -> str:
     return "file://" + str(Path(path).expanduser().resolve())
 
 
-def read_files(paths: list[str], split: Literal["train", "eval"]) -> list[tuple[str, Literal["train", "eval"], bytes]]:
+def read_files(
+    paths: list[str], split: Literal["train", "eval"]
+) -> list[tuple[str, Literal["train", "eval"], bytes]]:
     """(URI, split, content) of every file the paths name (folders and globs expanded)."""
     out: list[tuple[str, Literal["train", "eval"], bytes]] = []
     for path in paths:
@@ -67,7 +71,10 @@ def read_files(paths: list[str], split: Literal["train", "eval"]) -> list[tuple[
         matches = _guard(f"listing {uri}", lambda u=uri: expand(u, endpoint=endpoint()))
         files = [(store, obj) for store, obj in matches if obj.key.endswith((".jsonl", ".txt", ".json"))]
         if not files:
-            raise CliError(f"{path}: no .jsonl or .txt files found", hint="datasets are JSONL (one record a line) or .txt files")
+            raise CliError(
+                f"{path}: no .jsonl or .txt files found",
+                hint="datasets are JSONL (one record a line) or .txt files",
+            )
         for store, obj in files:
             content = _guard(f"reading {store.uri}{obj.key}", store.read_bytes, obj.key)
             out.append((store.uri + obj.key, split, content))
@@ -94,7 +101,12 @@ class Registry:
             _guard(f"uploading {source}", self.store.write_bytes, key, content)
             files.append({**file_summary.__dict__, "key": key})
         metadata = {**summary.to_metadata(), "files": files}
-        _guard("writing the dataset metadata", self.store.write_bytes, f"{name}/{METADATA}", json.dumps(metadata, indent=2).encode())
+        _guard(
+            "writing the dataset metadata",
+            self.store.write_bytes,
+            f"{name}/{METADATA}",
+            json.dumps(metadata, indent=2).encode(),
+        )
 
     def list(self) -> list[dict[str, Any]]:
         objects = _guard(f"listing {self.uri}", self.store.list, "")
@@ -109,5 +121,7 @@ class Registry:
     def get(self, name: str) -> dict[str, Any] | None:
         if not self.exists(name):
             return None
-        data: dict[str, Any] = json.loads(_guard("reading the dataset", self.store.read_bytes, f"{name}/{METADATA}"))
+        data: dict[str, Any] = json.loads(
+            _guard("reading the dataset", self.store.read_bytes, f"{name}/{METADATA}")
+        )
         return data

@@ -8,7 +8,8 @@ import json
 import pytest
 from rich.console import Console
 
-from finetune_cli import main
+from finetune_cli import main, parser
+from finetune_cli.commands import experiment
 from finetune_cli.shell import StudioShell
 
 
@@ -51,7 +52,7 @@ from finetune_cli.shell import StudioShell
     ],
 )
 def test_parser_accepts_the_studio_commands(argv: list[str], expected: dict[str, object]) -> None:
-    args = main.build_parser().parse_args(argv)
+    args = parser.build_parser().parse_args(argv)
     assert hasattr(args, "handler")
     for key, value in expected.items():
         assert getattr(args, key) == value
@@ -119,7 +120,7 @@ def test_missing_registry_says_how_to_configure_it(
     ],
 )
 def test_editor_command(env: dict[str, str], command: list[str]) -> None:
-    assert main.editor_command(env) == command
+    assert experiment.editor_command(env) == command
 
 
 def _shell(lines: str) -> tuple[list[list[str]], str, StudioShell]:
@@ -130,7 +131,7 @@ def _shell(lines: str) -> tuple[list[list[str]], str, StudioShell]:
         return 0
 
     out = io.StringIO()
-    shell = StudioShell(run, main.usage, stdin=io.StringIO(lines), stdout=out)
+    shell = StudioShell(run, parser.usage, stdin=io.StringIO(lines), stdout=out)
     shell.cmdloop()
     return calls, out.getvalue(), shell
 
