@@ -36,11 +36,11 @@ def run(argv: Sequence[str], *, console: Console | None = None, shared: App | No
             )
         app = App(args, console, usage=usage)
         app.run_line = lambda line: run(line, console=console, shared=app)  # the shell's lines
-        if shared is not None and shared._jobs is not None and args.namespace in (None, shared.namespace):
-            app._jobs = shared._jobs
+        if shared is not None:  # a shell line: the shell's connection, if it is the same namespace
+            app.share_connection(shared)
         args.handler(app)
-        if shared is not None and shared._jobs is None:
-            shared._jobs = app._jobs
+        if shared is not None:
+            shared.share_connection(app)
         return 0
     except CliError as exc:
         errors.print(f"error: {exc}", markup=False, highlight=False)

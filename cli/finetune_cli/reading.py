@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from finetune_cli.experiments import checkpoint_id, is_evaluation, role
-from finetune_operator.api import Phase
+from finetune_operator.api import LABEL_COMPONENT, LABEL_JOB_NAME, Phase
 
 
 def model_label(job: Mapping[str, Any]) -> str:
@@ -293,3 +293,53 @@ def plot_series(jobs: Sequence[Mapping[str, Any]]) -> list[Series]:
             )
         )
     return series
+
+
+# ---- a job's pods and events ----------------------------------------------------------------------
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"  # the node rank of an Indexed Job's pod
+
+
+def trainer_selector(job: str) -> str:
+    """The label selector of a FineTuneJob's trainer pods (the operator's `builders.labels`)."""
+    return f"{LABEL_JOB_NAME}={job},{LABEL_COMPONENT}=trainer"
+
+
+def pods_by_rank(pods: Sequence[Mapping[str, Any]]) -> dict[int, Mapping[str, Any]]:
+    """The newest pod of each node rank (a restarted job has older pods of the same rank)."""
+    newest: dict[int, Mapping[str, Any]] = {}
+    for pod in sorted(pods, key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or ""):
+        annotations = (pod.get("metadata") or {}).get("annotations") or {}
+        labels = (pod.get("metadata") or {}).get("labels") or {}
+        index = annotations.get(COMPLETION_INDEX, labels.get(COMPLETION_INDEX))
+        if index is not None and str(index).isdigit():
+            newest[int(index)] = pod
+    return dict(sorted(newest.items()))
+
+
+def event_rows(
+    events: Sequence[Mapping[str, Any]], job: Mapping[str, Any], pod_names: Sequence[str]
+) -> list[dict[str, Any]]:
+    """The events of a FineTuneJob, its batch Job and its pods, oldest first."""
+    name = (job.get("metadata") or {}).get("name")
+    batch_job = (job.get("status") or {}).get("jobName") or name
+    wanted = {("FineTuneJob", name), ("Job", batch_job), *(("Pod", p) for p in pod_names)}
+    rows = []
+    for event in events:
+        involved = event.get("involvedObject") or {}
+        if (involved.get("kind"), involved.get("name")) not in wanted:
+            continue
+        series = event.get("series") or {}
+        rows.append(
+            {
+                "time": event.get("lastTimestamp")
+                or series.get("lastObservedTime")
+                or event.get("eventTime")
+                or (event.get("metadata") or {}).get("creationTimestamp"),
+                "type": event.get("type"),
+                "reason": event.get("reason"),
+                "object": f"{str(involved.get('kind')).lower()}/{involved.get('name')}",
+                "count": event.get("count") or series.get("count") or 1,
+                "message": event.get("message"),
+            }
+        )
+    return sorted(rows, key=lambda r: str(r["time"] or ""))

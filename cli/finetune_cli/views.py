@@ -20,6 +20,8 @@ from finetune_cli.reading import checkpoint_rows, compare_rows, job_row, kind_of
 from finetune_operator.api import SpecError, parse_spec
 from finetune_trainer.config import Hyperparameters
 
+JOB_KIND = "finetunejob.finetune.dev"  # what `-o name` prints before a job's name, as kubectl does
+
 
 @dataclass(frozen=True)
 class Column:
@@ -30,6 +32,7 @@ class Column:
     no_wrap: bool = False
     optional: bool = False  # left out of the table when no row has a value
     min_width: int | None = None
+    wide: bool = False  # shown with -o wide only
 
 
 @dataclass(frozen=True)
@@ -40,9 +43,18 @@ class View:
     empty: str = "nothing to show"
     highlight: set[int] = field(default_factory=set)  # row indexes shown in bold
     caption: str | None = None
+    name_key: str = "name"  # what -o name prints of each row
+    kind: str | None = None  # -o name prints <kind>/<name>, as kubectl does, when rows are objects
 
     def structured(self) -> list[dict[str, Any]]:
         return [dict(row) for row in self.rows]
+
+    def names(self) -> list[str]:
+        """One line per row for `-o name`; ValueError if these rows have no name."""
+        if any(self.name_key not in row for row in self.rows):
+            raise ValueError(f"-o name: the rows of {self.title!r} have no {self.name_key}")
+        prefix = f"{self.kind}/" if self.kind else ""
+        return [f"{prefix}{row[self.name_key]}" for row in self.rows]
 
 
 def cell(value: Any, fmt: Callable[[Any], str] | None = None) -> str:
@@ -57,12 +69,13 @@ def cell(value: Any, fmt: Callable[[Any], str] | None = None) -> str:
     return str(value)
 
 
-def render(view: View) -> Table:
+def render(view: View, *, wide: bool = False) -> Table:
     table = Table(title=view.title, caption=view.caption, title_justify="left")
     columns = [
         c
         for c in view.columns
-        if not c.optional or any(row.get(c.key) not in (None, "") for row in view.rows)
+        if (wide or not c.wide)
+        and (not c.optional or any(row.get(c.key) not in (None, "") for row in view.rows))
     ]
     for column in columns:
         table.add_column(
@@ -103,12 +116,26 @@ def fixed(digits: int) -> Callable[[Any], str]:
 
 
 # ---- jobs -----------------------------------------------------------------------------------------
-def jobs_view(jobs: Sequence[Mapping[str, Any]], *, namespace: str, dashboard: str | None = None) -> View:
-    rows = [job_row(j) for j in sorted(jobs, key=lambda j: j["metadata"].get("creationTimestamp") or "")]
-    caption = f"dashboard: {dashboard}" if dashboard else None
+def jobs_view(
+    jobs: Sequence[Mapping[str, Any]],
+    *,
+    namespace: str,
+    dashboard: str | None = None,
+    all_namespaces: bool = False,
+    tensorboard: bool = False,
+) -> View:
+    """`status`: one row per job; with `all_namespaces` (-A) a Namespace column first."""
+    ordered = sorted(jobs, key=lambda j: j["metadata"].get("creationTimestamp") or "")
+    rows = [_with_namespace(j, job_row(j)) if all_namespaces else job_row(j) for j in ordered]
+    notes = [f"dashboard: {dashboard}" if dashboard else None]
+    if tensorboard and rows:
+        notes.append("TensorBoard of a job: kubectl finetune tensorboard ID")
+    shown = [n for n in notes if n]
+    where = "all namespaces" if all_namespaces else namespace
     return View(
-        title=f"FineTuneJobs in {namespace}",
+        title=f"FineTuneJobs in {where}",
         columns=[
+            *([Column("namespace", "Namespace", no_wrap=True)] if all_namespaces else []),
             Column("id", "ID", no_wrap=True),
             Column("model", "Model"),
             Column("start", "Start (UTC)", format=minute_time, min_width=6),
@@ -118,27 +145,43 @@ def jobs_view(jobs: Sequence[Mapping[str, Any]], *, namespace: str, dashboard: s
             Column("eta", "ETA", "right", optional=True, min_width=5),
             Column("evalLoss", "Loss", "right", fixed(3), optional=True, min_width=5),
             Column("accuracy", "Accuracy", "right", fixed(3), optional=True, min_width=5),
+            Column("dataset", "Dataset", wide=True),
+            Column("created", "Created (UTC)", format=minute_time, wide=True),
+            Column("message", "Message", wide=True, optional=True),
         ],
         rows=rows,
-        empty=f"no FineTuneJobs in namespace {namespace}; create one with: kubectl finetune experiment add",
-        caption=caption,
+        empty=f"no FineTuneJobs in {'any namespace' if all_namespaces else f'namespace {namespace}'}; "
+        "create one with: kubectl finetune experiment add",
+        caption="\n".join(shown) or None,
+        name_key="id",
+        kind=JOB_KIND,
     )
 
 
-def experiments_view(jobs: Sequence[Mapping[str, Any]], *, namespace: str) -> View:
-    rows = [job_row(j) for j in jobs]
+def _with_namespace(job: Mapping[str, Any], row: dict[str, Any]) -> dict[str, Any]:
+    return {"namespace": (job.get("metadata") or {}).get("namespace"), **row}
+
+
+def experiments_view(
+    jobs: Sequence[Mapping[str, Any]], *, namespace: str, all_namespaces: bool = False
+) -> View:
+    rows = [_with_namespace(j, job_row(j)) if all_namespaces else job_row(j) for j in jobs]
     return View(
-        title=f"Experiments in {namespace}",
+        title=f"Experiments in {'all namespaces' if all_namespaces else namespace}",
         columns=[
+            *([Column("namespace", "Namespace", no_wrap=True)] if all_namespaces else []),
             Column("id", "ID", no_wrap=True),
             Column("model", "Model", no_wrap=True),
             Column("dataset", "Dataset"),
             Column("created", "Created", format=short_time),
             Column("phase", "Phase"),
             Column("progress", "Progress", "right"),
+            Column("message", "Message", wide=True, optional=True),
         ],
         rows=rows,
         empty="no experiments; add one with: kubectl finetune experiment add",
+        name_key="id",
+        kind=JOB_KIND,
     )
 
 
@@ -257,6 +300,7 @@ def checkpoints_view(jobs: Sequence[Mapping[str, Any]], *, title: str) -> View:
         ],
         rows=checkpoint_rows(jobs),
         empty="no complete checkpoints yet (jobs save one every checkpoints.everySteps and at the end)",
+        name_key="id",
     )
 
 
@@ -273,8 +317,7 @@ def compare_view(jobs: Sequence[Mapping[str, Any]]) -> View:
         Column("kind", "Kind"),
         Column("job", "Job"),
     ]
-    if multiple_datasets:
-        columns.append(Column("dataset", "Dataset"))
+    columns.append(Column("dataset", "Dataset", wide=not multiple_datasets))
     return View(
         title="Baselines and checkpoints on the eval set (best loss in bold)",
         columns=columns,
@@ -282,4 +325,22 @@ def compare_view(jobs: Sequence[Mapping[str, Any]]) -> View:
         empty="nothing to compare yet: jobs report evaluations once training starts",
         highlight=_best(rows),
         caption="Different datasets are not comparable." if multiple_datasets else None,
+    )
+
+
+# ---- events -----------------------------------------------------------------------------------------
+def events_view(rows: list[dict[str, Any]], *, job: str) -> View:
+    return View(
+        title=f"Events of {job}, its batch Job and its pods",
+        columns=[
+            Column("time", "Time (UTC)", format=short_time, no_wrap=True),
+            Column("type", "Type"),
+            Column("reason", "Reason"),
+            Column("object", "Object", no_wrap=True),
+            Column("count", "Count", "right", wide=True),
+            Column("message", "Message"),
+        ],
+        rows=rows,
+        empty=f"no events of {job} (the API server keeps events for about an hour)",
+        name_key="object",
     )

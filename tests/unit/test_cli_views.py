@@ -213,7 +213,9 @@ def test_empty_optional_columns_are_left_out() -> None:
 
 
 def test_plot_series_draws_an_evaluation_as_a_flat_line() -> None:
-    checkpoint = ftj("eval-ckpt", mode="Evaluate", **{**REUTERS_STATUS, "evaluations": REUTERS_STATUS["evaluations"][:1]})
+    checkpoint = ftj(
+        "eval-ckpt", mode="Evaluate", **{**REUTERS_STATUS, "evaluations": REUTERS_STATUS["evaluations"][:1]}
+    )
     checkpoint["spec"]["model"] = {"uri": "s3://runs/team/neox-reuters/checkpoints/step-001000/"}
     checkpoint["status"]["model"] = "step-001000"
     series = reading.plot_series([reuters_job(), gptj_evaluation(), checkpoint])
@@ -227,7 +229,10 @@ def test_an_evaluation_job_shows_its_result_and_eval_as_progress() -> None:
     job = gptj_evaluation()
     row = reading.job_row(job)
     assert (row["evalLoss"], row["accuracy"], row["progress"]) == (1.92, 0.625, "eval")
-    assert reading.progress_fields(job) == (100.0, {"steps": "eval", "phase": "Succeeded", "detail": "loss 1.920"})
+    assert reading.progress_fields(job) == (
+        100.0,
+        {"steps": "eval", "phase": "Succeeded", "detail": "loss 1.920"},
+    )
     assert reading.job_summary(job)["mode"] == "Evaluate"
     by_kind = {(r["kind"], r["step"]) for r in views.evaluations_view(job).rows}
     assert by_kind == {("evaluation", 0)}
@@ -254,3 +259,78 @@ def test_progress_fields_of_a_live_bar(
     status: dict[str, Any], percent: float, fields: dict[str, str]
 ) -> None:
     assert reading.progress_fields(ftj(**status)) == (percent, fields)
+
+
+def test_wide_adds_columns_at_the_end_and_all_namespaces_a_namespace_first() -> None:
+    job = reuters_job()
+    narrow = _text(views.jobs_view([job], namespace="team"))
+    wide = views.render(views.jobs_view([job], namespace="team"), wide=True)
+    headers = [c.header for c in wide.columns]
+    assert "Dataset" not in narrow and "Message" not in narrow
+    assert headers[-2:] == ["Dataset", "Created (UTC)"], "Message only when a job has one"
+    every = views.jobs_view([job], namespace="team", all_namespaces=True)
+    assert every.title == "FineTuneJobs in all namespaces"
+    assert every.columns[0].header == "Namespace" and every.rows[0]["namespace"] == "team"
+
+
+def test_name_output_is_kind_slash_name_for_jobs_and_refused_without_names() -> None:
+    assert views.jobs_view([reuters_job()], namespace="team").names() == [
+        "finetunejob.finetune.dev/neox-reuters"
+    ]
+    assert views.checkpoints_view([reuters_job()], title="t").names() == [
+        "neox-reuters:1000",
+        "neox-reuters:2000",
+    ]
+    with pytest.raises(ValueError, match=r"-o name: the rows of .* have no name"):
+        views.compare_view([reuters_job()]).names()
+
+
+def test_status_caption_says_how_to_open_a_jobs_tensorboard() -> None:
+    caption = views.jobs_view([reuters_job()], namespace="team", tensorboard=True).caption
+    assert "TensorBoard of a job: kubectl finetune tensorboard ID" in str(caption)
+    assert views.jobs_view([], namespace="team", tensorboard=True).caption is None, "no job, no hint"
+
+
+def _pod(name: str, rank: int, created: str) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": name,
+            "creationTimestamp": created,
+            "annotations": {reading.COMPLETION_INDEX: str(rank)},
+        }
+    }
+
+
+def test_pods_by_rank_keeps_the_newest_pod_of_each_rank() -> None:
+    pods = [
+        _pod("j-1-new", 1, "2026-11-29T07:00:00Z"),
+        _pod("j-0-old", 0, "2026-11-29T06:00:00Z"),
+        _pod("j-0-new", 0, "2026-11-29T07:00:00Z"),
+        {"metadata": {"name": "no-index"}},
+    ]
+    assert {rank: p["metadata"]["name"] for rank, p in reading.pods_by_rank(pods).items()} == {
+        0: "j-0-new",
+        1: "j-1-new",
+    }
+    assert reading.trainer_selector("j") == "finetune.dev/job-name=j,app.kubernetes.io/component=trainer"
+
+
+def test_event_rows_are_the_jobs_its_batch_jobs_and_its_pods_oldest_first() -> None:
+    job = ftj("studio", jobName="studio")
+    events = [
+        {"involvedObject": {"kind": "Pod", "name": "studio-0-x"}, "reason": "Started", "type": "Normal",
+         "lastTimestamp": "2026-11-29T06:02:00Z", "message": "Started container trainer", "count": 1},
+        {"involvedObject": {"kind": "FineTuneJob", "name": "studio"}, "reason": "Created", "type": "Normal",
+         "eventTime": "2026-11-29T06:00:00.000000Z", "message": "created Job studio"},
+        {"involvedObject": {"kind": "Pod", "name": "other-0-y"}, "reason": "Started", "type": "Normal",
+         "lastTimestamp": "2026-11-29T06:01:00Z", "message": "not ours"},
+        {"involvedObject": {"kind": "Job", "name": "studio"}, "reason": "SuccessfulCreate", "type": "Normal",
+         "lastTimestamp": "2026-11-29T06:01:00Z", "message": "Created pod: studio-0-x", "count": 2},
+    ]  # fmt: skip
+    rows = reading.event_rows(events, job, ["studio-0-x"])
+    assert [(r["object"], r["reason"], r["count"]) for r in rows] == [
+        ("finetunejob/studio", "Created", 1),
+        ("job/studio", "SuccessfulCreate", 2),
+        ("pod/studio-0-x", "Started", 1),
+    ]
+    assert "Started container trainer" in _text(views.events_view(rows, job="studio"))

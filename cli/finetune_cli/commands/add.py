@@ -21,7 +21,12 @@ def cmd_add_dataset(app: App) -> None:
             f"dataset {args.name} already exists in {registry.uri}",
             hint="pass --replace to overwrite it, or choose another --name",
         )
-    files = storage.read_files(args.paths, "train") + storage.read_files(args.eval_paths or [], "eval")
+    if any(p.startswith("s3://") for p in [*args.paths, *(args.eval_paths or [])]):
+        app.storage_keys()
+    where = app.location()
+    files = storage.read_files(args.paths, "train", where=where) + storage.read_files(
+        args.eval_paths or [], "eval", where=where
+    )
     created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     try:
         summary = datasets.summarize(args.name, files, format=args.format, created=created)  # type: ignore[arg-type]

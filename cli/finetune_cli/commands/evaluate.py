@@ -49,7 +49,8 @@ def cmd_eval(app: App) -> None:
         dataset: dict[str, Any] = {"name": args.dataset, "format": args.format or "text"}
         registered = app.registered(args.dataset)
         if registered:
-            storage_spec["datasetsUri"] = registered[0]
+            if registered[0]:
+                storage_spec["datasetsUri"] = registered[0]
             dataset["format"] = args.format or registered[1].get("format") or "text"
         data_text = args.dataset
     elif args.data:

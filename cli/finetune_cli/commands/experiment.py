@@ -134,12 +134,9 @@ def cmd_experiment_view(app: App) -> None:
         if not app.data(shown):
             app.console.print(yaml.safe_dump(shown, sort_keys=False), end="", markup=False, highlight=False)
         return
-    found = [
-        j
-        for j in experiments.newest_first(app.jobs.list())
-        if experiments.role(j) == experiments.ROLE_EXPERIMENT
-    ]
-    app.view(views.experiments_view(found, namespace=app.namespace))
+    jobs = app.jobs.list(all_namespaces=app.all_namespaces)
+    found = [j for j in experiments.newest_first(jobs) if experiments.role(j) == experiments.ROLE_EXPERIMENT]
+    app.view(views.experiments_view(found, namespace=app.namespace, all_namespaces=app.all_namespaces))
 
 
 def cmd_experiment_delete(app: App) -> None:

@@ -24,8 +24,10 @@ def cmd_shell(app: App) -> None:
         passthrough = [f"--output={app.output}"]
         if app.args.namespace:
             passthrough.append(f"--namespace={app.args.namespace}")
-        if app.args.context:
-            passthrough.append(f"--context={app.args.context}")
+        for option in ("context", "kubeconfig", "operator_namespace"):
+            value = getattr(app.args, option, None)
+            if value:
+                passthrough.append(f"--{option.replace('_', '-')}={value}")
         return run_line([*passthrough, *argv])
 
     StudioShell(run_in_shell, usage).cmdloop()

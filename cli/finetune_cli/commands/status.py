@@ -21,6 +21,10 @@ from finetune_cli.errors import CliError
 ENV_DASHBOARD = (
     "FINETUNE_DASHBOARD_URL"  # e.g. https://grafana/d/finetune?var-namespace={namespace}&var-job={name}
 )
+ENV_TENSORBOARD = (
+    "FINETUNE_TENSORBOARD_URL"  # a hosted TensorBoard, e.g. https://tb/#scalars&regexInput={name}
+)
+DEFAULT_TENSORBOARD_URL = "http://127.0.0.1:6006/"  # what `kubectl finetune tensorboard` serves by default
 TERMINAL = reading.TERMINAL_PHASES  # Succeeded, Failed, Cancelled
 
 
@@ -29,11 +33,29 @@ def dashboard(namespace: str, name: str = "") -> str | None:
     return template.format(namespace=namespace, name=name) if template else None
 
 
+def tensorboard_link(namespace: str, name: str) -> str:
+    """Where the job's TensorBoard is: a hosted one ($FINETUNE_TENSORBOARD_URL, a template with
+    {namespace} and {name}), else the command that serves it locally."""
+    template = os.environ.get(ENV_TENSORBOARD)
+    if template:
+        return template.format(namespace=namespace, name=name)
+    return f"{DEFAULT_TENSORBOARD_URL} after: kubectl finetune tensorboard {name}"
+
+
 def cmd_status(app: App) -> None:
     if app.args.watch:
         watch(app, None)
         return
-    app.view(views.jobs_view(app.jobs.list(), namespace=app.namespace, dashboard=dashboard(app.namespace)))
+    jobs = app.jobs.list(all_namespaces=app.all_namespaces)
+    app.view(
+        views.jobs_view(
+            jobs,
+            namespace=app.namespace,
+            dashboard=dashboard(app.namespace),
+            all_namespaces=app.all_namespaces,
+            tensorboard=True,
+        )
+    )
 
 
 def cmd_status_view(app: App) -> None:
@@ -49,6 +71,8 @@ def cmd_status_view(app: App) -> None:
         link = dashboard(app.namespace, app.args.job_id)
         if link:
             summary["dashboard"] = link
+        if summary.get("runUri"):
+            summary["tensorboard"] = tensorboard_link(app.namespace, app.args.job_id)
         if not app.data(summary):
             app.view(views.summary_view(summary))
 
