@@ -145,7 +145,7 @@ def test_readme_next_steps_in_a_new_namespace_with_only_kubeconfig(
     summary = json.loads(
         _kubectl_finetune(env, "status", "view", ns, "--job_id", "first", "-o", "json").stdout
     )
-    assert summary["tensorboard"].endswith("after: kubectl finetune tensorboard first")
+    assert summary["tensorboard"] == "kubectl finetune tensorboard first (serves http://127.0.0.1:6006/)"
 
     log = _kubectl_finetune(env, "logs", "first", ns).stdout
     assert log.strip(), "rank 0 printed its training log"

@@ -285,3 +285,24 @@ def test_shell_help_lists_every_command_like_the_launchpad() -> None:
 def test_shell_greets_like_the_launchpad_on_a_terminal() -> None:
     assert shell.INTRO.startswith("Welcome to the fine-tuning studio's launchpad")
     assert "Type help or ? to list commands" in shell.INTRO
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        pytest.param(["tensorboard", "j", "--port", "70000"], "--port 70000: a port is 0", id="port-range"),
+        pytest.param(
+            ["tensorboard", "j", "--interval", "0"], "--interval 0: must be more than 0", id="interval"
+        ),
+        pytest.param(["tensorboard", "j", "--timeout", "-1"], "--timeout -1: must be 0", id="timeout"),
+        pytest.param(
+            ["logs", "j", "--tail", "-3"], "--tail -3: the number of lines must be 0 or more", id="tail"
+        ),
+        pytest.param(["logs", "j", "--rank", "-1"], "--rank -1: node ranks start at 0", id="rank"),
+    ],
+)
+def test_values_out_of_range_name_the_flag_before_the_cluster_is_asked(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    assert main.run([*argv, "--kubeconfig", str(tmp_path / "none")], console=Console(file=io.StringIO())) == 1
+    assert f"error: {message}" in capsys.readouterr().err

@@ -19,6 +19,10 @@ from finetune_cli.errors import CliError
 
 def cmd_logs(app: App) -> None:
     args = app.args
+    if args.tail is not None and args.tail < 0:
+        raise CliError(f"--tail {args.tail}: the number of lines must be 0 or more")
+    if args.rank < 0:
+        raise CliError(f"--rank {args.rank}: node ranks start at 0")
     job = app.jobs.get(args.job)
     ranks = reading.pods_by_rank(app.core.pods(reading.trainer_selector(args.job)))
     if not ranks:

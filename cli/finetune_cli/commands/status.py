@@ -39,7 +39,7 @@ def tensorboard_link(namespace: str, name: str) -> str:
     template = os.environ.get(ENV_TENSORBOARD)
     if template:
         return template.format(namespace=namespace, name=name)
-    return f"{DEFAULT_TENSORBOARD_URL} after: kubectl finetune tensorboard {name}"
+    return f"kubectl finetune tensorboard {name} (serves {DEFAULT_TENSORBOARD_URL})"
 
 
 def cmd_status(app: App) -> None:

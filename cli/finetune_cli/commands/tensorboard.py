@@ -25,6 +25,12 @@ RELOAD_SECONDS = 5
 
 def cmd_tensorboard(app: App) -> None:
     args = app.args
+    if args.port < 0 or args.port > 65535:
+        raise CliError(f"--port {args.port}: a port is 0 (any free one) to 65535")
+    if args.interval <= 0:
+        raise CliError(f"--interval {args.interval:g}: must be more than 0 seconds")
+    if args.timeout < 0:
+        raise CliError(f"--timeout {args.timeout:g}: must be 0 (serve until Ctrl-C) or more seconds")
     job = app.jobs.get(args.job)
     run_uri = (job.get("status") or {}).get("runUri")
     if not run_uri:
@@ -32,10 +38,6 @@ def cmd_tensorboard(app: App) -> None:
             f"{args.job} has no run folder yet ({reading.phase_of(job)})",
             hint=f"its TensorBoard files appear once it trains: kubectl finetune run {args.job}",
         )
-    if args.port < 0 or args.port > 65535:
-        raise CliError(f"--port {args.port}: a port is 0 (any free one) to 65535")
-    if args.interval <= 0:
-        raise CliError(f"--interval {args.interval}: must be more than 0 seconds")
     spec_storage = (job.get("spec") or {}).get("storage") or {}
     where = app.location()
     where = storage.Location(
