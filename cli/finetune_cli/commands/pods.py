@@ -15,6 +15,7 @@ from typing import Any
 from finetune_cli import reading, views
 from finetune_cli.app import App
 from finetune_cli.errors import CliError
+from finetune_operator.builders import CONTAINER_NAME
 
 
 def cmd_logs(app: App) -> None:
@@ -55,7 +56,7 @@ def cmd_logs(app: App) -> None:
 
 
 def _log(app: App, pod: Mapping[str, Any], *, follow: bool) -> Iterator[bytes]:
-    return app.core.log(str(pod["metadata"]["name"]), container=None, follow=follow, tail=app.args.tail)
+    return app.core.log(str(pod["metadata"]["name"]), container=CONTAINER_NAME, follow=follow, tail=app.args.tail)
 
 
 def cmd_events(app: App) -> None:
