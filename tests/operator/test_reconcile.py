@@ -11,7 +11,7 @@ import pytest
 from finetune_operator import metrics
 from finetune_operator.k8s import ApiError
 from finetune_operator.reconcile import Outcome, merge_patch, reconcile
-from tests.operator.factories import NOW, SETTINGS, condition, ftj, pod, progress_report
+from tests.operator.factories import NOW, SETTINGS, UID, condition, ftj, pod, progress_report
 from tests.operator.fake import Crash, FakeCluster
 
 CHILDREN = [("ConfigMap", "demo-config"), ("Job", "demo"), ("Service", "demo")]
@@ -62,7 +62,7 @@ def test_first_cycle_creates_children_and_writes_status_once(fake: FakeCluster) 
     assert (status["phase"], status["reason"], status["runUri"]) == (
         "Pending",
         "WaitingForPods",
-        "s3://runs/team-a/demo/",
+        f"s3://runs/team-a/demo/{UID}/",
     )
     assert fake.events == [("Normal", "WaitingForPods", "New → Pending: waiting for pods to start")]
 
