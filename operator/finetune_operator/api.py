@@ -15,6 +15,7 @@ Imported by every other module of the package. Must not import kopf or the Kuber
 from __future__ import annotations
 
 import enum
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -111,11 +112,13 @@ class Phase(enum.StrEnum):
 
 
 class ConditionType(enum.StrEnum):
-    """kstatus conditions: Ready is normal-true; Reconciling and Stalled are abnormal-true."""
+    """kstatus conditions: Ready is normal-true; Reconciling and Stalled are abnormal-true.
+    UnknownFields (abnormal-true, ignored by kstatus) lists fields the API server dropped."""
 
     READY = "Ready"
     RECONCILING = "Reconciling"
     STALLED = "Stalled"
+    UNKNOWN_FIELDS = "UnknownFields"
 
 
 class Reason(enum.StrEnum):
@@ -542,6 +545,34 @@ def _format_error(err: Any) -> str:
     if err.get("type") == "string_pattern_mismatch":
         msg = PATTERN_MESSAGES.get(str((err.get("ctx") or {}).get("pattern")), msg)
     return f"spec.{loc}: {msg}" if loc else f"spec: {msg}"
+
+
+LAST_APPLIED_ANNOTATION = "kubectl.kubernetes.io/last-applied-configuration"
+
+
+def unknown_fields(obj: Mapping[str, Any]) -> list[str] | None:
+    """Spec fields the user applied that the schema does not know (so the API server dropped
+    them), read from the manifest client-side apply keeps in the last-applied annotation (kubectl
+    apply, Argo CD). None: no such annotation (nothing to tell). A strict client (kubectl's
+    default) is refused by the API server instead; this is for the others."""
+    annotations = (obj.get("metadata") or {}).get("annotations") or {}
+    text = annotations.get(LAST_APPLIED_ANNOTATION)
+    if not isinstance(text, str):
+        return None
+    try:
+        applied = json.loads(text)
+    except ValueError:
+        return None
+    spec = applied.get("spec") if isinstance(applied, dict) else None
+    if not isinstance(spec, dict):
+        return []
+    try:
+        FineTuneJobSpec.model_validate(spec)
+    except ValidationError as exc:
+        return sorted(
+            {_format_error(err).split(":", 1)[0] for err in exc.errors() if err.get("type") == "extra_forbidden"}
+        )
+    return []
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,11 +31,13 @@ from typing import Any
 
 from finetune_operator import builders, metrics
 from finetune_operator.api import (
+    ConditionType,
     FineTuneJob,
     ObjectRef,
     Phase,
     Reason,
     SpecError,
+    unknown_fields,
 )
 from finetune_operator.k8s import ApiError, Cluster, Conflict
 from finetune_operator.progress import ProgressSource
@@ -189,7 +191,9 @@ def _reconcile(
     if batch_job is not None and _may_have_pods(batch_job):
         pods = cluster.list_pods(namespace, builders.labels(name))
     report = _poll(progress, pods, settings) if progress is not None else None
-    observed = Observed(job=batch_job, pods=pods, problem=problem, run_uri=run_uri)
+    observed = Observed(
+        job=batch_job, pods=pods, problem=problem, run_uri=run_uri, unknown_fields=unknown_fields(obj)
+    )
     new_status = derive_status(job, observed, report, now)
     _write(cluster, ref, previous, new_status, outcome, now, precondition)
     if batch_job is not None and new_status.get("phase") in TERMINAL_PHASES:
@@ -405,4 +409,15 @@ def _write(
         message = f"{old_phase or 'New'} → {new.get('phase')}: {new.get('message') or ''}".strip()
         cluster.event(ref, type=kind, reason=reason, message=message, now=now)
         outcome.events.append((kind, reason, message))
+    dropped = _unknown_fields_message(new)
+    if dropped is not None and dropped != _unknown_fields_message(previous):
+        cluster.event(ref, type="Warning", reason="UnknownFields", message=dropped, now=now)
+        outcome.events.append(("Warning", "UnknownFields", dropped))
     log.info("%s/%s: %s (%s)", ref.namespace, ref.name, new.get("phase"), new.get("reason"))
+
+
+def _unknown_fields_message(status: Mapping[str, Any]) -> str | None:
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == ConditionType.UNKNOWN_FIELDS.value:
+            return str(cond.get("message") or "")
+    return None

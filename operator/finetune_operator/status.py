@@ -63,6 +63,8 @@ class Observed:
     pods: Sequence[Mapping[str, Any]] = field(default_factory=tuple)
     problem: Problem | None = None
     run_uri: str | None = None
+    # Spec fields the API server dropped (`api.unknown_fields`); None: not known this cycle.
+    unknown_fields: Sequence[str] | None = None
 
 
 def rfc3339(now: datetime) -> str:
@@ -156,7 +158,41 @@ def derive_status(
         now,
         stalled=stalled,
     )
+    extra = unknown_fields_condition(observed.unknown_fields, previous, job.ref.generation, now)
+    if extra is not None:
+        status["conditions"].append(extra)
     return status
+
+
+UNKNOWN_FIELDS_REASON = "FieldsDropped"
+
+
+def unknown_fields_condition(
+    fields: Sequence[str] | None, previous: Mapping[str, Any], generation: int, now: datetime
+) -> dict[str, Any] | None:
+    """The UnknownFields condition: present while the last applied manifest has fields the
+    schema does not know; carried over when this cycle could not tell (`fields` None)."""
+    before = next(
+        (c for c in previous.get("conditions") or [] if c.get("type") == ConditionType.UNKNOWN_FIELDS.value), None
+    )
+    if fields is None:
+        return dict(before) if before else None
+    if not fields:
+        return None
+    message = _clip(
+        "the API server dropped fields it does not know (typos?), so they have no effect: "
+        + ", ".join(fields)
+        + " (kubectl explain finetunejob.spec lists the fields; kubectl apply refuses them)"
+    )
+    same = before is not None and before.get("message") == message
+    return {
+        "type": ConditionType.UNKNOWN_FIELDS.value,
+        "status": "True",
+        "reason": UNKNOWN_FIELDS_REASON,
+        "message": message,
+        "lastTransitionTime": before.get("lastTransitionTime", rfc3339(now)) if same and before else rfc3339(now),
+        "observedGeneration": generation,
+    }
 
 
 def invalid_spec_status(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from datetime import timedelta
 from typing import Any
 
@@ -578,3 +579,49 @@ def test_a_preempted_pod_killed_with_137_is_not_called_out_of_memory(fake: FakeC
     evicted["status"]["conditions"] = [{"type": "DisruptionTarget", "status": "True"}]
     job_runs(fake, evicted, failed=1, conditions=[condition("Failed", "BackoffLimitExceeded", "too many")])
     assert run(fake).status["reason"] == "BackoffLimitExceeded"
+
+
+def _applied(obj: dict[str, Any], spec: dict[str, Any]) -> None:
+    """What `kubectl apply` (client-side) and Argo CD leave on the object."""
+    manifest = {"apiVersion": obj["apiVersion"], "kind": obj["kind"], "metadata": {"name": "demo"}, "spec": spec}
+    obj["metadata"]["annotations"] = {"kubectl.kubernetes.io/last-applied-configuration": json.dumps(manifest)}
+
+
+@pytest.mark.parametrize(
+    ("typos", "named"),
+    [
+        pytest.param({"hyperparameters": {"learningrate": 0.1}}, ["spec.hyperparameters.learningrate"], id="lr-typo"),
+        pytest.param({"storage": {"accessKey": "AKIAEXAMPLE"}}, ["spec.storage.accessKey"], id="inline-credential"),
+        pytest.param(
+            {"lora": {"rank": 4, "targets": ["q"]}, "epoch": 2},
+            ["spec.epoch", "spec.lora.targets"],
+            id="two-at-once",
+        ),
+    ],
+)
+def test_fields_a_lenient_client_lost_are_reported(fake: FakeCluster, typos: dict[str, Any], named: list[str]) -> None:
+    """A non-strict client's unknown fields are pruned by the API server: the job runs without
+    them, and says so in an UnknownFields condition and a Warning event (names, never values)."""
+    obj = ftj()
+    applied = copy.deepcopy(obj["spec"])
+    for key, value in typos.items():
+        applied[key] = {**applied.get(key, {}), **value} if isinstance(value, dict) else value
+    _applied(obj, applied)
+    fake.put_job_object(obj)
+    outcome = run(fake)
+    cond = next(c for c in outcome.status["conditions"] if c["type"] == "UnknownFields")
+    assert cond["status"] == "True"
+    for path in named:
+        assert path in cond["message"]
+    assert "AKIAEXAMPLE" not in json.dumps(outcome.status) and "AKIAEXAMPLE" not in json.dumps(fake.events)
+    warnings = [e for e in fake.events if e[1] == "UnknownFields"]
+    assert len(warnings) == 1 and warnings[0][0] == "Warning"
+    assert outcome.phase == "Pending", "the job still runs"
+    fake.calls.clear()
+    run(fake, seconds=30)
+    assert fake.writes() == [], "reported once"
+    # the user fixes the manifest and applies again
+    fixed = fake.job_object()
+    _applied(fixed, obj["spec"])
+    fixed["metadata"]["generation"] += 1
+    assert all(c["type"] != "UnknownFields" for c in run(fake, seconds=60).status["conditions"])
