@@ -484,7 +484,7 @@ def test_shell_driven_by_stdin(cluster: ClusterHandle, namespace: str, finished_
     )
     result = cli(cluster, namespace, "shell", input=script + "\n")
     out = result.stdout
-    assert "commands (type `help COMMAND` for options)" in out
+    assert "Documented commands (type help <topic>):" in out, "the Launchpad's help"
     assert "cerebras-gpt-13b" in out
     assert "neox" in out and "Succeeded" in out
     assert '"model": "gpt-j-6b"' in out
