@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -123,3 +124,58 @@ def test_worker_exit_codes_map_back_to_the_contract() -> None:
     assert exit_code_of([143, -15]) == contract.EXIT_TERMINATED
     assert exit_code_of([1, 0]) == contract.EXIT_FAILURE
     assert exit_code_of([0, 0]) == contract.EXIT_OK
+
+
+# ---- FSDP2 (hyperparameters.sharding: fsdp) ------------------------------------------------------
+def _train_losses(run: Path) -> list[tuple[int, float]]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]
+
+
+def _assert_same_run(a: dict[str, object], b: dict[str, object], run_a: Path, run_b: Path, rel: float) -> None:
+    evaluations_a, evaluations_b = a["evaluations"], b["evaluations"]
+    assert isinstance(evaluations_a, list) and isinstance(evaluations_b, list)
+    assert [e["step"] for e in evaluations_a] == [e["step"] for e in evaluations_b]
+    for x, y in zip(evaluations_a, evaluations_b, strict=True):
+        assert y["loss"] == pytest.approx(x["loss"], rel=rel), (x, y)
+        assert y["accuracy"] == pytest.approx(x["accuracy"], abs=1e-9), (x, y)
+    losses_a, losses_b = _train_losses(run_a), _train_losses(run_b)
+    assert [s for s, _ in losses_a] == [s for s, _ in losses_b] and losses_a
+    for (_, x), (_, y) in zip(losses_a, losses_b, strict=True):
+        assert y == pytest.approx(x, rel=rel)
+
+
+FIVE_STEPS = {"maxSteps": 5, "batchSize": 4, "microBatchSize": 1}  # accumulation 4 on 1 process, 2 on 2
+
+
+def _launched(config: dict[str, Any], tmp_path: Path, name: str) -> dict[str, Any]:
+    result = _launch(write_config(tmp_path / f"{name}.json", config), tmp_path, name)
+    assert result.returncode == contract.EXIT_OK, result.stdout[-3000:] + result.stderr[-3000:]
+    return dict(json.loads((tmp_path / f"termination-{name}").read_text()))
+
+
+def test_fsdp_on_two_processes_equals_one_process_and_data_parallel(
+    model_dir: Callable[[str], Path], text_data: dict[str, str], tmp_path: Path
+) -> None:
+    """5 steps in fp32 with the same global batch: FSDP on 2 processes equals one process and
+    data parallel on 2 processes (training losses and evaluations within 1e-5 relative)."""
+    model = model_dir("llama")
+    evaluation = {"everySteps": 1, "logEverySteps": 1}
+
+    def config(name: str, sharding: str) -> dict[str, Any]:
+        return base_config(model, text_data, tmp_path / name, hyperparameters={**FIVE_STEPS, "sharding": sharding},
+                           evaluation=evaluation)
+
+    code, single = run_trainer(config("single", "data-parallel"), tmp_path, "single.json")
+    assert code == contract.EXIT_OK, single
+    fsdp = _launched(config("fsdp", "fsdp"), tmp_path, "fsdp")
+    ddp = _launched(config("ddp", "data-parallel"), tmp_path, "ddp")
+    assert [e["step"] for e in fsdp["evaluations"]] == [0, 1, 2, 3, 4, 5]
+    _assert_same_run(single, fsdp, tmp_path / "single", tmp_path / "fsdp", rel=1e-5)
+    _assert_same_run(ddp, fsdp, tmp_path / "ddp", tmp_path / "fsdp", rel=1e-5)
+    manifest = json.loads((tmp_path / "fsdp" / "checkpoints" / "step-000005" / "manifest.json").read_text())
+    assert manifest["format"] == "dcp"
+    assert {"state/.metadata", "state/__0_0.distcp", "state/__1_0.distcp", "train_state.json"} == {
+        f["path"] for f in manifest["files"]
+    }, "each rank's shard, then the manifest; no per-rank listing left behind"
+    assert not (tmp_path / "fsdp" / "checkpoints" / "step-000005" / ".ranks").exists()
