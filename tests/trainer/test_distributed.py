@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from finetune_trainer import contract
-from tests.trainer.conftest import base_config, run_trainer, write_config
+from tests.trainer.conftest import base_config, final_eval, run_trainer, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -179,3 +179,78 @@ def test_fsdp_on_two_processes_equals_one_process_and_data_parallel(
         f["path"] for f in manifest["files"]
     }, "each rank's shard, then the manifest; no per-rank listing left behind"
     assert not (tmp_path / "fsdp" / "checkpoints" / "step-000005" / ".ranks").exists()
+
+    # the model state each process holds (measured on its tensors after the first step)
+    held = {name: _memory_record(tmp_path / name) for name in ("single", "ddp", "fsdp")}
+    assert held["fsdp"]["measured"]["state"] <= 0.55 * held["ddp"]["measured"]["state"], held
+    assert held["ddp"]["measured"]["state"] == held["single"]["measured"]["state"], "data parallel replicates"
+    for name, record in held.items():  # kubectl finetune list models prints these estimates
+        assert record["estimate"]["state"] == pytest.approx(record["measured"]["state"], rel=0.10), (name, record)
+
+
+def _memory_record(run: Path) -> dict[str, Any]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    (record,) = [r for r in records if r["kind"] == "memory"]
+    return dict(record)
+
+
+def _fsdp_config(model: Path, data: dict[str, str], run: Path, steps: int) -> dict[str, Any]:
+    # linear decay with warmup: a resumed run must continue the schedule, not only the weights
+    return base_config(
+        model, data, run,
+        hyperparameters={"sharding": "fsdp", "maxSteps": steps, "batchSize": 4, "microBatchSize": 1,
+                         "lrScheduler": "linear", "warmupSteps": 2, "learningRate": 3e-3},
+        evaluation={"everySteps": 4, "logEverySteps": 2},
+        checkpoints={"everySteps": 4, "keepLast": 2},
+    )
+
+
+def test_fsdp_checkpoint_of_two_processes_resumes_on_one(
+    model_dir: Callable[[str], Path], text_data: dict[str, str], tmp_path: Path
+) -> None:
+    """DCP reshards on load: a run checkpointed by 2 processes continues on 1 (same global
+    batch) and ends where an uninterrupted run ends."""
+    model = model_dir("llama")
+    code, uninterrupted = run_trainer(_fsdp_config(model, text_data, tmp_path / "whole", 8), tmp_path, "whole.json")
+    assert code == contract.EXIT_OK, uninterrupted
+    _launched(_fsdp_config(model, text_data, tmp_path / "parts", 4), tmp_path, "first")
+    code, resumed = run_trainer(_fsdp_config(model, text_data, tmp_path / "parts", 8), tmp_path, "second.json")
+    assert code == contract.EXIT_OK, resumed
+    assert [e["step"] for e in resumed["evaluations"]] == [0, 4, 8]
+    for a, b in zip(uninterrupted["evaluations"], resumed["evaluations"], strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+
+
+def test_sigterm_under_fsdp_checkpoints_and_the_resumed_run_equals_an_uninterrupted_one(
+    model_dir: Callable[[str], Path], text_data: dict[str, str], tmp_path: Path
+) -> None:
+    import signal
+    import time
+
+    model = model_dir("llama")
+    steps = 40
+    code, uninterrupted = run_trainer(_fsdp_config(model, text_data, tmp_path / "whole", steps), tmp_path, "whole.json")
+    assert code == contract.EXIT_OK, uninterrupted
+
+    run = tmp_path / "killed"
+    config = write_config(tmp_path / "killed.json", _fsdp_config(model, text_data, run, steps))
+    env = {
+        **os.environ, "FINETUNE_CACHE_DIR": str(tmp_path / "cache"), "FINETUNE_TERMINATION_LOG": str(tmp_path / "term"),
+        "OMP_NUM_THREADS": "1", "PET_NNODES": "1", "PET_NPROC_PER_NODE": "2",
+    }
+    process = subprocess.Popen([sys.executable, "-m", "finetune_trainer", "--config", str(config)], env=env, cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (run / "checkpoints" / "step-000004" / "manifest.json").exists():
+        assert process.poll() is None and time.monotonic() < deadline, "no checkpoint before the deadline"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == contract.EXIT_TERMINATED
+    stopped = json.loads((tmp_path / "term").read_text())
+    assert stopped["reason"] == "Terminated" and 4 <= stopped["step"] < steps, stopped
+    manifest = json.loads((run / "checkpoints" / f"step-{stopped['step']:06d}" / "manifest.json").read_text())
+    assert {"state/__0_0.distcp", "state/__1_0.distcp"} <= {f["path"] for f in manifest["files"]}
+
+    resumed = _launched(_fsdp_config(model, text_data, run, steps), tmp_path, "resumed")
+    assert final_eval(resumed)["step"] == steps
+    assert final_eval(resumed)["loss"] == pytest.approx(final_eval(uninterrupted)["loss"], rel=1e-5)

@@ -163,6 +163,7 @@ class LoopHooks:
     evaluate: Callable[[int], None]
     save: Callable[[int], None]
     stop_requested: Callable[[], bool]
+    measure: Callable[[], None]  # once, after the first optimizer step (gradients still held)
 
 
 class TrainingLoop:
@@ -181,6 +182,7 @@ class TrainingLoop:
         self._window = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, targets, inputs
         self._window_started = time.perf_counter()
         self._window_first_step = 0
+        self._measured = False
 
     def run(self, start_step: int) -> tuple[int, bool]:
         plan = self.plan
@@ -228,6 +230,9 @@ class TrainingLoop:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
+        if not self._measured:
+            self.hooks.measure()
+            self._measured = True
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 

@@ -240,10 +240,16 @@ class RecipeCallback(TrainerCallback):
 
     def __init__(self, recipe: Recipe) -> None:
         self.recipe = recipe
+        self._measured = False
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         self.recipe.total_steps = state.max_steps
         self.recipe.progress.update(phase=TrainerPhase.TRAINING, totalSteps=state.max_steps, step=state.global_step)
+
+    def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        if not self._measured:  # after the first optimizer step, before the gradients are cleared
+            self.recipe.record_memory(kw["model"], kw["optimizer"])
+            self._measured = True
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         self.recipe.progress.update(step=state.global_step, epoch=state.epoch)
@@ -762,6 +768,7 @@ class Recipe:
                 on_step=lambda step, epoch: self.progress.update(step=step, epoch=epoch),
                 on_log=lambda entry: self._log_train(entry, board, total),
                 evaluate=evaluate, save=save, stop_requested=stop_requested,
+                measure=lambda: self.record_memory(model, optimizer),
             ),
             device=self.device, autocast_dtype=None, sync_context=lambda last: contextlib.nullcontext(),
         )
@@ -781,6 +788,30 @@ class Recipe:
         return Outcome(terminated=self.terminated, step=step, total_steps=total, evaluations=self.evaluations,
                        baselines=self.baselines, checkpoints=self.checkpoint_records, final_uri=final_uri,
                        run_uri=cfg.run_uri)
+
+    def record_memory(self, model: Any, optimizer: torch.optim.Optimizer) -> None:
+        """The model state this process holds after its first optimizer step, measured on the
+        tensors, beside `memory.estimate` for the strategy (metrics.jsonl kind "memory")."""
+        measured = wrapping.local_state_bytes(model, optimizer)
+        parameters = list(model.parameters())
+        trained = sum(p.numel() for p in parameters if p.requires_grad)
+        frozen = sum(p.numel() for p in parameters if not p.requires_grad)
+        blocks = wrapping.transformer_blocks(wrapping.unwrap(model)) if self.strategy == FSDP else []
+        estimate = memory.estimate(
+            trained_parameters=trained, frozen_parameters=frozen, strategy=self.strategy, world_size=self.world_size,
+            precision=self.config.hyperparameters.precision,
+            largest_block_parameters=max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0),
+        )
+        log.info("model state per process: %.1f MiB measured, %.1f MiB estimated (%s, %d processes)",
+                 sum(measured.values()) / 2**20, estimate.state / 2**20, self.strategy, self.world_size)
+        self.io.append_metric({
+            "kind": "memory", "strategy": self.strategy, "worldSize": self.world_size, "rank": self.rank,
+            "trainedParameters": trained, "frozenParameters": frozen,
+            "measured": {**measured, "state": sum(measured.values())},
+            "estimate": {"parameters": estimate.parameters, "gradients": estimate.gradients,
+                         "optimizer": estimate.optimizer, "state": estimate.state,
+                         "gatheredBlock": estimate.gathered_block_bytes},
+        })
 
     def _tensorboard(self) -> Any:
         if not self.is_main:

@@ -61,7 +61,8 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     names: set[str] = set()
     for module in model.modules():
         names.update(getattr(module, "_no_split_modules", None) or [])
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    # after fully_shard a block's class is FSDP<Block>, a subclass of the original
+    blocks = [m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__)]
     if not blocks:
         raise InvalidInput(
             f"hyperparameters.sharding: fsdp needs the model's transformer blocks, and "
@@ -131,13 +132,15 @@ def unwrap(model: nn.Module) -> nn.Module:
 def local_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
     """Bytes this process holds for parameters, gradients and optimizer state: each tensor's
     local part (a DTensor's shard), counted once (tied weights share one tensor)."""
-    seen: set[int] = set()
+    seen: set[tuple[int, int]] = set()
 
     def local_bytes(tensor: torch.Tensor) -> int:
         local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
-        if id(local) in seen or local.untyped_storage().data_ptr() in seen:
+        # by the elements' address, not the storage's: FSDP's sharded gradients are views of one buffer
+        key = (local.data_ptr(), local.numel())
+        if key in seen:
             return 0
-        seen.add(local.untyped_storage().data_ptr())
+        seen.add(key)
         return local.numel() * local.element_size()
 
     parameters = list(dict.fromkeys(model.parameters()))
