@@ -194,12 +194,14 @@ def _memory_record(run: Path) -> dict[str, Any]:
     return dict(record)
 
 
-def _fsdp_config(model: Path, data: dict[str, str], run: Path, steps: int) -> dict[str, Any]:
+def _fsdp_config(model: Path, data: dict[str, str], run: Path, steps: int, schedule: str = "linear") -> dict[str, Any]:
     # linear decay with warmup: a resumed run must continue the schedule, not only the weights
+    # (constant: maxSteps 4 then 8 is the same run as 8 at once)
     return base_config(
         model, data, run,
         hyperparameters={"sharding": "fsdp", "maxSteps": steps, "batchSize": 4, "microBatchSize": 1,
-                         "lrScheduler": "linear", "warmupSteps": 2, "learningRate": 3e-3},
+                         "lrScheduler": schedule, "warmupSteps": 2 if schedule == "linear" else 0,
+                         "learningRate": 3e-3},
         evaluation={"everySteps": 4, "logEverySteps": 2},
         checkpoints={"everySteps": 4, "keepLast": 2},
     )
@@ -211,10 +213,13 @@ def test_fsdp_checkpoint_of_two_processes_resumes_on_one(
     """DCP reshards on load: a run checkpointed by 2 processes continues on 1 (same global
     batch) and ends where an uninterrupted run ends."""
     model = model_dir("llama")
-    code, uninterrupted = run_trainer(_fsdp_config(model, text_data, tmp_path / "whole", 8), tmp_path, "whole.json")
+    def config(run: str, steps: int) -> dict[str, Any]:
+        return _fsdp_config(model, text_data, tmp_path / run, steps, schedule="constant")
+
+    code, uninterrupted = run_trainer(config("whole", 8), tmp_path, "whole.json")
     assert code == contract.EXIT_OK, uninterrupted
-    _launched(_fsdp_config(model, text_data, tmp_path / "parts", 4), tmp_path, "first")
-    code, resumed = run_trainer(_fsdp_config(model, text_data, tmp_path / "parts", 8), tmp_path, "second.json")
+    _launched(config("parts", 4), tmp_path, "first")
+    code, resumed = run_trainer(config("parts", 8), tmp_path, "second.json")
     assert code == contract.EXIT_OK, resumed
     assert [e["step"] for e in resumed["evaluations"]] == [0, 4, 8]
     for a, b in zip(uninterrupted["evaluations"], resumed["evaluations"], strict=True):
@@ -254,3 +259,30 @@ def test_sigterm_under_fsdp_checkpoints_and_the_resumed_run_equals_an_uninterrup
     resumed = _launched(_fsdp_config(model, text_data, run, steps), tmp_path, "resumed")
     assert final_eval(resumed)["step"] == steps
     assert final_eval(resumed)["loss"] == pytest.approx(final_eval(uninterrupted)["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "world_size", "precision", "lora", "gib"),
+    [
+        pytest.param("data-parallel", 8, "bf16", False, 90.15, id="gptj-data-parallel-does-not-fit-80gb"),
+        pytest.param("fsdp", 8, "bf16", False, 11.27, id="gptj-fsdp-8-processes"),
+        pytest.param("fsdp", 8, "bf16", True, 1.41, id="gptj-lora-bf16-base-fsdp"),
+        pytest.param("data-parallel", 1, "fp32", True, 22.54, id="gptj-lora-fp32-base"),
+    ],
+)
+def test_memory_estimates_per_process(strategy: str, world_size: int, precision: str, lora: bool, gib: float) -> None:
+    from finetune_trainer.memory import catalog_estimate
+
+    estimate = catalog_estimate("6.05B", strategy=strategy, world_size=world_size, precision=precision, lora=lora)
+    assert estimate.state / 2**30 == pytest.approx(gib, abs=0.01)
+
+
+def test_auto_shards_only_when_data_parallel_would_not_fit() -> None:
+    from finetune_trainer.memory import resolve_strategy
+
+    gpu = 80 * 2**30
+    assert resolve_strategy("auto", world_size=8, data_parallel_bytes=97 * 10**9, device_bytes=gpu) == "fsdp"
+    assert resolve_strategy("auto", world_size=8, data_parallel_bytes=22 * 10**9, device_bytes=gpu) == "data-parallel"
+    assert resolve_strategy("auto", world_size=1, data_parallel_bytes=97 * 10**9, device_bytes=gpu) == "data-parallel"
+    assert resolve_strategy("auto", world_size=2, data_parallel_bytes=97 * 10**9, device_bytes=None) == "data-parallel"
+    assert resolve_strategy("fsdp", world_size=1, data_parallel_bytes=0, device_bytes=None) == "fsdp"

@@ -351,3 +351,16 @@ def test_a_sharded_export_has_an_index_and_reloads(model_dir: Callable[[str], Pa
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
     ids = torch.arange(12).reshape(1, 12)
     assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_activation_checkpointing_under_fsdp_gives_the_same_result(
+    model_dir: Callable[[str], Path], text_data: dict[str, str], tmp_path: Path
+) -> None:
+    losses = []
+    for flag in (False, True):
+        config = base_config(model_dir("gpt_neox"), text_data, tmp_path / f"run-{flag}",
+                             hyperparameters={**FSDP, "gradientCheckpointing": flag})
+        code, summary = run_trainer(config, tmp_path, f"c-{flag}.json")
+        assert code == contract.EXIT_OK, summary
+        losses.append(final_eval(summary)["loss"])
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)

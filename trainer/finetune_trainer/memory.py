@@ -95,3 +95,14 @@ def parse_parameters(text: str) -> int:
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def catalog_estimate(parameters: str, *, strategy: str, world_size: int, precision: str, lora: bool) -> MemoryEstimate:
+    """The estimate for a catalog entry (`CatalogModel.parameters`, e.g. "6B"), as
+    `kubectl finetune list models` prints it. LoRA counts the whole model as frozen (the
+    adapters are a fraction of a percent)."""
+    count = parse_parameters(parameters)
+    if lora:
+        return estimate(trained_parameters=0, frozen_parameters=count, strategy=strategy, world_size=world_size,
+                        precision=precision)
+    return estimate(trained_parameters=count, strategy=strategy, world_size=world_size, precision=precision)
