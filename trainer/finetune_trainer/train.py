@@ -753,7 +753,7 @@ class Recipe:
             result = self.evaluate(model, self.eval_dataset)
             self.record_evaluation(step, result)
             if board is not None:
-                for name, value in result.as_dict().items():
+                for name, value in (("loss", result.loss), ("accuracy", result.accuracy), ("perplexity", result.perplexity)):
                     board.add_scalar(f"eval/{name}", value, step)
 
         def stop_requested() -> bool:
