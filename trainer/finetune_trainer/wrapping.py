@@ -90,8 +90,8 @@ def shard(
     cpu_offload: bool,
 ) -> nn.Module:
     """FSDP2 over all processes: `fully_shard` on every transformer block, then on the root.
-    The model may sit on the CPU; its shards move to `device` (or stay in host memory with
-    `cpu_offload`, where the optimizer step then runs)."""
+    The model may sit on the CPU; its shards move to `device`'s mesh (or stay in host memory
+    with `cpu_offload`, where the optimizer step then runs)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
@@ -101,8 +101,8 @@ def shard(
         "mp_policy": mixed_precision(precision),
         "offload_policy": CPUOffloadPolicy() if cpu_offload else OffloadPolicy(),
     }
-    if not cpu_offload:
-        model.to(device)
+    # No model.to(device) first: each fully_shard call moves its own block to the device and
+    # shards it there, so a GPU never holds more than one full block of a model loaded on the CPU.
     blocks = transformer_blocks(model)
     for index, block in enumerate(blocks):
         # the last block's weights are needed again at once by the backward pass: keep them
