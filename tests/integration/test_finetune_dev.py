@@ -19,6 +19,7 @@ from tests.kube import ClusterHandle
 FINETUNE_DEV = str(Path(sys.executable).parent / "finetune-dev")
 
 
+@pytest.mark.cluster
 def test_a_second_build_reuses_every_cached_binary(cluster: ClusterHandle) -> None:
     stamps = {c.name: (c.directory / ".complete").stat().st_mtime_ns for c in binaries.COMPONENTS}
 
@@ -30,11 +31,13 @@ def test_a_second_build_reuses_every_cached_binary(cluster: ClusterHandle) -> No
         assert f"{component.name:12} {component.version:10}" in result.stdout
 
 
+@pytest.mark.cluster
 def test_kubernetes_binaries_report_the_pinned_version(cluster: ClusterHandle) -> None:
     version = cluster.kubectl("version", "-o", "json").stdout
     assert f'"gitVersion": "{binaries.KUBERNETES_VERSION}"' in version
 
 
+@pytest.mark.cluster
 def test_up_on_a_running_cluster_changes_nothing(cluster: ClusterHandle) -> None:
     before = cluster.cluster.status()
     said: list[str] = []
@@ -46,6 +49,7 @@ def test_up_on_a_running_cluster_changes_nothing(cluster: ClusterHandle) -> None
     assert all(state == "healthy" for _, _, state in before)
 
 
+@pytest.mark.cluster
 def test_status_and_env_commands(cluster: ClusterHandle) -> None:
     env = {
         **os.environ,
