@@ -25,7 +25,8 @@ log = logging.getLogger("process-node")
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        description="The process node: a Kubernetes Node whose pods run as local processes."
+        prog="python -m finetune_dev.node",
+        description="The process node: a Kubernetes Node whose pods run as local processes.",
     )
     parser.add_argument("--kubeconfig", required=True)
     parser.add_argument("--state-dir", required=True, type=Path)
