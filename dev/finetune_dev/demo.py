@@ -48,6 +48,9 @@ MODEL_PREFIX = "smollm2-135m-instruct/"
 TERMINAL = ("Succeeded", "Failed", "Cancelled")
 OPERATOR_PODS = "app.kubernetes.io/name=finetune-operator,app.kubernetes.io/instance=finetune-operator"
 READY_TIMEOUT = 120.0  # seconds a pod the demo waits on may take to become ready
+# A pod without a readiness probe is Ready the moment its process starts, even one that exits at
+# once: a Deployment counts as ready only when it stays so, without a restart, this long.
+READY_STABLE_SECONDS = 5.0
 LOG_LINES = 20
 
 console = Console()
@@ -111,6 +114,19 @@ class PodWatch:
         listing = self.core.list_namespaced_pod(namespace, label_selector=selector)
         return [self.core.api_client.sanitize_for_serialization(p) for p in listing.items]
 
+    def ready_restarts(self, namespace: str, selector: str) -> dict[str, int] | None:
+        """Each pod's container restarts by pod uid if every pod is ready, else None (a pod that
+        stays ready without a restart is stable; one in a crash loop is not)."""
+        pods = [p for p in self.pods(namespace, selector) if not p["metadata"].get("deletionTimestamp")]
+        if not pods or not all(readiness(p).ready for p in pods):
+            return None
+        return {
+            p["metadata"]["uid"]: sum(
+                c.get("restartCount", 0) for c in p["status"].get("containerStatuses") or []
+            )
+            for p in pods
+        }
+
     def problem(self, namespace: str, selector: str, what: str) -> str | None:
         """Why one of the (non-terminal) pods matching `selector` fails the wait, or None."""
         for pod in self.pods(namespace, selector):
@@ -172,11 +188,21 @@ def wait_deployment_ready(
     the pod's own reason as soon as one cannot become ready, or when none is within `timeout`."""
     watch = PodWatch(cluster, timeout=timeout)
     deadline = time.monotonic() + timeout + 5  # a pod's own reason first, if it has one
+    stable: tuple[float, dict[str, int]] | None = None  # since when ready, with which restarts
     with console.status(f"waiting for {what} to become ready"):
-        while not _rolled_out(cluster, namespace, selector):
+        while True:
             problem = watch.problem(namespace, selector, what)
             if problem:
                 sys.exit(problem)
+            restarts = (
+                watch.ready_restarts(namespace, selector)
+                if _rolled_out(cluster, namespace, selector)
+                else None
+            )
+            if restarts is None or stable is None or stable[1] != restarts:
+                stable = None if restarts is None else (time.monotonic(), restarts)
+            elif time.monotonic() - stable[0] >= READY_STABLE_SECONDS:
+                return
             if time.monotonic() > deadline:
                 pods = len(watch.pods(namespace, selector))
                 sys.exit(
