@@ -8,6 +8,10 @@ three overrides that pin down what docs/trainer.md (Metrics) fixes: the loss (to
 accumulated, multi-process batch, so gradient accumulation and world size do not change it),
 the train-loss window (token-weighted), and evaluation (`evaluation.evaluate_model`). Rank 0 does
 all writes to the run folder; checkpoints upload in the background (`checkpoints.Uploader`).
+
+Under `hyperparameters.sharding: fsdp` the training stage runs on our own loop instead
+(`_run_sharded`): `wrapping` shards the model with FSDP2, `loop.TrainingLoop` steps it,
+`checkpoints.save_sharded` writes DCP checkpoints on every rank and `export` gathers final/.
 """
 
 from __future__ import annotations
