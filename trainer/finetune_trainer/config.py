@@ -162,9 +162,17 @@ class DatasetSpec(_Spec):
     )
     packing: bool = Field(
         default=True,
-        description="Concatenate documents (separated by the EOS token) and cut them into blocks "
-        "of sequenceLength tokens. Off: one record per sequence, padded; longer records are "
-        "split into several sequences, never truncated silently.",
+        description="Concatenate documents (each ending with the EOS token) and cut them into "
+        "blocks of sequenceLength tokens (see packingStrategy). Off: one record per sequence, "
+        "batched padding-free (the sequences of a batch end to end, position ids restarting); "
+        "longer records are split into several sequences, never truncated silently.",
+    )
+    packing_strategy: Literal["concatenate", "documents"] = Field(
+        default="concatenate",
+        description="With packing. concatenate: a block attends across the documents in it. "
+        "documents: position ids restart at each document, so no token attends across a document "
+        "boundary and a document's first token carries no loss (the loss of a block equals that "
+        "of its documents evaluated alone).",
     )
     eval_size: int = Field(
         default=64,
