@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from finetune_trainer.data import IGNORE, Collator, SequenceDataset
+from finetune_trainer.packing import TokenDataset
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ def all_reduce_stats(stats: TokenStats) -> TokenStats:
 @torch.no_grad()
 def evaluate_model(
     model: Any,
-    dataset: SequenceDataset,
+    dataset: TokenDataset | SequenceDataset,
     *,
     collator: Collator,
     micro_batch: int,
@@ -91,14 +92,14 @@ def evaluate_model(
     """Evaluate this process's shard and pool the sums over all processes."""
     was_training = model.training
     model.eval()
-    indices = list(range(rank, len(dataset), world_size))
+    indices = range(rank, len(dataset), world_size)  # streamed: one batch read at a time
     stats = TokenStats(0.0, 0, 0)
     for batch_number, start in enumerate(range(0, len(indices), micro_batch)):
         if max_batches is not None and batch_number >= max_batches:
             break
         batch = collator([dataset[i] for i in indices[start : start + micro_batch]])
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits  # every input the collator made
         stats = stats + token_stats(logits, batch["labels"])
     if was_training:
         model.train()

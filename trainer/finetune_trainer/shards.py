@@ -320,7 +320,7 @@ def build_shards(
         manifest = _remote_manifest(remote, key)
         if manifest is not None:
             return _download(remote, key, folder, manifest)
-    units = units_of(files, **({"unit_bytes": unit_bytes} if unit_bytes else {}))
+    units = units_of(files, unit_bytes=unit_bytes)
     from finetune_trainer.data import eos_id
 
     eos_id(tokenizer)
@@ -390,15 +390,16 @@ def _suffixes(spec: DatasetSpec) -> list[str]:
 def _gather_nodes(
     remote: Store, key: str, nodes: int, timeout: float, files: Sequence[SourceFile], units: Sequence[Unit]
 ) -> list[PartSummary]:
-    """Wait for every node's record; raise the problems of all nodes if any found some."""
+    """Wait for every node's record (each tokenizes its whole share, bad records or not, so the
+    report is complete and its line numbers exact); raise the problems of all nodes if any."""
     deadline = time.monotonic() + timeout
     while True:
         present = {r: remote.exists(f"{key}/node-{r}.json") for r in range(nodes)}
         records = {r: json.loads(remote.read_bytes(f"{key}/node-{r}.json")) for r, ok in present.items() if ok}
         summaries = [PartSummary.from_json(p) for rec in records.values() for p in rec["parts"]]
-        if any(rec["failed"] for rec in records.values()):
-            raise _problems_report(files, units, summaries)
         if len(records) == nodes:
+            if any(rec["failed"] for rec in records.values()):
+                raise _problems_report(files, units, summaries)
             return summaries
         if time.monotonic() > deadline:
             waiting = sorted(r for r, ok in present.items() if not ok)

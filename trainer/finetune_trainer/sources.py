@@ -150,7 +150,9 @@ def fingerprint(files: Sequence[SourceFile]) -> str:
     return digest.hexdigest()
 
 
-def units_of(files: Sequence[SourceFile], *, unit_bytes: int = UNIT_BYTES) -> list[Unit]:
+def units_of(files: Sequence[SourceFile], *, unit_bytes: int | None = None) -> list[Unit]:
+    """The work units of the files, in order (default size UNIT_BYTES)."""
+    unit_bytes = unit_bytes or UNIT_BYTES
     units: list[Unit] = []
     for f in files:
         if f.kind == "jsonl" and f.compression is None and f.size > unit_bytes:
@@ -181,12 +183,13 @@ class _RawReader(io.RawIOBase):
         super().close()
 
 
-def open_unit(unit: Unit, store: Store) -> IO[bytes]:
-    """The unit's bytes, decompressed, buffered; positioned at the first line the unit owns."""
+def open_unit(unit: Unit, store: Store) -> tuple[IO[bytes], int]:
+    """The unit's bytes, decompressed, buffered, positioned at the first line the unit owns; and
+    that line's byte offset in the file."""
     start = max(0, unit.start - 1)
     raw: IO[bytes] = io.BufferedReader(_RawReader(store.open_read(unit.file.key, start)), READ_CHUNK)
     if unit.start > 0:
-        raw.readline()  # the line that started before this unit belongs to the previous one
+        start += len(raw.readline())  # the line that started before this unit belongs to the previous one
     compression = unit.file.compression
     head = raw.peek(4)[:4] if isinstance(raw, io.BufferedReader) else b""
     if compression == "gzip":
@@ -195,19 +198,19 @@ def open_unit(unit: Unit, store: Store) -> IO[bytes]:
             raise InvalidData(f"{unit.file.name}: named .gz but is not gzip data")
         import gzip
 
-        return io.BufferedReader(gzip.GzipFile(fileobj=raw), READ_CHUNK)  # type: ignore[arg-type]
+        return io.BufferedReader(gzip.GzipFile(fileobj=raw), READ_CHUNK), 0  # type: ignore[arg-type]
     if compression == "zstd":
         if not head.startswith(ZSTD_MAGIC):
             raw.close()
             raise InvalidData(f"{unit.file.name}: named .zst but is not Zstandard data")
         import zstandard
 
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw), READ_CHUNK)  # type: ignore[arg-type]
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw), READ_CHUNK), 0  # type: ignore[arg-type]
     if unit.file.kind == "jsonl" and unit.start == 0 and (head.startswith(GZIP_MAGIC) or head.startswith(ZSTD_MAGIC)):
         raw.close()
         kind = "gzip" if head.startswith(GZIP_MAGIC) else "Zstandard"
         raise InvalidData(f"{unit.file.name}: is {kind}-compressed data; name it .gz or .zst")
-    return raw
+    return raw, start
 
 
 def read_unit(unit: Unit, store: Store, spec: DatasetSpec) -> Iterator[Item]:
@@ -219,14 +222,14 @@ def read_unit(unit: Unit, store: Store, spec: DatasetSpec) -> Iterator[Item]:
     if kind == "parquet":
         yield from _read_parquet(unit, store, spec)
         return
-    with open_unit(unit, store) as stream:
+    stream, position = open_unit(unit, store)
+    with stream:
         if kind == "txt":
             if spec.format != "text":
                 yield Item(0, None, f".txt files hold plain text, but dataset.format is {spec.format}")
                 return
             yield from _read_txt(stream, spec)
             return
-        position = unit.start
         number = 0
         any_record = False
         while unit.end is None or position < unit.end:

@@ -42,7 +42,19 @@ from finetune_trainer.contract import (
     EvaluationPoint,
     TrainerPhase,
 )
-from finetune_trainer.data import IGNORE, Collator, RawData, SequenceDataset, build_sequences, load_raw
+from finetune_trainer.data import (
+    IGNORE,
+    Collator,
+    DataPlan,
+    SequenceDataset,
+    ShardSettings,
+    TokenDataset,
+    node_topology,
+    packing_mode,
+    plan_data,
+    shard_cache_uri,
+    token_dataset,
+)
 from finetune_trainer.errors import InvalidInput
 from finetune_trainer.evaluation import EvalResult, evaluate_model
 from finetune_trainer.models import fetch_model, load_model, load_tokenizer
@@ -346,9 +358,9 @@ class Recipe:
             log_level="warning",
         )
 
-    def load_data(self) -> RawData:
+    def load_data(self) -> DataPlan:
         self.progress.update(phase=TrainerPhase.PREFLIGHT)
-        return load_raw(
+        return plan_data(
             self.config.dataset,
             seed=self.config.hyperparameters.seed,
             need_train=self.config.mode != EVALUATE,
@@ -356,19 +368,24 @@ class Recipe:
             **self.store_settings,
         )
 
-    def sequences(self, raw: RawData, tokenizer: Any, split: str) -> SequenceDataset:
+    def sequences(self, raw: DataPlan, tokenizer: Any, split: str) -> TokenDataset:
+        """Token shards are made (or fetched) by local rank 0 of each node, then mapped by all."""
+        node_rank, nodes = node_topology(self.env)
+        settings = ShardSettings(
+            local_root=self.cache_dir / "tokens",
+            remote_uri=shard_cache_uri(datasets_uri=self.config.run.datasets_uri, run_uri=self.config.run_uri),
+            node_rank=node_rank,
+            nodes=nodes,
+            **self.store_settings,
+        )
         with self.args.main_process_first(local=True, desc=f"tokenize {split}"):
-            records = raw.train if split == "train" else raw.eval
-            return SequenceDataset(
-                build_sequences(
-                    records,
-                    self.config.dataset,
-                    tokenizer,
-                    length=self.config.hyperparameters.sequence_length,
-                    cache_dir=self.cache_dir / "tokens",
-                    data_fingerprint=raw.fingerprint,
-                    split=split,
-                )
+            return token_dataset(
+                raw,
+                self.config.dataset,
+                tokenizer,
+                split=split,
+                length=self.config.hyperparameters.sequence_length,
+                settings=settings,
             )
 
     def fetch(self, spec: ModelSpec) -> Path:
@@ -376,7 +393,7 @@ class Recipe:
             return fetch_model(spec, cache_dir=self.cache_dir, **self.store_settings)
 
     # ---- evaluation ---------------------------------------------------------------------------
-    def evaluate(self, model: Any, dataset: SequenceDataset) -> EvalResult:
+    def evaluate(self, model: Any, dataset: TokenDataset | SequenceDataset) -> EvalResult:
         phase = self.progress.report()["phase"]
         self.progress.update(phase=TrainerPhase.EVALUATING)
         autocast = torch.autocast(
@@ -386,7 +403,7 @@ class Recipe:
             result = evaluate_model(
                 model,
                 dataset,
-                collator=Collator(self.pad_id),
+                collator=Collator(self.pad_id, mode=packing_mode(self.config.dataset)),
                 micro_batch=self.args.per_device_eval_batch_size,
                 max_batches=self.config.evaluation.max_batches,
                 device=self.device,
@@ -403,7 +420,7 @@ class Recipe:
         self.io.append_metric({"kind": "eval", **point, "tokens": result.tokens})
         log.info("eval step %d: loss %.4f accuracy %.4f perplexity %.3f", step, result.loss, result.accuracy, result.perplexity)
 
-    def evaluate_baselines(self, raw: RawData) -> None:
+    def evaluate_baselines(self, raw: DataPlan) -> None:
         done = {b["model"] for b in self.baselines}
         for spec in self.config.evaluation.baselines:
             if spec.display_name in done:
@@ -494,7 +511,9 @@ class Recipe:
                 self.baselines = [*(b for b in self.baselines if b["model"] != baseline["model"]), baseline]
                 self.progress.add_baseline(baseline)
 
-    def _write_run_json(self, raw: RawData, model_folder: Path, train: SequenceDataset, evaluation: SequenceDataset) -> None:
+    def _write_run_json(
+        self, raw: DataPlan, model_folder: Path, train: TokenDataset | SequenceDataset, evaluation: TokenDataset
+    ) -> None:
         if not self.is_main:
             return
         config_file = model_folder / "config.json"
@@ -509,8 +528,8 @@ class Recipe:
             },
             "dataset": {
                 "fingerprint": raw.fingerprint,
-                "trainRecords": len(raw.train),
-                "evalRecords": len(raw.eval),
+                "trainRecords": train.documents if isinstance(train, TokenDataset) else 0,
+                "evalRecords": evaluation.documents,
                 "trainSequences": len(train),
                 "evalSequences": len(evaluation),
                 "trainTokens": train.trained_tokens(),
@@ -576,7 +595,7 @@ class Recipe:
             args=self.args,
             train_dataset=train_dataset,  # type: ignore[arg-type]
             eval_dataset=self.eval_dataset,  # type: ignore[arg-type]
-            data_collator=Collator(self.pad_id),
+            data_collator=Collator(self.pad_id, mode=packing_mode(cfg.dataset)),
             processing_class=tokenizer,
             callbacks=[RecipeCallback(self)],
             recipe=self,
@@ -628,7 +647,7 @@ class Recipe:
                 "needs a run folder of its own (another checkpoints.outputUri, or another job name)"
             )
 
-    def _finish_evaluation(self, raw: RawData) -> Outcome:
+    def _finish_evaluation(self, raw: DataPlan) -> Outcome:
         self.evaluate_baselines(raw)
         self.io.flush()
         self.progress.update(phase=TrainerPhase.SUCCEEDED, step=0)
