@@ -191,6 +191,16 @@ class DatasetSpec(_Spec):
             raise ValueError("set name (a registered dataset), train (URIs) or, in mode Evaluate, eval (URIs)")
         return self
 
+    @model_validator(mode="after")
+    def _packing(self) -> Self:
+        """CEL: self.packing || self.packingStrategy == 'concatenate'"""
+        if not self.packing and self.packing_strategy != "concatenate":
+            raise ValueError(
+                "packingStrategy: documents needs packing: true (without packing every sequence is one "
+                "document already, batched padding-free)"
+            )
+        return self
+
 
 class Hyperparameters(_Spec):
     """Optimisation settings. Each field's type, range and default is what the CLI prints."""
