@@ -202,3 +202,18 @@ def test_holdout_from_shards_is_deterministic_and_disjoint(tmp_path: Path, token
         assert train.documents + held.documents == 50 and held.documents == 7
         splits.setdefault(seed, []).append(held.doc_ids.tolist())
     assert splits[1][0] == splits[1][1] != splits[2][0]
+
+
+def test_document_aware_packing_trains_end_to_end_and_writes_its_shards_once(
+    model_dir: Callable[[str], Path], text_data: dict[str, str], tmp_path: Path
+) -> None:
+    from tests.trainer.conftest import base_config, run_trainer
+
+    config = base_config(model_dir("llama"), text_data, tmp_path / "run", dataset={"packingStrategy": "documents"})
+    code, summary = run_trainer(config, tmp_path)
+    assert code == 0, summary
+    assert summary["evaluations"][-1]["loss"] < summary["evaluations"][0]["loss"]
+    manifests = sorted((tmp_path / "run" / "tokens").glob("*/manifest.json"))
+    assert len(manifests) == 2  # train and eval files: one shard set each, in the run folder
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["dataset"]["trainRecords"] == 48 and run["dataset"]["evalRecords"] == 8

@@ -155,7 +155,9 @@ class FineTuneTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> Any:
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        # every input the collator made (position_ids restart per document when packing is
+        # document-aware or padding-free; then there is no attention mask)
+        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
         # Shift the labels, not the logits: position t predicts label t+1 and the last position
         # predicts nothing. Slicing the logits instead would copy the (batch, seq, vocab) tensor
         # (100 MB for SmolLM2 at 4x128) forward and backward on every micro-batch.
@@ -171,7 +173,7 @@ class FineTuneTrainer(Trainer):
                 self._window_started, self._window_steps_start = time.perf_counter(), self.state.global_step
             # no .item() here: no host-device sync per micro-batch
             self._window += torch.stack(
-                [loss_sum.detach().double(), tokens.double(), inputs["attention_mask"].sum().double()]
+                [loss_sum.detach().double(), tokens.double(), _input_tokens(inputs).double()]
             )
         denominator = num_items_in_batch if num_items_in_batch is not None else tokens.clamp(min=1)
         # DDP averages gradients over processes; the denominator already counts all of them.
@@ -277,6 +279,13 @@ class RecipeCallback(TrainerCallback):
                 "tokensPerSecond": logs.get("tokens_per_second"),
             }
         )
+
+
+def _input_tokens(inputs: dict[str, Any]) -> torch.Tensor:
+    """Tokens the model reads: the unpadded ones (all of them in a batch without attention mask)."""
+    if "attention_mask" in inputs:
+        return inputs["attention_mask"].sum()
+    return torch.tensor(inputs["input_ids"].numel(), device=inputs["input_ids"].device)
 
 
 class Recipe:
