@@ -217,3 +217,10 @@ def test_document_aware_packing_trains_end_to_end_and_writes_its_shards_once(
     assert len(manifests) == 2  # train and eval files: one shard set each, in the run folder
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["dataset"]["trainRecords"] == 48 and run["dataset"]["evalRecords"] == 8
+
+
+def test_document_strategy_without_packing_is_refused_naming_the_field() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="packingStrategy: documents needs packing: true"):
+        DatasetSpec.model_validate({"train": ["file:///d.jsonl"], "packing": False, "packingStrategy": "documents"})
