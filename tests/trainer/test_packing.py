@@ -3,12 +3,12 @@ family, sdpa and eager attention), the collator's batches and the per-epoch samp
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 
@@ -27,7 +27,7 @@ from finetune_trainer.evaluation import evaluate_model
 from finetune_trainer.packing import EpochSampler, TokenDataset
 from tests.trainer.factories import FAMILIES, make_tokenizer, tiny_config
 
-WORDS = "the market rose and the shares fell while the bank said profit for the year was higher".split()
+WORDS = ["the", "market", "rose", "and", "the", "shares", "fell", "while", "the", "bank", "said", "profit", "for", "the", "year", "was", "higher"]
 
 
 def _attention_cases() -> list[Any]:
@@ -122,7 +122,7 @@ def test_a_document_aware_block_has_the_loss_of_its_documents_alone(
         for row in range(2):
             positions = batch["position_ids"][row].tolist()
             starts = [t for t, p in enumerate(positions) if p == 0] + [len(positions)]
-            for a, b in zip(starts, starts[1:], strict=False):
+            for a, b in itertools.pairwise(starts):
                 labels = batch["labels"][row, a:b]
                 count = int((labels[1:] != IGNORE).sum())
                 if count == 0:

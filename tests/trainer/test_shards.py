@@ -14,7 +14,7 @@ import pytest
 
 from finetune_trainer import shards
 from finetune_trainer.config import DatasetSpec
-from finetune_trainer.data import ShardSettings, read_sources, shards_for, token_dataset, plan_data, tokenize
+from finetune_trainer.data import ShardSettings, plan_data, read_sources, shards_for, token_dataset, tokenize
 from finetune_trainer.errors import InvalidData
 from finetune_trainer.shards import TokenStore, build_shards, token_dtype
 from finetune_trainer.sources import list_files
@@ -27,7 +27,7 @@ def tokenizer() -> Any:
 
 
 def _records(fmt: str, n: int) -> list[dict[str, Any]]:
-    words = "the market rose and the shares fell while the bank said profit".split()
+    words = ["the", "market", "rose", "and", "the", "shares", "fell", "while", "the", "bank", "said", "profit"]
     out: list[dict[str, Any]] = []
     for i in range(n):
         text = " ".join(words[(i + k) % len(words)] for k in range(1 + (i * 7) % 23))

@@ -42,9 +42,19 @@ import numpy as np
 
 from finetune_trainer.config import DatasetSpec
 from finetune_trainer.errors import InvalidData
-from finetune_trainer.packing import Collator, PackingMode, TokenDataset
+from finetune_trainer.packing import Collator as Collator  # re-exported: the collator of every dataset here
+from finetune_trainer.packing import PackingMode, TokenDataset
 from finetune_trainer.shards import ShardSet, TokenStore, build_shards, shard_key
-from finetune_trainer.sources import SourceFile, Unit, compression_of, fingerprint, list_files, read_unit, units_of, where
+from finetune_trainer.sources import (
+    SourceFile,
+    Unit,
+    compression_of,
+    fingerprint,
+    list_files,
+    read_unit,
+    units_of,
+    where,
+)
 from finetune_trainer.storage import Store, expand, open_store
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ import io
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from finetune_trainer.config import DatasetSpec
 from finetune_trainer.errors import InvalidData
@@ -41,6 +41,12 @@ COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
 UNSUPPORTED_COMPRESSIONS = (".bz2", ".xz", ".lz4", ".br", ".zip", ".7z", ".tar", ".lzma", ".z", ".snappy")
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+class ReadableStore(Protocol):
+    """What reading a unit needs of a store (`storage.Store` has it)."""
+
+    def open_read(self, key: str, start: int = 0) -> IO[bytes]: ...
 
 
 @dataclass(frozen=True)
@@ -183,7 +189,7 @@ class _RawReader(io.RawIOBase):
         super().close()
 
 
-def open_unit(unit: Unit, store: Store) -> tuple[IO[bytes], int]:
+def open_unit(unit: Unit, store: ReadableStore) -> tuple[IO[bytes], int]:
     """The unit's bytes, decompressed, buffered, positioned at the first line the unit owns; and
     that line's byte offset in the file."""
     start = max(0, unit.start - 1)
@@ -213,7 +219,7 @@ def open_unit(unit: Unit, store: Store) -> tuple[IO[bytes], int]:
     return raw, start
 
 
-def read_unit(unit: Unit, store: Store, spec: DatasetSpec) -> Iterator[Item]:
+def read_unit(unit: Unit, store: ReadableStore, spec: DatasetSpec) -> Iterator[Item]:
     """Every position of the unit, in order: records that pass `check`, and problems, each with its
     line (or row) within the unit. Nothing beyond one line (one Parquet batch) is held."""
     from finetune_trainer.data import check_record
@@ -277,7 +283,7 @@ def spec_fields(spec: DatasetSpec) -> list[str]:
     return [spec.messages_field]
 
 
-def _read_parquet(unit: Unit, store: Store, spec: DatasetSpec) -> Iterator[Item]:
+def _read_parquet(unit: Unit, store: ReadableStore, spec: DatasetSpec) -> Iterator[Item]:
     """Rows of the dataset's fields, one row group's batch at a time. A file without a field the
     format needs is one problem naming the field and the columns it has."""
     import pyarrow.parquet as pq

@@ -301,7 +301,7 @@ class Recipe:
         self.evaluations: list[EvaluationPoint] = []
         self.baselines: list[BaselineResult] = []
         self.checkpoint_records: list[CheckpointRecord] = []
-        self.eval_dataset = SequenceDataset([])
+        self.eval_dataset: TokenDataset | SequenceDataset = SequenceDataset([])
         self.cache_dir = Path(env.get(ENV_CACHE_DIR) or DEFAULT_CACHE_DIR)
         run_key = hashlib.sha256(config.run_uri.encode()).hexdigest()[:16]
         self.local_run = self.cache_dir / "runs" / run_key
@@ -385,7 +385,8 @@ class Recipe:
             remote_uri=shard_cache_uri(datasets_uri=self.config.run.datasets_uri, run_uri=self.config.run_uri),
             node_rank=node_rank,
             nodes=nodes,
-            **self.store_settings,
+            endpoint=self.config.run.storage_endpoint,
+            region=self.config.run.storage_region,
         )
         with self.args.main_process_first(local=True, desc=f"tokenize {split}"):
             return token_dataset(
@@ -521,7 +522,11 @@ class Recipe:
                 self.progress.add_baseline(baseline)
 
     def _write_run_json(
-        self, raw: DataPlan, model_folder: Path, train: TokenDataset | SequenceDataset, evaluation: TokenDataset
+        self,
+        raw: DataPlan,
+        model_folder: Path,
+        train: TokenDataset | SequenceDataset,
+        evaluation: TokenDataset | SequenceDataset,
     ) -> None:
         if not self.is_main:
             return
@@ -538,7 +543,7 @@ class Recipe:
             "dataset": {
                 "fingerprint": raw.fingerprint,
                 "trainRecords": train.documents if isinstance(train, TokenDataset) else 0,
-                "evalRecords": evaluation.documents,
+                "evalRecords": evaluation.documents if isinstance(evaluation, TokenDataset) else 0,
                 "trainSequences": len(train),
                 "evalSequences": len(evaluation),
                 "trainTokens": train.trained_tokens(),
