@@ -122,8 +122,9 @@ class DatasetSpec(_Spec):
         default=None,
         min_length=1,
         max_length=64,
-        description="Training files: s3:// or file:// URIs of .jsonl or .txt files; globs (*, **) "
-        "allowed. Exclusive with name; one of them is required in mode Train.",
+        description="Training files: s3:// or file:// URIs of JSONL (also gzip .gz or zstd .zst), "
+        "Parquet (.parquet) or .txt files; globs (*, **) allowed. Exclusive with name; one of them "
+        "is required in mode Train.",
     )
     eval: list[DataUri] | None = Field(
         default=None,
