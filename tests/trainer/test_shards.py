@@ -19,6 +19,7 @@ from finetune_trainer.errors import InvalidData
 from finetune_trainer.shards import TokenStore, build_shards, token_dtype
 from finetune_trainer.sources import list_files
 from tests.trainer.factories import make_tokenizer
+from tests.trainer.test_storage import s3_server  # noqa: F401  (the real S3 server fixture)
 
 
 @pytest.fixture(scope="module")
@@ -219,3 +220,41 @@ def test_a_corpus_without_records_names_its_files(tmp_path: Path, tokenizer: Any
     with pytest.raises(InvalidData) as caught:
         shards_for(list_files(spec.train or []), spec, tokenizer, _settings(tmp_path))
     assert caught.value.details == [f"file://{tmp_path}/data/blank.jsonl: no records"]
+
+
+def test_s3_sources_stream_by_range_and_the_cache_lives_in_s3(
+    tmp_path: Path, tokenizer: Any, s3_server: str, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    from finetune_trainer.storage import open_store
+    from tests.trainer.test_storage import _s3_root
+
+    root = _s3_root()
+    store = open_store(root, endpoint=s3_server)
+    try:
+        local = _write(tmp_path / "data" / "a.jsonl", _records("text", 300))
+        store.upload_file(local, "data/a.jsonl")
+        import gzip
+
+        store.write_bytes("data/b.jsonl.gz", gzip.compress(local.read_bytes()))
+        spec = DatasetSpec(train=[root + "data/*"])
+        files = list_files(spec.train or [], endpoint=s3_server)
+        assert [f.version for f in files] and all(f.version for f in files)  # ETags
+        settings = ShardSettings(
+            local_root=tmp_path / "node-a", remote_uri=root + "tokens/", workers=2, endpoint=s3_server
+        )
+        monkeypatch.setattr("finetune_trainer.sources.UNIT_BYTES", 4096)  # ranged reads of one object
+        first = shards_for(files, spec, tokenizer, settings)
+        assert len(first.manifest["parts"]) > 3
+        expected = build_shards(
+            list_files([f"file://{local}", f"file://{local}"]), spec, tokenizer, key="k",
+            local_root=tmp_path / "ref", remote=None,
+        )
+        assert _documents(TokenStore(first)) == _documents(TokenStore(expected))
+        assert store.exists(f"tokens/{first.manifest['key']}/manifest.json")
+
+        monkeypatch.setattr(shards, "tokenize_units", lambda *a, **k: (_ for _ in ()).throw(AssertionError("again")))
+        other = ShardSettings(local_root=tmp_path / "node-b", remote_uri=root + "tokens/", endpoint=s3_server)
+        again = shards_for(files, spec, tokenizer, other)
+        assert _documents(TokenStore(again)) == _documents(TokenStore(expected))
+    finally:
+        store.delete_prefix("")
