@@ -582,6 +582,3 @@ class SequenceDataset:
 
     def trained_tokens(self) -> int:
         return sum(_trained_tokens(s.labels) for s in self.sequences)
-
-    def total_tokens(self) -> int:
-        return sum(len(s.input_ids) for s in self.sequences)
