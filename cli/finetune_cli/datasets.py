@@ -3,7 +3,7 @@
 A registered dataset `N` is a folder of the registry (the operator's `datasetsUri`):
 `<datasetsUri>N/train/<files>`, optionally `N/eval/<files>`, and `N/dataset.json` describing it
 (written last, so a half-uploaded dataset is not listed). That is the layout the trainer reads for
-`spec.dataset.name` (`finetune_trainer.data.load_raw`). Records are checked with the trainer's own
+`spec.dataset.name` (`finetune_trainer.data.plan_data`). Records are checked with the trainer's own
 preflight (`finetune_trainer.data.parse_file`), so a dataset the CLI accepts is one the trainer
 accepts. Called by `main`; the I/O is in `storage`.
 """

@@ -123,6 +123,12 @@ CEL_RULES: dict[type[BaseModel], list[Rule]] = {
             "message": "set name (a registered dataset), train (a list of URIs) or, in mode Evaluate, "
             "eval (a list of URIs)",
         },
+        {
+            "rule": "self.packing || self.packingStrategy == 'concatenate'",
+            "message": "packingStrategy: documents needs packing: true (without packing every sequence "
+            "is one document already, batched padding-free)",
+            "fieldPath": ".packingStrategy",
+        },
     ],
     trainer_config.Hyperparameters: [
         {

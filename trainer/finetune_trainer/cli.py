@@ -81,12 +81,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def check(config: TrainerConfig) -> int:
-    from finetune_trainer.data import load_raw
+    from finetune_trainer.data import plan_data, preflight
 
-    load_raw(config.dataset, seed=config.hyperparameters.seed, need_train=config.mode == TRAIN,
-             datasets_uri=config.run.datasets_uri, endpoint=config.run.storage_endpoint,
-             region=config.run.storage_region)
-    print("config and data are valid")
+    settings = {"endpoint": config.run.storage_endpoint, "region": config.run.storage_region}
+    plan = plan_data(config.dataset, seed=config.hyperparameters.seed, need_train=config.mode == TRAIN,
+                     datasets_uri=config.run.datasets_uri, **settings)
+    report = preflight([*plan.train_files, *(plan.eval_files or ())], config.dataset, **settings)
+    print(f"config and data are valid ({report.total} records in {len(report.records)} files)")
     return contract.EXIT_OK
 
 

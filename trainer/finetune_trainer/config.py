@@ -79,7 +79,7 @@ def _no_duplicates(values: list[str] | None) -> list[str] | None:
     return values
 
 
-UNIQUE = {"x-kubernetes-list-type": "set"}
+UNIQUE: dict[str, Any] = {"x-kubernetes-list-type": "set"}  # CRD: entries must be unique
 
 DataUri = Annotated[str, Field(pattern=DATA_URI_PATTERN, max_length=1024)]
 # A list of data URIs, each at most once (`x-kubernetes-list-type: set` in the CRD).
@@ -179,8 +179,9 @@ class DatasetSpec(_Spec):
         min_length=1,
         max_length=64,
         json_schema_extra=UNIQUE,
-        description="Training files: s3:// or file:// URIs of .jsonl or .txt files; globs (*, **) "
-        "allowed. Exclusive with name; one of them is required in mode Train.",
+        description="Training files: s3:// or file:// URIs of JSONL (also gzip .gz or zstd .zst), "
+        "Parquet (.parquet) or .txt files; globs (*, **) allowed. Exclusive with name; one of them "
+        "is required in mode Train.",
     )
     eval: DataUris | None = Field(
         default=None,
@@ -220,9 +221,17 @@ class DatasetSpec(_Spec):
     )
     packing: bool = Field(
         default=True,
-        description="Concatenate documents (separated by the EOS token) and cut them into blocks "
-        "of sequenceLength tokens. Off: one record per sequence, padded; longer records are "
-        "split into several sequences, never truncated silently.",
+        description="Concatenate documents (each ending with the EOS token) and cut them into "
+        "blocks of sequenceLength tokens (see packingStrategy). Off: one record per sequence, "
+        "batched padding-free (the sequences of a batch end to end, position ids restarting); "
+        "longer records are split into several sequences, never truncated silently.",
+    )
+    packing_strategy: Literal["concatenate", "documents"] = Field(
+        default="concatenate",
+        description="With packing. concatenate: a block attends across the documents in it. "
+        "documents: position ids restart at each document, so no token attends across a document "
+        "boundary and a document's first token carries no loss (the loss of a block equals that "
+        "of its documents evaluated alone).",
     )
     eval_size: int = Field(
         default=64,
@@ -239,6 +248,16 @@ class DatasetSpec(_Spec):
             raise ValueError("name and train are exclusive: set one of them")
         if self.name is None and self.train is None and self.eval is None:
             raise ValueError("set name (a registered dataset), train (URIs) or, in mode Evaluate, eval (URIs)")
+        return self
+
+    @model_validator(mode="after")
+    def _packing(self) -> Self:
+        """CEL: self.packing || self.packingStrategy == 'concatenate'"""
+        if not self.packing and self.packing_strategy != "concatenate":
+            raise ValueError(
+                "packingStrategy: documents needs packing: true (without packing every sequence is one "
+                "document already, batched padding-free)"
+            )
         return self
 
 

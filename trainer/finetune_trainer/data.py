@@ -1,38 +1,61 @@
-"""Data: read records, preflight them, tokenize with loss masks, pack into blocks, cache.
+"""Data: resolve the sources, preflight and tokenize records with loss masks, and give the loop
+memory-mapped datasets of packed sequences.
 
-Called by the training recipe (`train.py`) for the training set and for every model evaluated
-on the eval set (each with its own tokenizer), and by `kubectl finetune add dataset`
-(`parse_file`, the same preflight): so no torch or transformers at import time. The only I/O is
-reading source files through `storage` and the tokenization cache on local disk.
+Called by the training recipe (`train.py`): `plan_data` once (lists the files, no reading), then
+`token_dataset` for the training set and for every model evaluated on the eval set (each with
+its own tokenizer). `kubectl finetune add dataset` and `finetune-trainer check` use the same
+record checks (`check_record`, `parse_file`, `preflight`). No torch or transformers at import
+time. The pipeline at scale: `sources` streams records, `shards` tokenizes them in parallel into
+memory-mapped token shards cached in object storage, `packing` cuts sequences out of them.
 
 Formats (DatasetSpec.format):
-- text: JSONL `{"<textField>": str}` or `.txt` files (one document per file); loss on all tokens.
-- prompt-completion: JSONL `{"<promptField>": str, "<completionField>": str}`; loss on the
-  completion and the EOS token only (unless trainOnInputs).
-- chat: JSONL `{"<messagesField>": [{"role", "content"}, …]}` rendered with the tokenizer's chat
+- text: JSONL or Parquet `{"<textField>": str}` or `.txt` files (one document per file); loss on
+  all tokens.
+- prompt-completion: `{"<promptField>": str, "<completionField>": str}`; loss on the completion
+  and the EOS token only (unless trainOnInputs).
+- chat: `{"<messagesField>": [{"role", "content"}, …]}` rendered with the tokenizer's chat
   template; loss only on assistant turns (their content and end-of-turn tokens).
 
-Every example ends with the EOS token, which separates documents when packing. Packing
-concatenates examples and cuts blocks of sequenceLength tokens; the last partial block is padded,
-never dropped. Without packing, an example longer than sequenceLength is split into several
-sequences, never truncated. Packed blocks attend across document boundaries (the EOS token is the
-separator), as run_clm does.
+Every example (document) ends with the EOS token. Packing modes are described in `packing`.
+Without packing, an example longer than sequenceLength is split into several sequences, never
+truncated.
+
+The in-memory helpers (`read_sources`, `load_raw`, `tokenize`, `to_sequences`,
+`build_sequences`, `SequenceDataset`) serve small inputs (tests, the CLI's single files); the
+trainer reads through `plan_data` / `token_dataset`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
+import os
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+import numpy as np
 
 from finetune_trainer.config import DatasetSpec
 from finetune_trainer.errors import InvalidData
-from finetune_trainer.storage import expand
+from finetune_trainer.packing import Collator as Collator  # re-exported: the collator of every dataset here
+from finetune_trainer.packing import PackingMode, TokenDataset
+from finetune_trainer.shards import ShardSet, TokenStore, build_shards, shard_key
+from finetune_trainer.sources import (
+    SourceFile,
+    Unit,
+    compression_of,
+    fingerprint,
+    list_files,
+    read_unit,
+    units_of,
+    where,
+)
+from finetune_trainer.storage import Store, expand, open_store
 
 log = logging.getLogger(__name__)
 
@@ -89,37 +112,33 @@ def read_sources(
 
 
 def parse_file(name: str, content: bytes, spec: DatasetSpec, errors: list[str]) -> list[Record]:
+    """The records of one file held in memory (the CLI's uploads, small test files), checked by the
+    same streaming reader the trainer uses; problems are appended to `errors` as `file:line: …`."""
     try:
-        text = content.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        errors.append(f"{name}: not UTF-8 ({exc.reason} at byte {exc.start})")
+        unit = Unit(SourceFile("", name, len(content), ""))
+        compression_of(name)
+        records = []
+        for item in read_unit(unit, _BytesStore(name, content), spec):
+            if item.problem is not None:
+                errors.append(f"{where(unit, item.line, 0)}: {item.problem}")
+            elif item.data is not None:
+                records.append(Record(where(unit, item.line, 0), item.data))
+    except InvalidData as exc:
+        errors.append(str(exc))
         return []
-    if name.endswith(".txt"):
-        if spec.format != "text":
-            errors.append(f"{name}: .txt files hold plain text, but dataset.format is {spec.format}")
-            return []
-        if not text.strip():
-            errors.append(f"{name}: empty file")
-            return []
-        return [Record(name, {spec.text_field: text})]
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{name}:{number}"
-        try:
-            data = json.loads(line)
-        except json.JSONDecodeError as exc:
-            errors.append(f"{where}: invalid JSON ({exc.msg})")
-            continue
-        problem = check_record(data, spec)
-        if problem:
-            errors.append(f"{where}: {problem}")
-        else:
-            records.append(Record(where, data))
-    if not records and not errors:
-        errors.append(f"{name}: no records")
     return records
+
+
+class _BytesStore:
+    """One file's bytes behind the one method `sources.read_unit` uses."""
+
+    def __init__(self, name: str, content: bytes) -> None:
+        self.uri = ""
+        self.name = name
+        self.content = content
+
+    def open_read(self, key: str, start: int = 0) -> IO[bytes]:
+        return io.BytesIO(self.content[start:])
 
 
 def check_record(data: Any, spec: DatasetSpec) -> str | None:
@@ -212,30 +231,44 @@ def eos_id(tokenizer: Any) -> int:
 def tokenize(records: Sequence[Record], spec: DatasetSpec, tokenizer: Any) -> list[Example]:
     """Token ids and labels (IGNORE where no loss) of each record; InvalidData if a record ends
     up with no trained token."""
-    eos = eos_id(tokenizer)
-    if spec.format == "text":
-        texts = [r.data[spec.text_field] for r in records]
-        ids = _batch_encode(tokenizer, texts, special=True)
-        return [Example([*x, eos], [*x, eos]) for x in ids]
-    if spec.format == "prompt-completion":
-        prompts = _batch_encode(tokenizer, [r.data[spec.prompt_field] for r in records], special=True)
-        completions = _batch_encode(tokenizer, [r.data[spec.completion_field] for r in records], special=False)
-        out = []
-        for p, c in zip(prompts, completions, strict=True):
-            prompt_labels = list(p) if spec.train_on_inputs else [IGNORE] * len(p)
-            out.append(Example([*p, *c, eos], [*prompt_labels, *c, eos]))
-        return out
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise InvalidData("dataset.format is chat but the model's tokenizer has no chat template")
+    out: list[Example] = []
     errors: list[str] = []
-    out = []
-    for record in records:
-        try:
-            out.append(_chat_example(record.data[spec.messages_field], tokenizer, eos, spec.train_on_inputs))
-        except ValueError as exc:
-            errors.append(f"{record.source}: {exc}")
+    for record, result in zip(records, encode_batch([r.data for r in records], spec, tokenizer), strict=True):
+        if isinstance(result, str):
+            errors.append(f"{record.source}: {result}")
+        else:
+            out.append(Example(*result))
     if errors:
         raise InvalidData(f"{len(errors)} chat record(s) cannot be templated", details=errors[:MAX_REPORTED_ERRORS])
+    return out
+
+
+def encode_batch(
+    datas: Sequence[dict[str, Any]], spec: DatasetSpec, tokenizer: Any
+) -> list[tuple[list[int], list[int]] | str]:
+    """(ids, labels) of each checked record, or why it cannot be used (a chat template that
+    fails on it). Text and prompt-completion records are encoded in one call per field."""
+    eos = eos_id(tokenizer)
+    if spec.format == "text":
+        ids = _batch_encode(tokenizer, [d[spec.text_field] for d in datas], special=True)
+        return [([*x, eos], [*x, eos]) for x in ids]
+    if spec.format == "prompt-completion":
+        prompts = _batch_encode(tokenizer, [d[spec.prompt_field] for d in datas], special=True)
+        completions = _batch_encode(tokenizer, [d[spec.completion_field] for d in datas], special=False)
+        pairs: list[tuple[list[int], list[int]] | str] = []
+        for p, c in zip(prompts, completions, strict=True):
+            prompt_labels = list(p) if spec.train_on_inputs else [IGNORE] * len(p)
+            pairs.append(([*p, *c, eos], [*prompt_labels, *c, eos]))
+        return pairs
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise InvalidData("dataset.format is chat but the model's tokenizer has no chat template")
+    out: list[tuple[list[int], list[int]] | str] = []
+    for data in datas:
+        try:
+            example = _chat_example(data[spec.messages_field], tokenizer, eos, spec.train_on_inputs)
+            out.append((example.input_ids, example.labels))
+        except ValueError as exc:
+            out.append(str(exc))
     return out
 
 
@@ -342,6 +375,197 @@ def build_sequences(
     return sequences
 
 
+# ---- the trainer's path: plan, shards, datasets --------------------------------------------------
+@dataclass(frozen=True)
+class DataPlan:
+    """The files of a run's data, listed but not read. `eval_files` None: the eval set is
+    `eval_size` documents held out of the training files (chosen by `seed`)."""
+
+    train_files: tuple[SourceFile, ...]
+    eval_files: tuple[SourceFile, ...] | None
+    eval_size: int
+    seed: int
+
+    @property
+    def fingerprint(self) -> str:
+        parts = [fingerprint(self.train_files), fingerprint(self.eval_files) if self.eval_files is not None else "holdout"]
+        if self.eval_files is None:
+            parts.append(f"{self.eval_size}:{self.seed}")
+        return hashlib.sha256(":".join(parts).encode()).hexdigest()
+
+
+def plan_data(
+    spec: DatasetSpec,
+    *,
+    seed: int,
+    need_train: bool = True,
+    datasets_uri: str | None = None,
+    endpoint: str | None = None,
+    region: str | None = None,
+) -> DataPlan:
+    """Which files hold train and eval: `dataset.eval`, else a registered dataset's eval/ files,
+    else evalSize documents held out of train. `need_train=False` (mode Evaluate) lists no train
+    files when the eval sources are known. InvalidData names each URI matching nothing."""
+    eval_uris: list[str] | None = list(spec.eval) if spec.eval else None
+    if spec.name is not None:
+        assert datasets_uri is not None
+        base = datasets_uri.rstrip("/") + f"/{spec.name}/"
+        train_uris = [base + "train/**"]
+        if eval_uris is None and expand(base + "eval/**", endpoint=endpoint, region=region):
+            eval_uris = [base + "eval/**"]
+    else:
+        train_uris = list(spec.train or [])
+    settings = {"endpoint": endpoint, "region": region}
+    eval_files = tuple(list_files(eval_uris, **settings)) if eval_uris is not None else None
+    need = need_train or eval_files is None
+    train_files = tuple(list_files(train_uris, **settings)) if need and train_uris else ()
+    return DataPlan(train_files, eval_files, spec.eval_size, seed)
+
+
+def packing_mode(spec: DatasetSpec) -> PackingMode:
+    if not spec.packing:
+        return "none"
+    return spec.packing_strategy
+
+
+def shard_cache_uri(*, datasets_uri: str | None, run_uri: str) -> str:
+    """Where token shards are cached in object storage: beside the registered datasets (so every
+    job shares them), else in the run folder (so restarts and every node do)."""
+    if datasets_uri is not None:
+        return datasets_uri.rstrip("/") + "/.tokens/"
+    return run_uri.rstrip("/") + "/tokens/"
+
+
+def node_topology(env: Mapping[str, str] = os.environ) -> tuple[int, int]:
+    """(node rank, number of nodes) of this process, from torchrun's environment."""
+    world = int(env.get("WORLD_SIZE", "1"))
+    local_world = int(env.get("LOCAL_WORLD_SIZE", str(world)))
+    node_rank = int(env.get("GROUP_RANK", env.get("NODE_RANK", "0")))
+    return node_rank, max(1, world // max(1, local_world))
+
+
+@dataclass(frozen=True)
+class ShardSettings:
+    """Where shards live and who makes them: the same for every split and tokenizer of a run."""
+
+    local_root: Path
+    remote_uri: str | None
+    node_rank: int = 0
+    nodes: int = 1
+    workers: int | None = None  # tokenizing processes; None: one per core
+    endpoint: str | None = None
+    region: str | None = None
+
+    def remote(self) -> Store | None:
+        return open_store(self.remote_uri, endpoint=self.endpoint, region=self.region) if self.remote_uri else None
+
+
+_STORES: dict[Path, TokenStore] = {}
+
+
+def shards_for(files: Sequence[SourceFile], spec: DatasetSpec, tokenizer: Any, settings: ShardSettings) -> ShardSet:
+    key = shard_key(fingerprint(files), tokenizer_fingerprint(tokenizer), spec)
+    return build_shards(
+        files,
+        spec,
+        tokenizer,
+        key=key,
+        local_root=settings.local_root,
+        remote=settings.remote(),
+        node_rank=settings.node_rank,
+        nodes=settings.nodes,
+        workers=settings.workers,
+        endpoint=settings.endpoint,
+        region=settings.region,
+    )
+
+
+def _token_store(shards: ShardSet) -> TokenStore:
+    store = _STORES.get(shards.folder)
+    if store is None:
+        store = _STORES[shards.folder] = TokenStore(shards)
+    return store
+
+
+def holdout(documents: int, size: int, seed: int) -> np.ndarray[Any, Any]:
+    """The documents held out for evaluation: `size` of them, chosen by `seed`, in order."""
+    if documents <= size:
+        raise InvalidData(
+            f"dataset.evalSize={size} holds out all {documents} training records; lower evalSize or give dataset.eval"
+        )
+    return np.sort(np.random.default_rng(seed).permutation(documents)[:size])
+
+
+def token_dataset(
+    plan: DataPlan, spec: DatasetSpec, tokenizer: Any, *, split: str, length: int, settings: ShardSettings
+) -> TokenDataset:
+    """The memory-mapped dataset of one split for one tokenizer, tokenizing (and caching) the
+    shards it needs unless a complete set exists. Call it in one process per node first (the
+    recipe's local-rank-0-first), then in the others, which then find the local set."""
+    held_out = plan.eval_files is None
+    files = plan.eval_files if split == "eval" and plan.eval_files is not None else plan.train_files
+    store = _token_store(shards_for(files, spec, tokenizer, settings))
+    every = np.arange(store.documents, dtype=np.int64)
+    if held_out:
+        held = holdout(store.documents, plan.eval_size, plan.seed)
+        documents = held if split == "eval" else np.setdiff1d(every, held, assume_unique=True)
+    else:
+        documents = every
+    dataset = TokenDataset(store, documents, length=length, mode=packing_mode(spec))
+    if len(dataset) == 0:
+        raise InvalidData(
+            f"the {split} set has no trained tokens after tokenization: every sequence of its "
+            f"{len(documents)} record(s) from {files[0].name if files else '(no files)'}"
+            + (f" and {len(files) - 1} more file(s)" if len(files) > 1 else "")
+            + " carries no loss (dataset.format, trainOnInputs)"
+        )
+    return dataset
+
+
+@dataclass(frozen=True)
+class PreflightReport:
+    """Records per file of a preflight that found no problem."""
+
+    records: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.records.values())
+
+
+def preflight(files: Sequence[SourceFile], spec: DatasetSpec, *, endpoint: str | None = None, region: str | None = None) -> PreflightReport:
+    """Stream every record of the files and check it (no tokenizer): InvalidData lists the first
+    MAX_REPORTED_ERRORS problems as `file:line: …` and counts them all. One record in memory."""
+    shown: list[str] = []
+    total = 0
+    counts: dict[str, int] = {}
+    line_offsets: dict[str, int] = {}
+    stores: dict[str, Store] = {}
+    for unit in units_of(files):
+        store = stores.get(unit.file.store_uri) or stores.setdefault(
+            unit.file.store_uri, open_store(unit.file.store_uri, endpoint=endpoint, region=region)
+        )
+        offset = line_offsets.get(unit.file.name, 0)
+        last = 0
+        for item in read_unit(unit, store, spec):
+            last = max(last, item.line)
+            if item.problem is not None:
+                total += 1
+                if len(shown) < MAX_REPORTED_ERRORS:
+                    shown.append(f"{where(unit, item.line, offset)}: {item.problem}")
+            elif item.data is not None:
+                counts[unit.file.name] = counts.get(unit.file.name, 0) + 1
+        line_offsets[unit.file.name] = offset + last
+    if total:
+        more = total - len(shown)
+        raise InvalidData(
+            f"dataset preflight failed: {total} bad record(s)" + (f" ({more} not shown)" if more else ""), details=shown
+        )
+    if not counts:
+        raise InvalidData(f"no records in {len(files)} file(s)")
+    return PreflightReport(counts)
+
+
 # ---- torch side --------------------------------------------------------------------------------
 class SequenceDataset:
     """A map-style dataset of token sequences (torch Dataset protocol)."""
@@ -358,24 +582,3 @@ class SequenceDataset:
 
     def trained_tokens(self) -> int:
         return sum(_trained_tokens(s.labels) for s in self.sequences)
-
-
-@dataclass
-class Collator:
-    """Pads a batch to its longest sequence: pad id in inputs, IGNORE in labels, 0 in the mask."""
-
-    pad_id: int
-
-    def __call__(self, batch: list[dict[str, list[int]]]) -> dict[str, Any]:
-        import torch
-
-        width = max(len(item["input_ids"]) for item in batch)
-        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, item in enumerate(batch):
-            n = len(item["input_ids"])
-            ids[row, :n] = torch.tensor(item["input_ids"], dtype=torch.long)
-            labels[row, :n] = torch.tensor(item["labels"], dtype=torch.long)
-            mask[row, :n] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}

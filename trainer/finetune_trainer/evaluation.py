@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from finetune_trainer.data import IGNORE, Collator, SequenceDataset
+from finetune_trainer.packing import TokenDataset
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ def all_reduce_stats(stats: TokenStats) -> TokenStats:
 @torch.no_grad()
 def evaluate_model(
     model: Any,
-    dataset: SequenceDataset,
+    dataset: TokenDataset | SequenceDataset,
     *,
     collator: Collator,
     micro_batch: int,
@@ -91,7 +92,7 @@ def evaluate_model(
     """Evaluate this process's shard and pool the sums over all processes."""
     was_training = model.training
     model.eval()
-    indices = list(range(rank, len(dataset), world_size))
+    indices = range(rank, len(dataset), world_size)  # streamed: one batch read at a time
     longest_shard = -(-len(dataset) // world_size)  # rank 0's
     batches = -(-longest_shard // micro_batch)
     if max_batches is not None:
@@ -100,10 +101,10 @@ def evaluate_model(
     for number in range(batches):
         items = [dataset[i] for i in indices[number * micro_batch : (number + 1) * micro_batch]]
         if not items:  # keep step with the other processes; counts no token
-            first = dict(dataset[0])
+            first: dict[str, Any] = dict(dataset[0])
             items = [{**first, "labels": [IGNORE] * len(first["labels"])}]
         batch = {k: v.to(device) for k, v in collator(items).items()}
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits  # every input the collator made
         stats = stats + token_stats(logits, batch["labels"])
     if was_training:
         model.train()

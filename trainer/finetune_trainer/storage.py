@@ -14,7 +14,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 from urllib.parse import unquote, urlparse
 
 MULTIPART_CHUNK = 8 * 1024 * 1024
@@ -25,6 +25,7 @@ HASH_CHUNK = 4 * 1024 * 1024
 class ObjectInfo:
     key: str  # relative to the listed prefix
     size: int
+    version: str = ""  # what changes when the content does: mtime (file://) or ETag (s3://)
 
 
 class Store(Protocol):
@@ -34,6 +35,9 @@ class Store(Protocol):
 
     def list(self, prefix: str = "") -> list[ObjectInfo]: ...
     def read_bytes(self, key: str) -> bytes: ...
+    def open_read(self, key: str, start: int = 0) -> IO[bytes]:
+        """A sequential binary reader of the object from byte `start` on (the caller closes it)."""
+        ...
     def write_bytes(self, key: str, data: bytes) -> None: ...
     def upload_file(self, local: Path, key: str) -> None: ...
     def upload_file_hashed(self, local: Path, key: str) -> str:
@@ -56,18 +60,24 @@ class LocalStore:
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         base = self._path(prefix)
         if base.is_file():
-            return [ObjectInfo(prefix, base.stat().st_size)]
+            stat = base.stat()
+            return [ObjectInfo(prefix, stat.st_size, str(stat.st_mtime_ns))]
         if not base.is_dir():
             return []
-        out = [
-            ObjectInfo(p.relative_to(self.root).as_posix(), p.stat().st_size)
-            for p in sorted(base.rglob("*"))
-            if p.is_file() and not p.name.endswith(".partial")
-        ]
+        out = []
+        for p in sorted(base.rglob("*")):
+            if p.is_file() and not p.name.endswith(".partial"):
+                stat = p.stat()
+                out.append(ObjectInfo(p.relative_to(self.root).as_posix(), stat.st_size, str(stat.st_mtime_ns)))
         return out
 
     def read_bytes(self, key: str) -> bytes:
         return self._path(key).read_bytes()
+
+    def open_read(self, key: str, start: int = 0) -> IO[bytes]:
+        handle = self._path(key).open("rb")
+        handle.seek(start)
+        return handle
 
     def write_bytes(self, key: str, data: bytes) -> None:
         path = self._path(key)
@@ -145,13 +155,18 @@ class S3Store:
         out: list[ObjectInfo] = []
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
             for obj in page.get("Contents", []):
-                out.append(ObjectInfo(obj["Key"][len(self.prefix) :], int(obj["Size"])))
+                out.append(ObjectInfo(obj["Key"][len(self.prefix) :], int(obj["Size"]), str(obj.get("ETag", ""))))
         if prefix and not prefix.endswith("/"):  # a prefix names a folder or one exact object
             out = [o for o in out if o.key == prefix or o.key.startswith(prefix + "/")]
         return sorted(out, key=lambda o: o.key)
 
     def read_bytes(self, key: str) -> bytes:
         body: bytes = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        return body
+
+    def open_read(self, key: str, start: int = 0) -> IO[bytes]:
+        extra = {"Range": f"bytes={start}-"} if start else {}
+        body: IO[bytes] = self.client.get_object(Bucket=self.bucket, Key=self._key(key), **extra)["Body"]
         return body
 
     def write_bytes(self, key: str, data: bytes) -> None:

@@ -48,7 +48,19 @@ from finetune_trainer.contract import (
     EvaluationPoint,
     TrainerPhase,
 )
-from finetune_trainer.data import IGNORE, Collator, RawData, SequenceDataset, build_sequences, load_raw
+from finetune_trainer.data import (
+    IGNORE,
+    Collator,
+    DataPlan,
+    SequenceDataset,
+    ShardSettings,
+    TokenDataset,
+    node_topology,
+    packing_mode,
+    plan_data,
+    shard_cache_uri,
+    token_dataset,
+)
 from finetune_trainer.errors import InvalidInput
 from finetune_trainer.evaluation import EvalResult, evaluate_model
 from finetune_trainer.loop import (
@@ -160,7 +172,8 @@ class FineTuneTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> Any:
-        # every key of the collated batch but the labels (e.g. position_ids of document-aware packing)
+        # every input the collator made (position_ids restart per document when packing is
+        # document-aware or padding-free; then there is no attention mask)
         outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
         # Shift the labels, not the logits: position t predicts label t+1 and the last position
         # predicts nothing. Slicing the logits instead would copy the (batch, seq, vocab) tensor
@@ -304,7 +317,7 @@ class Recipe:
         self.evaluations: list[EvaluationPoint] = []
         self.baselines: list[BaselineResult] = []
         self.checkpoint_records: list[CheckpointRecord] = []
-        self.eval_dataset = SequenceDataset([])
+        self.eval_dataset: TokenDataset | SequenceDataset = SequenceDataset([])
         self.cache_dir = Path(env.get(ENV_CACHE_DIR) or DEFAULT_CACHE_DIR)
         run_key = hashlib.sha256(config.run_uri.encode()).hexdigest()[:16]
         self.local_run = self.cache_dir / "runs" / run_key
@@ -372,9 +385,9 @@ class Recipe:
             log_level="warning",
         )
 
-    def load_data(self) -> RawData:
+    def load_data(self) -> DataPlan:
         self.progress.update(phase=TrainerPhase.PREFLIGHT)
-        return load_raw(
+        return plan_data(
             self.config.dataset,
             seed=self.config.hyperparameters.seed,
             need_train=self.config.mode != EVALUATE,
@@ -382,19 +395,25 @@ class Recipe:
             **self.store_settings,
         )
 
-    def sequences(self, raw: RawData, tokenizer: Any, split: str) -> SequenceDataset:
+    def sequences(self, raw: DataPlan, tokenizer: Any, split: str) -> TokenDataset:
+        """Token shards are made (or fetched) by local rank 0 of each node, then mapped by all."""
+        node_rank, nodes = node_topology(self.env)
+        settings = ShardSettings(
+            local_root=self.cache_dir / "tokens",
+            remote_uri=shard_cache_uri(datasets_uri=self.config.run.datasets_uri, run_uri=self.config.run_uri),
+            node_rank=node_rank,
+            nodes=nodes,
+            endpoint=self.config.run.storage_endpoint,
+            region=self.config.run.storage_region,
+        )
         with self.args.main_process_first(local=True, desc=f"tokenize {split}"):
-            records = raw.train if split == "train" else raw.eval
-            return SequenceDataset(
-                build_sequences(
-                    records,
-                    self.config.dataset,
-                    tokenizer,
-                    length=self.config.hyperparameters.sequence_length,
-                    cache_dir=self.cache_dir / "tokens",
-                    data_fingerprint=raw.fingerprint,
-                    split=split,
-                )
+            return token_dataset(
+                raw,
+                self.config.dataset,
+                tokenizer,
+                split=split,
+                length=self.config.hyperparameters.sequence_length,
+                settings=settings,
             )
 
     def fetch(self, spec: ModelSpec) -> Path:
@@ -402,7 +421,7 @@ class Recipe:
             return fetch_model(spec, cache_dir=self.cache_dir, **self.store_settings)
 
     # ---- evaluation ---------------------------------------------------------------------------
-    def evaluate(self, model: Any, dataset: SequenceDataset) -> EvalResult:
+    def evaluate(self, model: Any, dataset: TokenDataset | SequenceDataset) -> EvalResult:
         phase = self.progress.report()["phase"]
         self.progress.update(phase=TrainerPhase.EVALUATING)
         autocast = torch.autocast(
@@ -412,7 +431,7 @@ class Recipe:
             result = evaluate_model(
                 model,
                 dataset,
-                collator=Collator(self.pad_id),
+                collator=Collator(self.pad_id, mode=packing_mode(self.config.dataset)),
                 micro_batch=self.args.per_device_eval_batch_size,
                 max_batches=self.config.evaluation.max_batches,
                 device=self.device,
@@ -429,7 +448,7 @@ class Recipe:
         self.io.append_metric({"kind": "eval", **point, "tokens": result.tokens})
         log.info("eval step %d: loss %.4f accuracy %.4f perplexity %.3f", step, result.loss, result.accuracy, result.perplexity)
 
-    def evaluate_baselines(self, raw: RawData) -> None:
+    def evaluate_baselines(self, raw: DataPlan) -> None:
         done = {b["model"] for b in self.baselines}
         for spec in self.config.evaluation.baselines:
             if spec.display_name in done:
@@ -524,7 +543,13 @@ class Recipe:
                 self.baselines = [*(b for b in self.baselines if b["model"] != baseline["model"]), baseline]
                 self.progress.add_baseline(baseline)
 
-    def _write_run_json(self, raw: RawData, model_folder: Path, train: SequenceDataset, evaluation: SequenceDataset) -> None:
+    def _write_run_json(
+        self,
+        raw: DataPlan,
+        model_folder: Path,
+        train: TokenDataset | SequenceDataset,
+        evaluation: TokenDataset | SequenceDataset,
+    ) -> None:
         if not self.is_main:
             return
         config_file = model_folder / "config.json"
@@ -539,8 +564,8 @@ class Recipe:
             },
             "dataset": {
                 "fingerprint": raw.fingerprint,
-                "trainRecords": len(raw.train),
-                "evalRecords": len(raw.eval),
+                "trainRecords": train.documents if isinstance(train, TokenDataset) else 0,
+                "evalRecords": evaluation.documents if isinstance(evaluation, TokenDataset) else 0,
                 "trainSequences": len(train),
                 "evalSequences": len(evaluation),
                 "trainTokens": train.trained_tokens(),
@@ -611,7 +636,7 @@ class Recipe:
             args=self.args,
             train_dataset=train_dataset,  # type: ignore[arg-type]
             eval_dataset=self.eval_dataset,  # type: ignore[arg-type]
-            data_collator=Collator(self.pad_id),
+            data_collator=Collator(self.pad_id, mode=packing_mode(cfg.dataset)),
             processing_class=tokenizer,
             callbacks=[RecipeCallback(self)],
             recipe=self,
@@ -693,14 +718,14 @@ class Recipe:
         finally:
             torch.distributed.destroy_process_group()
 
-    def _run_sharded(self, model: Any, model_folder: Path, tokenizer: Any, train_dataset: SequenceDataset,
+    def _run_sharded(self, model: Any, model_folder: Path, tokenizer: Any, train_dataset: TokenDataset | SequenceDataset,
                      resume: Path | None) -> Outcome:
         """setup (wrap, shard, optimizer, resume) → evaluate step 0 + baselines → train → export
         → cleanup."""
         with self._process_group():
             return self._train_sharded(model, model_folder, tokenizer, train_dataset, resume)
 
-    def _train_sharded(self, model: Any, model_folder: Path, tokenizer: Any, train_dataset: SequenceDataset,
+    def _train_sharded(self, model: Any, model_folder: Path, tokenizer: Any, train_dataset: TokenDataset | SequenceDataset,
                        resume: Path | None) -> Outcome:
         cfg, hp = self.config, self.config.hyperparameters
         lora = cfg.lora is not None
@@ -871,7 +896,7 @@ class Recipe:
                 "needs a run folder of its own (another checkpoints.outputUri, or another job name)"
             )
 
-    def _finish_evaluation(self, raw: RawData) -> Outcome:
+    def _finish_evaluation(self, raw: DataPlan) -> Outcome:
         self.evaluate_baselines(raw)
         self.io.flush()
         self.progress.update(phase=TrainerPhase.SUCCEEDED, step=0)

@@ -1,0 +1,226 @@
+"""Packing modes read from token shards, what each does to the loss (real tiny models of every
+family, sdpa and eager attention), the collator's batches and the per-epoch sampler."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from finetune_trainer.config import DatasetSpec
+from finetune_trainer.data import (
+    IGNORE,
+    Collator,
+    ShardSettings,
+    plan_data,
+    read_sources,
+    to_sequences,
+    token_dataset,
+    tokenize,
+)
+from finetune_trainer.evaluation import evaluate_model
+from finetune_trainer.packing import EpochSampler, TokenDataset
+from tests.trainer.factories import FAMILIES, make_tokenizer, tiny_config
+
+WORDS = ["the", "market", "rose", "and", "the", "shares", "fell", "while", "the", "bank", "said", "profit", "for", "the", "year", "was", "higher"]
+
+
+def _attention_cases() -> list[Any]:
+    """Every family with eager attention, and with sdpa where transformers implements it for the
+    family (not GPT-J nor CodeGen in this version)."""
+    from transformers import AutoModelForCausalLM
+
+    cases = []
+    for family in FAMILIES:
+        model_class = AutoModelForCausalLM._model_mapping[type(tiny_config(family, 384))]
+        for attention in ("sdpa", "eager"):
+            if attention == "eager" or model_class._supports_sdpa:
+                cases.append(pytest.param(family, attention, id=f"{family}-{attention}"))
+    return cases
+
+
+ATTENTION_CASES = _attention_cases()
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Any:
+    return make_tokenizer()
+
+
+def _corpus(path: Path, n: int, fmt: str = "text") -> str:
+    rows = []
+    for i in range(n):
+        text = " ".join(WORDS[(i * 3 + k) % len(WORDS)] for k in range(1 + (i * 11) % 29))
+        if fmt == "text":
+            rows.append({"text": text})
+        else:
+            rows.append({"prompt": f"q{i} said", "completion": text})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return f"file://{path}"
+
+
+def _dataset(tmp_path: Path, tokenizer: Any, *, n: int = 60, length: int = 48, fmt: str = "text", **spec: Any) -> tuple[TokenDataset, DatasetSpec]:
+    uri = _corpus(tmp_path / "data" / "c.jsonl", n, fmt)
+    dataset_spec = DatasetSpec(train=[uri], eval=[uri], format=fmt, **spec)  # type: ignore[arg-type]
+    plan = plan_data(dataset_spec, seed=0)
+    settings = ShardSettings(local_root=tmp_path / "cache", remote_uri=None, workers=1)
+    return token_dataset(plan, dataset_spec, tokenizer, split="train", length=length, settings=settings), dataset_spec
+
+
+@pytest.mark.parametrize("fmt", ["text", "prompt-completion"])
+@pytest.mark.parametrize("packing", [True, False], ids=["concatenate", "none"])
+def test_sequences_equal_the_in_memory_packing(tmp_path: Path, tokenizer: Any, fmt: str, packing: bool) -> None:
+    dataset, spec = _dataset(tmp_path, tokenizer, fmt=fmt, packing=packing)
+    records, _ = read_sources(spec.train or [], spec)
+    expected = to_sequences(tokenize(records, spec, tokenizer), length=48, packing=packing)
+    got = [(dataset[i]["input_ids"].tolist(), dataset[i]["labels"].tolist()) for i in range(len(dataset))]
+    assert got == [(s.input_ids, s.labels) for s in expected]
+    assert dataset.trained_tokens() == sum(sum(1 for x in s.labels[1:] if x != IGNORE) for s in expected)
+
+
+def test_document_blocks_restart_positions_and_mask_each_first_token(tmp_path: Path, tokenizer: Any) -> None:
+    plain, _ = _dataset(tmp_path / "a", tokenizer)
+    docs, _ = _dataset(tmp_path / "b", tokenizer, packing_strategy="documents")
+    assert len(docs) == len(plain)
+    eos = tokenizer.eos_token_id
+    for i in range(len(docs)):
+        item, reference = docs[i], plain[i]
+        assert item["input_ids"].tolist() == reference["input_ids"].tolist()
+        ids, positions, labels = item["input_ids"], item["position_ids"], item["labels"]
+        starts = [0] + [t + 1 for t in range(len(ids) - 1) if ids[t] == eos]
+        assert [t for t in range(len(ids)) if positions[t] == 0] == starts
+        assert all(labels[t] == IGNORE for t in starts)
+        assert all(labels[t] == ids[t] for t in range(len(ids)) if t not in starts)
+
+
+def _load(folder: Path, attention: str) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation=attention, dtype=torch.float32)
+    model.config.use_cache = False
+    return model.eval()
+
+
+@pytest.mark.parametrize(("family", "attention"), ATTENTION_CASES)
+def test_a_document_aware_block_has_the_loss_of_its_documents_alone(
+    tmp_path: Path, tokenizer: Any, model_dir: Callable[[str], Path], family: str, attention: str
+) -> None:
+    dataset, _ = _dataset(tmp_path, tokenizer, n=30, length=96, packing_strategy="documents")
+    model = _load(model_dir(family), attention)
+    batch = Collator(tokenizer.pad_token_id, mode="documents")([dataset[0], dataset[1]])
+    assert "attention_mask" not in batch
+    with torch.no_grad():
+        packed = float(model(**batch).loss)
+        # every document piece of both blocks, evaluated alone: sum of losses over their targets
+        loss_sum, targets = 0.0, 0
+        for row in range(2):
+            positions = batch["position_ids"][row].tolist()
+            starts = [t for t, p in enumerate(positions) if p == 0] + [len(positions)]
+            for a, b in itertools.pairwise(starts):
+                labels = batch["labels"][row, a:b]
+                count = int((labels[1:] != IGNORE).sum())
+                if count == 0:
+                    continue
+                out = model(input_ids=batch["input_ids"][row, a:b][None], labels=labels[None])
+                loss_sum += float(out.loss) * count
+                targets += count
+    assert packed == pytest.approx(loss_sum / targets, abs=1e-5)
+    # and plain packing (attending across documents) is measurably different: the test can fail
+    plain = Collator(tokenizer.pad_token_id, mode="concatenate")([dataset[0], dataset[1]])
+    with torch.no_grad():
+        across = float(model(**plain).loss)
+    assert abs(across - packed) > 1e-4
+
+
+@pytest.mark.parametrize(("family", "attention"), ATTENTION_CASES)
+def test_padding_free_batches_have_the_padded_loss(
+    tmp_path: Path, tokenizer: Any, model_dir: Callable[[str], Path], family: str, attention: str
+) -> None:
+    dataset, _ = _dataset(tmp_path, tokenizer, n=12, length=64, packing=False)
+    model = _load(model_dir(family), attention)
+    items = [dataset[i] for i in range(6)]
+    assert len({len(i["input_ids"]) for i in items}) > 2  # varied lengths: padding matters
+    free = Collator(tokenizer.pad_token_id, mode="none")(items)
+    padded = Collator(tokenizer.pad_token_id, mode="none", padded=True)(items)
+    assert free["input_ids"].shape == (1, sum(len(i["input_ids"]) for i in items))
+    assert padded["input_ids"].numel() > free["input_ids"].numel()
+    with torch.no_grad():
+        loss_free = float(model(**free).loss)
+        loss_padded = float(model(**padded).loss)
+    assert loss_free == pytest.approx(loss_padded, abs=1e-6)
+
+
+def test_evaluation_without_max_batches_reads_the_whole_eval_set(
+    tmp_path: Path, tokenizer: Any, model_dir: Callable[[str], Path]
+) -> None:
+    dataset, _ = _dataset(tmp_path, tokenizer, n=40, length=32, packing_strategy="documents")
+    model = _load(model_dir("llama"), "sdpa")
+    result = evaluate_model(
+        model, dataset, collator=Collator(tokenizer.pad_token_id, mode="documents"), micro_batch=3,
+        max_batches=None, device=torch.device("cpu"),
+    )
+    assert result.tokens == dataset.trained_tokens()
+    capped = evaluate_model(
+        model, dataset, collator=Collator(tokenizer.pad_token_id, mode="documents"), micro_batch=3,
+        max_batches=2, device=torch.device("cpu"),
+    )
+    assert capped.tokens < result.tokens
+
+
+def test_sampler_is_seeded_reshuffles_per_epoch_and_resumes_exactly() -> None:
+    sampler = EpochSampler(103, seed=7)
+    epoch0 = list(sampler)
+    assert sorted(epoch0) == list(range(103))
+    assert list(EpochSampler(103, seed=7)) == epoch0  # every run, every process
+    sampler.set_epoch(1)
+    epoch1 = list(sampler)
+    assert epoch1 != epoch0 and sorted(epoch1) == list(range(103))
+    sampler.set_epoch(1, skip=40)
+    assert list(sampler) == epoch1[40:] and len(sampler) == 63
+    ranks = [list(EpochSampler(103, seed=7, rank=r, world_size=4)) for r in range(4)]
+    assert {len(r) for r in ranks} == {26}  # padded by wrapping: every process reads as many
+    assert set().union(*map(set, ranks)) == set(range(103))
+    assert list(EpochSampler(5, seed=1, shuffle=False)) == [0, 1, 2, 3, 4]
+
+
+def test_holdout_from_shards_is_deterministic_and_disjoint(tmp_path: Path, tokenizer: Any) -> None:
+    uri = _corpus(tmp_path / "data" / "c.jsonl", 50)
+    spec = DatasetSpec(train=[uri], eval_size=7)
+    settings = ShardSettings(local_root=tmp_path / "cache", remote_uri=None, workers=1)
+    splits = {}
+    for seed in (1, 1, 2):
+        plan = plan_data(spec, seed=seed)
+        train = token_dataset(plan, spec, tokenizer, split="train", length=32, settings=settings)
+        held = token_dataset(plan, spec, tokenizer, split="eval", length=32, settings=settings)
+        assert not set(train.doc_ids.tolist()) & set(held.doc_ids.tolist())
+        assert train.documents + held.documents == 50 and held.documents == 7
+        splits.setdefault(seed, []).append(held.doc_ids.tolist())
+    assert splits[1][0] == splits[1][1] != splits[2][0]
+
+
+def test_document_aware_packing_trains_end_to_end_and_writes_its_shards_once(
+    model_dir: Callable[[str], Path], text_data: dict[str, str], tmp_path: Path
+) -> None:
+    from tests.trainer.conftest import base_config, run_trainer
+
+    config = base_config(model_dir("llama"), text_data, tmp_path / "run", dataset={"packingStrategy": "documents"})
+    code, summary = run_trainer(config, tmp_path)
+    assert code == 0, summary
+    assert summary["evaluations"][-1]["loss"] < summary["evaluations"][0]["loss"]
+    manifests = sorted((tmp_path / "run" / "tokens").glob("*/manifest.json"))
+    assert len(manifests) == 2  # train and eval files: one shard set each, in the run folder
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["dataset"]["trainRecords"] == 48 and run["dataset"]["evalRecords"] == 8
+
+
+def test_document_strategy_without_packing_is_refused_naming_the_field() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="packingStrategy: documents needs packing: true"):
+        DatasetSpec.model_validate({"train": ["file:///d.jsonl"], "packing": False, "packingStrategy": "documents"})
