@@ -115,6 +115,13 @@ CEL_RULES: dict[type[BaseModel], list[Rule]] = {
             "fieldPath": ".cancel",
         },
     ],
+    api.ResourcesSpec: [
+        {
+            "rule": "self.gpus == 0 || self.processesPerNode == self.gpus",
+            "message": "processesPerNode must equal gpus when gpus > 0 (one training process per GPU)",
+            "fieldPath": ".processesPerNode",
+        },
+    ],
     api.Toleration: [
         {
             "rule": "self.operator != 'Exists' || !has(self.value)",

@@ -160,6 +160,7 @@ def _cel_in_docstrings(model: type[BaseModel]) -> list[str]:
         pytest.param(trainer_config.ModelSpec, id="model"),
         pytest.param(trainer_config.DatasetSpec, id="dataset"),
         pytest.param(trainer_config.Hyperparameters, id="hyperparameters"),
+        pytest.param(api.ResourcesSpec, id="resources"),
     ],
 )
 def test_trainer_validators_are_mirrored_in_cel(model: type[BaseModel]) -> None:

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import traceback
+from datetime import UTC, datetime
 from collections.abc import Sequence
 
 from pydantic import ValidationError
@@ -69,14 +70,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return check(config)
         if is_main:
             serve(progress, host=contract.bind_address(), port=contract.progress_port())
-        return train(config, progress, termination_path, is_main=is_main)
+        return train(config, progress, termination_path)
     except InvalidInput as exc:
         log.error("%s", exc)
         progress.update(phase="Failed")
-        if is_main:
-            write_termination_message(
-                termination_path, _summary(config, progress, contract.EXIT_INVALID_INPUT, exc.reason, str(exc))
-            )
+        _write_failure(termination_path, _summary(config, progress, contract.EXIT_INVALID_INPUT, exc.reason, str(exc)))
         return contract.EXIT_INVALID_INPUT
 
 
@@ -111,11 +109,8 @@ def train(config: TrainerConfig, progress: Progress, termination_path: str, *, i
     except Exception as exc:
         log.exception("training failed")
         progress.update(phase="Failed")
-        if is_main:
-            message = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
-            write_termination_message(
-                termination_path, _summary(config, progress, contract.EXIT_FAILURE, Reason.ERROR, message)
-            )
+        message = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
+        _write_failure(termination_path, _summary(config, progress, contract.EXIT_FAILURE, Reason.ERROR, message))
         return contract.EXIT_FAILURE
     if outcome.terminated:
         code, reason, message = contract.EXIT_TERMINATED, Reason.TERMINATED, f"terminated at step {outcome.step}; checkpoint saved"
@@ -130,6 +125,18 @@ def train(config: TrainerConfig, progress: Progress, termination_path: str, *, i
             summary["finalUri"] = outcome.final_uri
         write_termination_message(termination_path, summary)
     return code
+
+
+def _write_failure(path: str, summary: contract.TerminationSummary) -> None:
+    """A failure's summary, from whichever rank failed, unless a process of this pod wrote one
+    already: the first failure in a pod names its cause (a peer's "connection closed" comes
+    later). Of a job's failed pods, the operator reports the one whose `failedAt` is earliest."""
+    try:
+        if os.path.getsize(path) > 0:
+            return
+    except OSError:
+        pass
+    write_termination_message(path, summary)
 
 
 def _evaluated(evaluations: Sequence[contract.EvaluationPoint]) -> str:
@@ -156,6 +163,9 @@ def _summary(
         totalSteps=report["totalSteps"],
         runUri=config.run_uri if config is not None else None,
     )
+    if code not in (contract.EXIT_OK, contract.EXIT_TERMINATED):
+        summary["rank"] = int(os.environ.get("RANK", "0"))
+        summary["failedAt"] = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     if report["checkpoints"] is not None:  # the same list as the progress report's
         summary["checkpoints"] = report["checkpoints"]
     if report["evaluations"]:

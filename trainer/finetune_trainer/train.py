@@ -41,6 +41,7 @@ from finetune_trainer.contract import (
     CheckpointRecord,
     EvaluationPoint,
     TrainerPhase,
+    collective_timeout_seconds,
 )
 from finetune_trainer.data import IGNORE, Collator, RawData, SequenceDataset, build_sequences, load_raw
 from finetune_trainer.errors import InvalidInput
@@ -343,6 +344,8 @@ class Recipe:
             use_cpu=not cuda,
             ddp_backend="gloo" if world_size > 1 and not cuda else None,
             ddp_find_unused_parameters=False,
+            # A dead or hung peer fails every collective after this long, not transformers' 30 min.
+            ddp_timeout=collective_timeout_seconds(self.env),
             log_level="warning",
         )
 
