@@ -201,13 +201,13 @@ def _restart_gang(
     decision = gang.decide(job, batch_job, failure_cause(job, pods))
     if decision.action not in (gang.Action.RESTART, gang.Action.DELETE_STALE):
         return
-    meta = batch_job["metadata"]
-    cluster.delete("Job", meta["namespace"], meta["name"], uid=meta.get("uid"))
-    outcome.deleted.append(f"Job/{meta['name']}")
-    if decision.action is gang.Action.RESTART:
+    if decision.action is gang.Action.RESTART:  # the event before the delete: a crash loses neither
         message = failure_cause(job, pods) or "a pod failed"
         cluster.event(job.ref, type="Warning", reason=Reason.POD_FAILED.value, message=message, now=now)
         outcome.events.append(("Warning", Reason.POD_FAILED.value, message))
+    meta = batch_job["metadata"]
+    cluster.delete("Job", meta["namespace"], meta["name"], uid=meta.get("uid"))
+    outcome.deleted.append(f"Job/{meta['name']}")
 
 
 def _ensure_children(
