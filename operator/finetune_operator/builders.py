@@ -81,7 +81,7 @@ def run_uri(job: FineTuneJob, settings: Settings) -> str | None:
 
 # Disk a job's cache volume needs, per model parameter (fp32 = 4 bytes): the download (4, the
 # widest format a hub ships), a converted copy (4: a GGUF import or a merged LoRA adapter), the
-# final export (4) and, when every weight is trained, two local checkpoints in flight (2 × 12:
+# final export (4) and, when every weight is trained, two local checkpoints in flight (2 x 12:
 # weights and AdamW's two moments) — a LoRA checkpoint is a few MB. Each baseline adds its
 # download and a converted copy. Plus DATA_ALLOWANCE for the dataset and its token cache.
 BYTES_PER_PARAMETER_MODEL = 4 + 4 + 4
@@ -333,7 +333,6 @@ def _container_resources(job: FineTuneJob, settings: Settings) -> dict[str, Any]
         requests["memory"] = limits["memory"] = res.memory
     if res.gpus:
         requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(res.gpus)
-    out: dict[str, Any] = {}
     return {"requests": requests, "limits": limits}
 
 
@@ -421,7 +420,7 @@ def build_job(job: FineTuneJob, settings: Settings) -> dict[str, Any]:
     metadata = _metadata(job, batch_job_name(job.name), "trainer")
     if job.spec.resources.queue_name:
         metadata["labels"][QUEUE_NAME_LABEL] = job.spec.resources.queue_name
-    invalid_input = {
+    invalid_input: dict[str, Any] = {
         "action": "FailJob",
         "onExitCodes": {
             "containerName": CONTAINER_NAME,
@@ -432,7 +431,7 @@ def build_job(job: FineTuneJob, settings: Settings) -> dict[str, Any]:
     if gang.is_gang(job):
         metadata["labels"][gang.ATTEMPT_LABEL] = str(gang.restarts_so_far(job))
         backoff_limit = 0
-        rules = [invalid_input]
+        rules: list[dict[str, Any]] = [invalid_input]
     else:
         backoff_limit = policy.backoff_limit
         rules = [

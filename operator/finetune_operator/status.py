@@ -43,6 +43,7 @@ from finetune_operator.api import ConditionType, FineTuneJob, ObjectRef, Phase, 
 from finetune_operator.builders import COMPLETION_INDEX_ANNOTATION, CONTAINER_NAME
 from finetune_trainer import contract
 from finetune_trainer.config import EVALUATE
+from finetune_trainer.errors import Reason as TrainerReason
 
 MESSAGE_MAX = 1024
 
@@ -392,13 +393,18 @@ def failure_cause(job: FineTuneJob, pods: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _failure_order(item: tuple[Mapping[str, Any], Mapping[str, Any]]) -> tuple[bool, str]:
-    """Sort key of a failed pod: stopped by a signal (SIGTERM/SIGKILL: a consequence) last; then
+    """Sort key of a failed pod: symptoms last — stopped by a signal (SIGTERM/SIGKILL, the Job
+    controller ending the attempt) or a collective that lost its peer (reason PeerLost); then
     the trainer's own failure time (milliseconds), else the container's finishedAt."""
     _, state = item
     summary = _parse_summary(str(state.get("message") or "").strip()) or {}
     when = str(summary.get("failedAt") or state.get("finishedAt") or "")
     when = when.replace("Z", ".000Z") if "." not in when else when  # seconds sort with milliseconds
-    return int(state.get("exitCode") or 0) in (contract.EXIT_TERMINATED, 137), when
+    symptom = (
+        int(state.get("exitCode") or 0) in (contract.EXIT_TERMINATED, 137)
+        or summary.get("reason") == TrainerReason.PEER_LOST
+    )
+    return symptom, when
 
 
 def _pod_failure_message(pods: Sequence[Mapping[str, Any]], *, first: bool = False) -> str:

@@ -139,13 +139,13 @@ def test_shm_size_user_and_collective_timeout_are_settings() -> None:
 @pytest.mark.parametrize(
     ("overrides", "cache"),
     [
-        # 70M parameters × (12 + 24) bytes + 2 GiB for data = 4.52 GB → 5Gi
+        # 70M parameters x (12 + 24) bytes + 2 GiB for data = 4.52 GB → 5Gi
         pytest.param({}, "5Gi", id="pythia-70m-full"),
-        # LoRA keeps no full checkpoints: 1.4B × 12 bytes + 2 GiB = 18.8 GB → 18Gi
+        # LoRA keeps no full checkpoints: 1.4B x 12 bytes + 2 GiB = 18.8 GB → 18Gi
         pytest.param({"model": {"name": "pythia-1.4b"}, "lora": {"rank": 8}}, "18Gi", id="pythia-1.4b-lora"),
-        # 1.4B × 36 + 2 GiB = 52.5 GB → 49Gi
+        # 1.4B x 36 + 2 GiB = 52.5 GB → 49Gi
         pytest.param({"model": {"name": "pythia-1.4b"}}, "49Gi", id="pythia-1.4b-full"),
-        # a baseline adds its download and converted copy: + 6.9B × 8
+        # a baseline adds its download and converted copy: + 6.9B x 8
         pytest.param(
             {"model": {"name": "pythia-1.4b"}, "evaluation": {"baselines": [{"name": "pythia-6.9b"}]}},
             "101Gi",

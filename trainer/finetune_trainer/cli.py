@@ -12,8 +12,8 @@ import logging
 import os
 import sys
 import traceback
-from datetime import UTC, datetime
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
 from pydantic import ValidationError
 
@@ -53,7 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.check and wants_launch():
         logging.basicConfig(level=logging.INFO, format="%(asctime)s launcher %(levelname)s %(name)s: %(message)s")
-        return launch(["--config", args.config] if args.config else [])
+        return launch(
+            ["--config", args.config] if args.config else [], termination_path=contract.termination_message_path()
+        )
     rank = int(os.environ.get("RANK", "0"))
     is_main = rank == 0
     logging.basicConfig(
@@ -70,11 +72,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return check(config)
         if is_main:
             serve(progress, host=contract.bind_address(), port=contract.progress_port())
-        return train(config, progress, termination_path)
+        return train(config, progress, termination_path, is_main=is_main)
     except InvalidInput as exc:
         log.error("%s", exc)
         progress.update(phase="Failed")
-        _write_failure(termination_path, _summary(config, progress, contract.EXIT_INVALID_INPUT, exc.reason, str(exc)))
+        write_failure(termination_path, _summary(config, progress, contract.EXIT_INVALID_INPUT, exc.reason, str(exc)))
         return contract.EXIT_INVALID_INPUT
 
 
@@ -110,7 +112,8 @@ def train(config: TrainerConfig, progress: Progress, termination_path: str, *, i
         log.exception("training failed")
         progress.update(phase="Failed")
         message = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
-        _write_failure(termination_path, _summary(config, progress, contract.EXIT_FAILURE, Reason.ERROR, message))
+        reason = Reason.PEER_LOST if lost_peer(exc) else Reason.ERROR
+        write_failure(termination_path, _summary(config, progress, contract.EXIT_FAILURE, reason, message))
         return contract.EXIT_FAILURE
     if outcome.terminated:
         code, reason, message = contract.EXIT_TERMINATED, Reason.TERMINATED, f"terminated at step {outcome.step}; checkpoint saved"
@@ -127,7 +130,18 @@ def train(config: TrainerConfig, progress: Progress, termination_path: str, *, i
     return code
 
 
-def _write_failure(path: str, summary: contract.TerminationSummary) -> None:
+def lost_peer(exc: BaseException) -> bool:
+    """Whether a failure is a collective that lost its peer (a symptom), not a cause:
+    torch.distributed's errors (DistError: a backend or the rendezvous store failed), and the
+    words gloo, NCCL and c10d use for a peer that went away."""
+    import torch.distributed as dist
+
+    text = str(exc).lower()
+    words = ("connection closed by peer", "connection reset by peer", "gloo", "nccl", "c10d")
+    return isinstance(exc, getattr(dist, "DistError", ())) or any(word in text for word in words)
+
+
+def write_failure(path: str, summary: contract.TerminationSummary) -> None:
     """A failure's summary, from whichever rank failed, unless a process of this pod wrote one
     already: the first failure in a pod names its cause (a peer's "connection closed" comes
     later). Of a job's failed pods, the operator reports the one whose `failedAt` is earliest."""
