@@ -133,7 +133,7 @@ def _with_ip(cluster: ClusterHandle, namespace: str, selector: str, count: int) 
 CONNECTIONS = [
     ("alpha-0", "alpha-1", 29500, "rendezvous"),
     ("alpha-1", "alpha-0", 29500, "rendezvous"),
-    ("alpha-1", "alpha-0", 41234, "collective (a port gloo/NCCL picks)"),
+    ("alpha-1", "alpha-0", 41234, "collective: a port gloo or NCCL picks"),
     ("alpha-0", "alpha-1", 9090, "progress/metrics"),
     ("operator", "alpha-0", 9090, "progress"),
     ("operator", "alpha-1", 29500, "rendezvous"),
