@@ -19,9 +19,9 @@ def run(fake: FakeCluster, *, seconds: float = 0) -> Outcome:
     return reconcile(fake, "team-a", "demo", settings=SETTINGS, now=NOW + timedelta(seconds=seconds))
 
 
-def summary(rank: int, message: str, failed_at: str) -> str:
+def summary(rank: int, message: str, failed_at: str, reason: str = "Error") -> str:
     return json.dumps(
-        {"phase": "Failed", "exitCode": 1, "reason": "Error", "message": message, "step": 7,
+        {"phase": "Failed", "exitCode": 1, "reason": reason, "message": message, "step": 7,
          "totalSteps": 20, "runUri": None, "rank": rank, "failedAt": failed_at}
     )  # fmt: skip
 
@@ -136,3 +136,16 @@ def test_suspended_job_is_not_restarted(fake: FakeCluster) -> None:
     obj["metadata"]["generation"] += 1
     outcome = run(fake, seconds=10)
     assert outcome.deleted == []
+
+
+def test_a_lost_peer_is_a_symptom_even_when_it_is_reported_first(fake: FakeCluster) -> None:
+    """Clocks of two nodes differ by milliseconds: a PeerLost failure never names the cause
+    while another pod failed for a reason of its own."""
+    two_nodes(fake)
+    rank1_fails(fake)
+    fake.pods[0]["status"]["containerStatuses"][0]["state"]["terminated"]["message"] = summary(
+        0, "RuntimeError: [gloo] Connection closed by peer", "2026-11-29T06:05:01.000Z", reason="PeerLost"
+    )
+    run(fake, seconds=10)
+    message = fake.job_object()["status"]["message"]
+    assert RANK1_CAUSE in message and "gloo" not in message
