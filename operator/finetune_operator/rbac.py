@@ -40,6 +40,13 @@ RULES: list[tuple[str, tuple[str, ...], tuple[str, ...], str]] = [
     ("", ("pods",), ("list",), "read exit codes, termination messages and rank 0's IP"),
     ("networking.k8s.io", ("networkpolicies",), ("get", "create", "patch"), "each job's NetworkPolicy"),
     ("", ("events",), ("create",), "events on phase changes"),
+    ("", ("serviceaccounts",), ("get",), "say so when spec.resources.serviceAccountName does not exist"),
+    (
+        "scheduling.k8s.io",
+        ("priorityclasses",),
+        ("get",),
+        "say so when spec.resources.priorityClassName does not exist",
+    ),
 ]
 
 

@@ -160,7 +160,6 @@ def _cel_in_docstrings(model: type[BaseModel]) -> list[str]:
         pytest.param(trainer_config.ModelSpec, id="model"),
         pytest.param(trainer_config.DatasetSpec, id="dataset"),
         pytest.param(trainer_config.Hyperparameters, id="hyperparameters"),
-        pytest.param(api.ResourcesSpec, id="resources"),
     ],
 )
 def test_trainer_validators_are_mirrored_in_cel(model: type[BaseModel]) -> None:
@@ -170,6 +169,15 @@ def test_trainer_validators_are_mirrored_in_cel(model: type[BaseModel]) -> None:
     generated = [rule["rule"] for rule in crdgen.CEL_RULES[model]]
     for rule in documented:
         assert rule in generated, f"{model.__name__}: {rule!r} missing from crdgen.CEL_RULES"
+
+
+def test_one_process_per_gpu_is_a_cel_rule_naming_the_field(schema: dict[str, Any]) -> None:
+    """api.ResourcesSpec's validator and the CRD's rule on spec.resources say the same."""
+    doc = api.ResourcesSpec._one_process_per_gpu.__doc__ or ""
+    rule = doc.split("CEL:", 1)[1].strip()
+    resources = schema["properties"]["spec"]["properties"]["resources"]
+    [generated] = [r for r in resources["x-kubernetes-validations"] if r["rule"] == rule]
+    assert generated["fieldPath"] == ".processesPerNode"
 
 
 def test_mode_rules_are_mirrored_in_cel() -> None:
@@ -194,10 +202,14 @@ def test_cel_rules_on_every_occurrence(schema: dict[str, Any]) -> None:
 def test_root_rules_name_and_immutability(schema: dict[str, Any]) -> None:
     rules = schema["x-kubernetes-validations"]
     assert "self.metadata.name" in rules[0]["rule"] and rules[0]["fieldPath"] == ".metadata.name"
-    immutable = [r["fieldPath"] for r in rules[1:]]
-    assert immutable == [f".spec.{s}" for s in crdgen.IMMUTABLE_ONCE_STARTED]
-    for rule in rules[1:]:
-        assert "oldSelf.status.startTime" in rule["rule"]
+    immutable = {r["fieldPath"]: r["rule"] for r in rules[1:]}
+    frozen = crdgen.IMMUTABLE_ONCE_STARTED + crdgen.IMMUTABLE_ONCE_JOB_EXISTS
+    assert list(immutable) == [f".spec.{s}" for s in frozen]
+    for path in crdgen.IMMUTABLE_ONCE_STARTED:
+        assert "oldSelf.status.startTime" in immutable[f".spec.{path}"]
+    for path in crdgen.IMMUTABLE_ONCE_JOB_EXISTS:
+        assert "oldSelf.status.jobName" in immutable[f".spec.{path}"]
+    assert {".spec.storage", ".spec.checkpoints.outputUri", ".spec.resources", ".spec.runPolicy"} <= set(immutable)
 
 
 @pytest.mark.parametrize(
