@@ -28,7 +28,7 @@ def test_deleting_one_pod_restarts_both_from_the_checkpoint(
     cluster: ClusterHandle, namespace: str, operator: OperatorProcess
 ) -> None:
     body = manifest("gang", "slow", hyperparameters={"maxSteps": 14, "batchSize": 4},
-                    resources={"nodes": 2}, runPolicy={"backoffLimit": 2, "terminationGracePeriodSeconds": 30})  # fmt: skip
+                    resources={"nodes": 2}, evaluation={"everySteps": 10, "baselines": []}, runPolicy={"backoffLimit": 2, "terminationGracePeriodSeconds": 30})  # fmt: skip
     apply(cluster, namespace, body)
     wait_for(
         lambda: (status(cluster, namespace, "gang").get("progress") or {}).get("step", 0) >= 3,
