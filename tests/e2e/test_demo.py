@@ -80,7 +80,7 @@ def test_two_node_job_with_the_catalog_model_trains_across_two_pods(cluster: Clu
                 "format": "text",
             },
             "hyperparameters": {"maxSteps": 4, "batchSize": 4, "microBatchSize": 2, "sequenceLength": 64},
-            "evaluation": {"everySteps": 2, "maxBatches": 2},
+            "evaluation": {"everySteps": 2, "maxBatches": 2, "baselines": []},
             "checkpoints": {"everySteps": 2, "keepLast": 1},
             "resources": {"nodes": 2, "cpu": "1", "memory": "2Gi"},
         },

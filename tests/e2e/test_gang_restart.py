@@ -56,7 +56,7 @@ def _job(name: str, model_key: str) -> dict[str, Any]:
             },
             "hyperparameters": {"maxSteps": 40, "batchSize": 4, "microBatchSize": 2, "sequenceLength": 128,
                                 "learningRate": 1e-3, "lrScheduler": "constant"},
-            "evaluation": {"everySteps": 20, "maxBatches": 2},
+            "evaluation": {"everySteps": 20, "maxBatches": 2, "baselines": []},
             "checkpoints": {"everySteps": 10, "keepLast": 2},
             "resources": {"nodes": 2, "cpu": "500m", "memory": "2Gi"},
             "runPolicy": {"backoffLimit": 2, "terminationGracePeriodSeconds": 30},
@@ -80,8 +80,15 @@ def _rank1_worker(name: str) -> int | None:
     return None
 
 
+def _run_prefix(cluster: ClusterHandle, name: str) -> str:
+    """The job's run folder in the finetune-runs bucket: <namespace>/<name>/<uid>/."""
+    uid = get(cluster, demo.DEMO_NAMESPACE, "finetunejob", name)["metadata"]["uid"]
+    return f"{demo.DEMO_NAMESPACE}/{name}/{uid}/"
+
+
 def _final_eval(cluster: ClusterHandle, name: str) -> dict[str, Any]:
-    body = cluster.s3_client().get_object(Bucket="finetune-runs", Key=f"{demo.DEMO_NAMESPACE}/{name}/metrics.jsonl")["Body"]
+    key = f"{_run_prefix(cluster, name)}metrics.jsonl"
+    body = cluster.s3_client().get_object(Bucket="finetune-runs", Key=key)["Body"]
     evals = [r for line in body.read().decode().splitlines() if (r := json.loads(line)).get("kind") == "eval"]
     return evals[-1]
 
@@ -106,7 +113,7 @@ def test_killing_rank_1_restarts_both_pods_and_ends_as_uninterrupted(cluster: Cl
         cluster.kubectl("apply", "-f", "-", input=json.dumps(_job(name, key)))
 
     # After the first checkpoint of `killed` is complete: SIGKILL rank 1's training process.
-    manifest = f"{demo.DEMO_NAMESPACE}/{killed}/checkpoints/step-000010/manifest.json"
+    manifest = f"{_run_prefix(cluster, killed)}checkpoints/step-000010/manifest.json"
     wait_for(
         lambda: s3.list_objects_v2(Bucket="finetune-runs", Prefix=manifest).get("KeyCount"),
         timeout=900, interval=0.2, what=f"{killed}'s first checkpoint",

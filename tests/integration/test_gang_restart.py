@@ -5,6 +5,7 @@ together from the checkpoint, counted once, with the event and condition a user 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -54,7 +55,7 @@ def test_deleting_one_pod_restarts_both_from_the_checkpoint(
     assert done["phase"] == "Succeeded", done.get("message")
     assert done["restarts"] == 1
     assert get(cluster, namespace, "job", "gang")["metadata"]["uid"] != first_job_uid, "a new attempt's Job"
-    run_dir = operator.runs_dir / namespace / "gang"
+    run_dir = Path(done["runUri"].removeprefix("file://"))
     for rank in (0, 1):
         starts = (run_dir / f"standin-starts-rank{rank}").read_text().split()
         assert len(starts) == 2 and starts[0] == "0" and int(starts[1]) >= 3, (rank, starts)
