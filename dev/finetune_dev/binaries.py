@@ -31,6 +31,7 @@ KUBERNETES_VERSION = "v1.37.2"
 ETCD_VERSION = "v3.6.16"
 HELM_VERSION = "v3.22.0"
 VERSITYGW_VERSION = "v1.8.0"
+KUBE_SCORE_VERSION = "v1.20.0"
 
 
 class BuildError(RuntimeError):
@@ -112,6 +113,15 @@ VERSITYGW = Component(
     binaries={"versitygw": "github.com/versity/versitygw/cmd/versitygw"},
 )
 
+# Static checks of the chart's and the training pods' manifests (tests/integration/test_kube_score.py).
+KUBE_SCORE = Component(
+    name="kube-score",
+    module="github.com/zegl/kube-score",
+    version=KUBE_SCORE_VERSION,
+    binaries={"kube-score": "github.com/zegl/kube-score/cmd/kube-score"},
+    ldflags=(f"-X main.version={KUBE_SCORE_VERSION}",),
+)
+
 
 def _source_version(source: Path, pinned_module: str) -> str:
     """``pinned_module``'s version in ``source``/go.mod plus a digest of the module's files."""
@@ -136,7 +146,7 @@ KSTATUS = Component(
     source=KSTATUS_SOURCE,
 )
 
-COMPONENTS: tuple[Component, ...] = (KUBERNETES, ETCD, HELM, VERSITYGW, KSTATUS)
+COMPONENTS: tuple[Component, ...] = (KUBERNETES, ETCD, HELM, VERSITYGW, KSTATUS, KUBE_SCORE)
 
 
 def _go_env() -> dict[str, str]:

@@ -88,7 +88,6 @@ def install_operator(cluster: Cluster) -> None:
         "--set", f"storage.credentialsSecret={CREDENTIALS_SECRET}",
         "--set", "pollIntervalSeconds=3",
         "--set-string", "trainer.extraEnv.HF_HUB_OFFLINE=1",
-        "--set", f"networkPolicy.trainerNamespaces={{{DEMO_NAMESPACE}}}",
     ]  # fmt: skip
     result = subprocess.run(helm, capture_output=True, text=True)
     if result.returncode != 0:

@@ -146,6 +146,8 @@ class Reason(enum.StrEnum):
     PRIORITY_CLASS_NOT_FOUND = "PriorityClassNotFound"  # spec.resources.priorityClassName
     CREATE_FORBIDDEN = "CreateForbidden"  # the API server refused a child with 403 (quota, policy)
     OOM_KILLED = "OOMKilled"  # the trainer was killed for memory (exit 137)
+    RESTARTING = "Restarting"  # a multi-node job's pods restart together (operator's gang restart)
+    POD_FAILED = "PodFailed"  # event: the pod failure that caused a gang restart
 
 
 class _Model(BaseModel):
@@ -259,6 +261,12 @@ class ResourcesSpec(_Model):
     memory: Quantity | None = Field(
         default=None, description="Memory request (and limit) per pod, e.g. 16Gi."
     )
+    ephemeral_storage: Quantity | None = Field(
+        default=None,
+        description="Size of a pod's cache volume (model, data, local checkpoints), e.g. 200Gi; the "
+        "pod requests it plus its tmp volume and logs as ephemeral-storage. Default: derived from "
+        "the catalog model's size (see docs/operator.md), 22Gi for a model given by uri.",
+    )
     node_selector: dict[str, Annotated[str, Field(pattern=LABEL_VALUE_PATTERN, max_length=63)]] | None = Field(
         default=None, max_length=64, description="Node labels the pods must match (label keys and values)."
     )
@@ -298,6 +306,16 @@ class ResourcesSpec(_Model):
     @property
     def world_size(self) -> int:
         return self.nodes * self.processes_per_node
+
+    @model_validator(mode="after")
+    def _one_process_per_gpu(self) -> ResourcesSpec:
+        """CEL: self.gpus == 0 || self.processesPerNode == self.gpus"""
+        if self.gpus and self.processes_per_node != self.gpus:
+            raise ValueError(
+                f"processesPerNode must equal gpus when gpus > 0 (one training process per GPU), "
+                f"got processesPerNode {self.processes_per_node} and gpus {self.gpus}"
+            )
+        return self
 
 
 class RunPolicy(_Model):
@@ -444,7 +462,12 @@ class FineTuneJobStatus(_Model):
     completion_time: str | None = Field(default=None, description="When the job reached a terminal phase.")
     run_uri: str | None = Field(default=None, description="The run folder in object storage.")
     job_name: str | None = Field(default=None, description="The batch/v1 Job running the pods.")
-    restarts: int | None = Field(default=None, ge=0, description="Failed pods so far (retries).")
+    restarts: int | None = Field(
+        default=None,
+        ge=0,
+        description="Retries so far: of a multi-node job, gang restarts (all pods restarted together); "
+        "of a single pod, failed pods.",
+    )
     exit_code: int | None = Field(default=None, description="Exit code of the last terminated trainer.")
     progress: Progress | None = Field(default=None, description="Training progress from rank 0.")
     latest_evaluation: Evaluation | None = Field(default=None, description="The newest evaluation (printed).")

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from finetune_operator import gang
 from finetune_operator.api import (
     API_VERSION,
     KIND,
@@ -30,14 +31,17 @@ from finetune_operator.api import (
 from finetune_operator.settings import Settings
 from finetune_trainer import contract
 from finetune_trainer.catalog import CATALOG
-from finetune_trainer.config import RunSpec, TrainerConfig
+from finetune_trainer.config import TRAIN, ModelSpec, RunSpec, TrainerConfig
 
 CONTAINER_NAME = "trainer"
 CONFIG_DIR = "/etc/finetune"
 CONFIG_KEY = "config.yaml"
 CACHE_DIR = "/var/cache/finetune"
+TMP_DIR = "/tmp"
+SHM_DIR = "/dev/shm"
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 QUEUE_NAME_LABEL = "kueue.x-k8s.io/queue-name"
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"  # set on every namespace by the API server
 
 
 def config_map_name(job_name: str) -> str:
@@ -82,6 +86,66 @@ def run_uri(job: FineTuneJob, settings: Settings) -> str | None:
     if base is None:
         return None
     return f"{base.rstrip('/')}/{job.namespace}/{job.name}/{job.ref.uid}/"
+
+
+# Disk a job's cache volume needs, per model parameter (fp32 = 4 bytes): the download (4, the
+# widest format a hub ships), a converted copy (4: a GGUF import or a merged LoRA adapter), the
+# final export (4) and, when every weight is trained, two local checkpoints in flight (2 x 12:
+# weights and AdamW's two moments) — a LoRA checkpoint is a few MB. Each baseline adds its
+# download and a converted copy. Plus DATA_ALLOWANCE for the dataset and its token cache.
+BYTES_PER_PARAMETER_MODEL = 4 + 4 + 4
+BYTES_PER_PARAMETER_CHECKPOINTS = 2 * 12
+BYTES_PER_PARAMETER_BASELINE = 4 + 4
+DATA_ALLOWANCE = 2 * 2**30
+# A model given by URI has no known size: its cache gets this much unless
+# spec.resources.ephemeralStorage says otherwise.
+UNKNOWN_MODEL_CACHE = 20 * 2**30
+# The container's own writes beside the volumes: its logs and the termination message.
+CONTAINER_LOGS = 2**30
+_SUFFIXES = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
+_BINARY = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "m": 10**-3,
+           "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50}  # fmt: skip
+
+
+def parameter_count(model: ModelSpec) -> int | None:
+    """The catalog's parameter count of a catalog model ('1.4B' → 1_400_000_000), else None."""
+    entry = CATALOG.get(model.name) if model.name else None
+    if entry is None or entry.parameters[-1:] not in _SUFFIXES:
+        return None
+    return int(float(entry.parameters[:-1]) * _SUFFIXES[entry.parameters[-1]])
+
+
+def quantity_bytes(quantity: str) -> int:
+    """A Kubernetes quantity (as `api.QUANTITY_PATTERN` admits) in bytes."""
+    number = quantity.rstrip("kKMGTPim")
+    return int(float(number) * _BINARY[quantity[len(number) :]])
+
+
+def gibibytes(size: int) -> str:
+    """`size` bytes rounded up to whole Gi (a quantity)."""
+    return f"{-(-size // 2**30)}Gi"
+
+
+def cache_size(job: FineTuneJob) -> str:
+    """The cache volume's sizeLimit: spec.resources.ephemeralStorage, else derived from the
+    model's and the baselines' parameter counts (see BYTES_PER_PARAMETER_*) plus the data
+    allowance, else UNKNOWN_MODEL_CACHE for a model given by URI. docs/operator.md explains it."""
+    spec = job.spec
+    if spec.resources.ephemeral_storage:
+        return spec.resources.ephemeral_storage
+    size = DATA_ALLOWANCE
+    params = parameter_count(spec.model)
+    if params is None:
+        size += UNKNOWN_MODEL_CACHE
+    else:
+        per_parameter = BYTES_PER_PARAMETER_MODEL
+        if spec.mode == TRAIN and spec.lora is None:
+            per_parameter += BYTES_PER_PARAMETER_CHECKPOINTS
+        size += params * per_parameter
+    for baseline in spec.evaluation.baselines:
+        baseline_params = parameter_count(baseline)
+        size += UNKNOWN_MODEL_CACHE if baseline_params is None else baseline_params * BYTES_PER_PARAMETER_BASELINE
+    return gibibytes(size)
 
 
 def credentials_secret(job: FineTuneJob, settings: Settings) -> str | None:
@@ -191,6 +255,34 @@ def build_service(job: FineTuneJob, settings: Settings) -> dict[str, Any]:
     }
 
 
+def network_policy_name(job_name: str) -> str:
+    return f"{job_name}-trainers"
+
+
+def build_network_policy(job: FineTuneJob, settings: Settings) -> dict[str, Any]:
+    """Ingress to this job's trainer pods: from each other on every port (rendezvous and the
+    collective backend pick ports at run time), from the operator's pods to the progress port,
+    from the chosen scraper (if any) to the metrics port (the same port); nothing else. Egress
+    is left open (object storage, a model hub). docs/operator.md has the table."""
+    pods = {"matchLabels": labels(job.name, "trainer")}
+    port = [{"port": settings.progress_port, "protocol": "TCP"}]
+    ingress: list[dict[str, Any]] = [{"from": [{"podSelector": pods}]}]
+    if settings.operator_namespace:
+        operator_peer: dict[str, Any] = {
+            "namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: settings.operator_namespace}},
+            "podSelector": {"matchLabels": dict(settings.operator_pod_labels)},
+        }
+        ingress.append({"from": [operator_peer], "ports": port})
+    if settings.metrics_scraper is not None:
+        ingress.append({"from": [dict(settings.metrics_scraper)], "ports": port})
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(job, network_policy_name(job.name), "network-policy"),
+        "spec": {"podSelector": pods, "policyTypes": ["Ingress"], "ingress": ingress},
+    }
+
+
 def _env(job: FineTuneJob, settings: Settings) -> list[dict[str, Any]]:
     resources = job.spec.resources
     env: list[dict[str, Any]] = [
@@ -198,6 +290,12 @@ def _env(job: FineTuneJob, settings: Settings) -> list[dict[str, Any]]:
         {"name": contract.ENV_CONFIG, "value": f"{CONFIG_DIR}/{CONFIG_KEY}"},
         {"name": contract.ENV_PROGRESS_PORT, "value": str(settings.progress_port)},
         {"name": contract.ENV_CACHE_DIR, "value": CACHE_DIR},
+        {"name": contract.ENV_COLLECTIVE_TIMEOUT, "value": str(settings.collective_timeout_seconds)},
+        # The root filesystem is read-only: libraries that write to $HOME or ~/.cache (Hugging
+        # Face, torch, matplotlib) write to the tmp and cache volumes instead.
+        {"name": "HOME", "value": TMP_DIR},
+        {"name": "TMPDIR", "value": TMP_DIR},
+        {"name": "XDG_CACHE_HOME", "value": f"{CACHE_DIR}/xdg"},
         {"name": "PET_NNODES", "value": str(resources.nodes)},
         {"name": "PET_NPROC_PER_NODE", "value": str(resources.processes_per_node)},
         {
@@ -228,26 +326,48 @@ def _env(job: FineTuneJob, settings: Settings) -> list[dict[str, Any]]:
     return env
 
 
-def _container_resources(job: FineTuneJob) -> dict[str, Any]:
+def _container_resources(job: FineTuneJob, settings: Settings) -> dict[str, Any]:
+    """cpu and memory as the spec says (no CPU limit: it would throttle training), GPUs, and
+    ephemeral storage for the cache and tmp volumes plus the container's logs (request = limit:
+    the kubelet evicts a pod over its limit rather than letting it fill the node's disk)."""
     res = job.spec.resources
-    requests: dict[str, str] = {}
-    limits: dict[str, str] = {}
+    disk = gibibytes(
+        quantity_bytes(cache_size(job)) + quantity_bytes(settings.tmp_size) + CONTAINER_LOGS
+    )
+    requests: dict[str, str] = {"ephemeral-storage": disk}
+    limits: dict[str, str] = {"ephemeral-storage": disk}
     if res.cpu:
         requests["cpu"] = res.cpu
     if res.memory:
         requests["memory"] = limits["memory"] = res.memory
     if res.gpus:
         requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(res.gpus)
-    out: dict[str, Any] = {}
-    if requests:
-        out["requests"] = requests
-    if limits:
-        out["limits"] = limits
-    return out
+    return {"requests": requests, "limits": limits}
+
+
+def _volumes(job: FineTuneJob, settings: Settings) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(volumes, volumeMounts): the config, the cache (sizeLimit from `cache_size`), /tmp, and
+    for pods of several processes a memory-backed /dev/shm (a container runtime's default is 64
+    MiB, too small for NCCL and DataLoader workers)."""
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": config_map_name(job.name)}},
+        {"name": "cache", "emptyDir": {"sizeLimit": cache_size(job)}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": settings.tmp_size}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "cache", "mountPath": CACHE_DIR},
+        {"name": "tmp", "mountPath": TMP_DIR},
+    ]
+    if job.spec.resources.processes_per_node > 1:
+        volumes.append({"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": settings.shm_size}})
+        mounts.append({"name": "shm", "mountPath": SHM_DIR})
+    return volumes, mounts
 
 
 def build_pod_spec(job: FineTuneJob, settings: Settings) -> dict[str, Any]:
     res = job.spec.resources
+    volumes, mounts = _volumes(job, settings)
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
         "image": res.image or settings.trainer_image,
@@ -258,17 +378,15 @@ def build_pod_spec(job: FineTuneJob, settings: Settings) -> dict[str, Any]:
             {"name": "rendezvous", "containerPort": settings.master_port, "protocol": "TCP"},
             {"name": "progress", "containerPort": settings.progress_port, "protocol": "TCP"},
         ],
-        "resources": _container_resources(job),
-        "volumeMounts": [
-            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
-            {"name": "cache", "mountPath": CACHE_DIR},
-        ],
+        "resources": _container_resources(job, settings),
+        "volumeMounts": mounts,
         "terminationMessagePath": contract.TERMINATION_MESSAGE_PATH,
         "terminationMessagePolicy": "FallbackToLogsOnError",
         # Pod Security "restricted".
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True,  # writes go to the cache and tmp volumes
             "runAsNonRoot": True,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
@@ -282,15 +400,12 @@ def build_pod_spec(job: FineTuneJob, settings: Settings) -> dict[str, Any]:
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": settings.run_as_user,
-            "runAsGroup": settings.run_as_user,
-            "fsGroup": settings.run_as_user,
+            "runAsGroup": settings.run_as_group,
+            "fsGroup": settings.run_as_group,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [container],
-        "volumes": [
-            {"name": "config", "configMap": {"name": config_map_name(job.name)}},
-            {"name": "cache", "emptyDir": {}},
-        ],
+        "volumes": volumes,
     }
     if res.service_account_name:
         pod["serviceAccountName"] = res.service_account_name
@@ -304,37 +419,50 @@ def build_pod_spec(job: FineTuneJob, settings: Settings) -> dict[str, Any]:
 
 
 def build_job(job: FineTuneJob, settings: Settings) -> dict[str, Any]:
-    """The batch/v1 Indexed Job: one pod per node; index = torchrun node rank."""
+    """The batch/v1 Indexed Job: one pod per node; index = torchrun node rank.
+
+    A single pod retries through the Job (backoffLimit; a disrupted pod is replaced without
+    counting). Several pods are one gang (see `gang`): the Job is one attempt, failing at the
+    first pod failure or disruption, and the operator restarts all pods together."""
     policy = job.spec.run_policy
     nodes = job.spec.resources.nodes
     metadata = _metadata(job, batch_job_name(job.name), "trainer")
     if job.spec.resources.queue_name:
         metadata["labels"][QUEUE_NAME_LABEL] = job.spec.resources.queue_name
+    invalid_input: dict[str, Any] = {
+        "action": "FailJob",
+        "onExitCodes": {
+            "containerName": CONTAINER_NAME,
+            "operator": "In",
+            "values": [contract.EXIT_INVALID_INPUT],
+        },
+    }
+    disrupted = [{"type": "DisruptionTarget", "status": "True"}]
+    # Killed for memory (137 without a disruption, matched after the disruption rule): the same
+    # config runs out again, so fail at once; status says what to change.
+    out_of_memory = {
+        "action": "FailJob",
+        "onExitCodes": {"containerName": CONTAINER_NAME, "operator": "In", "values": [137]},
+    }
+    if gang.is_gang(job):
+        metadata["labels"][gang.ATTEMPT_LABEL] = str(gang.restarts_so_far(job))
+        backoff_limit = 0
+        # A disrupted pod (evicted, preempted) fails the attempt too: the operator restarts all.
+        rules: list[dict[str, Any]] = [
+            invalid_input,
+            {"action": "Count", "onPodConditions": disrupted},
+            out_of_memory,
+        ]
+    else:
+        backoff_limit = policy.backoff_limit
+        rules = [invalid_input, {"action": "Ignore", "onPodConditions": disrupted}, out_of_memory]
     spec: dict[str, Any] = {
         "completionMode": "Indexed",
         "completions": nodes,
         "parallelism": nodes,
-        "backoffLimit": policy.backoff_limit,
+        "backoffLimit": backoff_limit,
         "suspend": job.spec.suspend or job.spec.cancel,
-        "podFailurePolicy": {
-            "rules": [
-                {
-                    "action": "FailJob",
-                    "onExitCodes": {
-                        "containerName": CONTAINER_NAME,
-                        "operator": "In",
-                        "values": [contract.EXIT_INVALID_INPUT],
-                    },
-                },
-                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-                # Killed for memory (137 without a disruption, matched after the Ignore rule):
-                # the same config runs out again, so fail at once; status says what to change.
-                {
-                    "action": "FailJob",
-                    "onExitCodes": {"containerName": CONTAINER_NAME, "operator": "In", "values": [137]},
-                },
-            ]
-        },
+        "podFailurePolicy": {"rules": rules},
         "template": {
             "metadata": {
                 "labels": labels(job.name, "trainer"),
@@ -352,6 +480,10 @@ def build_job(job: FineTuneJob, settings: Settings) -> dict[str, Any]:
 
 
 def build_children(job: FineTuneJob, settings: Settings) -> list[dict[str, Any]]:
-    """ConfigMap, Service, Job — in creation order (the Job's pods mount the ConfigMap)."""
+    """ConfigMap, Service, NetworkPolicy (with `settings.network_policy`), Job — in creation
+    order: the Job's pods mount the ConfigMap and are never up before their NetworkPolicy."""
     config = render_config(job, settings)
-    return [build_config_map(job, config), build_service(job, settings), build_job(job, settings)]
+    children = [build_config_map(job, config), build_service(job, settings)]
+    if settings.network_policy:
+        children.append(build_network_policy(job, settings))
+    return [*children, build_job(job, settings)]

@@ -169,6 +169,11 @@ CEL_RULES: dict[type[BaseModel], list[Rule]] = {
             "message": f"every nodeSelector key {api.LABEL_KEY_MESSAGE}",
             "fieldPath": ".nodeSelector",
         },
+        {
+            "rule": "self.gpus == 0 || self.processesPerNode == self.gpus",
+            "message": "processesPerNode must equal gpus when gpus > 0 (one training process per GPU)",
+            "fieldPath": ".processesPerNode",
+        },
     ],
     api.FineTuneJobSpec: [
         # mode (trainer_config.mode_errors)

@@ -67,6 +67,10 @@ class Cluster(Protocol):
     def patch(self, kind: str, namespace: str, name: str, patch: Mapping[str, Any]) -> Obj:
         """Merge-patch a child."""
 
+    def delete(self, kind: str, namespace: str, name: str, *, uid: str | None = None) -> None:
+        """Delete a child in the foreground (its dependents first), only if it still has `uid`;
+        gone already is success."""
+
     def list_pods(self, namespace: str, selector: Mapping[str, str]) -> list[Obj]:
         """Pods matching all labels."""
 
@@ -97,6 +101,7 @@ class KubeCluster:
     def __init__(self, api_client: k8s_client.ApiClient, *, parallelism: int = 8) -> None:
         self.core = k8s_client.CoreV1Api(api_client)
         self.batch = k8s_client.BatchV1Api(api_client)
+        self.networking = k8s_client.NetworkingV1Api(api_client)
         self.custom = k8s_client.CustomObjectsApi(api_client)
         self.scheduling = k8s_client.SchedulingV1Api(api_client)
         self._pool = ThreadPoolExecutor(max_workers=parallelism, thread_name_prefix="finetune-api")
@@ -142,6 +147,12 @@ class KubeCluster:
                 self.batch.read_namespaced_job,
                 self.batch.create_namespaced_job,
                 self.batch.patch_namespaced_job,
+            )
+        if kind == "NetworkPolicy":
+            return (
+                self.networking.read_namespaced_network_policy,
+                self.networking.create_namespaced_network_policy,
+                self.networking.patch_namespaced_network_policy,
             )
         if kind == "ServiceAccount":  # read only: does the pods' ServiceAccount exist?
             return self.core.read_namespaced_service_account, _read_only, _read_only
@@ -200,6 +211,17 @@ class KubeCluster:
         if result is None:
             raise ApiError("patch", kind, 404, "NotFound")
         return result
+
+    def delete(self, kind: str, namespace: str, name: str, *, uid: str | None = None) -> None:
+        if kind != "Job":
+            raise ValueError(f"the operator deletes only Jobs, not {kind}")
+        body: dict[str, Any] = {"propagationPolicy": "Foreground"}
+        if uid:
+            body["preconditions"] = {"uid": uid}
+        try:
+            self._call("delete", kind, self.batch.delete_namespaced_job, name, namespace, body=body)
+        except Conflict:  # the uid precondition: a newer Job of the same name, not ours to delete
+            return
 
     def list_pods(self, namespace: str, selector: Mapping[str, str]) -> list[Obj]:
         result = self._call(

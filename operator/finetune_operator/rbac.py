@@ -3,8 +3,9 @@
 `python -m finetune_operator.rbac [--name NAME]` prints the ClusterRole as YAML. Each rule
 says why it exists; nothing broader. Deliberately absent: Secrets (a missing credentials Secret
 is detected from the pod's CreateContainerConfigError, not by reading Secrets), Pods
-create/delete (the Job controller owns pods), delete on anything (children are removed by
-the garbage collector through ownerReferences), and kopf's peering resources (standalone).
+create/delete (the Job controller owns pods), delete on anything but Jobs (children are removed
+by the garbage collector through ownerReferences; a multi-node job's failed Job is deleted to
+restart its pods together), and kopf's peering resources (standalone).
 
 Must not import kopf or the Kubernetes client.
 """
@@ -32,11 +33,12 @@ RULES: list[tuple[str, tuple[str, ...], tuple[str, ...], str]] = [
     (
         "batch",
         ("jobs",),
-        ("get", "list", "watch", "create", "patch"),
-        "the training Job; watch it for changes",
+        ("get", "list", "watch", "create", "patch", "delete"),
+        "the training Job; watch it for changes; delete a failed attempt to restart a gang",
     ),
     ("", ("configmaps", "services"), ("get", "create", "patch"), "trainer config and rendezvous Service"),
     ("", ("pods",), ("list",), "read exit codes, termination messages and rank 0's IP"),
+    ("networking.k8s.io", ("networkpolicies",), ("get", "create", "patch"), "each job's NetworkPolicy"),
     ("", ("events",), ("create",), "events on phase changes"),
     ("", ("serviceaccounts",), ("get",), "say so when spec.resources.serviceAccountName does not exist"),
     (

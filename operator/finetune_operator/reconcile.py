@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from finetune_operator import builders, metrics
+from finetune_operator import builders, gang, metrics
 from finetune_operator.api import (
     ConditionType,
     FineTuneJob,
@@ -42,7 +42,13 @@ from finetune_operator.api import (
 from finetune_operator.k8s import ApiError, Cluster, Conflict
 from finetune_operator.progress import ProgressSource
 from finetune_operator.settings import Settings
-from finetune_operator.status import Observed, Problem, derive_status, invalid_spec_status
+from finetune_operator.status import (
+    Observed,
+    Problem,
+    derive_status,
+    failure_cause,
+    invalid_spec_status,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +66,7 @@ class Outcome:
     status_written: bool = False
     created: list[str] = field(default_factory=list)
     patched: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
     events: list[tuple[str, str, str]] = field(default_factory=list)
     gone: bool = False
     # The FineTuneJob as this cycle left it (the status write's response, else as read): what
@@ -196,12 +203,36 @@ def _reconcile(
     )
     new_status = derive_status(job, observed, report, now)
     _write(cluster, ref, previous, new_status, outcome, now, precondition)
+    if batch_job is not None and new_status.get("reason") == Reason.RESTARTING.value:
+        _restart_gang(cluster, job, batch_job, pods, outcome, now)
     if batch_job is not None and new_status.get("phase") in TERMINAL_PHASES:
         ttl = _ttl_patch(job, batch_job)
         if ttl is not None:
             cluster.patch("Job", namespace, batch_job["metadata"]["name"], ttl)
             outcome.patched.append(f"Job/{batch_job['metadata']['name']}")
     return outcome
+
+
+def _restart_gang(
+    cluster: Cluster,
+    job: FineTuneJob,
+    batch_job: Mapping[str, Any],
+    pods: list[dict[str, Any]],
+    outcome: Outcome,
+    now: datetime,
+) -> None:
+    """After the status write that counted it: delete the failed attempt's Job (its pods first);
+    the Job's DELETED event starts the cycle that creates the next attempt. (`gang` explains.)"""
+    decision = gang.decide(job, batch_job, failure_cause(job, pods))
+    if decision.action not in (gang.Action.RESTART, gang.Action.DELETE_STALE):
+        return
+    if decision.action is gang.Action.RESTART:  # the event before the delete: a crash loses neither
+        message = failure_cause(job, pods) or "a pod failed"
+        cluster.event(job.ref, type="Warning", reason=Reason.POD_FAILED.value, message=message, now=now)
+        outcome.events.append(("Warning", Reason.POD_FAILED.value, message))
+    meta = batch_job["metadata"]
+    cluster.delete("Job", meta["namespace"], meta["name"], uid=meta.get("uid"))
+    outcome.deleted.append(f"Job/{meta['name']}")
 
 
 def _missing_references(cluster: Cluster, job: FineTuneJob) -> Problem | None:

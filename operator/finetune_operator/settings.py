@@ -10,6 +10,7 @@ import json
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from finetune_trainer import contract
 
@@ -38,8 +39,28 @@ class Settings:
     # How often rank 0's progress endpoint is polled while a job runs.
     poll_interval_seconds: float = 10.0
     progress_timeout_seconds: float = 2.0
-    run_as_user: int = 1000
+    # The trainer image's user and group (Dockerfile: finetune, 10001).
+    run_as_user: int = 10001
+    run_as_group: int = 10001
+    # /dev/shm of pods with more than one process (a memory-backed emptyDir; it counts against
+    # the pod's memory limit). NCCL and DataLoader workers exchange tensors through it.
+    shm_size: str = "2Gi"
+    # The pod's /tmp (the root filesystem is read-only).
+    tmp_size: str = "2Gi"
+    # Upper bound on one collective operation (all-reduce, barrier) of a multi-process job: a
+    # peer that died or hangs fails the others after this long at the latest, and the operator
+    # restarts the whole gang. It must cover the longest wait inside a collective, which is a
+    # node's local main process downloading or converting the model while the others wait.
+    collective_timeout_seconds: int = 600
     extra_env: Mapping[str, str] = field(default_factory=dict)
+    # A NetworkPolicy per FineTuneJob (builders.build_network_policy). Off unless configured:
+    # the operator must know its own namespace and pod labels to admit itself (the chart does).
+    network_policy: bool = False
+    operator_namespace: str | None = None
+    operator_pod_labels: Mapping[str, str] = field(default_factory=dict)
+    # The NetworkPolicy peer (namespaceSelector and/or podSelector) admitted to trainers'
+    # metrics port; None: no scraper.
+    metrics_scraper: Mapping[str, Any] | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -53,6 +74,12 @@ class Settings:
         extra = env.get("FINETUNE_TRAINER_EXTRA_ENV")
         if extra:
             kwargs["extra_env"] = dict(json.loads(extra))
+        if env.get("FINETUNE_NETWORK_POLICY") in ("1", "true"):
+            kwargs["network_policy"] = True
+        if env.get("FINETUNE_OPERATOR_POD_LABELS"):
+            kwargs["operator_pod_labels"] = dict(json.loads(env["FINETUNE_OPERATOR_POD_LABELS"]))
+        if env.get("FINETUNE_METRICS_SCRAPER"):
+            kwargs["metrics_scraper"] = dict(json.loads(env["FINETUNE_METRICS_SCRAPER"])) or None
         strings = {
             "FINETUNE_TRAINER_IMAGE": "trainer_image",
             "FINETUNE_IMAGE_PULL_POLICY": "image_pull_policy",
@@ -60,10 +87,21 @@ class Settings:
             "FINETUNE_DATASETS_URI": "datasets_uri",
             "FINETUNE_STORAGE_ENDPOINT": "storage_endpoint",
             "FINETUNE_CREDENTIALS_SECRET": "credentials_secret",
+            "FINETUNE_SHM_SIZE": "shm_size",
+            "FINETUNE_TMP_SIZE": "tmp_size",
+            "FINETUNE_OPERATOR_NAMESPACE": "operator_namespace",
         }
         for name, attr in strings.items():
             if env.get(name):
                 kwargs[attr] = env[name]
+        integers = {
+            "FINETUNE_RUN_AS_USER": "run_as_user",
+            "FINETUNE_RUN_AS_GROUP": "run_as_group",
+            "FINETUNE_COLLECTIVE_TIMEOUT_SECONDS": "collective_timeout_seconds",
+        }
+        for name, attr in integers.items():
+            if env.get(name):
+                kwargs[attr] = int(env[name])
         numbers = {
             "FINETUNE_POLL_INTERVAL_SECONDS": "poll_interval_seconds",
             "FINETUNE_PROGRESS_TIMEOUT_SECONDS": "progress_timeout_seconds",

@@ -38,10 +38,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from finetune_operator import gang
 from finetune_operator.api import ConditionType, FineTuneJob, ObjectRef, Phase, Reason
 from finetune_operator.builders import COMPLETION_INDEX_ANNOTATION, CONTAINER_NAME
 from finetune_trainer import contract
 from finetune_trainer.config import EVALUATE
+from finetune_trainer.errors import Reason as TrainerReason
 
 MESSAGE_MAX = 1024
 
@@ -114,10 +116,14 @@ def derive_status(
     if observed.job is not None:
         status["jobName"] = observed.job["metadata"]["name"]
         job_status = observed.job.get("status") or {}
-        if job_status.get("failed"):
+        if not gang.is_gang(job) and job_status.get("failed"):
             status["restarts"] = int(job_status["failed"])
     elif "jobName" in previous:
         status["jobName"] = previous["jobName"]
+    if gang.is_gang(job):
+        restarts = gang.decide(job, observed.job, failure_cause(job, observed.pods)).restarts
+        if restarts:
+            status["restarts"] = restarts
     exit_code = _last_exit(observed.pods)
     if exit_code is not None:
         status["exitCode"] = exit_code[0]
@@ -237,6 +243,10 @@ def _phase(
             False,
         )
 
+    decision = gang.decide(job, observed.job, failure_cause(job, observed.pods))
+    if decision.action is not gang.Action.NONE:
+        return Phase.RUNNING, Reason.RESTARTING, decision.message, False
+
     if observed.job is not None:
         finished = _job_finished(observed.job)
         if finished is not None and finished[0] is Phase.FAILED and _oom_killed(observed.pods):
@@ -249,6 +259,8 @@ def _phase(
             return Phase.FAILED, observed.problem.reason, observed.problem.message, False
         return Phase.PENDING, observed.problem.reason, observed.problem.message, True
     phase, reason, message = _live_phase(job, observed, prev_phase)
+    if phase is Phase.PENDING and gang.restarting(job, observed.pods):
+        return Phase.RUNNING, Reason.RESTARTING, str(previous.get("message") or ""), False
     stuck = _stuck(observed.pods) if phase is Phase.PENDING else None
     if stuck is not None:
         return Phase.PENDING, stuck[0], stuck[1], True
@@ -370,7 +382,7 @@ def _finish_message(job: FineTuneJob, finished: tuple[Phase, Reason, str], obser
             )
         final = summary.get("finalUri") if summary else None
         return f"training finished; final model in {final}" if final else "training finished"
-    pod_message = _pod_failure_message(observed.pods)
+    pod_message = failure_cause(job, observed.pods)
     if reason is Reason.OOM_KILLED:
         return _clip(f"{OOM_ADVICE} ({pod_message})" if pod_message else OOM_ADVICE)
     prefix = {
@@ -445,9 +457,34 @@ def _last_exit(pods: Sequence[Mapping[str, Any]]) -> tuple[int, Mapping[str, Any
     return int(state.get("exitCode", 0)), pod
 
 
-def _pod_failure_message(pods: Sequence[Mapping[str, Any]]) -> str:
-    """'pod x-0: exit code 3 (InvalidConfig): <trainer message>' for the newest failed pod."""
+def failure_cause(job: FineTuneJob, pods: Sequence[Mapping[str, Any]]) -> str:
+    """Why the job's pods failed: of a multi-node job, the pod that failed first (its peers'
+    failures — "connection closed by peer", or SIGTERM from the Job controller — follow from
+    it); of a single pod, the newest failure."""
+    return _pod_failure_message(pods, first=gang.is_gang(job))
+
+
+def _failure_order(item: tuple[Mapping[str, Any], Mapping[str, Any]]) -> tuple[bool, str]:
+    """Sort key of a failed pod: symptoms last — stopped by a signal (SIGTERM/SIGKILL, the Job
+    controller ending the attempt) or a collective that lost its peer (reason PeerLost); then
+    the trainer's own failure time (milliseconds), else the container's finishedAt."""
+    _, state = item
+    summary = _parse_summary(str(state.get("message") or "").strip()) or {}
+    when = str(summary.get("failedAt") or state.get("finishedAt") or "")
+    when = when.replace("Z", ".000Z") if "." not in when else when  # seconds sort with milliseconds
+    symptom = (
+        int(state.get("exitCode") or 0) in (contract.EXIT_TERMINATED, 137)
+        or summary.get("reason") == TrainerReason.PEER_LOST
+    )
+    return symptom, when
+
+
+def _pod_failure_message(pods: Sequence[Mapping[str, Any]], *, first: bool = False) -> str:
+    """'pod x-0: exit code 3 (InvalidConfig): <trainer message>' for the newest failed pod (with
+    `first`: the one that failed first)."""
     failed = [(pod, state) for pod, state in _sorted_terminated(pods) if state.get("exitCode")]
+    if first:
+        failed = sorted(failed, key=_failure_order, reverse=True)
     if failed:
         pod, state = failed[-1]
         name = (pod.get("metadata") or {}).get("name", "?")

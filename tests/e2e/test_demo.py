@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import uuid
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -60,27 +59,14 @@ def test_demo_fine_tunes_smollm2_end_to_end(cluster: ClusterHandle) -> None:
     assert "Succeeded" in table and "30/30" in table
 
 
-def _tiny_model(tmp_path: Path) -> Path:
-    from transformers import AutoModelForCausalLM
-
-    from tests.trainer.factories import make_tokenizer, tiny_config
-
-    tokenizer = make_tokenizer()
-    model = AutoModelForCausalLM.from_config(tiny_config("llama", len(tokenizer)))
-    target = tmp_path / "tiny-llama"
-    model.save_pretrained(target, safe_serialization=True)
-    tokenizer.save_pretrained(target)
-    return target
-
-
 @pytest.mark.timeout(1800)
-def test_two_node_job_trains_across_two_pods(cluster: ClusterHandle, tmp_path: Path) -> None:
+def test_two_node_job_with_the_catalog_model_trains_across_two_pods(cluster: ClusterHandle) -> None:
+    """The catalog's own model (a GGUF file): each pod imports it in full into its own cache,
+    whatever its rank (rank 1 used to find only the tokenizer there)."""
     demo.install_operator(cluster.cluster)
     s3 = cluster.s3_client()
-    for bucket in ("finetune-models", "finetune-datasets", "finetune-runs"):
+    for bucket in ("finetune-datasets", "finetune-runs"):
         demo._ensure_bucket(s3, bucket)
-    key = f"tiny-llama-{uuid.uuid4().hex[:6]}/"
-    demo._upload_dir(s3, _tiny_model(tmp_path), "finetune-models", key)
     demo._upload_dir(s3, demo.DATASET, "finetune-datasets", "market-reports/")
     name = f"two-nodes-{uuid.uuid4().hex[:6]}"
     manifest: dict[str, Any] = {
@@ -88,14 +74,14 @@ def test_two_node_job_trains_across_two_pods(cluster: ClusterHandle, tmp_path: P
         "kind": "FineTuneJob",
         "metadata": {"name": name, "namespace": demo.DEMO_NAMESPACE},
         "spec": {
-            "model": {"uri": f"s3://finetune-models/{key}"},
+            "model": {"name": "smollm2-135m-instruct"},
             "dataset": {
                 "train": ["s3://finetune-datasets/market-reports/train.jsonl"],
                 "eval": ["s3://finetune-datasets/market-reports/eval.jsonl"],
                 "format": "text",
             },
             "hyperparameters": {"maxSteps": 4, "batchSize": 4, "microBatchSize": 2, "sequenceLength": 64},
-            "evaluation": {"everySteps": 2, "maxBatches": 2},
+            "evaluation": {"everySteps": 2, "maxBatches": 2, "baselines": []},
             "checkpoints": {"everySteps": 2, "keepLast": 1},
             "resources": {"nodes": 2, "cpu": "1", "memory": "2Gi"},
         },
@@ -104,7 +90,7 @@ def test_two_node_job_trains_across_two_pods(cluster: ClusterHandle, tmp_path: P
 
     status = wait_for(
         lambda: (s := get(cluster, demo.DEMO_NAMESPACE, "finetunejob", name).get("status", {})).get("phase") in demo.TERMINAL and s,
-        timeout=900,
+        timeout=1800,
         what=f"the two-node FineTuneJob {name} to finish",
     )
 
@@ -113,3 +99,9 @@ def test_two_node_job_trains_across_two_pods(cluster: ClusterHandle, tmp_path: P
     pods = get(cluster, demo.DEMO_NAMESPACE, "pods", "-l", f"batch.kubernetes.io/job-name={status['jobName']}")["items"]
     assert sorted(p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] for p in pods) == ["0", "1"]
     assert all(p["status"]["phase"] == "Succeeded" for p in pods)
+    assert not status.get("restarts"), "both pods ran through on the first attempt"
+    # Pods ran as the trainer image's user with a read-only root filesystem and bounded disk.
+    spec = pods[0]["spec"]
+    assert (spec["securityContext"]["runAsUser"], spec["securityContext"]["runAsGroup"]) == (10001, 10001)
+    assert spec["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+    assert {v["name"]: v for v in spec["volumes"]}["cache"]["emptyDir"]["sizeLimit"] == "7Gi"

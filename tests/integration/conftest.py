@@ -44,7 +44,9 @@ def crd(cluster: ClusterHandle) -> None:
 
 @pytest.fixture(scope="session")
 def operator_dir() -> Iterator[Path]:
-    with tempfile.TemporaryDirectory(prefix="finetune-operator-test-") as directory:
+    # Not under /tmp: trainer pods mount a volume of their own at /tmp (their root filesystem is
+    # read-only), which would hide a file:// run folder there from the stand-in trainer.
+    with tempfile.TemporaryDirectory(prefix="finetune-operator-test-", dir="/var/tmp") as directory:
         yield Path(directory)
 
 

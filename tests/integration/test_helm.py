@@ -46,7 +46,7 @@ def test_chart_grants_exactly_the_operators_rbac_rules() -> None:
     "values",
     [
         pytest.param([], id="defaults"),
-        pytest.param(["--set", "grafanaDashboard.enabled=true", "--set", "networkPolicy.trainerNamespaces={NAMESPACE}"], id="dashboard-and-networkpolicy"),
+        pytest.param(["--set", "grafanaDashboard.enabled=true", "--set", "networkPolicy.scraper.podSelector.matchLabels.app=prom"], id="dashboard-and-networkpolicy"),
         pytest.param(["--set", "watchNamespaces={NAMESPACE}", "--set", "metrics.enabled=false"], id="namespaced-rbac"),
     ],
 )

@@ -92,6 +92,20 @@ class FakeCluster:
         self._bump(obj)
         return copy.deepcopy(obj)
 
+    def delete(self, kind: str, namespace: str, name: str, *, uid: str | None = None) -> None:
+        """Marks the object deleted (deletionTimestamp), as a foreground deletion does until its
+        dependents are gone; `finish_deletion` removes it."""
+        self._hook("delete", kind)
+        obj = self.objects.get((kind, namespace, name))
+        if obj is None or (uid is not None and obj["metadata"].get("uid") not in (None, uid)):
+            return
+        obj["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+        self._bump(obj)
+
+    def finish_deletion(self, kind: str, namespace: str, name: str) -> None:
+        del self.objects[(kind, namespace, name)]
+        self.pods = []
+
     def list_pods(self, namespace: str, selector: Mapping[str, str]) -> list[dict[str, Any]]:
         self._hook("list", "Pod")
         return copy.deepcopy(self.pods)

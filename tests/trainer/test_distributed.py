@@ -286,3 +286,112 @@ def test_auto_shards_only_when_data_parallel_would_not_fit() -> None:
     assert resolve_strategy("auto", world_size=1, data_parallel_bytes=97 * 10**9, device_bytes=gpu) == "data-parallel"
     assert resolve_strategy("auto", world_size=2, data_parallel_bytes=97 * 10**9, device_bytes=None) == "data-parallel"
     assert resolve_strategy("fsdp", world_size=1, data_parallel_bytes=0, device_bytes=None) == "fsdp"
+
+
+def _two_nodes(config: Path, tmp_path: Path, node1_config: Path | None = None) -> list[subprocess.CompletedProcess[str]]:
+    """Two torchrun "nodes" of one process each on this machine, as a 2-pod job runs: node 1's
+    only process is its local main but not the global main, and each node has its own cache."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    processes = []
+    for node in (0, 1):
+        env = {
+            **os.environ,
+            "FINETUNE_CACHE_DIR": str(tmp_path / f"cache-node{node}"),
+            "FINETUNE_TERMINATION_LOG": str(tmp_path / f"termination-node{node}"),
+            "OMP_NUM_THREADS": "1",
+            "PET_NNODES": "2",
+            "PET_NPROC_PER_NODE": "1",
+            "PET_NODE_RANK": str(node),
+            "PET_MASTER_ADDR": "127.0.0.1",
+            "PET_MASTER_PORT": str(port),
+        }
+        (tmp_path / f"termination-node{node}").write_text("")
+        processes.append(subprocess.Popen(
+            [sys.executable, "-m", "finetune_trainer", "--config", str(node1_config if node and node1_config else config)],
+            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ))  # fmt: skip
+    results = []
+    for process in processes:
+        out, err = process.communicate(timeout=900)
+        results.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
+    return results
+
+
+def _prepared_folders(cache: Path, kind: str) -> list[Path]:
+    return [p for p in (cache / kind).iterdir() if not p.name.endswith(".partial")]
+
+
+@pytest.mark.slow
+def test_every_node_imports_the_catalog_gguf_model_in_full(tmp_path: Path) -> None:
+    """smollm2-135m-instruct is a GGUF file: each node's local main process dequantizes it into
+    its own cache, weights and config.json included, whatever its global rank."""
+    data = ROOT / "examples" / "data" / "market-reports"
+    config = write_config(tmp_path / "eval.json", {
+        "mode": "Evaluate",
+        "model": {"name": "smollm2-135m-instruct"},
+        "dataset": {"eval": [f"file://{data}/eval.jsonl"], "format": "text"},
+        "hyperparameters": {"batchSize": 2, "sequenceLength": 32},
+        "evaluation": {"maxBatches": 1},
+        "checkpoints": {"outputUri": f"file://{tmp_path / 'run'}/"},
+    })  # fmt: skip
+
+    results = _two_nodes(config, tmp_path)
+
+    for node, result in enumerate(results):
+        assert result.returncode == contract.EXIT_OK, f"node {node}: {result.stderr[-3000:]}"
+    for node in (0, 1):
+        [folder] = _prepared_folders(tmp_path / f"cache-node{node}", "gguf")
+        files = {p.name for p in folder.iterdir()}
+        assert {"config.json", "model.safetensors", "tokenizer.json"} <= files, (node, files)
+    summary = json.loads((tmp_path / "termination-node0").read_text())
+    assert summary["phase"] == "Succeeded" and summary["evaluations"][0]["step"] == 0
+
+
+def test_every_node_merges_a_lora_checkpoint_for_evaluation(
+    model_dir: Callable[[str], Path], text_data: dict[str, str], tmp_path: Path
+) -> None:
+    """Evaluating a LoRA run's checkpoint on two nodes: each node merges the adapter into its
+    own cache in full (not only node 0)."""
+    lora_run = tmp_path / "lora-run"
+    code, _ = run_trainer(base_config(model_dir("llama"), text_data, lora_run, lora={"rank": 4}), tmp_path)
+    assert code == contract.EXIT_OK
+    config = write_config(tmp_path / "eval.json", {
+        "mode": "Evaluate",
+        "model": {"uri": f"file://{lora_run}/checkpoints/step-000004/"},
+        "dataset": {"eval": [text_data["eval"]], "format": "text"},
+        "hyperparameters": {"batchSize": 2, "sequenceLength": 32},
+        "checkpoints": {"outputUri": f"file://{tmp_path / 'eval-run'}/"},
+    })  # fmt: skip
+
+    results = _two_nodes(config, tmp_path)
+
+    for node, result in enumerate(results):
+        assert result.returncode == contract.EXIT_OK, f"node {node}: {result.stderr[-3000:]}"
+    for node in (0, 1):
+        [folder] = _prepared_folders(tmp_path / f"cache-node{node}", "merged")
+        files = {p.name for p in folder.iterdir()}
+        assert {"config.json", "model.safetensors"} <= files, (node, files)
+
+
+def test_the_first_failing_rank_names_the_cause_its_peer_reports_a_lost_peer(
+    model_dir: Callable[[str], Path], text_data: dict[str, str], tmp_path: Path
+) -> None:
+    """Node 1 cannot find its model; node 0 then fails in the next collective. Node 1's summary
+    has the cause and the earlier failedAt; node 0's says PeerLost (a symptom)."""
+    batch = {"batchSize": 4, "microBatchSize": 2}
+    config = write_config(tmp_path / "c.json", base_config(model_dir("llama"), text_data, tmp_path / "run", hyperparameters=batch))
+    missing = base_config(tmp_path / "not-on-node-1", text_data, tmp_path / "run", hyperparameters=batch)
+    node1_config = write_config(tmp_path / "c1.json", missing)
+
+    results = _two_nodes(config, tmp_path, node1_config)
+
+    assert [r.returncode for r in results] == [contract.EXIT_FAILURE, contract.EXIT_INVALID_INPUT]
+    node0 = json.loads((tmp_path / "termination-node0").read_text())
+    node1 = json.loads((tmp_path / "termination-node1").read_text())
+    assert node1["rank"] == 1 and "not-on-node-1 does not exist" in node1["message"], node1
+    assert node0["reason"] == "PeerLost" and node0["rank"] == 0, node0
+    assert node1["failedAt"] < node0["failedAt"]

@@ -35,6 +35,12 @@ def test_object_identity() -> None:
         ),
         pytest.param({"model": {}}, ["spec.model: exactly one of name or uri"], id="model-neither"),
         pytest.param(
+            {"resources": {"gpus": 4}, "hyperparameters": {"batchSize": 8}},
+            ["spec.resources: processesPerNode must equal gpus when gpus > 0 (one training process per GPU), "
+             "got processesPerNode 1 and gpus 4"],
+            id="gpus-without-processes",
+        ),
+        pytest.param(
             {"model": {"name": "p", "init": "random"}},
             ["spec.model.init: Input should be 'pretrained' or 'scratch'"],
             id="init-enum",

@@ -35,6 +35,158 @@ def test_children_in_creation_order_with_deterministic_names() -> None:
     assert children == builders.build_children(parsed(), SETTINGS), "builders must be deterministic"
 
 
+def test_network_policy_comes_before_the_job_when_enabled() -> None:
+    children = builders.build_children(parsed(), NETWORK_SETTINGS)
+    assert [c["kind"] for c in children] == ["ConfigMap", "Service", "NetworkPolicy", "Job"]
+    assert children[2]["metadata"]["name"] == "demo-trainers"
+
+
+NETWORK_SETTINGS = Settings(
+    trainer_image="trainer:test",
+    runs_uri="s3://runs/",
+    network_policy=True,
+    operator_namespace="finetune-system",
+    operator_pod_labels={"app.kubernetes.io/name": "finetune-operator", "app.kubernetes.io/component": "operator"},
+    metrics_scraper={
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+    },
+)
+
+
+def test_network_policy_admits_peers_operator_and_scraper_only() -> None:
+    policy = builders.build_network_policy(parsed(resources={"nodes": 2}), NETWORK_SETTINGS)
+    trainers = {
+        "matchLabels": {
+            "app.kubernetes.io/managed-by": "finetune-operator",
+            "finetune.dev/job-name": "demo",
+            "app.kubernetes.io/component": "trainer",
+        }
+    }
+    assert policy["spec"] == {
+        "podSelector": trainers,
+        "policyTypes": ["Ingress"],
+        "ingress": [
+            {"from": [{"podSelector": trainers}]},  # every port: rendezvous and gloo/NCCL pick ports
+            {
+                "from": [
+                    {
+                        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "finetune-system"}},
+                        "podSelector": {"matchLabels": dict(NETWORK_SETTINGS.operator_pod_labels)},
+                    }
+                ],
+                "ports": [{"port": 9090, "protocol": "TCP"}],
+            },
+            {"from": [dict(NETWORK_SETTINGS.metrics_scraper or {})], "ports": [{"port": 9090, "protocol": "TCP"}]},
+        ],
+    }
+
+
+def test_network_policy_without_a_scraper_admits_no_scraper() -> None:
+    settings = Settings(runs_uri="s3://runs/", network_policy=True, operator_namespace="ops")
+    ingress = builders.build_network_policy(parsed(), settings)["spec"]["ingress"]
+    assert len(ingress) == 2
+
+
+def test_pod_volumes_read_only_root_with_writable_cache_and_tmp() -> None:
+    pod = _children()["Job"]["spec"]["template"]["spec"]
+    mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts == {"/etc/finetune": "config", "/var/cache/finetune": "cache", "/tmp": "tmp"}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["tmp"]["emptyDir"] == {"sizeLimit": "2Gi"}
+    assert "shm" not in volumes, "one process needs no shared memory"
+    env = _env(_children()["Job"])
+    assert (env["HOME"], env["TMPDIR"], env["XDG_CACHE_HOME"]) == ("/tmp", "/tmp", "/var/cache/finetune/xdg")
+
+
+@pytest.mark.parametrize(
+    ("resources", "shm"),
+    [
+        pytest.param({"processesPerNode": 2}, True, id="two-processes"),
+        pytest.param({"nodes": 2}, False, id="two-pods-one-process-each"),
+        pytest.param({"gpus": 4, "processesPerNode": 4}, True, id="four-gpus"),
+    ],
+)
+def test_dev_shm_is_memory_backed_for_several_processes(resources: dict[str, Any], shm: bool) -> None:
+    job = _children(resources=resources, hyperparameters={"batchSize": 8})["Job"]
+    pod = job["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    assert ("shm" in volumes) is shm
+    if shm:
+        assert volumes["shm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "2Gi"}
+        assert mounts["shm"] == "/dev/shm"
+
+
+def test_shm_size_user_and_collective_timeout_are_settings() -> None:
+    settings = Settings.from_env(
+        {
+            "FINETUNE_RUNS_URI": "s3://r/",
+            "FINETUNE_SHM_SIZE": "8Gi",
+            "FINETUNE_RUN_AS_USER": "20000",
+            "FINETUNE_RUN_AS_GROUP": "20001",
+            "FINETUNE_COLLECTIVE_TIMEOUT_SECONDS": "120",
+        }
+    )
+    job = _children(settings=settings, resources={"processesPerNode": 2})["Job"]
+    pod = job["spec"]["template"]["spec"]
+    assert {v["name"]: v for v in pod["volumes"]}["shm"]["emptyDir"]["sizeLimit"] == "8Gi"
+    assert (pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"]) == (20000, 20001)
+    assert _env(job)[contract.ENV_COLLECTIVE_TIMEOUT] == "120"
+    assert _env(_children()["Job"])[contract.ENV_COLLECTIVE_TIMEOUT] == "600", "default: 10 minutes"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "cache"),
+    [
+        # 70M parameters x (12 + 24) bytes + 2 GiB for data = 4.52 GB → 5Gi
+        pytest.param({}, "5Gi", id="pythia-70m-full"),
+        # LoRA keeps no full checkpoints: 1.4B x 12 bytes + 2 GiB = 18.8 GB → 18Gi
+        pytest.param({"model": {"name": "pythia-1.4b"}, "lora": {"rank": 8}}, "18Gi", id="pythia-1.4b-lora"),
+        # 1.4B x 36 + 2 GiB = 52.5 GB → 49Gi
+        pytest.param({"model": {"name": "pythia-1.4b"}}, "49Gi", id="pythia-1.4b-full"),
+        # a baseline adds its download and converted copy: + 6.9B x 8
+        pytest.param(
+            {"model": {"name": "pythia-1.4b"}, "evaluation": {"baselines": [{"name": "pythia-6.9b"}]}},
+            "101Gi",
+            id="with-a-baseline",
+        ),
+        pytest.param({"model": {"uri": "s3://models/mine/"}}, "22Gi", id="uri-model-unknown-size"),
+        pytest.param({"resources": {"ephemeralStorage": "300Gi"}}, "300Gi", id="spec-override"),
+    ],
+)
+def test_cache_size_limit_and_ephemeral_storage_follow_the_model(overrides: dict[str, Any], cache: str) -> None:
+    job = _children(**overrides)["Job"]
+    pod = job["spec"]["template"]["spec"]
+    assert {v["name"]: v for v in pod["volumes"]}["cache"]["emptyDir"] == {"sizeLimit": cache}
+    resources = pod["containers"][0]["resources"]
+    # the cache, /tmp (2Gi) and the container's logs (1Gi): request = limit
+    expected = f"{int(cache[:-2]) + 3}Gi"
+    assert resources["requests"]["ephemeral-storage"] == resources["limits"]["ephemeral-storage"] == expected
+
+
+def test_multi_node_job_is_one_attempt_of_a_gang() -> None:
+    """Several pods: the first pod failure or disruption fails the Job (the operator restarts
+    all pods); exit 3 still fails the FineTuneJob at once."""
+    job = _children(resources={"nodes": 2}, runPolicy={"backoffLimit": 3})["Job"]
+    assert job["spec"]["backoffLimit"] == 0
+    assert job["metadata"]["labels"]["finetune.dev/attempt"] == "0"
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert [r["action"] for r in rules] == ["FailJob", "Count", "FailJob"]
+    assert rules[0]["onExitCodes"]["values"] == [contract.EXIT_INVALID_INPUT]
+    # a disrupted pod counts (fails the attempt: all pods restart), not matched by the OOM rule
+    assert rules[1]["onPodConditions"] == [{"type": "DisruptionTarget", "status": "True"}]
+    assert rules[2]["onExitCodes"]["values"] == [137]
+    restarted = builders.build_job(parsed(resources={"nodes": 2}, status={"restarts": 2}), SETTINGS)
+    assert restarted["metadata"]["labels"]["finetune.dev/attempt"] == "2"
+
+
+def test_single_pod_job_keeps_the_job_controllers_retries() -> None:
+    job = _children(runPolicy={"backoffLimit": 3})["Job"]
+    assert job["spec"]["backoffLimit"] == 3
+    assert "finetune.dev/attempt" not in job["metadata"]["labels"]
+
+
 def test_children_are_owned_and_labelled() -> None:
     for child in builders.build_children(parsed(), SETTINGS):
         meta = child["metadata"]
@@ -189,10 +341,14 @@ def test_pod_security_restricted() -> None:
     assert container == {
         "allowPrivilegeEscalation": False,
         "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": True,
         "runAsNonRoot": True,
         "seccompProfile": {"type": "RuntimeDefault"},
     }
     assert pod["securityContext"]["runAsNonRoot"] is True
+    # The trainer image's user (Dockerfile: finetune, 10001), not a uid a host user may have.
+    assert (pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"]) == (10001, 10001)
+    assert pod["securityContext"]["fsGroup"] == 10001
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert pod["automountServiceAccountToken"] is False
     assert not any("hostPath" in v for v in pod["volumes"])
@@ -226,6 +382,7 @@ def test_resources_and_scheduling() -> None:
         "cpu": "4",
         "memory": "16Gi",
         "gpus": 2,
+        "processesPerNode": 2,
         "nodeSelector": {"gpu": "a100"},
         "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
         "priorityClassName": "training",
@@ -236,9 +393,10 @@ def test_resources_and_scheduling() -> None:
     job = _children(resources=resources, hyperparameters={"batchSize": 8})["Job"]
     pod = job["spec"]["template"]["spec"]
     container = pod["containers"][0]
+    disk = container["resources"]["requests"]["ephemeral-storage"]
     assert container["resources"] == {
-        "requests": {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "2"},
-        "limits": {"memory": "16Gi", "nvidia.com/gpu": "2"},
+        "requests": {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "2", "ephemeral-storage": disk},
+        "limits": {"memory": "16Gi", "nvidia.com/gpu": "2", "ephemeral-storage": disk},
     }
     assert container["image"] == "custom:1"
     assert pod["nodeSelector"] == {"gpu": "a100"}

@@ -171,6 +171,15 @@ def test_trainer_validators_are_mirrored_in_cel(model: type[BaseModel]) -> None:
         assert rule in generated, f"{model.__name__}: {rule!r} missing from crdgen.CEL_RULES"
 
 
+def test_one_process_per_gpu_is_a_cel_rule_naming_the_field(schema: dict[str, Any]) -> None:
+    """api.ResourcesSpec's validator and the CRD's rule on spec.resources say the same."""
+    doc = api.ResourcesSpec._one_process_per_gpu.__doc__ or ""
+    rule = doc.split("CEL:", 1)[1].strip()
+    resources = schema["properties"]["spec"]["properties"]["resources"]
+    [generated] = [r for r in resources["x-kubernetes-validations"] if r["rule"] == rule]
+    assert generated["fieldPath"] == ".processesPerNode"
+
+
 def test_mode_rules_are_mirrored_in_cel() -> None:
     """TrainerConfig's mode rules (`mode_errors`) are spec-level CEL rules, each naming its field."""
     doc = trainer_config.TrainerConfig._mode.__doc__ or ""

@@ -45,6 +45,17 @@ def test_defaults() -> None:
             id="extra-env",
         ),
         pytest.param({"FINETUNE_CREDENTIALS_SECRET": "s3"}, "credentials_secret", "s3", id="default-secret"),
+        pytest.param({"FINETUNE_NETWORK_POLICY": "1"}, "network_policy", True, id="network-policy"),
+        pytest.param(
+            {"FINETUNE_OPERATOR_POD_LABELS": '{"app": "op"}'}, "operator_pod_labels", {"app": "op"}, id="operator-labels"
+        ),
+        pytest.param(
+            {"FINETUNE_METRICS_SCRAPER": '{"podSelector": {"matchLabels": {"app": "prom"}}}'},
+            "metrics_scraper",
+            {"podSelector": {"matchLabels": {"app": "prom"}}},
+            id="scraper",
+        ),
+        pytest.param({"FINETUNE_METRICS_SCRAPER": "{}"}, "metrics_scraper", None, id="no-scraper"),
     ],
 )
 def test_from_env(env: dict[str, str], attr: str, expected: object) -> None:
@@ -56,9 +67,15 @@ def test_rbac_is_minimal() -> None:
     verbs = {
         (group, resource): set(verbs) for group, resources, verbs, _ in rbac.RULES for resource in resources
     }
-    assert all("delete" not in v and "deletecollection" not in v and "*" not in v for v in verbs.values())
+    # delete only on Jobs: a multi-node job's failed attempt is deleted to restart its pods together
+    assert all(
+        "delete" not in v and "deletecollection" not in v and "*" not in v
+        for key, v in verbs.items()
+        if key != ("batch", "jobs")
+    )
     assert ("", "secrets") not in verbs
     assert verbs[("", "pods")] == {"list"}
-    assert verbs[("batch", "jobs")] == {"get", "list", "watch", "create", "patch"}
+    assert verbs[("batch", "jobs")] == {"get", "list", "watch", "create", "patch", "delete"}
+    assert verbs[("networking.k8s.io", "networkpolicies")] == {"get", "create", "patch"}
     assert all(rule["apiGroups"] != ["*"] and rule["resources"] != ["*"] for rule in role["rules"])
     assert all(why for *_, why in rbac.RULES), "every rule says why"

@@ -13,6 +13,7 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
 from pydantic import ValidationError
 
@@ -52,7 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.check and wants_launch():
         logging.basicConfig(level=logging.INFO, format="%(asctime)s launcher %(levelname)s %(name)s: %(message)s")
-        return launch(["--config", args.config] if args.config else [])
+        return launch(
+            ["--config", args.config] if args.config else [], termination_path=contract.termination_message_path()
+        )
     rank = int(os.environ.get("RANK", "0"))
     is_main = rank == 0
     logging.basicConfig(
@@ -73,10 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InvalidInput as exc:
         log.error("%s", exc)
         progress.update(phase="Failed")
-        if is_main:
-            write_termination_message(
-                termination_path, _summary(config, progress, contract.EXIT_INVALID_INPUT, exc.reason, str(exc))
-            )
+        write_failure(termination_path, _summary(config, progress, contract.EXIT_INVALID_INPUT, exc.reason, str(exc)))
         return contract.EXIT_INVALID_INPUT
 
 
@@ -112,11 +112,9 @@ def train(config: TrainerConfig, progress: Progress, termination_path: str, *, i
     except Exception as exc:
         log.exception("training failed")
         progress.update(phase="Failed")
-        if is_main:
-            message = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
-            write_termination_message(
-                termination_path, _summary(config, progress, contract.EXIT_FAILURE, Reason.ERROR, message)
-            )
+        message = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
+        reason = Reason.PEER_LOST if lost_peer(exc) else Reason.ERROR
+        write_failure(termination_path, _summary(config, progress, contract.EXIT_FAILURE, reason, message))
         return contract.EXIT_FAILURE
     if outcome.terminated:
         code, reason, message = contract.EXIT_TERMINATED, Reason.TERMINATED, f"terminated at step {outcome.step}; checkpoint saved"
@@ -131,6 +129,29 @@ def train(config: TrainerConfig, progress: Progress, termination_path: str, *, i
             summary["finalUri"] = outcome.final_uri
         write_termination_message(termination_path, summary)
     return code
+
+
+def lost_peer(exc: BaseException) -> bool:
+    """Whether a failure is a collective that lost its peer (a symptom), not a cause:
+    torch.distributed's errors (DistError: a backend or the rendezvous store failed), and the
+    words gloo, NCCL and c10d use for a peer that went away."""
+    import torch.distributed as dist
+
+    text = str(exc).lower()
+    words = ("connection closed by peer", "connection reset by peer", "gloo", "nccl", "c10d")
+    return isinstance(exc, getattr(dist, "DistError", ())) or any(word in text for word in words)
+
+
+def write_failure(path: str, summary: contract.TerminationSummary) -> None:
+    """A failure's summary, from whichever rank failed, unless a process of this pod wrote one
+    already: the first failure in a pod names its cause (a peer's "connection closed" comes
+    later). Of a job's failed pods, the operator reports the one whose `failedAt` is earliest."""
+    try:
+        if os.path.getsize(path) > 0:
+            return
+    except OSError:
+        pass
+    write_termination_message(path, summary)
 
 
 def _evaluated(evaluations: Sequence[contract.EvaluationPoint]) -> str:
@@ -157,6 +178,9 @@ def _summary(
         totalSteps=report["totalSteps"],
         runUri=config.run_uri if config is not None else None,
     )
+    if code not in (contract.EXIT_OK, contract.EXIT_TERMINATED):
+        summary["rank"] = int(os.environ.get("RANK", "0"))
+        summary["failedAt"] = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     if report["checkpoints"] is not None:  # the same list as the progress report's
         summary["checkpoints"] = report["checkpoints"]
     if report["evaluations"]:

@@ -32,6 +32,11 @@ TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 ENV_TERMINATION_MESSAGE_PATH = "FINETUNE_TERMINATION_LOG"  # override for tests / local runs
 TERMINATION_MESSAGE_MAX_BYTES = 4096
 # Credentials: only ever from the environment (a Secret), never from the config.
+# Seconds one collective (all-reduce, barrier) may wait for its peers before it fails; set by
+# the operator (its collective timeout setting).
+ENV_COLLECTIVE_TIMEOUT = "FINETUNE_COLLECTIVE_TIMEOUT_SECONDS"
+DEFAULT_COLLECTIVE_TIMEOUT_SECONDS = 600
+
 ENV_AWS_ACCESS_KEY_ID = "AWS_ACCESS_KEY_ID"
 ENV_AWS_SECRET_ACCESS_KEY = "AWS_SECRET_ACCESS_KEY"
 ENV_HF_TOKEN = "HF_TOKEN"
@@ -131,6 +136,14 @@ class TerminationSummary(TypedDict):
     checkpoints: NotRequired[list[CheckpointRecord]]
     evaluations: NotRequired[list[EvaluationPoint]]  # step 0 first, then the newest
     baselines: NotRequired[list[BaselineResult]]
+    # A failure: the global rank that failed and when (RFC 3339 with milliseconds), so that of a
+    # multi-node job's failed pods the one that failed first names the cause.
+    rank: NotRequired[int]
+    failedAt: NotRequired[str]
+
+
+def collective_timeout_seconds(env: Mapping[str, str] = os.environ) -> int:
+    return int(env.get(ENV_COLLECTIVE_TIMEOUT) or DEFAULT_COLLECTIVE_TIMEOUT_SECONDS)
 
 
 def encode_termination_message(summary: TerminationSummary) -> str:
@@ -156,5 +169,5 @@ def encode_termination_message(summary: TerminationSummary) -> str:
         elif len(data.get("message", "")) > 16:
             data["message"] = data["message"][: len(data["message"]) // 2] + "…"
         else:
-            data = {k: data[k] for k in ("phase", "exitCode", "reason", "step")}
+            data = {k: data[k] for k in ("phase", "exitCode", "reason", "step", "rank", "failedAt") if k in data}
             return json.dumps(data, separators=(",", ":"))

@@ -14,6 +14,10 @@ class Reason(StrEnum):
     INVALID_DATA = "InvalidData"
     TERMINATED = "Terminated"
     ERROR = "Error"
+    # A collective failed because a peer went away (closed connection, timeout): a symptom of
+    # another rank's failure, which names the cause (the operator reports that one).
+    PEER_LOST = "PeerLost"
+    WORKER_FAILED = "WorkerFailed"  # the launcher saw a worker process die (e.g. killed)
 
 
 class InvalidInput(Exception):

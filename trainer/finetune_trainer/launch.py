@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from finetune_trainer.contract import EXIT_FAILURE, EXIT_INVALID_INPUT, EXIT_OK, EXIT_TERMINATED
 
@@ -31,6 +32,29 @@ def wants_launch(env: Mapping[str, str] = os.environ) -> bool:
     return int(nnodes) * (int(nproc) if nproc.isdigit() else 2) > 1
 
 
+def _report_dead_worker(path: str, exc: Any) -> None:
+    from datetime import UTC, datetime
+
+    from finetune_trainer import contract
+    from finetune_trainer.cli import write_failure
+    from finetune_trainer.errors import Reason
+
+    rank, failure = exc.get_first_failure()
+    how = f"killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+    summary = contract.TerminationSummary(
+        phase="Failed",
+        exitCode=EXIT_FAILURE,
+        reason=Reason.WORKER_FAILED.value,
+        message=f"training process of global rank {rank} died ({how})",
+        step=0,
+        totalSteps=None,
+        runUri=None,
+        rank=rank,
+        failedAt=datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+    )
+    write_failure(path, summary)
+
+
 def exit_code_of(worker_codes: Sequence[int]) -> int:
     if EXIT_INVALID_INPUT in worker_codes:
         return EXIT_INVALID_INPUT
@@ -39,7 +63,10 @@ def exit_code_of(worker_codes: Sequence[int]) -> int:
     return EXIT_FAILURE if any(worker_codes) else EXIT_OK
 
 
-def launch(trainer_args: Sequence[str]) -> int:
+def launch(trainer_args: Sequence[str], *, termination_path: str | None = None) -> int:
+    """torchrun with the trainer as its workers; the exit code as the module docstring says.
+    A worker that died without a word (killed, out of memory) gets a failure summary in
+    `termination_path` from here, unless a worker of this pod wrote one."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
@@ -50,7 +77,10 @@ def launch(trainer_args: Sequence[str]) -> int:
     except ChildFailedError as exc:
         codes = [failure.exitcode for failure in exc.failures.values()]
         log.error("worker(s) failed with exit codes %s", codes)
-        return exit_code_of(codes)
+        code = exit_code_of(codes)
+        if termination_path is not None and code == EXIT_FAILURE:
+            _report_dead_worker(termination_path, exc)
+        return code
     except SignalException as exc:
         log.warning("launcher got %s; workers were asked to checkpoint and stop", exc.sigval)
         return EXIT_TERMINATED

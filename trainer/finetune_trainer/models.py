@@ -7,6 +7,12 @@ dequantized once and saved as a plain Hugging Face folder, because a GGUF-loaded
 quantized and cannot be fine-tuned. A LoRA adapter folder (a LoRA run's checkpoint
 `<run>/checkpoints/step-N/` or its `<run>/final/adapter/`) is merged once into its base model,
 named by the run's run.json, and saved as a plain Hugging Face folder too.
+
+Every node prepares its own cache: its local main process converts, the node's other processes
+wait (`Recipe.fetch`). transformers' `save_pretrained` writes weights and config.json only on
+global rank 0 once a process group exists, so with one, a conversion runs in a fresh process
+(`python -m finetune_trainer.models`, no process group) and writes the folder in full on every
+node, whatever the global rank.
 """
 
 from __future__ import annotations
@@ -17,13 +23,15 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
 from finetune_trainer.catalog import CATALOG
 from finetune_trainer.config import ModelSpec
-from finetune_trainer.contract import ENV_HF_TOKEN
+from finetune_trainer.contract import ENV_HF_TOKEN, EXIT_INVALID_INPUT
 from finetune_trainer.errors import InvalidInput
 from finetune_trainer.storage import open_store, sha256_file
 
@@ -137,15 +145,36 @@ def _download_hf(repo: str, revision: str | None, *, cache_dir: Path) -> Path:
     )
 
 
+def _in_process_group() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _convert_in_fresh_process(*args: str) -> None:
+    """Run one conversion of this module's command line in a new Python process (no process
+    group there, so `save_pretrained` writes everything); its error becomes ours."""
+    result = subprocess.run(
+        [sys.executable, "-m", "finetune_trainer.models", *args], capture_output=True, text=True
+    )
+    if result.returncode == EXIT_INVALID_INPUT:
+        raise InvalidInput(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "conversion failed")
+    if result.returncode != 0:
+        raise RuntimeError(f"model conversion {args[0]} failed (exit {result.returncode}): {result.stderr[-2000:]}")
+
+
 def import_gguf(path: Path, *, cache_dir: Path) -> Path:
     """Dequantize a GGUF file into a plain Hugging Face folder (once; cached by file identity)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     stat = path.stat()
     target = _cache_path(cache_dir, "gguf", f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
     if (target / COMPLETE_MARKER).exists():
         return target
+    if _in_process_group():
+        _convert_in_fresh_process("import-gguf", str(path), str(cache_dir))
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     log.info("importing GGUF %s (dequantize, save as safetensors)", path)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
@@ -193,15 +222,23 @@ def merge_adapter(
 ) -> Path:
     """The base model with the LoRA adapter merged in, as a Hugging Face folder (once; cached by
     the adapter's identity). The tokenizer is the adapter folder's if it has one."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     weights = sorted(adapter.glob("adapter_model.*"))
     identity = ":".join(f"{w.resolve()}:{w.stat().st_size}:{w.stat().st_mtime_ns}" for w in weights)
     target = _cache_path(cache_dir, "merged", f"{uri}:{identity}")
     if (target / COMPLETE_MARKER).exists():
         return target
+    if _in_process_group():
+        args = ["merge-adapter", uri, str(adapter), str(cache_dir)]
+        if endpoint:
+            args += ["--endpoint", endpoint]
+        if region:
+            args += ["--region", region]
+        _convert_in_fresh_process(*args)
+        return target
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     base_spec = adapter_base(uri, endpoint=endpoint, region=region)
     base_folder = fetch_model(base_spec, cache_dir=cache_dir, endpoint=endpoint, region=region)
     log.info("merging the LoRA adapter %s into %s", uri, base_spec.display_name)
@@ -243,3 +280,37 @@ def load_model(folder: Path, *, init: str, dropout: float | None, seed: int) -> 
         set_seed(seed)
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=torch.float32)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m finetune_trainer.models import-gguf FILE CACHE_DIR` or `merge-adapter URI
+    FOLDER CACHE_DIR [--endpoint E] [--region R]`: one conversion into the cache (see the module
+    docstring). Exit 3 with the message on the last line of stderr for invalid input."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m finetune_trainer.models")
+    commands = parser.add_subparsers(dest="command", required=True)
+    gguf = commands.add_parser("import-gguf")
+    gguf.add_argument("path", type=Path)
+    gguf.add_argument("cache_dir", type=Path)
+    merge = commands.add_parser("merge-adapter")
+    merge.add_argument("uri")
+    merge.add_argument("adapter", type=Path)
+    merge.add_argument("cache_dir", type=Path)
+    merge.add_argument("--endpoint")
+    merge.add_argument("--region")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s convert %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "import-gguf":
+            import_gguf(args.path, cache_dir=args.cache_dir)
+        else:
+            merge_adapter(args.uri, args.adapter, cache_dir=args.cache_dir, endpoint=args.endpoint, region=args.region)
+    except InvalidInput as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_INVALID_INPUT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -47,6 +47,7 @@ from finetune_trainer.contract import (
     CheckpointRecord,
     EvaluationPoint,
     TrainerPhase,
+    collective_timeout_seconds,
 )
 from finetune_trainer.data import (
     IGNORE,
@@ -382,6 +383,8 @@ class Recipe:
             use_cpu=not cuda,
             ddp_backend="gloo" if world_size > 1 and not cuda else None,
             ddp_find_unused_parameters=False,
+            # A dead or hung peer fails every collective after this long, not transformers' 30 min.
+            ddp_timeout=collective_timeout_seconds(self.env),
             log_level="warning",
         )
 

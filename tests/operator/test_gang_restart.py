@@ -1,0 +1,151 @@
+"""Gang restarts of a multi-node job against the fake cluster: one failed pod restarts all pods
+(`finetune_operator.gang`), counted once, reported as events and conditions, bounded by
+runPolicy.backoffLimit, and safe against the operator dying between the write and the delete."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from datetime import timedelta
+
+from finetune_operator.reconcile import Outcome, reconcile
+from tests.operator.factories import NOW, SETTINGS, condition, ftj, pod
+from tests.operator.fake import Crash, FakeCluster
+
+RANK1_CAUSE = "OSError: Unrecognized model in /var/cache/finetune/gguf/x"
+
+
+def run(fake: FakeCluster, *, seconds: float = 0) -> Outcome:
+    return reconcile(fake, "team-a", "demo", settings=SETTINGS, now=NOW + timedelta(seconds=seconds))
+
+
+def summary(rank: int, message: str, failed_at: str, reason: str = "Error") -> str:
+    return json.dumps(
+        {"phase": "Failed", "exitCode": 1, "reason": reason, "message": message, "step": 7,
+         "totalSteps": 20, "runUri": None, "rank": rank, "failedAt": failed_at}
+    )  # fmt: skip
+
+
+def two_nodes(fake: FakeCluster, backoff_limit: int = 2) -> None:
+    fake.put_job_object(
+        ftj(resources={"nodes": 2}, hyperparameters={"maxSteps": 20, "batchSize": 8},
+            runPolicy={"backoffLimit": backoff_limit})
+    )  # fmt: skip
+    run(fake)
+    job = fake.objects[("Job", "team-a", "demo")]
+    job["metadata"]["uid"] = "job-uid-1"
+
+
+def rank1_fails(fake: FakeCluster) -> None:
+    """Rank 1 dies first; rank 0 then fails on the closed connection (later, in the same second)."""
+    job = fake.objects[("Job", "team-a", "demo")]
+    job["status"] = {
+        "startTime": "2026-11-29T06:00:01Z",
+        "failed": 2,
+        "conditions": [condition("FailureTarget", "BackoffLimitExceeded", "Job has reached the specified backoff limit")],
+    }
+    fake.pods = [
+        pod(0, "Failed", exit_code=1, finished_at="2026-11-29T06:05:03Z",
+            message=summary(0, "DistStoreError: Connection closed by peer", "2026-11-29T06:05:02.950Z")),
+        pod(1, "Failed", exit_code=1, finished_at="2026-11-29T06:05:03Z",
+            message=summary(1, RANK1_CAUSE, "2026-11-29T06:05:02.120Z")),
+    ]  # fmt: skip
+
+
+def test_one_failed_pod_restarts_the_gang_once(fake: FakeCluster) -> None:
+    two_nodes(fake)
+    fake.pods = [pod(0), pod(1, ip="127.0.0.6")]
+    fake.objects[("Job", "team-a", "demo")]["status"] = {"startTime": "2026-11-29T06:00:01Z", "active": 2}
+    assert run(fake, seconds=5).phase == "Running"
+    fake.events.clear()
+
+    rank1_fails(fake)
+    outcome = run(fake, seconds=10)
+
+    status = fake.job_object()["status"]
+    assert (status["phase"], status["reason"], status["restarts"]) == ("Running", "Restarting", 1)
+    assert "restart 1 of runPolicy.backoffLimit 2" in status["message"]
+    assert RANK1_CAUSE in status["message"], "the rank that failed first names the cause"
+    assert "Connection closed" not in status["message"]
+    reconciling = {c["type"]: c for c in status["conditions"]}["Reconciling"]
+    assert (reconciling["status"], reconciling["reason"]) == ("True", "Restarting")
+    assert outcome.deleted == ["Job/demo"], "the failed attempt's Job is deleted (its pods first)"
+    assert fake.calls[-1] == ("delete", "Job")
+    assert [(kind, reason) for kind, reason, _ in fake.events] == [("Normal", "Restarting"), ("Warning", "PodFailed")]
+    assert RANK1_CAUSE in fake.events[1][2] and "pod demo-1" in fake.events[1][2]
+
+    # While the old Job is being deleted: still restarting, nothing counted twice.
+    run(fake, seconds=12)
+    assert fake.job_object()["status"]["restarts"] == 1
+    # Gone: the next cycle creates attempt 1, its pods resume from the newest checkpoint.
+    fake.finish_deletion("Job", "team-a", "demo")
+    outcome = run(fake, seconds=15)
+    assert outcome.created == ["Job/demo"]
+    job = fake.objects[("Job", "team-a", "demo")]
+    assert job["metadata"]["labels"]["finetune.dev/attempt"] == "1"
+    status = fake.job_object()["status"]
+    assert (status["phase"], status["reason"], status["restarts"]) == ("Running", "Restarting", 1)
+    # Both pods running again: training.
+    job["status"] = {"startTime": "2026-11-29T06:06:01Z", "active": 2}
+    fake.pods = [pod(0), pod(1, ip="127.0.0.6")]
+    run(fake, seconds=20)
+    status = fake.job_object()["status"]
+    assert (status["phase"], status["reason"], status["restarts"]) == ("Running", "Training", 1)
+
+
+def test_operator_dying_between_the_write_and_the_delete_counts_once(fake: FakeCluster) -> None:
+    two_nodes(fake)
+    rank1_fails(fake)
+    fake.crash_on = ("delete", "Job")
+    with contextlib.suppress(Crash):
+        run(fake, seconds=10)
+    assert fake.job_object()["status"]["restarts"] == 1
+    outcome = run(fake, seconds=11)  # the Job of attempt 0 is stale now: deleted, not counted
+    assert outcome.deleted == ["Job/demo"]
+    assert fake.job_object()["status"]["restarts"] == 1
+    assert [reason for _, reason, _ in fake.events].count("PodFailed") == 1
+
+
+def test_restarts_are_bounded_by_the_backoff_limit(fake: FakeCluster) -> None:
+    two_nodes(fake, backoff_limit=0)
+    rank1_fails(fake)
+    job = fake.objects[("Job", "team-a", "demo")]
+    job["status"]["conditions"] = [condition("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")]
+    outcome = run(fake, seconds=10)
+    status = fake.job_object()["status"]
+    assert (status["phase"], status["reason"]) == ("Failed", "BackoffLimitExceeded")
+    assert RANK1_CAUSE in status["message"] and "pod demo-1" in status["message"]
+    assert outcome.deleted == []
+
+
+def test_invalid_input_is_not_restarted(fake: FakeCluster) -> None:
+    two_nodes(fake)
+    job = fake.objects[("Job", "team-a", "demo")]
+    job["status"] = {"failed": 1, "conditions": [condition("Failed", "PodFailurePolicy", "exit code 3")]}
+    fake.pods = [pod(1, "Failed", exit_code=3)]
+    outcome = run(fake, seconds=10)
+    assert fake.job_object()["status"]["phase"] == "Failed"
+    assert outcome.deleted == []
+
+
+def test_suspended_job_is_not_restarted(fake: FakeCluster) -> None:
+    two_nodes(fake)
+    rank1_fails(fake)
+    obj = fake.job_object()
+    obj["spec"]["suspend"] = True
+    obj["metadata"]["generation"] += 1
+    outcome = run(fake, seconds=10)
+    assert outcome.deleted == []
+
+
+def test_a_lost_peer_is_a_symptom_even_when_it_is_reported_first(fake: FakeCluster) -> None:
+    """Clocks of two nodes differ by milliseconds: a PeerLost failure never names the cause
+    while another pod failed for a reason of its own."""
+    two_nodes(fake)
+    rank1_fails(fake)
+    fake.pods[0]["status"]["containerStatuses"][0]["state"]["terminated"]["message"] = summary(
+        0, "RuntimeError: [gloo] Connection closed by peer", "2026-11-29T06:05:01.000Z", reason="PeerLost"
+    )
+    run(fake, seconds=10)
+    message = fake.job_object()["status"]["message"]
+    assert RANK1_CAUSE in message and "gloo" not in message
