@@ -8,6 +8,7 @@ the termination message and maps outcomes to the exit codes of `contract`:
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -109,10 +110,14 @@ def train(config: TrainerConfig, progress: Progress, termination_path: str, *, i
             )
         return contract.EXIT_TERMINATED
     except Exception as exc:
-        log.exception("training failed")
+        full = disk_full(exc)
+        if full is not None:
+            log.error("%s", full)
+        else:
+            log.exception("training failed")
         progress.update(phase="Failed")
         if is_main:
-            message = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
+            message = full or f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
             write_termination_message(
                 termination_path, _summary(config, progress, contract.EXIT_FAILURE, Reason.ERROR, message)
             )
@@ -130,6 +135,21 @@ def train(config: TrainerConfig, progress: Progress, termination_path: str, *, i
             summary["finalUri"] = outcome.final_uri
         write_termination_message(termination_path, summary)
     return code
+
+
+def disk_full(exc: BaseException) -> str | None:
+    """A clear message if `exc` (or what caused it) is ENOSPC, the local disk being full."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            where = f" writing {seen.filename}" if seen.filename else ""
+            return (
+                f"no space left on the pod's local disk{where}: the model cache ({contract.ENV_CACHE_DIR}) "
+                "and checkpoints staged before upload need room for the model about 3 times over; give "
+                "the pod more ephemeral storage (a larger node disk or emptyDir) or use a smaller model"
+            )
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _evaluated(evaluations: Sequence[contract.EvaluationPoint]) -> str:
