@@ -17,7 +17,18 @@ from hypothesis import strategies as st
 _MISSING = object()
 
 SEGMENTS = ["d", "runs", "a b", "x..y", "..", "model", "t.jsonl", "**/*.jsonl", "é", "k@v", "\t", ""]
-URI_PREFIXES = ["s3://", "s3:///", "s3://Bucket/", "s3://b/", "file://", "file:///", "file://./", "hf://", "http://", ""]
+URI_PREFIXES = [
+    "s3://",
+    "s3:///",
+    "s3://Bucket/",
+    "s3://b/",
+    "file://",
+    "file:///",
+    "file://./",
+    "hf://",
+    "http://",
+    "",
+]
 LABEL_KEYS = [
     "gpu",
     "kubernetes.io/arch",
@@ -128,7 +139,11 @@ def specs(draw: st.DrawFn) -> dict[str, Any]:
 
     if draw(st.integers(0, 3)) == 0:
         lora: dict[str, Any] = {"rank": draw(st.sampled_from([4, 0]))}
-        _put(lora, "targetModules", draw(optional(st.lists(st.sampled_from(["q_proj", "v_proj", ""]), max_size=3))))
+        _put(
+            lora,
+            "targetModules",
+            draw(optional(st.lists(st.sampled_from(["q_proj", "v_proj", ""]), max_size=3))),
+        )
         spec["lora"] = lora
     if draw(st.booleans()):
         baselines = draw(st.lists(model_specs(), max_size=3))
@@ -144,7 +159,9 @@ def specs(draw: st.DrawFn) -> dict[str, Any]:
     _put(
         resources,
         "nodeSelector",
-        draw(optional(st.dictionaries(st.sampled_from(LABEL_KEYS), st.sampled_from(LABEL_VALUES), max_size=2))),
+        draw(
+            optional(st.dictionaries(st.sampled_from(LABEL_KEYS), st.sampled_from(LABEL_VALUES), max_size=2))
+        ),
     )
     _put(resources, "tolerations", draw(optional(st.lists(tolerations(), max_size=2))))
     _put(resources, "image", draw(optional(st.sampled_from(IMAGES))))

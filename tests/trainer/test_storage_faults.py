@@ -168,7 +168,9 @@ def _file(path: Path, megabytes: int) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_upload_waits_for_a_stopped_server(server: Server, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_upload_waits_for_a_stopped_server(
+    server: Server, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """Multipart (above 8 MiB): the checkpoint shard arrives whole once the server is back."""
     store = _store(server)
     local = tmp_path / "model.safetensors"

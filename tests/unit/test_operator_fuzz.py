@@ -65,7 +65,11 @@ def test_arbitrary_json_never_raises_anything_but_spec_error(value: Any) -> None
 
 
 @FUZZ
-@given(st.dictionaries(st.sampled_from(["model", "dataset", "hyperparameters", "resources", "storage", "lora"]), JSON))
+@given(
+    st.dictionaries(
+        st.sampled_from(["model", "dataset", "hyperparameters", "resources", "storage", "lora"]), JSON
+    )
+)
 def test_arbitrary_sections_never_raise_anything_but_spec_error(spec: dict[str, Any]) -> None:
     _check(spec)
 

@@ -31,6 +31,7 @@ from typing import Annotated, Any, Literal, NamedTuple, Self
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
+from pydantic.json_schema import JsonDict
 
 # URI grammar shared with the CRD schema. Each pattern must mean the same to pydantic-core's Rust
 # regex and to the API server's RE2: no lookarounds, no backreferences, no Unicode classes (`\s`
@@ -79,7 +80,7 @@ def _no_duplicates(values: list[str] | None) -> list[str] | None:
     return values
 
 
-UNIQUE = {"x-kubernetes-list-type": "set"}
+UNIQUE: JsonDict = {"x-kubernetes-list-type": "set"}
 
 DataUri = Annotated[str, Field(pattern=DATA_URI_PATTERN, max_length=1024)]
 # A list of data URIs, each at most once (`x-kubernetes-list-type: set` in the CRD).

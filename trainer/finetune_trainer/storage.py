@@ -42,10 +42,11 @@ T = TypeVar("T")
 def is_transient(exc: BaseException) -> bool:
     """An error a later attempt may not see: the server unreachable, the connection dropped, a
     timeout, a 5xx or throttling answer. Not: 4xx (a missing key, no permission, a bad bucket)."""
-    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
     from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import ClientError, HTTPClientError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
 
-    if isinstance(exc, ConnectionError | HTTPClientError):  # EndpointConnectionError, timeouts, ...
+    if isinstance(exc, BotoConnectionError | HTTPClientError):  # EndpointConnectionError, timeouts, ...
         return True
     if isinstance(exc, ClientError):
         meta = exc.response.get("ResponseMetadata") or {}
