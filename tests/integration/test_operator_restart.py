@@ -261,7 +261,7 @@ def test_control_plane_restarted_mid_job(
     ]
     starts = (Path(done["runUri"].removeprefix("file://")) / "standin-starts-rank0").read_text()
     assert starts == "0\n", "the trainer ran once, undisturbed by the control plane"
-    assert "finetune_reconciles_total" in metrics
+    assert "finetune_operator_reconciles_total" in metrics
 
 
 def test_process_node_restarted_while_pods_run(
