@@ -146,7 +146,6 @@ class Reason(enum.StrEnum):
     PRIORITY_CLASS_NOT_FOUND = "PriorityClassNotFound"  # spec.resources.priorityClassName
     CREATE_FORBIDDEN = "CreateForbidden"  # the API server refused a child with 403 (quota, policy)
     OOM_KILLED = "OOMKilled"  # the trainer was killed for memory (exit 137)
-    JOB_DELETED = "JobDeleted"
 
 
 class _Model(BaseModel):

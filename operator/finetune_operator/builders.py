@@ -252,7 +252,7 @@ def build_pod_spec(job: FineTuneJob, settings: Settings) -> dict[str, Any]:
         "name": CONTAINER_NAME,
         "image": res.image or settings.trainer_image,
         "imagePullPolicy": settings.image_pull_policy,
-        "command": list(settings.trainer_command if res.world_size == 1 else settings.distributed_command),
+        "command": list(settings.trainer_command),
         "env": _env(job, settings),
         "ports": [
             {"name": "rendezvous", "containerPort": settings.master_port, "protocol": "TCP"},
