@@ -92,3 +92,14 @@ def test_arbitrary_bytes(content: bytes) -> None:
 def test_unreadable_configs_say_where(content: bytes, fragment: str) -> None:
     result = _load(content)
     assert isinstance(result, InvalidInput) and fragment in str(result), result
+
+
+def test_a_bad_uri_says_what_is_allowed_not_the_regex() -> None:
+    document = {
+        "model": {"uri": "s3:///no-bucket/"},
+        "dataset": {"train": ["s3://d/t.jsonl"]},
+        "run": {"uri": "file:///r/"},
+    }
+    result = _load(yaml.safe_dump(document).encode())
+    assert isinstance(result, InvalidInput)
+    assert "model.uri: must be s3://<bucket>/<path>" in str(result) and "^(" not in str(result)

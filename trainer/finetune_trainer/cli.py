@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 
 from finetune_trainer import contract
-from finetune_trainer.config import EVALUATE, TRAIN, TrainerConfig
+from finetune_trainer.config import EVALUATE, PATTERN_MESSAGES, TRAIN, TrainerConfig
 from finetune_trainer.errors import InvalidInput, Reason
 from finetune_trainer.launch import launch, wants_launch
 from finetune_trainer.telemetry import Progress, serve, write_termination_message
@@ -31,7 +31,10 @@ def format_validation_error(exc: ValidationError) -> list[str]:
     lines = []
     for error in exc.errors():
         where = ".".join(str(p) for p in error["loc"]) or "(config)"
-        lines.append(f"{where}: {error['msg']}")
+        message = str(error["msg"])
+        if error.get("type") == "string_pattern_mismatch":  # what is allowed, not the regex
+            message = PATTERN_MESSAGES.get(str((error.get("ctx") or {}).get("pattern")), message)
+        lines.append(f"{where}: {message}")
     return lines
 
 
