@@ -379,6 +379,8 @@ SERVER_WORDING = {
     "eval-twice": "Duplicate value",
     "lora-modules-twice": "Duplicate value",
     "node-selector-value-long": "Too long",
+    "baseline-is-the-model": "evaluation.baselines lists the model being trained",
+    "baseline-is-the-model-uri": "evaluation.baselines lists the model being trained",
 }
 
 

@@ -408,7 +408,7 @@ class EvaluationSpec(_Spec):
 
     @model_validator(mode="after")
     def _unique_baselines(self) -> Self:
-        """CEL: self.baselines.all(b, self.baselines.exists_one(c, model_key(c) == model_key(b)))
+        """CEL: !has(self.baselines) || self.baselines.all(b, self.baselines.exists_one(c, model_key(c) == model_key(b)))
         (`crdgen` spells model_key out)"""
         seen: set[tuple[str, str]] = set()
         for index, baseline in enumerate(self.baselines):
