@@ -103,6 +103,9 @@ def test_botocore_errors_are_classified() -> None:
 # a real S3 server, stopped and started
 
 
+_KEYS = ("test" + secrets.token_hex(6), secrets.token_urlsafe(18))
+
+
 class Server:
     """A private versitygw on a free loopback port, over a folder of this test."""
 
@@ -111,8 +114,8 @@ class Server:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
-        self.access = "test" + secrets.token_hex(6)
-        self.secret = secrets.token_urlsafe(18)
+        # one key pair per test process: boto3's default session keeps the first it reads
+        self.access, self.secret = _KEYS
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
