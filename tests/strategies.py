@@ -154,9 +154,9 @@ def build_spec(rng: random.Random) -> dict[str, Any]:
 
     if rng.random() < 0.25:
         lora: dict[str, Any] = {"rank": _mostly(rng, [4], [0])}
-        modules = lambda: [
-            _mostly(rng, ["q_proj", "v_proj", "k_proj"], [""]) for _ in range(rng.randint(1, 3))
-        ]  # noqa: E731
+        def modules() -> list[str]:
+            return [_mostly(rng, ["q_proj", "v_proj", "k_proj"], [""]) for _ in range(rng.randint(1, 3))]
+
         _put(lora, "targetModules", _optional(rng, modules))
         spec["lora"] = lora
     if rng.random() < 1 / 3:
@@ -172,12 +172,12 @@ def build_spec(rng: random.Random) -> dict[str, Any]:
 
     resources: dict[str, Any] = {}
     _put(resources, "nodes", _optional(rng, lambda: rng.choice([1, 2])))
-    selector = (
-        lambda: {  # noqa: E731
+    def selector() -> dict[str, str]:
+        return {
             _mostly(rng, LABEL_KEYS[:5], LABEL_KEYS[5:]): _mostly(rng, LABEL_VALUES[:4], LABEL_VALUES[4:])
             for _ in range(rng.randint(0, 2))
         }
-    )
+
     _put(resources, "nodeSelector", _optional(rng, selector))
     _put(
         resources, "tolerations", _optional(rng, lambda: [toleration(rng) for _ in range(rng.randint(0, 2))])

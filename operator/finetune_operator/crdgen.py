@@ -139,6 +139,16 @@ CEL_RULES: dict[type[BaseModel], list[Rule]] = {
             "message": "batchSize must be a multiple of microBatchSize",
             "fieldPath": ".microBatchSize",
         },
+        {
+            "rule": "self.sharding != 'data-parallel' || (self.reshardAfterForward && !self.cpuOffload)",
+            "message": "reshardAfterForward and cpuOffload apply to sharding fsdp (or auto), not data-parallel",
+            "fieldPath": ".sharding",
+        },
+        {
+            "rule": "!(self.sharding == 'fsdp' && self.precision == 'fp16')",
+            "message": "sharding fsdp trains in fp32 or bf16, not fp16 (use precision bf16)",
+            "fieldPath": ".precision",
+        },
     ],
     trainer_config.EvaluationSpec: [
         {

@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 
-from tests.integration import operator_env
 from tests.integration.operator_env import (
     OperatorProcess,
     apply,
@@ -28,10 +27,6 @@ from tests.integration.operator_env import (
 from tests.kube import ClusterHandle, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("operator")]
-crd = operator_env.crd
-operator_dir = operator_env.operator_dir
-operator_kubeconfig = operator_env.operator_kubeconfig
-operator = operator_env.operator
 
 # A label-key prefix of 5 DNS labels: each label fits the CRD's pattern, together they pass 253
 # characters, which only the Pod API checks (a 422 when the Job is created).

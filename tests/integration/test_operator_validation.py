@@ -11,7 +11,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from finetune_operator.api import API_VERSION, GROUP, KIND, PLURAL, VERSION, SpecError, parse_spec
-from tests.integration import operator_env
 from tests.integration.operator_env import manifest
 from tests.kube import ClusterHandle
 from tests.operator.factories import spec as factory_spec
@@ -19,7 +18,6 @@ from tests.strategies import specs
 from tests.validation_cases import CLOSE_BUT_VALID, GAPS
 
 pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("crd")]
-crd = operator_env.crd
 
 
 def with_spec(**changes: Any) -> dict[str, Any]:

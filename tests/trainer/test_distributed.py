@@ -9,11 +9,12 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from finetune_trainer import contract
-from tests.trainer.conftest import base_config, run_trainer, write_config
+from tests.trainer.conftest import base_config, final_eval, run_trainer, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -123,3 +124,165 @@ def test_worker_exit_codes_map_back_to_the_contract() -> None:
     assert exit_code_of([143, -15]) == contract.EXIT_TERMINATED
     assert exit_code_of([1, 0]) == contract.EXIT_FAILURE
     assert exit_code_of([0, 0]) == contract.EXIT_OK
+
+
+# ---- FSDP2 (hyperparameters.sharding: fsdp) ------------------------------------------------------
+def _train_losses(run: Path) -> list[tuple[int, float]]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]
+
+
+def _assert_same_run(a: dict[str, object], b: dict[str, object], run_a: Path, run_b: Path, rel: float) -> None:
+    evaluations_a, evaluations_b = a["evaluations"], b["evaluations"]
+    assert isinstance(evaluations_a, list) and isinstance(evaluations_b, list)
+    assert [e["step"] for e in evaluations_a] == [e["step"] for e in evaluations_b]
+    for x, y in zip(evaluations_a, evaluations_b, strict=True):
+        assert y["loss"] == pytest.approx(x["loss"], rel=rel), (x, y)
+        assert y["accuracy"] == pytest.approx(x["accuracy"], abs=1e-9), (x, y)
+    losses_a, losses_b = _train_losses(run_a), _train_losses(run_b)
+    assert [s for s, _ in losses_a] == [s for s, _ in losses_b] and losses_a
+    for (_, x), (_, y) in zip(losses_a, losses_b, strict=True):
+        assert y == pytest.approx(x, rel=rel)
+
+
+FIVE_STEPS = {"maxSteps": 5, "batchSize": 4, "microBatchSize": 1}  # accumulation 4 on 1 process, 2 on 2
+
+
+def _launched(config: dict[str, Any], tmp_path: Path, name: str) -> dict[str, Any]:
+    result = _launch(write_config(tmp_path / f"{name}.json", config), tmp_path, name)
+    assert result.returncode == contract.EXIT_OK, result.stdout[-3000:] + result.stderr[-3000:]
+    return dict(json.loads((tmp_path / f"termination-{name}").read_text()))
+
+
+def test_fsdp_on_two_processes_equals_one_process_and_data_parallel(
+    model_dir: Callable[[str], Path], text_data: dict[str, str], tmp_path: Path
+) -> None:
+    """5 steps in fp32 with the same global batch: FSDP on 2 processes equals one process and
+    data parallel on 2 processes (training losses and evaluations within 1e-5 relative)."""
+    model = model_dir("llama")
+    evaluation = {"everySteps": 1, "logEverySteps": 1}
+
+    def config(name: str, sharding: str) -> dict[str, Any]:
+        return base_config(model, text_data, tmp_path / name, hyperparameters={**FIVE_STEPS, "sharding": sharding},
+                           evaluation=evaluation)
+
+    code, single = run_trainer(config("single", "data-parallel"), tmp_path, "single.json")
+    assert code == contract.EXIT_OK, single
+    fsdp = _launched(config("fsdp", "fsdp"), tmp_path, "fsdp")
+    ddp = _launched(config("ddp", "data-parallel"), tmp_path, "ddp")
+    assert [e["step"] for e in fsdp["evaluations"]] == [0, 1, 2, 3, 4, 5]
+    _assert_same_run(single, fsdp, tmp_path / "single", tmp_path / "fsdp", rel=1e-5)
+    _assert_same_run(ddp, fsdp, tmp_path / "ddp", tmp_path / "fsdp", rel=1e-5)
+    manifest = json.loads((tmp_path / "fsdp" / "checkpoints" / "step-000005" / "manifest.json").read_text())
+    assert manifest["format"] == "dcp"
+    assert {"state/.metadata", "state/__0_0.distcp", "state/__1_0.distcp", "train_state.json"} == {
+        f["path"] for f in manifest["files"]
+    }, "each rank's shard, then the manifest; no per-rank listing left behind"
+    assert not (tmp_path / "fsdp" / "checkpoints" / "step-000005" / ".ranks").exists()
+
+    # the model state each process holds (measured on its tensors after the first step)
+    held = {name: _memory_record(tmp_path / name) for name in ("single", "ddp", "fsdp")}
+    assert held["fsdp"]["measured"]["state"] <= 0.55 * held["ddp"]["measured"]["state"], held
+    assert held["ddp"]["measured"]["state"] == held["single"]["measured"]["state"], "data parallel replicates"
+    for name, record in held.items():  # kubectl finetune list models prints these estimates
+        assert record["estimate"]["state"] == pytest.approx(record["measured"]["state"], rel=0.10), (name, record)
+
+
+def _memory_record(run: Path) -> dict[str, Any]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    (record,) = [r for r in records if r["kind"] == "memory"]
+    return dict(record)
+
+
+def _fsdp_config(model: Path, data: dict[str, str], run: Path, steps: int, schedule: str = "linear") -> dict[str, Any]:
+    # linear decay with warmup: a resumed run must continue the schedule, not only the weights
+    # (constant: maxSteps 4 then 8 is the same run as 8 at once)
+    return base_config(
+        model, data, run,
+        hyperparameters={"sharding": "fsdp", "maxSteps": steps, "batchSize": 4, "microBatchSize": 1,
+                         "lrScheduler": schedule, "warmupSteps": 2 if schedule == "linear" else 0,
+                         "learningRate": 3e-3},
+        evaluation={"everySteps": 4, "logEverySteps": 2},
+        checkpoints={"everySteps": 4, "keepLast": 2},
+    )
+
+
+def test_fsdp_checkpoint_of_two_processes_resumes_on_one(
+    model_dir: Callable[[str], Path], text_data: dict[str, str], tmp_path: Path
+) -> None:
+    """DCP reshards on load: a run checkpointed by 2 processes continues on 1 (same global
+    batch) and ends where an uninterrupted run ends."""
+    model = model_dir("llama")
+    def config(run: str, steps: int) -> dict[str, Any]:
+        return _fsdp_config(model, text_data, tmp_path / run, steps, schedule="constant")
+
+    code, uninterrupted = run_trainer(config("whole", 8), tmp_path, "whole.json")
+    assert code == contract.EXIT_OK, uninterrupted
+    _launched(config("parts", 4), tmp_path, "first")
+    code, resumed = run_trainer(config("parts", 8), tmp_path, "second.json")
+    assert code == contract.EXIT_OK, resumed
+    assert [e["step"] for e in resumed["evaluations"]] == [0, 4, 8]
+    for a, b in zip(uninterrupted["evaluations"], resumed["evaluations"], strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+
+
+def test_sigterm_under_fsdp_checkpoints_and_the_resumed_run_equals_an_uninterrupted_one(
+    model_dir: Callable[[str], Path], text_data: dict[str, str], tmp_path: Path
+) -> None:
+    import signal
+    import time
+
+    model = model_dir("llama")
+    steps = 40
+    code, uninterrupted = run_trainer(_fsdp_config(model, text_data, tmp_path / "whole", steps), tmp_path, "whole.json")
+    assert code == contract.EXIT_OK, uninterrupted
+
+    run = tmp_path / "killed"
+    config = write_config(tmp_path / "killed.json", _fsdp_config(model, text_data, run, steps))
+    env = {
+        **os.environ, "FINETUNE_CACHE_DIR": str(tmp_path / "cache"), "FINETUNE_TERMINATION_LOG": str(tmp_path / "term"),
+        "OMP_NUM_THREADS": "1", "PET_NNODES": "1", "PET_NPROC_PER_NODE": "2",
+    }
+    process = subprocess.Popen([sys.executable, "-m", "finetune_trainer", "--config", str(config)], env=env, cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (run / "checkpoints" / "step-000004" / "manifest.json").exists():
+        assert process.poll() is None and time.monotonic() < deadline, "no checkpoint before the deadline"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == contract.EXIT_TERMINATED
+    stopped = json.loads((tmp_path / "term").read_text())
+    assert stopped["reason"] == "Terminated" and 4 <= stopped["step"] < steps, stopped
+    manifest = json.loads((run / "checkpoints" / f"step-{stopped['step']:06d}" / "manifest.json").read_text())
+    assert {"state/__0_0.distcp", "state/__1_0.distcp"} <= {f["path"] for f in manifest["files"]}
+
+    resumed = _launched(_fsdp_config(model, text_data, run, steps), tmp_path, "resumed")
+    assert final_eval(resumed)["step"] == steps
+    assert final_eval(resumed)["loss"] == pytest.approx(final_eval(uninterrupted)["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "world_size", "precision", "lora", "gib"),
+    [
+        pytest.param("data-parallel", 8, "bf16", False, 90.15, id="gptj-data-parallel-does-not-fit-80gb"),
+        pytest.param("fsdp", 8, "bf16", False, 11.27, id="gptj-fsdp-8-processes"),
+        pytest.param("fsdp", 8, "bf16", True, 1.41, id="gptj-lora-bf16-base-fsdp"),
+        pytest.param("data-parallel", 1, "fp32", True, 22.54, id="gptj-lora-fp32-base"),
+    ],
+)
+def test_memory_estimates_per_process(strategy: str, world_size: int, precision: str, lora: bool, gib: float) -> None:
+    from finetune_trainer.memory import catalog_estimate
+
+    estimate = catalog_estimate("6.05B", strategy=strategy, world_size=world_size, precision=precision, lora=lora)
+    assert estimate.state / 2**30 == pytest.approx(gib, abs=0.01)
+
+
+def test_auto_shards_only_when_data_parallel_would_not_fit() -> None:
+    from finetune_trainer.memory import resolve_strategy
+
+    gpu = 80 * 2**30
+    assert resolve_strategy("auto", world_size=8, data_parallel_bytes=97 * 10**9, device_bytes=gpu) == "fsdp"
+    assert resolve_strategy("auto", world_size=8, data_parallel_bytes=22 * 10**9, device_bytes=gpu) == "data-parallel"
+    assert resolve_strategy("auto", world_size=1, data_parallel_bytes=97 * 10**9, device_bytes=gpu) == "data-parallel"
+    assert resolve_strategy("auto", world_size=2, data_parallel_bytes=97 * 10**9, device_bytes=None) == "data-parallel"
+    assert resolve_strategy("fsdp", world_size=1, data_parallel_bytes=0, device_bytes=None) == "fsdp"

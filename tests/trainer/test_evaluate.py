@@ -17,8 +17,12 @@ from tests.trainer.conftest import base_config, run_trainer
 
 def _evaluate_config(model_uri: str, data: dict[str, str], run: Path, **overrides: Any) -> dict[str, Any]:
     """An evaluation of `model_uri` with the training tests' data and evaluation settings."""
-    config = base_config(Path("/unused"), data, run, mode="Evaluate", hyperparameters={"maxSteps": None}, **overrides)
+    config = base_config(Path("/unused"), data, run, mode="Evaluate", **overrides)
     config["model"] = {"uri": model_uri}
+    # settings only training uses must stay unset in mode Evaluate
+    training_only = ("maxSteps", "learningRate", "lrScheduler")
+    config["hyperparameters"] = {k: v for k, v in config["hyperparameters"].items() if k not in training_only}
+    config["checkpoints"] = {k: v for k, v in config["checkpoints"].items() if k == "outputUri"}
     return config
 
 

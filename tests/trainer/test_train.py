@@ -150,6 +150,11 @@ def test_scratch_init_trains_from_random_weights(
         pytest.param({"hyperparameters": {"batchSize": 4, "microBatchSize": 3}}, "multiple", id="micro-batch"),
         pytest.param({"model": {"uri": "file:///nonexistent/model"}}, "does not exist", id="missing-model"),
         pytest.param({"model": {"name": "no-such-model"}}, "unknown model", id="unknown-catalog-name"),
+        pytest.param({"hyperparameters": {"sharding": "zero3"}}, "hyperparameters.sharding", id="unknown-sharding"),
+        pytest.param({"hyperparameters": {"sharding": "data-parallel", "cpuOffload": True}}, "cpuOffload apply to sharding fsdp",
+                     id="offload-without-fsdp"),
+        pytest.param({"hyperparameters": {"sharding": "fsdp", "cpuOffload": True}}, "hyperparameters.cpuOffload",
+                     id="offload-on-cpu"),
     ],
 )
 def test_invalid_config_exits_with_the_permanent_code(
@@ -266,3 +271,96 @@ def test_bf16_mixed_precision_trains_on_cpu(
     assert code == 0
     assert summary["evaluations"][-1]["loss"] < summary["evaluations"][0]["loss"]
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+
+
+# ---- sharding: fsdp (FSDP2 on our own loop; one process here, two in test_distributed.py) --------
+FSDP = {"sharding": "fsdp"}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES), ids=list(FAMILIES))
+def test_every_family_trains_under_fsdp_and_exports_a_folder_that_reloads(
+    family: str, model_dir: Callable[[str], Path], text_data: dict[str, str], tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    config = base_config(model_dir(family), text_data, run, hyperparameters={**FSDP, "maxSteps": 2})
+    code, summary = run_trainer(config, tmp_path)
+    assert code == contract.EXIT_OK, summary
+    assert [e["step"] for e in summary["evaluations"]] == [0, 2]
+    assert summary["evaluations"][-1]["loss"] < summary["evaluations"][0]["loss"]
+    manifest = json.loads((run / "checkpoints" / "step-000002" / "manifest.json").read_text())
+    assert manifest["format"] == "dcp" and "state/__0_0.distcp" in {f["path"] for f in manifest["files"]}
+    # final/ is a plain Hugging Face folder, and evaluates to the last in-training evaluation
+    assert (run / "final" / "model.safetensors").exists() and (run / "final" / "config.json").exists()
+    assert _reevaluate(run / "final", text_data) == pytest.approx(final_eval(summary)["loss"], abs=1e-6)
+
+
+def test_lora_under_fsdp_trains_resumes_and_exports_merged(
+    model_dir: Callable[[str], Path], text_data: dict[str, str], tmp_path: Path
+) -> None:
+    model = model_dir("llama")
+    lora = {"rank": 4, "alpha": 8, "dropout": 0.0}
+
+    def config(run: str, steps: int) -> dict[str, object]:
+        return base_config(model, text_data, tmp_path / run, hyperparameters={**FSDP, "maxSteps": steps}, lora=lora,
+                           checkpoints={"everySteps": 3})
+
+    code, uninterrupted = run_trainer(config("whole", 6), tmp_path, "whole.json")
+    assert code == contract.EXIT_OK, uninterrupted
+    final = tmp_path / "whole" / "final"
+    assert (final / "adapter" / "adapter_model.safetensors").exists()
+    assert _reevaluate(final, text_data) == pytest.approx(final_eval(uninterrupted)["loss"], abs=1e-5)
+    manifest = json.loads((tmp_path / "whole" / "checkpoints" / "step-000003" / "manifest.json").read_text())
+    assert manifest["format"] == "dcp"
+    from torch.distributed.checkpoint import FileSystemReader
+
+    saved = FileSystemReader(str(tmp_path / "whole" / "checkpoints" / "step-000003" / "state")).read_metadata()
+    weights = [key for key in saved.state_dict_metadata if key.startswith("model.")]
+    assert weights and all("lora_" in key for key in weights), "a LoRA checkpoint holds the adapters, not the base"
+
+    assert run_trainer(config("parts", 3), tmp_path, "first.json")[0] == contract.EXIT_OK
+    code, resumed = run_trainer(config("parts", 6), tmp_path, "second.json")
+    assert code == contract.EXIT_OK, resumed
+    assert final_eval(resumed)["step"] == 6 and resumed["evaluations"][0]["step"] == 0
+    assert final_eval(resumed)["loss"] == pytest.approx(final_eval(uninterrupted)["loss"], abs=1e-6)
+
+
+def test_bf16_under_fsdp_trains_with_a_bf16_frozen_lora_base(
+    model_dir: Callable[[str], Path], text_data: dict[str, str], tmp_path: Path
+) -> None:
+    config = base_config(model_dir("llama"), text_data, tmp_path / "run", hyperparameters={**FSDP, "precision": "bf16"},
+                         lora={"rank": 4, "alpha": 8, "dropout": 0.0})
+    code, summary = run_trainer(config, tmp_path)
+    assert code == contract.EXIT_OK, summary
+    assert summary["evaluations"][-1]["loss"] < summary["evaluations"][0]["loss"]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    (held,) = [r for r in records if r["kind"] == "memory"]
+    assert 0 < held["trainedParameters"] < held["frozenParameters"]
+    # the frozen base in bf16 (2 bytes a weight), the adapters in fp32 (master weights)
+    assert held["measured"]["parameters"] == 2 * held["frozenParameters"] + 4 * held["trainedParameters"], held
+
+
+def test_a_sharded_export_has_an_index_and_reloads(model_dir: Callable[[str], Path], tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from finetune_trainer import export
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir("gpt_neox"), dtype=torch.float32)
+    export.export_full(model, tmp_path / "out", is_main=True, max_shard_bytes=64 * 1024)
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    ids = torch.arange(12).reshape(1, 12)
+    assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_activation_checkpointing_under_fsdp_gives_the_same_result(
+    model_dir: Callable[[str], Path], text_data: dict[str, str], tmp_path: Path
+) -> None:
+    losses = []
+    for flag in (False, True):
+        config = base_config(model_dir("gpt_neox"), text_data, tmp_path / f"run-{flag}",
+                             hyperparameters={**FSDP, "gradientCheckpointing": flag})
+        code, summary = run_trainer(config, tmp_path, f"c-{flag}.json")
+        assert code == contract.EXIT_OK, summary
+        losses.append(final_eval(summary)["loss"])
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)

@@ -1,10 +1,20 @@
 """Checkpoints in the run folder: upload in the background, manifest last, keep last K, resume.
 
-Layout: `<run>/checkpoints/step-NNNNNN/` holds what transformers' Trainer saved locally
-(safetensors weights or LoRA adapter, config, tokenizer, optimizer, scheduler, RNG states,
-trainer_state.json with the step and epoch = the data position) and `manifest.json`, written
-last, listing every file with size and SHA-256 plus the step's metrics. A checkpoint without its
-manifest does not exist. Only rank 0 uploads; every rank may download (reads only).
+Layout: `<run>/checkpoints/step-NNNNNN/` holds one of two formats, and `manifest.json`, written
+last, listing every file with size and SHA-256 plus the step's metrics (and `format`). A
+checkpoint without its manifest does not exist.
+
+- `trainer` (data parallel, transformers' Trainer): what the Trainer saved locally (safetensors
+  weights or LoRA adapter, config, tokenizer, optimizer, scheduler, RNG states,
+  trainer_state.json with the step and epoch = the data position). Only rank 0 uploads.
+- `dcp` (sharded, our own loop): `state/` written by `torch.distributed.checkpoint` — each rank
+  its own `__<rank>_*.distcp` file with its slices of the weights and the AdamW state, rank 0 the
+  `.metadata` — and `train_state.json` (step, epoch, world size, strategy). Every rank uploads its
+  own files in its background thread and then a listing `.ranks/rank-<K>.json`; rank 0 writes
+  the manifest once every rank's listing is there. DCP reshards on load, so a job may resume
+  with another number of processes (the data position is the step: `loop.step_indices`).
+
+Every rank may download (reads only).
 """
 
 from __future__ import annotations
@@ -28,6 +38,12 @@ log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints/"
 MANIFEST = "manifest.json"
+STATE = "state"  # the DCP folder of a sharded checkpoint
+TRAIN_STATE = "train_state.json"
+RANKS = ".ranks/"
+FORMAT_TRAINER = "trainer"
+FORMAT_DCP = "dcp"
+RANK_WAIT_SECONDS = 1800.0  # rank 0 waits this long for the other ranks' uploads
 
 
 def step_key(step: int) -> str:
@@ -47,25 +63,95 @@ def list_complete(store: Store) -> list[dict[str, Any]]:
     return sorted(manifests, key=lambda m: int(m["step"]))
 
 
-def upload_folder(store: Store, local: Path, prefix: str, *, step: int, metrics: dict[str, float]) -> dict[str, Any]:
-    """Upload every file of `local` under `prefix`, then the manifest. Returns the manifest."""
+def upload_files(store: Store, local: Path, prefix: str, paths: list[Path]) -> list[dict[str, Any]]:
+    """Upload `paths` (inside `local`) under `prefix`; their manifest entries."""
     files: list[dict[str, Any]] = []
-    for path in iter_local_files(local):
+    for path in paths:
         rel = path.relative_to(local).as_posix()
-        if rel == MANIFEST:
-            continue
-        size = path.stat().st_size
-        files.append({"path": rel, "size": size, "sha256": store.upload_file_hashed(path, prefix + rel)})
+        files.append({"path": rel, "size": path.stat().st_size, "sha256": store.upload_file_hashed(path, prefix + rel)})
+    return files
+
+
+def write_manifest(
+    store: Store, prefix: str, files: list[dict[str, Any]], *, step: int, metrics: dict[str, float], fmt: str
+) -> dict[str, Any]:
     manifest = {
         "step": step,
         "time": utc_now(),
         "uri": store.uri + prefix,
+        "format": fmt,
         "metrics": metrics,
-        "files": files,
+        "files": sorted(files, key=lambda f: str(f["path"])),
         "bytes": sum(f["size"] for f in files),
     }
     store.write_bytes(prefix + MANIFEST, json.dumps(manifest, indent=1).encode())
     return manifest
+
+
+def upload_folder(store: Store, local: Path, prefix: str, *, step: int, metrics: dict[str, float],
+                  fmt: str = FORMAT_TRAINER) -> dict[str, Any]:
+    """Upload every file of `local` under `prefix`, then the manifest. Returns the manifest."""
+    paths = [p for p in iter_local_files(local) if p.relative_to(local).as_posix() != MANIFEST]
+    return write_manifest(store, prefix, upload_files(store, local, prefix, paths), step=step, metrics=metrics, fmt=fmt)
+
+
+def upload_rank_share(store: Store, local: Path, prefix: str, paths: list[Path], *, rank: int) -> list[dict[str, Any]]:
+    """A rank's part of a sharded checkpoint: its files, then its listing (read by rank 0)."""
+    files = upload_files(store, local, prefix, paths)
+    store.write_bytes(f"{prefix}{RANKS}rank-{rank}.json", json.dumps(files).encode())
+    return files
+
+
+def collect_rank_shares(store: Store, prefix: str, *, world_size: int, timeout: float = RANK_WAIT_SECONDS,
+                        poll: float = 0.2) -> list[dict[str, Any]]:
+    """Every rank's listing of a sharded checkpoint (waits for the slowest rank's uploads)."""
+    deadline = time.monotonic() + timeout
+    files: list[dict[str, Any]] = []
+    for rank in range(world_size):
+        key = f"{prefix}{RANKS}rank-{rank}.json"
+        while not store.exists(key):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"checkpoint {prefix}: rank {rank} did not upload its shard in {timeout:.0f} s")
+            time.sleep(poll)
+        files.extend(json.loads(store.read_bytes(key)))
+    return files
+
+
+def rank_files(local: Path, *, rank: int) -> list[Path]:
+    """The files of a sharded checkpoint folder that `rank` wrote itself."""
+    mine = sorted((local / STATE).glob(f"__{rank}_*.distcp"))
+    if rank == 0:
+        mine += [local / STATE / ".metadata", local / TRAIN_STATE]
+    return mine
+
+
+def save_sharded(model: Any, optimizer: Any, local: Path, *, train_state: dict[str, Any], adapters_only: bool,
+                 is_main: bool) -> None:
+    """Every rank writes its slices of the model and AdamW state (a collective); rank 0 writes
+    train_state.json. With `adapters_only` (LoRA), the frozen base is not saved (it is reloaded
+    from the model folder)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model_state, optimizer_state = get_state_dict(
+        model, optimizer, options=StateDictOptions(ignore_frozen_params=adapters_only)
+    )
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(local / STATE))
+    if is_main:
+        (local / TRAIN_STATE).write_text(json.dumps(train_state, indent=1))
+
+
+def load_sharded(model: Any, optimizer: Any, local: Path, *, adapters_only: bool) -> dict[str, Any]:
+    """Restore the model and AdamW state saved by `save_sharded` (resharded to this run's
+    processes); returns train_state.json."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    options = StateDictOptions(ignore_frozen_params=adapters_only, strict=not adapters_only)
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
+    dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(local / STATE))  # in place
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state, options=options)
+    return dict(json.loads((local / TRAIN_STATE).read_text()))
 
 
 def download_checkpoint(store: Store, manifest: dict[str, Any], local: Path) -> Path:
@@ -91,15 +177,19 @@ def record_of(manifest: dict[str, Any]) -> CheckpointRecord:
 
 @dataclass
 class Uploader:
-    """One background thread that uploads checkpoint folders in order and applies retention.
+    """One background thread per process that uploads checkpoints in order and (rank 0)
+    applies retention. Data parallel: rank 0 alone uploads a whole folder. Sharded: every rank
+    runs one and uploads its own files; rank 0 writes the manifest when all ranks are done.
 
-    `on_complete(manifest, seconds)` runs in the upload thread after the manifest is written.
+    `on_complete(manifest, seconds)` runs in rank 0's upload thread after the manifest is written.
     """
 
     store: Store
     keep_last: int
     on_complete: Callable[[dict[str, Any], float], None]
-    _queue: queue.Queue[tuple[Path, int, dict[str, float], bool] | None] = field(default_factory=queue.Queue)
+    rank: int = 0
+    world_size: int = 1
+    _queue: queue.Queue[tuple[Path, int, dict[str, float], bool, bool] | None] = field(default_factory=queue.Queue)
     _errors: list[BaseException] = field(default_factory=list)
     _thread: threading.Thread | None = None
 
@@ -107,9 +197,9 @@ class Uploader:
         self._thread = threading.Thread(target=self._run, name="checkpoint-upload", daemon=True)
         self._thread.start()
 
-    def submit(self, local: Path, step: int, metrics: dict[str, float], *, remove_after: bool) -> None:
+    def submit(self, local: Path, step: int, metrics: dict[str, float], *, remove_after: bool, sharded: bool = False) -> None:
         self.raise_errors()
-        self._queue.put((local, step, metrics, remove_after))
+        self._queue.put((local, step, metrics, remove_after, sharded))
 
     def wait(self) -> None:
         """Block until every submitted checkpoint is uploaded."""
@@ -133,8 +223,11 @@ class Uploader:
             try:
                 if item is None:
                     return
-                local, step, metrics, remove_after = item
+                local, step, metrics, remove_after, sharded = item
                 started = time.perf_counter()
+                if sharded:
+                    self._upload_sharded(local, step, metrics, started, remove_after)
+                    continue
                 manifest = upload_folder(self.store, local, step_key(step), step=step, metrics=metrics)
                 self._retain()
                 self.on_complete(manifest, time.perf_counter() - started)
@@ -145,6 +238,23 @@ class Uploader:
                 self._errors.append(exc)
             finally:
                 self._queue.task_done()
+
+    def _upload_sharded(self, local: Path, step: int, metrics: dict[str, float], started: float, remove_after: bool) -> None:
+        prefix = step_key(step)
+        mine = rank_files(local, rank=self.rank)
+        upload_rank_share(self.store, local, prefix, mine, rank=self.rank)
+        if self.rank != 0:
+            if remove_after:
+                for path in mine:
+                    path.unlink(missing_ok=True)
+            return
+        files = collect_rank_shares(self.store, prefix, world_size=self.world_size)
+        manifest = write_manifest(self.store, prefix, files, step=step, metrics=metrics, fmt=FORMAT_DCP)
+        self.store.delete_prefix(prefix + RANKS.rstrip("/"))
+        self._retain()
+        self.on_complete(manifest, time.perf_counter() - started)
+        if remove_after:
+            shutil.rmtree(local, ignore_errors=True)
 
     def _retain(self) -> None:
         complete = list_complete(self.store)

@@ -99,6 +99,12 @@ MODE_DESCRIPTION = (
 )
 
 
+Sharding = Literal["auto", "data-parallel", "fsdp"]
+AUTO: Sharding = "auto"
+DATA_PARALLEL: Sharding = "data-parallel"
+FSDP: Sharding = "fsdp"
+
+
 class _Spec(BaseModel):
     """Base of every contract model: camelCase aliases, unknown fields rejected."""
 
@@ -314,12 +320,33 @@ class Hyperparameters(_Spec):
         default=False,
         description="Recompute activations in the backward pass to save memory.",
     )
+    sharding: Sharding = Field(
+        default=AUTO,
+        description="How the processes hold the model. data-parallel: every process holds the full "
+        "weights, gradients and AdamW state (~16 bytes per parameter in fp32). fsdp: FSDP2, each "
+        "transformer block and then the whole model sharded over all processes (~16/N bytes per "
+        "parameter with N processes, plus one block gathered at a time). auto: fsdp when there is "
+        "more than one process and data parallel would not fit the GPU's memory, else data-parallel.",
+    )
+    reshard_after_forward: bool = Field(
+        default=True,
+        description="fsdp: free each block's gathered weights after its forward pass and gather them "
+        "again for the backward pass (less memory, one more all-gather per block). false: keep them "
+        "until the backward pass.",
+    )
+    cpu_offload: bool = Field(
+        default=False,
+        description="fsdp: keep the sharded weights, gradients and AdamW state in host memory and run "
+        "the optimizer step on the CPU (fits larger models on a GPU, slower steps). GPU runs only.",
+    )
 
     @model_validator(mode="after")
     def _exclusive(self) -> Self:
         """CEL: !(has(self.maxSteps) && has(self.epochs));
         !(self.warmupSteps > 0 && self.warmupRatio > 0.0);
-        !has(self.microBatchSize) || self.batchSize % self.microBatchSize == 0"""
+        !has(self.microBatchSize) || self.batchSize % self.microBatchSize == 0;
+        self.sharding != 'data-parallel' || (self.reshardAfterForward && !self.cpuOffload);
+        !(self.sharding == 'fsdp' && self.precision == 'fp16')"""
         errors = []
         if self.max_steps is not None and self.epochs is not None:
             errors.append("maxSteps and epochs are exclusive")
@@ -327,6 +354,10 @@ class Hyperparameters(_Spec):
             errors.append("warmupSteps and warmupRatio are exclusive")
         if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
             errors.append("batchSize must be a multiple of microBatchSize")
+        if self.sharding == DATA_PARALLEL and (not self.reshard_after_forward or self.cpu_offload):
+            errors.append("reshardAfterForward and cpuOffload apply to sharding fsdp (or auto), not data-parallel")
+        if self.sharding == FSDP and self.precision == "fp16":
+            errors.append("sharding fsdp trains in fp32 or bf16, not fp16 (use precision bf16)")
         if errors:
             raise ValueError("; ".join(errors))
         return self

@@ -1,4 +1,4 @@
-"""The metric definitions of DESIGN.md §4 and the evaluation loop that applies them.
+"""The metric definitions (docs/trainer.md, Metrics) and the evaluation loop that applies them.
 
 - eval loss: summed cross-entropy over all non-masked target tokens ÷ their count, pooled over
   processes (all-reduce of the sums, not a mean of per-process means);
@@ -7,6 +7,9 @@
 
 Called by the trainer for step 0, every N steps, the final step and every baseline model.
 Each process evaluates its own shard (indices rank, rank+world, …; no padding or duplication).
+Every process runs the same number of forward passes (a process whose shard is shorter runs a
+pass with no target tokens): under FSDP each forward pass is a collective. Every key of the
+collated batch but `labels` goes to the model (e.g. `position_ids` of document-aware packing).
 """
 
 from __future__ import annotations
@@ -89,13 +92,18 @@ def evaluate_model(
     was_training = model.training
     model.eval()
     indices = list(range(rank, len(dataset), world_size))
+    longest_shard = -(-len(dataset) // world_size)  # rank 0's
+    batches = -(-longest_shard // micro_batch)
+    if max_batches is not None:
+        batches = min(batches, max_batches)
     stats = TokenStats(0.0, 0, 0)
-    for batch_number, start in enumerate(range(0, len(indices), micro_batch)):
-        if max_batches is not None and batch_number >= max_batches:
-            break
-        batch = collator([dataset[i] for i in indices[start : start + micro_batch]])
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    for number in range(batches):
+        items = [dataset[i] for i in indices[number * micro_batch : (number + 1) * micro_batch]]
+        if not items:  # keep step with the other processes; counts no token
+            first = dict(dataset[0])
+            items = [{**first, "labels": [IGNORE] * len(first["labels"])}]
+        batch = {k: v.to(device) for k, v in collator(items).items()}
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
         stats = stats + token_stats(logits, batch["labels"])
     if was_training:
         model.train()

@@ -4,14 +4,19 @@ In mode Evaluate the recipe stops after step 0 and the baselines: the same data,
 and evaluation as a training run's step 0, no optimizer, no checkpoint, no final/.
 
 Called by `cli.main` in every process (torchrun or single). Built on transformers' Trainer, with
-three overrides that pin down what DESIGN.md §4 fixes: the loss (token-weighted over the whole
+three overrides that pin down what docs/trainer.md (Metrics) fixes: the loss (token-weighted over the whole
 accumulated, multi-process batch, so gradient accumulation and world size do not change it),
 the train-loss window (token-weighted), and evaluation (`evaluation.evaluate_model`). Rank 0 does
 all writes to the run folder; checkpoints upload in the background (`checkpoints.Uploader`).
+
+Under `hyperparameters.sharding: fsdp` the training stage runs on our own loop instead
+(`_run_sharded`): `wrapping` shards the model with FSDP2, `loop.TrainingLoop` steps it,
+`checkpoints.save_sharded` writes DCP checkpoints on every rank and `export` gathers final/.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -22,7 +27,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -33,7 +38,8 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from finetune_trainer import checkpoints as ckpt
-from finetune_trainer.config import EVALUATE, ModelSpec, TrainerConfig
+from finetune_trainer import export, memory, wrapping
+from finetune_trainer.config import EVALUATE, FSDP, ModelSpec, TrainerConfig
 from finetune_trainer.contract import (
     DEFAULT_CACHE_DIR,
     ENV_CACHE_DIR,
@@ -45,6 +51,17 @@ from finetune_trainer.contract import (
 from finetune_trainer.data import IGNORE, Collator, RawData, SequenceDataset, build_sequences, load_raw
 from finetune_trainer.errors import InvalidInput
 from finetune_trainer.evaluation import EvalResult, evaluate_model
+from finetune_trainer.loop import (
+    LoopHooks,
+    LoopPlan,
+    TrainingLoop,
+    TrainLog,
+    decay_groups,
+    input_tokens,
+    steps_per_epoch,
+    total_steps,
+    warmup_steps,
+)
 from finetune_trainer.models import fetch_model, load_model, load_tokenizer
 from finetune_trainer.storage import Store, open_store, sha256_file
 from finetune_trainer.telemetry import Progress
@@ -143,7 +160,8 @@ class FineTuneTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> Any:
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        # every key of the collated batch but the labels (e.g. position_ids of document-aware packing)
+        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
         # Shift the labels, not the logits: position t predicts label t+1 and the last position
         # predicts nothing. Slicing the logits instead would copy the (batch, seq, vocab) tensor
         # (100 MB for SmolLM2 at 4x128) forward and backward on every micro-batch.
@@ -159,7 +177,7 @@ class FineTuneTrainer(Trainer):
                 self._window_started, self._window_steps_start = time.perf_counter(), self.state.global_step
             # no .item() here: no host-device sync per micro-batch
             self._window += torch.stack(
-                [loss_sum.detach().double(), tokens.double(), inputs["attention_mask"].sum().double()]
+                [loss_sum.detach().double(), tokens.double(), input_tokens(inputs).double()]
             )
         denominator = num_items_in_batch if num_items_in_batch is not None else tokens.clamp(min=1)
         # DDP averages gradients over processes; the denominator already counts all of them.
@@ -226,10 +244,16 @@ class RecipeCallback(TrainerCallback):
 
     def __init__(self, recipe: Recipe) -> None:
         self.recipe = recipe
+        self._measured = False
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         self.recipe.total_steps = state.max_steps
         self.recipe.progress.update(phase=TrainerPhase.TRAINING, totalSteps=state.max_steps, step=state.global_step)
+
+    def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        if not self._measured:  # after the first optimizer step, before the gradients are cleared
+            self.recipe.record_memory(kw["model"], kw["optimizer"])
+            self._measured = True
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         self.recipe.progress.update(step=state.global_step, epoch=state.epoch)
@@ -293,6 +317,8 @@ class Recipe:
         self.run_store = open_store(config.run_uri, **self.store_settings)
         self.io = RunIO(self.run_store if self.is_main else None, self.local_run)
         self.uploader: ckpt.Uploader | None = None
+        self._resume_manifest: dict[str, Any] = {}
+        self.strategy: str = self.config.hyperparameters.sharding
         self._last_train_loss: float | None = None
 
     # ---- setup ----------------------------------------------------------------------------
@@ -422,9 +448,13 @@ class Recipe:
             self.io.append_metric({"kind": "baseline", **baseline, "tokens": result.tokens})
 
     # ---- checkpoints ------------------------------------------------------------------------------
-    def checkpoint_saved(self, local: Path, step: int, seconds: float) -> None:
+    def checkpoint_saved(self, local: Path, step: int, seconds: float, *, sharded: bool = False) -> None:
         self.progress.metrics.checkpoint_save_seconds.set(seconds)
-        if not self.is_main or self.uploader is None:
+        if self.uploader is None:
+            return
+        if not self.is_main:
+            if sharded:  # every rank uploads its own shard; rank 0 writes the manifest
+                self.uploader.submit(local, step, {}, remove_after=True, sharded=True)
             return
         metrics = {}
         last = next((e for e in reversed(self.evaluations) if e["step"] == step), None)
@@ -434,7 +464,7 @@ class Recipe:
         if train_loss is not None:
             metrics["trainLoss"] = train_loss
         self.io.append_metric({"kind": "checkpointSaved", "step": step, "saveSeconds": seconds})
-        self.uploader.submit(local, step, metrics, remove_after=True)
+        self.uploader.submit(local, step, metrics, remove_after=True, sharded=sharded)
 
     def _uploaded(self, manifest: dict[str, Any], seconds: float) -> None:
         self.progress.metrics.checkpoint_bytes.inc(manifest["bytes"])
@@ -453,7 +483,7 @@ class Recipe:
         self.progress.set_checkpoints(self.checkpoint_records)
         if not manifests:
             return None
-        newest = manifests[-1]
+        newest = self._resume_manifest = manifests[-1]
         local = self.local_run / f"checkpoint-{newest['step']}"
         with self.args.main_process_first(local=True, desc="download checkpoint"):
             marker = local / ".downloaded"
@@ -535,7 +565,7 @@ class Recipe:
             self.total_steps = 0
             self.progress.update(totalSteps=0)
             self.progress.set_checkpoints([])  # an evaluation writes none
-        raw = self.load_data()
+        raw = self._raw = self.load_data()
         self.progress.update(phase=TrainerPhase.STARTING)
         model_folder = self.fetch(cfg.model)
         tokenizer = load_tokenizer(model_folder)
@@ -557,6 +587,11 @@ class Recipe:
         model = load_model(
             model_folder, init=cfg.model.init, dropout=cfg.hyperparameters.dropout, seed=cfg.hyperparameters.seed
         )
+        self.strategy = self._resolve_strategy(model)
+        if resume is not None:
+            self._check_resume_format()
+        if self.strategy == FSDP and not evaluate_only:
+            return self._run_sharded(model, model_folder, tokenizer, train_dataset, resume)
         if cfg.lora is not None:
             model = self._wrap_lora(model)
         model.to(self.device)
@@ -612,6 +647,214 @@ class Recipe:
             final_uri=final_uri,
             run_uri=cfg.run_uri,
         )
+
+    # ---- sharded training (FSDP2) on our own loop ------------------------------------------------
+    def _resolve_strategy(self, model: Any) -> str:
+        """`hyperparameters.sharding`, with `auto` decided from the data-parallel estimate."""
+        hp = self.config.hyperparameters
+        parameters = sum(p.numel() for p in model.parameters())
+        data_parallel = memory.estimate(
+            trained_parameters=parameters, strategy="data-parallel", world_size=self.world_size, precision=hp.precision
+        )
+        device_bytes = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
+        strategy = memory.resolve_strategy(
+            hp.sharding, world_size=self.world_size, data_parallel_bytes=data_parallel.state, device_bytes=device_bytes
+        )
+        log.info("sharding: %s (requested %s; %d processes; data parallel would hold %.2f GiB of model state per process)",
+                 strategy, hp.sharding, self.world_size, data_parallel.state / 2**30)
+        if hp.cpu_offload and self.device.type != "cuda":
+            raise InvalidInput("hyperparameters.cpuOffload: offloading to host memory needs a GPU run (on the CPU the "
+                               "model already lives in host memory); leave it false")
+        return strategy
+
+    def _check_resume_format(self) -> None:
+        """A run folder's checkpoints are resumed by the strategy that wrote them."""
+        written = self._resume_manifest.get("format", ckpt.FORMAT_TRAINER)
+        wanted = ckpt.FORMAT_DCP if self.strategy == FSDP else ckpt.FORMAT_TRAINER
+        if written != wanted:
+            by = {ckpt.FORMAT_DCP: "sharding fsdp", ckpt.FORMAT_TRAINER: "sharding data-parallel"}.get(written, written)
+            raise InvalidInput(
+                f"hyperparameters.sharding: the run folder's newest checkpoint (step {self._resume_manifest['step']}) "
+                f"was written with {by}, and this run resolved to {self.strategy}; resume it with the same "
+                "sharding, or start a new run folder"
+            )
+
+    @contextlib.contextmanager
+    def _process_group(self) -> Iterator[None]:
+        """FSDP needs a process group, also for one process: a private in-memory one then,
+        destroyed at the end of the run (the cleanup stage)."""
+        if torch.distributed.is_initialized():
+            yield
+            return
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
+        try:
+            yield
+        finally:
+            torch.distributed.destroy_process_group()
+
+    def _run_sharded(self, model: Any, model_folder: Path, tokenizer: Any, train_dataset: SequenceDataset,
+                     resume: Path | None) -> Outcome:
+        """setup (wrap, shard, optimizer, resume) → evaluate step 0 + baselines → train → export
+        → cleanup."""
+        with self._process_group():
+            return self._train_sharded(model, model_folder, tokenizer, train_dataset, resume)
+
+    def _train_sharded(self, model: Any, model_folder: Path, tokenizer: Any, train_dataset: SequenceDataset,
+                       resume: Path | None) -> Outcome:
+        cfg, hp = self.config, self.config.hyperparameters
+        lora = cfg.lora is not None
+        if lora:
+            assert cfg.lora is not None
+            frozen = torch.bfloat16 if hp.precision == "bf16" else torch.float32
+            model = wrapping.wrap_lora(model, cfg.lora, seed=hp.seed, frozen_dtype=frozen)
+        if hp.gradient_checkpointing:
+            wrapping.enable_activation_checkpointing(model, lora=lora)
+        model = wrapping.shard(model, device=self.device, precision=hp.precision,
+                               reshard_after_forward=hp.reshard_after_forward, cpu_offload=hp.cpu_offload)
+        optimizer = torch.optim.AdamW(decay_groups(model, hp.weight_decay), lr=hp.learning_rate, betas=(0.9, 0.999),
+                                      eps=1e-8, foreach=True)
+        start = 0
+        if resume is not None:
+            state = ckpt.load_sharded(model, optimizer, resume, adapters_only=lora)
+            start = int(state["step"])
+            log.info("resumed at step %d (saved by %d processes, now %d)", start, state["worldSize"], self.world_size)
+        elif cfg.evaluation.at_start:
+            self.record_evaluation(0, self.evaluate(model, self.eval_dataset))
+        self.evaluate_baselines(self._raw)
+        self.io.flush()
+
+        micro = hp.micro_batch(self.world_size)
+        total = total_steps(max_steps=hp.max_steps, epochs=hp.epochs, dataset_size=len(train_dataset), batch_size=hp.batch_size)
+        self.total_steps = total
+        plan = LoopPlan(
+            total_steps=total, batch_size=hp.batch_size, micro_batch=micro,
+            accumulation=hp.gradient_accumulation(self.world_size), rank=self.rank, world_size=self.world_size,
+            seed=hp.seed, peak_lr=hp.learning_rate,
+            warmup=warmup_steps(steps=hp.warmup_steps, ratio=hp.warmup_ratio, total=total),
+            schedule=hp.lr_scheduler, max_grad_norm=hp.max_grad_norm, log_every=cfg.evaluation.log_every_steps,
+            eval_every=cfg.evaluation.every_steps, save_every=cfg.checkpoints.every_steps, dataset_size=len(train_dataset),
+        )
+        self.uploader = ckpt.Uploader(self.run_store, cfg.checkpoints.keep_last, self._uploaded,
+                                      rank=self.rank, world_size=self.world_size)
+        self.uploader.start()
+        board = self._tensorboard()
+        collator = Collator(self.pad_id)
+
+        def save(step: int) -> None:
+            self.progress.update(phase=TrainerPhase.CHECKPOINTING)
+            started = time.perf_counter()
+            local = self.local_run / f"checkpoint-{step}"
+            ckpt.save_sharded(
+                model, optimizer, local, adapters_only=lora, is_main=self.is_main,
+                train_state={"step": step, "epoch": step / steps_per_epoch(len(train_dataset), hp.batch_size),
+                             "worldSize": self.world_size, "sharding": FSDP, "config": cfg.to_dict()},
+            )
+            self.checkpoint_saved(local, step, time.perf_counter() - started, sharded=True)
+            self.progress.update(phase=TrainerPhase.TRAINING)
+
+        def evaluate(step: int) -> None:
+            result = self.evaluate(model, self.eval_dataset)
+            self.record_evaluation(step, result)
+            if board is not None:
+                for name, value in (("loss", result.loss), ("accuracy", result.accuracy), ("perplexity", result.perplexity)):
+                    board.add_scalar(f"eval/{name}", value, step)
+
+        def stop_requested() -> bool:
+            self.terminated = self.terminated or self.stop_agreed()
+            return self.terminated
+
+        loop = TrainingLoop(
+            model, optimizer, plan,
+            LoopHooks(
+                collate=lambda ids: collator([train_dataset[i] for i in ids]),
+                empty_batch=lambda: collator([{"input_ids": [self.pad_id], "labels": [IGNORE]}]),
+                on_step=lambda step, epoch: self.progress.update(step=step, epoch=epoch),
+                on_log=lambda entry: self._log_train(entry, board, total),
+                evaluate=evaluate, save=save, stop_requested=stop_requested,
+                measure=lambda: self.record_memory(model, optimizer),
+            ),
+            device=self.device, autocast_dtype=None, sync_context=lambda last: contextlib.nullcontext(),
+        )
+        self.progress.update(phase=TrainerPhase.TRAINING, totalSteps=total, step=start)
+        self.stop.in_training = True
+        try:
+            step, _ = loop.run(start)
+        finally:
+            self.stop.in_training = False
+        if board is not None:
+            board.close()
+        final_uri = None if self.terminated else self._export_sharded(model, model_folder, tokenizer, step)
+        self.uploader.wait()
+        self.uploader.close()
+        self.io.flush()
+        self.progress.update(phase=TrainerPhase.TERMINATED if self.terminated else TrainerPhase.SUCCEEDED, step=step)
+        return Outcome(terminated=self.terminated, step=step, total_steps=total, evaluations=self.evaluations,
+                       baselines=self.baselines, checkpoints=self.checkpoint_records, final_uri=final_uri,
+                       run_uri=cfg.run_uri)
+
+    def record_memory(self, model: Any, optimizer: torch.optim.Optimizer) -> None:
+        """The model state this process holds after its first optimizer step, measured on the
+        tensors, beside `memory.estimate` for the strategy (metrics.jsonl kind "memory")."""
+        measured = wrapping.local_state_bytes(model, optimizer)
+        parameters = list(model.parameters())
+        trained = sum(p.numel() for p in parameters if p.requires_grad)
+        frozen = sum(p.numel() for p in parameters if not p.requires_grad)
+        blocks = wrapping.transformer_blocks(wrapping.unwrap(model)) if self.strategy == FSDP else []
+        estimate = memory.estimate(
+            trained_parameters=trained, frozen_parameters=frozen, strategy=self.strategy, world_size=self.world_size,
+            precision=self.config.hyperparameters.precision,
+            largest_block_parameters=max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0),
+        )
+        log.info("model state per process: %.1f MiB measured, %.1f MiB estimated (%s, %d processes)",
+                 sum(measured.values()) / 2**20, estimate.state / 2**20, self.strategy, self.world_size)
+        self.io.append_metric({
+            "kind": "memory", "strategy": self.strategy, "worldSize": self.world_size, "rank": self.rank,
+            "trainedParameters": trained, "frozenParameters": frozen,
+            "measured": {**measured, "state": sum(measured.values())},
+            "estimate": {"parameters": estimate.parameters, "gradients": estimate.gradients,
+                         "optimizer": estimate.optimizer, "state": estimate.state,
+                         "gatheredBlock": estimate.gathered_block_bytes},
+        })
+
+    def _tensorboard(self) -> Any:
+        if not self.is_main:
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(log_dir=str(self.local_run / "tensorboard"))
+
+    def _log_train(self, entry: TrainLog, board: Any, total: int) -> None:
+        self.progress.metrics.tokens.inc(entry.input_tokens)
+        self.progress.update(
+            trainLoss=entry.loss, learningRate=entry.learning_rate, tokensPerSecond=entry.tokens_per_second,
+            etaSeconds=(total - entry.step) * entry.seconds_per_step,
+        )
+        self.io.append_metric({
+            "kind": "train", "step": entry.step, "epoch": entry.epoch, "loss": entry.loss,
+            "learningRate": entry.learning_rate, "gradNorm": entry.grad_norm, "tokensPerSecond": entry.tokens_per_second,
+        })
+        if board is not None:
+            for name, value in (("loss", entry.loss), ("learning_rate", entry.learning_rate),
+                                ("grad_norm", entry.grad_norm), ("tokens_per_second", entry.tokens_per_second)):
+                if value is not None:
+                    board.add_scalar(f"train/{name}", value, entry.step)
+
+    def _export_sharded(self, model: Any, model_folder: Path, tokenizer: Any, step: int) -> str | None:
+        """final/ gathered from the shards (every process joins the gathers; rank 0 writes)."""
+        local = self.local_run / "final"
+        if self.is_main:
+            shutil.rmtree(local, ignore_errors=True)
+        if self.config.lora is not None:
+            export.export_lora(model, local, is_main=self.is_main, base_folder=model_folder, lora=self.config.lora,
+                               merge=self.config.lora.merge_on_export)
+        else:
+            export.export_full(model, local, is_main=self.is_main)
+        torch.distributed.barrier()
+        if not self.is_main:
+            return None
+        tokenizer.save_pretrained(local)
+        return self._upload_final(local, step)
 
     # ---- mode Evaluate --------------------------------------------------------------------------
     def _refuse_training_run_folder(self) -> None:
@@ -681,10 +924,13 @@ class Recipe:
         else:
             model.save_pretrained(local, safe_serialization=True)
         tokenizer.save_pretrained(local)
+        return self._upload_final(local, trainer.state.global_step)
+
+    def _upload_final(self, local: Path, step: int) -> str:
         final = self.evaluations[-1] if self.evaluations else None
         metrics = {} if final is None else {"evalLoss": final["loss"], "evalAccuracy": final["accuracy"], "evalPerplexity": final["perplexity"]}
         self.run_store.delete_prefix("final/manifest.json")
-        manifest = ckpt.upload_folder(self.run_store, local, "final/", step=trainer.state.global_step, metrics=metrics)
+        manifest = ckpt.upload_folder(self.run_store, local, "final/", step=step, metrics=metrics, fmt="final")
         return str(manifest["uri"])
 
 
