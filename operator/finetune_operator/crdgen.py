@@ -90,7 +90,8 @@ def _absolute_file_rules() -> list[Rule]:
         )
     rules.append(
         {
-            "rule": f"self.evaluation.baselines.all(b, !has(b.uri) || {absolute('b.uri')})",
+            "rule": "!has(self.evaluation.baselines) || "
+            f"self.evaluation.baselines.all(b, !has(b.uri) || {absolute('b.uri')})",
             "message": f"evaluation.baselines[].uri: {api.RELATIVE_FILE_MESSAGE}",
             "fieldPath": ".evaluation.baselines",
         }
@@ -157,7 +158,8 @@ CEL_RULES: dict[type[BaseModel], list[Rule]] = {
     ],
     trainer_config.EvaluationSpec: [
         {
-            "rule": f"self.baselines.all(b, self.baselines.exists_one(c, {_model_key('c')} == {_model_key('b')}))",
+            "rule": "!has(self.baselines) || "
+            f"self.baselines.all(b, self.baselines.exists_one(c, {_model_key('c')} == {_model_key('b')}))",
             "message": "each baseline model may be listed once (same name, or same uri and revision)",
             "fieldPath": ".baselines",
         },
@@ -207,7 +209,8 @@ CEL_RULES: dict[type[BaseModel], list[Rule]] = {
         *_absolute_file_rules(),
         # trainer_config.baseline_errors
         {
-            "rule": "self.model.init != 'pretrained' || !self.evaluation.baselines.exists(b, "
+            "rule": "self.model.init != 'pretrained' || !has(self.evaluation.baselines) || "
+            "!self.evaluation.baselines.exists(b, "
             f"{_model_key('b')} == {_model_key('self.model')})",
             "message": "evaluation.baselines lists the model being trained: its zero-shot result is the "
             "step-0 evaluation already (remove it from baselines)",

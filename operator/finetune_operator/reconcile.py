@@ -182,7 +182,7 @@ def _reconcile(
             problem = Problem(Reason.INVALID_SPEC, "invalid spec: " + "; ".join(exc.errors), permanent=True)
         else:
             run_uri = builders.run_uri(job, settings)
-            if prev_phase in (None, Phase.PENDING.value):
+            if prev_phase in (None, Phase.PENDING.value) or previous.get("reason") == Reason.INVALID_SPEC.value:
                 problem = _missing_references(cluster, job)
             if problem is None:
                 try:

@@ -114,6 +114,9 @@ def main() -> None:
                 "step": 0,
             }
         )
+    if scenario == "oom":  # what the kernel's OOM killer does to a trainer: SIGKILL, exit 137
+        print("stand-in trainer: allocating past the memory limit", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
     if scenario == "crash":
         print("Traceback (most recent call last): RuntimeError: simulated crash", flush=True)
         finish(

@@ -8,9 +8,14 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
 
+from finetune_operator.api import API_VERSION, GROUP, KIND, PLURAL, VERSION, SpecError, parse_spec
 from tests.integration.operator_env import manifest
 from tests.kube import ClusterHandle
+from tests.operator.factories import spec as factory_spec
+from tests.strategies import specs
+from tests.validation_cases import CLOSE_BUT_VALID, GAPS
 
 pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("crd")]
 
@@ -63,7 +68,7 @@ INVALID = [
     (
         "model-uri-scheme",
         with_spec(model={"uri": "http://example.com/m"}),
-        ["spec.model.uri: Invalid value", "should match '^(s3|file|hf)://.+$'"],
+        ["spec.model.uri: Invalid value", "must be s3://<bucket>/<path>, file:///<absolute path> or hf://<org>/<name>"],
     ),
     ("model-name-pattern", with_spec(model={"name": "Pythia_70M!"}), ["spec.model.name: Invalid value"]),
     (
@@ -258,7 +263,7 @@ def test_valid_manifest_gets_defaults(cluster: ClusterHandle, namespace: str) ->
 
 def test_valid_evaluate_manifest(cluster: ClusterHandle, namespace: str) -> None:
     obj = manifest("evaluation", mode="Evaluate", dataset={"eval": ["file:///standin/ok/eval.jsonl"]},
-                   hyperparameters={"batchSize": 4})
+                   hyperparameters={"batchSize": 4}, checkpoints={})
     out = cluster.kubectl(
         "create", "--dry-run=server", "-n", namespace, "-o", "json", "-f", "-", input=json.dumps(obj)
     )
@@ -269,9 +274,9 @@ def test_valid_evaluate_manifest(cluster: ClusterHandle, namespace: str) -> None
     assert "maxSteps" not in spec["hyperparameters"] and "train" not in spec["dataset"]
 
 
-def _create_started(cluster: ClusterHandle, namespace: str, name: str) -> None:
+def _create_started(cluster: ClusterHandle, namespace: str, name: str, **status_fields: str) -> None:
     cluster.kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(manifest(name)))
-    status = {"status": {"phase": "Running", "startTime": "2026-11-29T06:00:00Z"}}
+    status = {"status": {"phase": "Running", "startTime": "2026-11-29T06:00:00Z", **status_fields}}
     cluster.kubectl(
         "patch",
         "ftj",
@@ -358,3 +363,142 @@ def test_cancel_cannot_be_undone(cluster: ClusterHandle, namespace: str) -> None
     assert "spec.cancel: Invalid value" in result.stderr and "cancel cannot be undone" in result.stderr, (
         result.stderr
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# the validation gaps, and the CRD agreeing with the Python validation
+
+
+# Where the API server's own wording differs from the Python validation's (same rule).
+SERVER_WORDING = {
+    "baselines-twice-by-name": "each baseline model may be listed once",
+    "baselines-twice-by-uri": "each baseline model may be listed once",
+    "train-twice": "Duplicate value",
+    "eval-twice": "Duplicate value",
+    "lora-modules-twice": "Duplicate value",
+    "node-selector-value-long": "Too long",
+    "baseline-is-the-model": "evaluation.baselines lists the model being trained",
+    "baseline-is-the-model-uri": "evaluation.baselines lists the model being trained",
+}
+
+
+def _gap_manifest(overrides: dict[str, Any]) -> dict[str, Any]:
+    """The very spec the unit tests give `parse_spec` (tests/operator/factories.spec)."""
+    obj = manifest("gap")
+    obj["spec"] = factory_spec(**overrides)
+    return obj
+
+
+@pytest.mark.parametrize(
+    ("case", "overrides", "field", "message"), [pytest.param(p.id, *p.values, id=p.id) for p in GAPS]
+)
+def test_validation_gaps_refused_by_the_api_server(
+    cluster: ClusterHandle, namespace: str, case: str, overrides: dict[str, Any], field: str, message: str
+) -> None:
+    """The earliest layer: `kubectl apply` answers, naming the field; nothing is created."""
+    obj = _gap_manifest(overrides)
+    result = cluster.kubectl(
+        "create", "--dry-run=server", "-n", namespace, "-f", "-", input=json.dumps(obj), check=False
+    )
+    assert result.returncode != 0, f"accepted: {json.dumps(obj['spec'])}"
+    base = field.split("[")[0]
+    assert base in result.stderr or base.rsplit(".", 1)[0] in result.stderr, result.stderr
+    assert SERVER_WORDING.get(case, message) in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("overrides", CLOSE_BUT_VALID)
+def test_close_but_valid_specs_accepted_by_the_api_server(
+    cluster: ClusterHandle, namespace: str, overrides: dict[str, Any]
+) -> None:
+    obj = _gap_manifest(overrides)
+    result = cluster.kubectl(
+        "create", "--dry-run=server", "-n", namespace, "-f", "-", input=json.dumps(obj), check=False
+    )
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture(scope="module")
+def custom_api(cluster: ClusterHandle) -> Any:
+    from kubernetes import client, config
+
+    return client.CustomObjectsApi(config.new_client_from_config(str(cluster.kubeconfig)))
+
+
+def _server_verdict(custom_api: Any, namespace: str, spec: dict[str, Any]) -> tuple[bool, str]:
+    from kubernetes.client.rest import ApiException
+
+    body = {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": "fuzz"}, "spec": spec}
+    try:
+        custom_api.create_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, body, dry_run="All", field_validation="Strict"
+        )
+    except ApiException as exc:
+        if exc.status in (400, 422):
+            return False, str(json.loads(exc.body).get("message"))
+        raise
+    return True, ""
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(spec=specs())
+def test_the_crd_and_the_python_validation_agree(custom_api: Any, namespace: str, spec: dict[str, Any]) -> None:
+    """Generated near-valid specs: each accepted by the API server (schema + CEL, strict field
+    validation) is accepted by `parse_spec`, and each refused by one is refused by the other."""
+    accepted, why = _server_verdict(custom_api, namespace, spec)
+    try:
+        parse_spec(spec)
+        python, python_why = True, ""
+    except SpecError as exc:
+        python, python_why = False, "; ".join(exc.errors)
+    assert accepted == python, (
+        f"API server {'accepts' if accepted else 'refuses: ' + why}; Python "
+        f"{'accepts' if python else 'refuses: ' + python_why}; spec: {json.dumps(spec)}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("patch", "fragment"),
+    [
+        pytest.param(
+            {"spec": {"checkpoints": {"outputUri": "file:///elsewhere/"}}},
+            "spec.checkpoints.outputUri: Invalid value",
+            id="output-uri",
+        ),
+        pytest.param({"spec": {"storage": {"runsUri": "s3://other/"}}}, "spec.storage: Invalid value", id="runs-uri"),
+        pytest.param(
+            {"spec": {"storage": {"endpoint": "http://127.0.0.1:9999"}}}, "spec.storage: Invalid value", id="endpoint"
+        ),
+    ],
+)
+def test_run_folder_and_storage_immutable_once_started(
+    cluster: ClusterHandle, namespace: str, patch: dict[str, Any], fragment: str
+) -> None:
+    _create_started(cluster, namespace, "started")
+    result = cluster.kubectl(
+        "patch", "ftj", "started", "-n", namespace, "--type=merge", "-p", json.dumps(patch), check=False
+    )
+    assert result.returncode != 0
+    assert fragment in result.stderr and "immutable once the job has started" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    "patch",
+    [
+        pytest.param({"spec": {"resources": {"memory": "2Gi"}}}, id="memory"),
+        pytest.param({"spec": {"resources": {"nodeSelector": {"gpu": "a100"}}}}, id="node-selector"),
+        pytest.param({"spec": {"runPolicy": {"backoffLimit": 5}}}, id="backoff-limit"),
+        pytest.param({"spec": {"runPolicy": {"ttlSecondsAfterFinished": 0}}}, id="ttl"),
+    ],
+)
+def test_resources_and_run_policy_immutable_once_the_job_exists(
+    cluster: ClusterHandle, namespace: str, patch: dict[str, Any]
+) -> None:
+    """They are in the Job's pod template, which cannot change: refused, not silently ignored."""
+    cluster.kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(manifest("pending")))
+    cluster.kubectl("patch", "ftj", "pending", "-n", namespace, "--type=merge", "-p", json.dumps(patch))
+    _create_started(cluster, namespace, "created", jobName="created")
+    result = cluster.kubectl(
+        "patch", "ftj", "created", "-n", namespace, "--type=merge", "-p", json.dumps(patch), check=False
+    )
+    assert result.returncode != 0
+    assert "immutable once its Job exists" in result.stderr, result.stderr

@@ -64,7 +64,9 @@ def test_dataset_files_are_registered_or_refused_by_file_and_line(
         summary = datasets.summarize("reports", files, format=format)
     except datasets.DatasetError as exc:
         located = [str(exc), *exc.details]
-        assert any(LOCATED.match(line) for line in located) or "formats" in str(exc) or "record(s)" in str(exc), located
+        assert (
+            any(LOCATED.match(line) for line in located) or "formats" in str(exc) or "record(s)" in str(exc)
+        ), located
         for line in exc.details:
             assert LOCATED.match(line) or line.split(":")[0] in ("train.jsonl", "eval.jsonl"), line
         return
@@ -102,7 +104,20 @@ def test_checkpoint_ids(value: str) -> None:
     assert value == f"{job}:{step}" or value.endswith(str(step))
 
 
-WORDS = ["list", "models", "hyperparameters", "datasets", "--output", "json", "-o", "yaml", "--help", "x", "", "-"]
+WORDS = [
+    "list",
+    "models",
+    "hyperparameters",
+    "datasets",
+    "--output",
+    "json",
+    "-o",
+    "yaml",
+    "--help",
+    "x",
+    "",
+    "-",
+]
 
 
 @settings(max_examples=100, deadline=None)

@@ -8,6 +8,7 @@ the termination message and maps outcomes to the exit codes of `contract`:
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -18,7 +19,7 @@ from datetime import UTC, datetime
 from pydantic import ValidationError
 
 from finetune_trainer import contract
-from finetune_trainer.config import EVALUATE, TRAIN, TrainerConfig
+from finetune_trainer.config import EVALUATE, PATTERN_MESSAGES, TRAIN, TrainerConfig
 from finetune_trainer.errors import InvalidInput, Reason
 from finetune_trainer.launch import launch, wants_launch
 from finetune_trainer.telemetry import Progress, serve, write_termination_message
@@ -31,7 +32,10 @@ def format_validation_error(exc: ValidationError) -> list[str]:
     lines = []
     for error in exc.errors():
         where = ".".join(str(p) for p in error["loc"]) or "(config)"
-        lines.append(f"{where}: {error['msg']}")
+        message = str(error["msg"])
+        if error.get("type") == "string_pattern_mismatch":  # what is allowed, not the regex
+            message = PATTERN_MESSAGES.get(str((error.get("ctx") or {}).get("pattern")), message)
+        lines.append(f"{where}: {message}")
     return lines
 
 
@@ -110,9 +114,13 @@ def train(config: TrainerConfig, progress: Progress, termination_path: str, *, i
             )
         return contract.EXIT_TERMINATED
     except Exception as exc:
-        log.exception("training failed")
+        full = disk_full(exc)
+        if full is not None:
+            log.error("%s", full)
+        else:
+            log.exception("training failed")
         progress.update(phase="Failed")
-        message = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
+        message = full or f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
         reason = Reason.PEER_LOST if lost_peer(exc) else Reason.ERROR
         write_failure(termination_path, _summary(config, progress, contract.EXIT_FAILURE, reason, message))
         return contract.EXIT_FAILURE
@@ -152,6 +160,21 @@ def write_failure(path: str, summary: contract.TerminationSummary) -> None:
     except OSError:
         pass
     write_termination_message(path, summary)
+
+
+def disk_full(exc: BaseException) -> str | None:
+    """A clear message if `exc` (or what caused it) is ENOSPC, the local disk being full."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            where = f" writing {seen.filename}" if seen.filename else ""
+            return (
+                f"no space left on the pod's local disk{where}: the model cache ({contract.ENV_CACHE_DIR}) "
+                "and checkpoints staged before upload need room for the model about 3 times over; give "
+                "the pod more ephemeral storage (a larger node disk or emptyDir) or use a smaller model"
+            )
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _evaluated(evaluations: Sequence[contract.EvaluationPoint]) -> str:

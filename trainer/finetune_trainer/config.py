@@ -31,6 +31,7 @@ from typing import Annotated, Any, Literal, NamedTuple, Self
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
+from pydantic.json_schema import JsonDict
 
 # URI grammar shared with the CRD schema. Each pattern must mean the same to pydantic-core's Rust
 # regex and to the API server's RE2: no lookarounds, no backreferences, no Unicode classes (`\s`
@@ -79,7 +80,7 @@ def _no_duplicates(values: list[str] | None) -> list[str] | None:
     return values
 
 
-UNIQUE: dict[str, Any] = {"x-kubernetes-list-type": "set"}  # CRD: entries must be unique
+UNIQUE: JsonDict = {"x-kubernetes-list-type": "set"}
 
 DataUri = Annotated[str, Field(pattern=DATA_URI_PATTERN, max_length=1024)]
 # A list of data URIs, each at most once (`x-kubernetes-list-type: set` in the CRD).
@@ -457,7 +458,7 @@ class EvaluationSpec(_Spec):
 
     @model_validator(mode="after")
     def _unique_baselines(self) -> Self:
-        """CEL: self.baselines.all(b, self.baselines.exists_one(c, model_key(c) == model_key(b)))
+        """CEL: !has(self.baselines) || self.baselines.all(b, self.baselines.exists_one(c, model_key(c) == model_key(b)))
         (`crdgen` spells model_key out)"""
         seen: set[tuple[str, str]] = set()
         for index, baseline in enumerate(self.baselines):

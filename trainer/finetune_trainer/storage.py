@@ -3,22 +3,108 @@
 Called by the trainer's data, model and checkpoint code. Credentials come only from the
 environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY); the endpoint from the config. Keys are
 '/'-separated and relative to the store's root URI. No torch here.
+
+An S3 server that is unreachable or answers 5xx (restarted, overloaded) does not end the run:
+every S3Store operation is retried with exponential backoff (`with_retries`: 1 s doubling to
+30 s) for up to FINETUNE_STORAGE_RETRY_SECONDS (default 600), each retry logged as a warning;
+after that the error propagates (the pod fails and the Job retries it). A retried upload
+starts the object again from its first byte, so no object is ever half written; a checkpoint
+exists only once its manifest, uploaded last, does.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
+import logging
 import os
+import random
 import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any, Protocol, TypeVar
 from urllib.parse import unquote, urlparse
 
 MULTIPART_CHUNK = 8 * 1024 * 1024
 HASH_CHUNK = 4 * 1024 * 1024
+ENV_RETRY_SECONDS = "FINETUNE_STORAGE_RETRY_SECONDS"
+DEFAULT_RETRY_SECONDS = 600.0
+FIRST_BACKOFF_SECONDS = 1.0
+MAX_BACKOFF_SECONDS = 30.0
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """An error a later attempt may not see: the server unreachable, the connection dropped, a
+    timeout, a 5xx or throttling answer. Not: 4xx (a missing key, no permission, a bad bucket)."""
+    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import ClientError, HTTPClientError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+
+    if isinstance(exc, BotoConnectionError | HTTPClientError):  # EndpointConnectionError, timeouts, ...
+        return True
+    if isinstance(exc, ClientError):
+        meta = exc.response.get("ResponseMetadata") or {}
+        code = str((exc.response.get("Error") or {}).get("Code") or "")
+        return int(meta.get("HTTPStatusCode") or 0) >= 500 or code in ("SlowDown", "Throttling", "RequestTimeout")
+    if isinstance(exc, S3UploadFailedError):  # boto3 wraps the multipart failure's cause as text
+        return any(word in str(exc) for word in ("Could not connect", "Connection", "timed out", "(5", "SlowDown"))
+    return False
+
+
+def with_retries(
+    operation: Callable[[], T],
+    *,
+    what: str,
+    budget_seconds: float,
+    transient: Callable[[BaseException], bool] = is_transient,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+    jitter: Callable[[], float] = random.random,
+) -> T:
+    """`operation()`, again after transient errors with exponential backoff (full jitter on the
+    upper half), until `budget_seconds` have passed; then its last error is raised."""
+    started = clock()
+    delay = FIRST_BACKOFF_SECONDS
+    attempt = 1
+    while True:
+        try:
+            return operation()
+        except Exception as exc:
+            waited = clock() - started
+            if not transient(exc) or waited + delay > budget_seconds:
+                raise
+            pause = delay * (0.5 + 0.5 * jitter())
+            log.warning(
+                "storage: %s failed (attempt %d, %s); retrying in %.1fs (giving up after %.0fs)",
+                what, attempt, _short(exc), pause, budget_seconds,
+            )
+            sleep(pause)
+            delay = min(delay * 2, MAX_BACKOFF_SECONDS)
+            attempt += 1
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text[:200]}"
+
+
+def _retried(method: Callable[..., T]) -> Callable[..., T]:
+    """An S3Store method run under `with_retries` (the store's budget)."""
+
+    @functools.wraps(method)
+    def wrapper(self: S3Store, *args: Any, **kwargs: Any) -> T:
+        what = f"{method.__name__} {self.uri}{args[0] if args and isinstance(args[0], str) else ''}"
+        return with_retries(
+            lambda: method(self, *args, **kwargs), what=what, budget_seconds=self.retry_seconds
+        )
+
+    return wrapper
 
 
 @dataclass(frozen=True)
@@ -121,7 +207,14 @@ class LocalStore:
 
 
 class S3Store:
-    def __init__(self, uri: str, *, endpoint: str | None = None, region: str | None = None) -> None:
+    def __init__(
+        self,
+        uri: str,
+        *,
+        endpoint: str | None = None,
+        region: str | None = None,
+        retry_seconds: float | None = None,
+    ) -> None:
         import boto3
         from boto3.s3.transfer import TransferConfig
         from botocore.config import Config
@@ -146,10 +239,16 @@ class S3Store:
         self.transfer = TransferConfig(
             multipart_threshold=MULTIPART_CHUNK, multipart_chunksize=MULTIPART_CHUNK, max_concurrency=8
         )
+        self.retry_seconds = (
+            retry_seconds
+            if retry_seconds is not None
+            else float(os.environ.get(ENV_RETRY_SECONDS) or DEFAULT_RETRY_SECONDS)
+        )
 
     def _key(self, key: str) -> str:
         return self.prefix + key
 
+    @_retried
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         full = self._key(prefix)
         out: list[ObjectInfo] = []
@@ -160,21 +259,26 @@ class S3Store:
             out = [o for o in out if o.key == prefix or o.key.startswith(prefix + "/")]
         return sorted(out, key=lambda o: o.key)
 
+    @_retried
     def read_bytes(self, key: str) -> bytes:
         body: bytes = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
         return body
 
+    @_retried
     def open_read(self, key: str, start: int = 0) -> IO[bytes]:
         extra = {"Range": f"bytes={start}-"} if start else {}
         body: IO[bytes] = self.client.get_object(Bucket=self.bucket, Key=self._key(key), **extra)["Body"]
         return body
 
+    @_retried
     def write_bytes(self, key: str, data: bytes) -> None:
         self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
 
+    @_retried
     def upload_file(self, local: Path, key: str) -> None:
         self.client.upload_file(str(local), self.bucket, self._key(key), Config=self.transfer)
 
+    @_retried
     def upload_file_hashed(self, local: Path, key: str) -> str:
         """Multipart upload from a sequential reader that hashes what it hands to boto3."""
         with local.open("rb") as handle:
@@ -182,10 +286,12 @@ class S3Store:
             self.client.upload_fileobj(reader, self.bucket, self._key(key), Config=self.transfer)
         return reader.digest.hexdigest()
 
+    @_retried
     def download_file(self, key: str, local: Path) -> None:
         local.parent.mkdir(parents=True, exist_ok=True)
         self.client.download_file(self.bucket, self._key(key), str(local), Config=self.transfer)
 
+    @_retried
     def delete_prefix(self, prefix: str) -> None:
         keys = [o.key for o in self.list(prefix)]
         for i in range(0, len(keys), 1000):
@@ -194,10 +300,13 @@ class S3Store:
                 Delete={"Objects": [{"Key": self._key(k)} for k in keys[i : i + 1000]], "Quiet": True},
             )
 
+    @_retried
     def exists(self, key: str) -> bool:
         try:
             self.client.head_object(Bucket=self.bucket, Key=self._key(key))
-        except self.client.exceptions.ClientError:
+        except self.client.exceptions.ClientError as exc:
+            if is_transient(exc):  # a 503 must not make a manifest look absent
+                raise
             return False
         return True
 

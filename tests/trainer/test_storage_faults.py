@@ -1,0 +1,270 @@
+"""Storage faults: the S3 server stopped and started again while the trainer's store uploads,
+downloads and lists (a real versitygw of this test's own, stopped and restarted here), and the
+retry rule itself (`storage.with_retries`, with a fake clock).
+
+What a user sees: a warning per retry in the pod's log, and the same objects afterwards as
+without the fault; past FINETUNE_STORAGE_RETRY_SECONDS the error itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import secrets
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from finetune_dev import binaries
+from finetune_trainer import storage
+from finetune_trainer.storage import S3Store, with_retries
+
+# ---------------------------------------------------------------------------------------------
+# the rule
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+class Flaky:
+    def __init__(self, failures: int, exc: Exception) -> None:
+        self.failures = failures
+        self.exc = exc
+        self.calls = 0
+
+    def __call__(self) -> str:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise self.exc
+        return "done"
+
+
+def _run(operation: Flaky, clock: Clock, budget: float = 600) -> str:
+    return with_retries(
+        operation,
+        what="upload x",
+        budget_seconds=budget,
+        transient=lambda exc: isinstance(exc, ConnectionError),
+        sleep=clock.sleep,
+        clock=lambda: clock.now,
+        jitter=lambda: 1.0,
+    )
+
+
+@pytest.mark.parametrize("failures", [1, 3, 8])
+def test_transient_errors_are_retried_with_growing_backoff(failures: int) -> None:
+    clock, operation = Clock(), Flaky(failures, ConnectionError("refused"))
+    assert _run(operation, clock) == "done"
+    assert operation.calls == failures + 1
+    assert clock.sleeps == [min(2.0**i, storage.MAX_BACKOFF_SECONDS) for i in range(failures)]
+
+
+def test_permanent_errors_are_not_retried() -> None:
+    clock, operation = Clock(), Flaky(1, PermissionError("403 AccessDenied"))
+    with pytest.raises(PermissionError):
+        _run(operation, clock)
+    assert operation.calls == 1 and clock.sleeps == []
+
+
+def test_the_budget_ends_the_retries_with_the_last_error() -> None:
+    clock, operation = Clock(), Flaky(1000, ConnectionError("refused"))
+    with pytest.raises(ConnectionError):
+        _run(operation, clock, budget=60)
+    assert sum(clock.sleeps) <= 60 and operation.calls > 3
+
+
+def test_botocore_errors_are_classified() -> None:
+    from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
+
+    assert storage.is_transient(EndpointConnectionError(endpoint_url="http://127.0.0.1:1"))
+    assert storage.is_transient(ReadTimeoutError(endpoint_url="http://127.0.0.1:1"))
+    unavailable = {"Error": {"Code": "ServiceUnavailable"}, "ResponseMetadata": {"HTTPStatusCode": 503}}
+    assert storage.is_transient(ClientError(unavailable, "PutObject"))
+    denied = {"Error": {"Code": "AccessDenied"}, "ResponseMetadata": {"HTTPStatusCode": 403}}
+    assert not storage.is_transient(ClientError(denied, "PutObject"))
+    missing = {"Error": {"Code": "NoSuchKey"}, "ResponseMetadata": {"HTTPStatusCode": 404}}
+    assert not storage.is_transient(ClientError(missing, "GetObject"))
+
+
+# ---------------------------------------------------------------------------------------------
+# a real S3 server, stopped and started
+
+
+_KEYS = ("test" + secrets.token_hex(6), secrets.token_urlsafe(18))
+
+
+class Server:
+    """A private versitygw on a free loopback port, over a folder of this test."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        # one key pair per test process: boto3's default session keeps the first it reads
+        self.access, self.secret = _KEYS
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "ROOT_ACCESS_KEY": self.access, "ROOT_SECRET_KEY": self.secret}
+        self.process = subprocess.Popen(
+            [str(binaries.binary("versitygw")), "--port", f"127.0.0.1:{self.port}", "posix", str(self.root)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.1)
+        raise AssertionError("versitygw did not start listening within 60 s")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+            self.process = None
+
+    def start_after(self, seconds: float) -> threading.Thread:
+        thread = threading.Thread(target=lambda: (time.sleep(seconds), self.start()), daemon=True)
+        thread.start()
+        return thread
+
+
+@pytest.fixture
+def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
+    srv = Server(tmp_path / "s3")
+    (srv.root / "runs").mkdir(parents=True)  # the bucket (versitygw posix: a folder)
+    srv.start()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", srv.access)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", srv.secret)
+    yield srv
+    srv.stop()
+
+
+def _store(server: Server, budget: float = 120) -> S3Store:
+    return S3Store("s3://runs/job/", endpoint=server.endpoint, retry_seconds=budget)
+
+
+def _file(path: Path, megabytes: int) -> str:
+    path.write_bytes(os.urandom(megabytes * 1024 * 1024))
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_upload_waits_for_a_stopped_server(
+    server: Server, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Multipart (above 8 MiB): the checkpoint shard arrives whole once the server is back."""
+    store = _store(server)
+    local = tmp_path / "model.safetensors"
+    digest = _file(local, 20)
+    server.stop()
+    starter = server.start_after(3)
+    with caplog.at_level(logging.WARNING, logger="finetune_trainer.storage"):
+        assert store.upload_file_hashed(local, "checkpoints/step-000010/model.safetensors") == digest
+    starter.join()
+    assert "retrying in" in caplog.text, "the fault was hit and reported"
+    stored = server.root / "runs" / "job" / "checkpoints" / "step-000010" / "model.safetensors"
+    assert hashlib.sha256(stored.read_bytes()).hexdigest() == digest
+
+
+def test_server_restarted_in_the_middle_of_an_upload(server: Server, tmp_path: Path) -> None:
+    store = _store(server)
+    local = tmp_path / "optimizer.pt"
+    digest = _file(local, 48)
+
+    def restart() -> None:
+        time.sleep(0.3)
+        server.stop()
+        time.sleep(2)
+        server.start()
+
+    thread = threading.Thread(target=restart, daemon=True)
+    thread.start()
+    store.upload_file(local, "checkpoints/step-000020/optimizer.pt")
+    thread.join()
+    stored = server.root / "runs" / "job" / "checkpoints" / "step-000020" / "optimizer.pt"
+    assert hashlib.sha256(stored.read_bytes()).hexdigest() == digest
+
+
+def test_resume_download_and_listing_wait_for_the_server(server: Server, tmp_path: Path) -> None:
+    store = _store(server)
+    store.write_bytes("checkpoints/step-000010/manifest.json", b'{"step": 10}')
+    local = tmp_path / "weights.bin"
+    digest = _file(local, 12)
+    store.upload_file(local, "checkpoints/step-000010/weights.bin")
+    server.stop()
+    server.start_after(2).join(timeout=0)
+    keys = [o.key for o in store.list("checkpoints/")]
+    assert keys == ["checkpoints/step-000010/manifest.json", "checkpoints/step-000010/weights.bin"]
+    server.stop()
+    server.start_after(2)
+    store.download_file("checkpoints/step-000010/weights.bin", tmp_path / "back.bin")
+    assert hashlib.sha256((tmp_path / "back.bin").read_bytes()).hexdigest() == digest
+    server.stop()
+    server.start_after(2)
+    assert store.exists("checkpoints/step-000010/manifest.json"), "an outage does not make a manifest vanish"
+
+
+def test_a_server_that_stays_down_ends_in_its_error(server: Server, tmp_path: Path) -> None:
+    from botocore.exceptions import EndpointConnectionError
+
+    store = _store(server, budget=4)
+    server.stop()
+    with pytest.raises(EndpointConnectionError):
+        store.write_bytes("metrics.jsonl", b"{}\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# a full local disk
+
+
+def _enospc() -> OSError:
+    """A real ENOSPC from the kernel: /dev/full is a device that is always full."""
+    try:
+        with open("/dev/full", "wb", buffering=0) as full:
+            full.write(b"checkpoint")
+    except OSError as exc:
+        return exc
+    raise AssertionError("/dev/full accepted a write")
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["direct", "wrapped-by-a-library"])
+def test_a_full_disk_is_named_not_a_traceback(wrapped: bool) -> None:
+    from finetune_trainer.cli import disk_full
+
+    error: BaseException = _enospc()
+    if wrapped:
+        try:
+            raise RuntimeError("safetensors: failed to save") from error
+        except RuntimeError as outer:
+            error = outer
+    message = disk_full(error)
+    assert message is not None
+    assert message.startswith("no space left on the pod's local disk")
+    assert "ephemeral storage" in message and "Traceback" not in message
+    assert disk_full(ValueError("other")) is None
+    import errno
+
+    named = disk_full(OSError(errno.ENOSPC, "No space left on device", "/var/cache/finetune/model.bin"))
+    assert named is not None and "writing /var/cache/finetune/model.bin" in named
