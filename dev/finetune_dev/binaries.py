@@ -31,6 +31,10 @@ KUBERNETES_VERSION = "v1.37.2"
 ETCD_VERSION = "v3.6.16"
 HELM_VERSION = "v3.22.0"
 VERSITYGW_VERSION = "v1.8.0"
+# Optional components: built by dev/setup.sh (the tests need them), not by `finetune-dev up`.
+KUEUE_VERSION = "v0.17.0"
+PROMETHEUS_VERSION = "v0.316.0"  # the Go module version of Prometheus 3.16.0
+PROMETHEUS_RELEASE = "3.16.0"
 
 
 class BuildError(RuntimeError):
@@ -51,6 +55,8 @@ class Component:
     needs_wrapper: bool = False
     # A module in this repository (with its go.mod and go.sum) instead of one fetched by version.
     source: Path | None = None
+    # Go build tags (e.g. to leave out code the local cluster never runs).
+    tags: tuple[str, ...] = ()
 
     @property
     def directory(self) -> Path:
@@ -136,7 +142,36 @@ KSTATUS = Component(
     source=KSTATUS_SOURCE,
 )
 
+# Kueue's controller manager, run against the local cluster by the Kueue integration tests
+# (tests/integration/kueue_env.py). No replace directives: a plain `go get` pins it.
+KUEUE = Component(
+    name="kueue",
+    module="sigs.k8s.io/kueue",
+    version=KUEUE_VERSION,
+    binaries={"kueue": "sigs.k8s.io/kueue/cmd/kueue"},
+    ldflags=(f"-X sigs.k8s.io/kueue/pkg/version.GitVersion={KUEUE_VERSION}",),
+)
+
+
+# Prometheus and promtool, for the monitoring tests (tests/integration/test_prometheus.py).
+# Only Kubernetes service discovery is compiled in (`remove_all_sd` + `enable_kubernetes_sd`: the
+# cloud providers' SDKs are most of the build); without `builtinassets` the web UI is not embedded,
+# which the HTTP API does not need.
+PROMETHEUS = Component(
+    name="prometheus",
+    module="github.com/prometheus/prometheus",
+    version=PROMETHEUS_VERSION,
+    binaries={
+        "prometheus": "github.com/prometheus/prometheus/cmd/prometheus",
+        "promtool": "github.com/prometheus/prometheus/cmd/promtool",
+    },
+    ldflags=(f"-X github.com/prometheus/common/version.Version={PROMETHEUS_RELEASE}",),
+    tags=("remove_all_sd", "enable_kubernetes_sd"),
+)
+
+# What `finetune-dev up` needs; OPTIONAL only what some tests run (built by dev/setup.sh).
 COMPONENTS: tuple[Component, ...] = (KUBERNETES, ETCD, HELM, VERSITYGW, KSTATUS)
+OPTIONAL_COMPONENTS: tuple[Component, ...] = (KUEUE, PROMETHEUS)
 
 
 def _go_env() -> dict[str, str]:
@@ -247,6 +282,8 @@ def _go_build(
 ) -> Path:
     """Build every binary into ``staging``, stamp it complete, and move it into place."""
     ldflags = " ".join(("-s", "-w", *component.ldflags))
+    if component.tags:
+        flags = (*flags, f"-tags={','.join(component.tags)}")
     for binary, package in component.binaries.items():
         _run(
             ["go", "build", *flags, "-trimpath", f"-ldflags={ldflags}", "-o", str(staging / binary), package],
@@ -260,8 +297,9 @@ def _go_build(
     return component.directory
 
 
-def build_all(*, force: bool = False, echo: bool = True) -> None:
-    for component in COMPONENTS:
+def build_all(*, force: bool = False, echo: bool = True, optional: bool = False) -> None:
+    """Build the cluster's components; with `optional`, also OPTIONAL_COMPONENTS (after them)."""
+    for component in COMPONENTS + (OPTIONAL_COMPONENTS if optional else ()):
         if echo and not component.complete:
             print(f"building {component.name} {component.version} (cached after the first time)", flush=True)
         build(component, force=force)
@@ -269,7 +307,7 @@ def build_all(*, force: bool = False, echo: bool = True) -> None:
 
 def binary(name: str) -> Path:
     """Path of a built binary by name (e.g. ``kube-apiserver``); raises if not built yet."""
-    for component in COMPONENTS:
+    for component in COMPONENTS + OPTIONAL_COMPONENTS:
         if name in component.binaries:
             if not component.complete:
                 raise BuildError(
@@ -282,4 +320,4 @@ def binary(name: str) -> Path:
 if __name__ == "__main__":
     # Needs only the standard library, so dev/setup.sh runs it before the virtualenv exists
     # (in parallel with pip): PYTHONPATH=dev python3 -m finetune_dev.binaries
-    build_all()
+    build_all(optional=True)

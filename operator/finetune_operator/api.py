@@ -104,6 +104,8 @@ class Reason(enum.StrEnum):
     IMAGE_PULL_FAILED = "ImagePullFailed"
     NAME_CONFLICT = "NameConflict"  # a child's name is taken by an object we do not own
     JOB_DELETED = "JobDeleted"
+    QUEUED = "Queued"  # Kueue holds the Job suspended: waiting for quota (docs/kueue.md)
+    PREEMPTED = "Preempted"  # Kueue evicted the Job for a higher-priority workload; requeued
 
 
 class _Model(BaseModel):
@@ -212,7 +214,10 @@ class ResourcesSpec(_Model):
         default=None,
         pattern=K8S_NAME_PATTERN,
         max_length=63,
-        description="Kueue LocalQueue: sets kueue.x-k8s.io/queue-name on the Job (use with suspend).",
+        description=(
+            "Kueue LocalQueue: the Job is created suspended with kueue.x-k8s.io/queue-name and "
+            "Kueue starts it on admission."
+        ),
     )
 
     @property

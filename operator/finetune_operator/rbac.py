@@ -38,6 +38,12 @@ RULES: list[tuple[str, tuple[str, ...], tuple[str, ...], str]] = [
     ("", ("configmaps", "services"), ("get", "create", "patch"), "trainer config and rendezvous Service"),
     ("", ("pods",), ("list",), "read exit codes, termination messages and rank 0's IP"),
     ("", ("events",), ("create",), "events on phase changes"),
+    (
+        "kueue.x-k8s.io",
+        ("workloads",),
+        ("list", "patch"),
+        "a queued Job's admission state; deactivate it on spec.suspend / spec.cancel (docs/kueue.md)",
+    ),
 ]
 
 
