@@ -18,6 +18,7 @@ plus a digest of the sources, so an edit rebuilds.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -303,6 +304,21 @@ def build_all(*, force: bool = False, echo: bool = True, optional: bool = False)
         if echo and not component.complete:
             print(f"building {component.name} {component.version} (cached after the first time)", flush=True)
         build(component, force=force)
+
+
+def module_source(component: Component) -> Path:
+    """The component's module source in Go's module cache (downloaded if missing): where
+    manifests that ship with a binary live, e.g. Kueue's CRDs and webhook configuration."""
+    out = subprocess.run(
+        ["go", "mod", "download", "-json", f"{component.module}@{component.version}"],
+        env=_go_env(),
+        capture_output=True,
+        text=True,
+        cwd=cache_dir() if cache_dir().exists() else None,
+    )
+    if out.returncode != 0:
+        raise BuildError(f"downloading {component.module}@{component.version} failed: {out.stderr.strip()}")
+    return Path(json.loads(out.stdout)["Dir"])
 
 
 def binary(name: str) -> Path:

@@ -93,12 +93,15 @@ def record_of(manifest: dict[str, Any]) -> CheckpointRecord:
 class Uploader:
     """One background thread that uploads checkpoint folders in order and applies retention.
 
-    `on_complete(manifest, seconds)` runs in the upload thread after the manifest is written.
+    `on_complete(manifest, seconds)` runs in the upload thread after the manifest is written;
+    `on_failure(error)` there after an upload failed (the training thread raises it on its next
+    `submit`, `wait` or `close`).
     """
 
     store: Store
     keep_last: int
     on_complete: Callable[[dict[str, Any], float], None]
+    on_failure: Callable[[BaseException], None] | None = None
     _queue: queue.Queue[tuple[Path, int, dict[str, float], bool] | None] = field(default_factory=queue.Queue)
     _errors: list[BaseException] = field(default_factory=list)
     _thread: threading.Thread | None = None
@@ -143,6 +146,8 @@ class Uploader:
             except BaseException as exc:  # reported to the training thread on its next call
                 log.exception("checkpoint upload failed")
                 self._errors.append(exc)
+                if self.on_failure is not None:
+                    self.on_failure(exc)
             finally:
                 self._queue.task_done()
 
