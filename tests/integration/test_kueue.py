@@ -46,7 +46,12 @@ def local_queue(cluster: ClusterHandle, namespace: str, kueue: Kueue) -> Iterato
     its LocalQueue; the name of the LocalQueue."""
     suffix = uuid.uuid4().hex[:6]
     flavor, cluster_queue = f"default-{suffix}", f"cq-{suffix}"
-    quota = [{"name": "cpu", "nominalQuota": POD_CPU}, {"name": "memory", "nominalQuota": POD_MEMORY}]
+    # cpu and memory fit one pod; ephemeral-storage (if the pods request it) is not the limit.
+    quota = [
+        {"name": "cpu", "nominalQuota": POD_CPU},
+        {"name": "memory", "nominalQuota": POD_MEMORY},
+        {"name": "ephemeral-storage", "nominalQuota": "1Ti"},
+    ]
     _apply_all(
         cluster,
         None,
@@ -59,7 +64,10 @@ def local_queue(cluster: ClusterHandle, namespace: str, kueue: Kueue) -> Iterato
                 "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
                 "preemption": {"withinClusterQueue": "LowerPriority"},
                 "resourceGroups": [
-                    {"coveredResources": ["cpu", "memory"], "flavors": [{"name": flavor, "resources": quota}]}
+                    {
+                        "coveredResources": ["cpu", "memory", "ephemeral-storage"],
+                        "flavors": [{"name": flavor, "resources": quota}],
+                    }
                 ],
             },
         },
@@ -177,10 +185,11 @@ def test_jobs_run_in_turn_and_suspend_and_cancel_still_work(
     operator: OperatorProcess,  # noqa: F811
     local_queue: str,
 ) -> None:
-    for name in ("first", "second", "third"):
-        apply(cluster, namespace, queued_job(name, local_queue, steps=4))
+    apply(cluster, namespace, queued_job("first", local_queue, steps=100))  # cancelled below
     first = wait_phase(cluster, namespace, "first", "Running", timeout=90)
     assert first["reason"] == "Training"
+    for name in ("second", "third"):
+        apply(cluster, namespace, queued_job(name, local_queue, steps=4))
     for name in ("second", "third"):
         waiting = wait_reason(cluster, namespace, name, "Queued")
         assert waiting["phase"] == "Pending"
