@@ -18,7 +18,8 @@ for tool in unshare mount; do
   command -v "$tool" >/dev/null || { echo "setup: '$tool' (util-linux) is required by the process node" >&2; exit 1; }
 done
 
-# Build the control-plane binaries (Go, CPU-bound) while pip downloads and unpacks (I/O-bound).
+# Build the control-plane binaries (Go, CPU-bound) while pip downloads and unpacks (I/O-bound),
+# then the tests' Kueue and Prometheus (finetune_dev.binaries.OPTIONAL_COMPONENTS).
 # Cached by version: a no-op after the first time. Needs only the standard library.
 build_log=$(mktemp)
 PYTHONPATH=dev "$python" -m finetune_dev.binaries >"$build_log" 2>&1 &
