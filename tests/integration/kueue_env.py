@@ -6,7 +6,8 @@ ServiceAccount bound to Kueue's own ClusterRole (config/components/rbac/role.yam
 ships with, not cluster admin), and registers its admission webhooks — the batch Job and Kueue
 API ones — with `clientConfig.url` on 127.0.0.1 and a serving certificate from the cluster's CA
 (Kueue's internal certificate management names a Service, which the local API server cannot
-route to). Only the `batch/job` integration is enabled. On teardown the webhooks are removed
+route to; the same certificate serves its metrics endpoint, see `METRICS_CERT_DIR`). Only the
+`batch/job` integration is enabled. On teardown the webhooks are removed
 before Kueue stops, so later tests' Jobs are not sent to a server that is gone; the CRDs stay
 (their objects live in the tests' namespaces, deleted with them).
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import os
 import subprocess
 import urllib.request
@@ -27,13 +29,14 @@ import pytest
 import yaml
 
 from finetune_dev import binaries, pki
-from tests.integration.operator_env import free_port, identity_kubeconfig
+from tests.integration.operator_env import SYSTEM_NAMESPACE, free_port, identity_kubeconfig
 from tests.kube import ClusterHandle, wait_for
 
 NAMESPACE = "kueue-system"
 SERVICE_ACCOUNT = "kueue-controller-manager-test"
 # Webhooks of what this cluster runs: Kueue's own API and batch Jobs (the only integration on).
 KEPT_WEBHOOK_PATHS = ("-kueue-x-k8s-io-", "-batch-v1-job")
+METRICS_CERT_DIR = "/etc/kueue/metrics/certs"
 
 
 @dataclass(frozen=True)
@@ -104,11 +107,36 @@ def kueue(cluster: ClusterHandle, tmp_path_factory: pytest.TempPathFactory) -> I
         "apply", "--server-side", "--force-conflicts", "-f", str(source / "config/components/crd/bases")
     )
     for crd in ("workloads", "clusterqueues", "localqueues", "resourceflavors"):
-        cluster.kubectl("wait", "--for=condition=Established", f"crd/{crd}.kueue.x-k8s.io", "--timeout=60s")
+        wait_for(  # a CRD just created has no status yet: `kubectl wait` fails until it has one
+            lambda crd=crd: (
+                cluster.kubectl(
+                    "wait",
+                    "--for=condition=Established",
+                    f"crd/{crd}.kueue.x-k8s.io",
+                    "--timeout=10s",
+                    check=False,
+                ).returncode
+                == 0
+            ),
+            timeout=60,
+            what=f"the CRD {crd}.kueue.x-k8s.io to be established",
+        )
     directory = tmp_path_factory.mktemp("kueue")
     role = yaml.safe_load((source / "config/components/rbac/role.yaml").read_text())
     kubeconfig = identity_kubeconfig(cluster, SERVICE_ACCOUNT, role, directory)
     cluster.kubectl("create", "namespace", NAMESPACE, check=False)
+    # Its Role on Secrets in its own namespace (manager_secrets_role.yaml), bound the same way.
+    secrets_role = yaml.safe_load((source / "config/components/rbac/manager_secrets_role.yaml").read_text())
+    secrets_role["metadata"] = {"name": SERVICE_ACCOUNT, "namespace": NAMESPACE}
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": SERVICE_ACCOUNT, "namespace": NAMESPACE},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": SERVICE_ACCOUNT},
+        "subjects": [{"kind": "ServiceAccount", "name": SERVICE_ACCOUNT, "namespace": SYSTEM_NAMESPACE}],
+    }
+    manifest = {"apiVersion": "v1", "kind": "List", "items": [secrets_role, binding]}
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(manifest))
 
     webhook_port, health_port, metrics_port = free_port(), free_port(), free_port()
     pki_dir = Path(cluster.cluster.pki)
@@ -128,12 +156,24 @@ def kueue(cluster: ClusterHandle, tmp_path_factory: pytest.TempPathFactory) -> I
     )
     log = directory / "kueue.log"
     env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
-    command = [
+    kueue_command = [
         str(binaries.binary("kueue")),
         f"--config={config}",
         "--feature-gates=VisibilityOnDemand=false",  # its aggregated API server is not needed
         "--zap-log-level=2",
     ]
+    # Without internal certificate management Kueue reads its metrics server's certificate from a
+    # fixed path, /etc/kueue/metrics/certs (a Secret volume in its Deployment). A private mount
+    # namespace with an overlay on /etc gives it that path; the machine's /etc is not touched.
+    overlay = directory / "etc-overlay"
+    (overlay / "upper").mkdir(parents=True)
+    (overlay / "work").mkdir()
+    script = (
+        f"mount -t overlay overlay -o lowerdir=/etc,upperdir={overlay / 'upper'},workdir={overlay / 'work'} /etc"
+        f" && mkdir -p {METRICS_CERT_DIR} && cp {cert_dir}/tls.crt {cert_dir}/tls.key {METRICS_CERT_DIR}/"
+        ' && exec "$@"'
+    )
+    command = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "kueue", *kueue_command]
     with log.open("ab") as out:
         process = subprocess.Popen(
             command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
