@@ -17,6 +17,8 @@ fi
 for tool in unshare mount; do
   command -v "$tool" >/dev/null || { echo "setup: '$tool' (util-linux) is required by the process node" >&2; exit 1; }
 done
+# The process node cannot run pods from a checkout under a path the pods mount over (/tmp, ...).
+PYTHONPATH=dev "$python" -m finetune_dev.paths .
 
 # Build the control-plane binaries (Go, CPU-bound) while pip downloads and unpacks (I/O-bound),
 # then the tests' Kueue and Prometheus (finetune_dev.binaries.OPTIONAL_COMPONENTS).

@@ -12,6 +12,10 @@ The ``cluster`` fixture starts a private cluster in a temporary state directory 
 ``$FINETUNE_TEST_PORT_BASE`` (default 17400) and tears it down at the end. With
 ``FINETUNE_TEST_REUSE_CLUSTER=1`` it uses (and starts if needed) the developer's cluster selected
 by ``$FINETUNE_DEV_STATE``/``$FINETUNE_DEV_PORT_BASE`` instead, and leaves it running.
+
+Every test that uses the ``cluster`` fixture must carry the ``cluster`` marker (so
+``-m "not cluster"`` never starts a cluster); collection stops with the names of those that do
+not. The default per-test timeout and the warnings that are not errors are in pyproject.toml.
 """
 
 from __future__ import annotations
@@ -28,6 +32,19 @@ import pytest
 from finetune_dev.cli import cluster_from_env
 from finetune_dev.cluster import Cluster, Ports
 from tests.kube import ClusterHandle, wait_for
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    unmarked = [
+        item.nodeid
+        for item in items
+        if "cluster" in getattr(item, "fixturenames", ()) and item.get_closest_marker("cluster") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError(
+            "these tests use the `cluster` fixture but are not marked `cluster` "
+            "(add `pytestmark = pytest.mark.cluster` or `@pytest.mark.cluster`):\n  " + "\n  ".join(unmarked)
+        )
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,8 @@
     finetune-dev build            build the pinned control-plane binaries (cached by version)
     finetune-dev up               start everything (idempotent), print how to use it
     finetune-dev status           each component's pid and health
-    finetune-dev env              shell exports: eval "$(finetune-dev env)"
+    finetune-dev env              shell exports: eval "$(finetune-dev env)" (KUBECONFIG, AWS_*, and
+                                  PATH with kubectl, helm and the virtualenv's bin/: kubectl finetune)
     finetune-dev down [--purge]   stop everything; --purge also deletes the cluster's state
 
 The state directory (``$FINETUNE_DEV_STATE``, default ~/.local/state/finetune-dev) and the port
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("build", help="build the control-plane binaries and the tests' Kueue and Prometheus (cached)")
     sub.add_parser("up", help="start the cluster (safe to re-run)")
     sub.add_parser("status", help="show each component's health")
-    sub.add_parser("env", help="print shell exports for KUBECONFIG and S3")
+    sub.add_parser("env", help="print shell exports: KUBECONFIG, S3, PATH (kubectl, helm, kubectl finetune)")
     down = sub.add_parser("down", help="stop the cluster")
     down.add_argument("--purge", action="store_true", help="also delete the cluster's state directory")
     args = parser.parse_args(argv)
@@ -54,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if all(state == "healthy" for _, _, state in rows) else 1
         elif args.command == "env":
             env = cluster.env()
-            env["PATH"] = f"{env.pop('FINETUNE_DEV_BIN')}:{os.environ.get('PATH', '')}"
+            # kubectl and helm, then this virtualenv's bin/ (kubectl-finetune, finetune-dev).
+            venv_bin = Path(sys.executable).parent
+            env["PATH"] = f"{env.pop('FINETUNE_DEV_BIN')}:{venv_bin}:{os.environ.get('PATH', '')}"
             for key, value in env.items():
                 print(f"export {key}={shlex.quote(value)}")
         elif args.command == "down":

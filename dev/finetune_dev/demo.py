@@ -7,6 +7,11 @@ format and cached) and the demo dataset in S3; apply ``examples/smollm2-demo.yam
 namespace with an S3 credentials Secret; follow the job with a live progress bar; print the
 evaluation table (step 0 against every later evaluation) and where the checkpoints are.
 
+It never waits in silence: a pod it waits on (the operator's, then the job's training pods) that
+is not ready within READY_TIMEOUT seconds, or that cannot become ready (it keeps crashing, its
+image cannot be pulled, no node fits it: ``finetune_dev.readiness``), ends the demo with the
+pod's own reason and the tail of its log; so does a job the operator reports Stalled for as long.
+
 A FineTuneJob that already succeeded is shown again, not re-run; ``--fresh`` deletes it first.
 """
 
@@ -28,6 +33,8 @@ from finetune_dev import binaries
 from finetune_dev.cli import cluster_from_env
 from finetune_dev.cluster import Cluster
 from finetune_dev.paths import cache_dir
+from finetune_dev.readiness import readiness
+from finetune_operator.api import LABEL_JOB_NAME
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "finetune-operator"
@@ -39,6 +46,12 @@ DEMO_NAMESPACE = "finetune-demo"
 CREDENTIALS_SECRET = "finetune-s3"
 MODEL_PREFIX = "smollm2-135m-instruct/"
 TERMINAL = ("Succeeded", "Failed", "Cancelled")
+OPERATOR_PODS = "app.kubernetes.io/name=finetune-operator,app.kubernetes.io/instance=finetune-operator"
+READY_TIMEOUT = 120.0  # seconds a pod the demo waits on may take to become ready
+# A pod without a readiness probe is Ready the moment its process starts, even one that exits at
+# once: a Deployment counts as ready only when it stays so, without a restart, this long.
+READY_STABLE_SECONDS = 5.0
+LOG_LINES = 20
 
 console = Console()
 
@@ -76,11 +89,127 @@ def install_operator(cluster: Cluster) -> None:
         "--set", "pollIntervalSeconds=3",
         "--set-string", "trainer.extraEnv.HF_HUB_OFFLINE=1",
         "--set", f"networkPolicy.trainerNamespaces={{{DEMO_NAMESPACE}}}",
-        "--wait", "--timeout", "180s",
     ]  # fmt: skip
     result = subprocess.run(helm, capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"demo: helm could not install the operator: {result.stderr.strip()}")
+    wait_deployment_ready(cluster, OPERATOR_NAMESPACE, OPERATOR_PODS, "the operator's pod")
+
+
+class PodWatch:
+    """Watches the pods the demo waits on and says, with their own words, why one is not ready.
+
+    `problem` is called once per poll; a pod is given READY_TIMEOUT seconds from the first time
+    it is seen not ready, and none at all once it is blocked.
+    """
+
+    def __init__(self, cluster: Cluster, *, timeout: float = READY_TIMEOUT) -> None:
+        from kubernetes import client, config
+
+        self.core = client.CoreV1Api(config.new_client_from_config(config_file=str(cluster.kubeconfig)))
+        self.timeout = timeout
+        self.unready_since: dict[str, float] = {}
+
+    def pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        listing = self.core.list_namespaced_pod(namespace, label_selector=selector)
+        return [self.core.api_client.sanitize_for_serialization(p) for p in listing.items]
+
+    def ready_restarts(self, namespace: str, selector: str) -> dict[str, int] | None:
+        """Each pod's container restarts by pod uid if every pod is ready, else None (a pod that
+        stays ready without a restart is stable; one in a crash loop is not)."""
+        pods = [p for p in self.pods(namespace, selector) if not p["metadata"].get("deletionTimestamp")]
+        if not pods or not all(readiness(p).ready for p in pods):
+            return None
+        return {
+            p["metadata"]["uid"]: sum(
+                c.get("restartCount", 0) for c in p["status"].get("containerStatuses") or []
+            )
+            for p in pods
+        }
+
+    def problem(self, namespace: str, selector: str, what: str) -> str | None:
+        """Why one of the (non-terminal) pods matching `selector` fails the wait, or None."""
+        for pod in self.pods(namespace, selector):
+            meta = pod["metadata"]
+            finished = (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+            if finished or meta.get("deletionTimestamp"):
+                continue
+            state = readiness(pod)
+            if state.ready:
+                self.unready_since.pop(meta["uid"], None)
+                continue
+            waited = time.monotonic() - self.unready_since.setdefault(meta["uid"], time.monotonic())
+            if state.blocked or waited > self.timeout:
+                why = state.reason if state.blocked else f"not ready after {waited:.0f}s ({state.reason})"
+                return self._explain(pod, what, why, container=state.container, previous=state.previous)
+        return None
+
+    def _explain(
+        self, pod: dict[str, Any], what: str, why: str, *, container: str | None, previous: bool
+    ) -> str:
+        meta = pod["metadata"]
+        lines = [f"demo: {what} {meta['namespace']}/{meta['name']}: {why}"]
+        if container:
+            log = self._log_tail(meta["namespace"], meta["name"], container, previous)
+            if log:
+                run = "previous run" if previous else "current run"
+                lines.append(f"  its log ({container}, {run}, last {LOG_LINES} lines):")
+                lines += [f"    {line}" for line in log]
+        lines.append(f"  more: kubectl describe pod {meta['name']} -n {meta['namespace']}")
+        return "\n".join(lines)
+
+    def _log_tail(self, namespace: str, name: str, container: str, previous: bool) -> list[str]:
+        from kubernetes.client.rest import ApiException
+
+        try:
+            text = self.core.read_namespaced_pod_log(
+                name, namespace, container=container, previous=previous, tail_lines=LOG_LINES
+            )
+        except ApiException:
+            return []
+        return str(text).splitlines()
+
+
+def _rolled_out(cluster: Cluster, namespace: str, selector: str) -> bool:
+    out = _run(cluster, "get", "deployments", "-n", namespace, "-l", selector, "-o", "json")
+    items = json.loads(out)["items"]
+    return bool(items) and all(
+        (d.get("status") or {}).get("observedGeneration", 0) >= d["metadata"].get("generation", 1)
+        and (d.get("status") or {}).get("updatedReplicas", 0) == d["spec"].get("replicas", 1)
+        and (d.get("status") or {}).get("readyReplicas", 0) == d["spec"].get("replicas", 1)
+        for d in items
+    )
+
+
+def wait_deployment_ready(
+    cluster: Cluster, namespace: str, selector: str, what: str, *, timeout: float = READY_TIMEOUT
+) -> None:
+    """Until the Deployments matching `selector` are rolled out with their pods ready. Exits with
+    the pod's own reason as soon as one cannot become ready, or when none is within `timeout`."""
+    watch = PodWatch(cluster, timeout=timeout)
+    deadline = time.monotonic() + timeout + 5  # a pod's own reason first, if it has one
+    stable: tuple[float, dict[str, int]] | None = None  # since when ready, with which restarts
+    with console.status(f"waiting for {what} to become ready"):
+        while True:
+            problem = watch.problem(namespace, selector, what)
+            if problem:
+                sys.exit(problem)
+            restarts = (
+                watch.ready_restarts(namespace, selector)
+                if _rolled_out(cluster, namespace, selector)
+                else None
+            )
+            if restarts is None or stable is None or stable[1] != restarts:
+                stable = None if restarts is None else (time.monotonic(), restarts)
+            elif time.monotonic() - stable[0] >= READY_STABLE_SECONDS:
+                return
+            if time.monotonic() > deadline:
+                pods = len(watch.pods(namespace, selector))
+                sys.exit(
+                    f"demo: {what} is not ready after {timeout:.0f}s ({pods} pods); "
+                    f"see kubectl describe deployments,replicasets,pods -n {namespace} -l {selector}"
+                )
+            time.sleep(1)
 
 
 def _ensure_bucket(s3: Any, bucket: str) -> None:
@@ -148,6 +277,11 @@ def job_status(cluster: Cluster, name: str) -> dict[str, Any]:
     return status
 
 
+def _stalled(status: dict[str, Any]) -> bool:
+    conditions = status.get("conditions") or []
+    return any(c.get("type") == "Stalled" and c.get("status") == "True" for c in conditions)
+
+
 def follow(cluster: Cluster, name: str, timeout: float) -> dict[str, Any]:
     columns = [
         TextColumn("[bold]{task.description}"),
@@ -157,6 +291,8 @@ def follow(cluster: Cluster, name: str, timeout: float) -> dict[str, Any]:
         TimeElapsedColumn(),
     ]
     deadline = time.monotonic() + timeout
+    watch = PodWatch(cluster)
+    stalled_since: float | None = None
     with Progress(*columns, console=console, transient=False) as bar:
         task = bar.add_task(name, total=None, detail="Pending", steps="")
         while True:
@@ -173,6 +309,17 @@ def follow(cluster: Cluster, name: str, timeout: float) -> dict[str, Any]:
             bar.update(task, total=total, completed=step, detail=detail, steps=steps)
             if phase in TERMINAL:
                 return status
+            problem = watch.problem(OPERATOR_NAMESPACE, OPERATOR_PODS, "the operator's pod") or watch.problem(
+                DEMO_NAMESPACE, f"{LABEL_JOB_NAME}={name}", "the training pod"
+            )
+            if problem:
+                sys.exit(problem)
+            stalled_since = (stalled_since or time.monotonic()) if _stalled(status) else None
+            if stalled_since is not None and time.monotonic() - stalled_since > READY_TIMEOUT:
+                sys.exit(
+                    f"demo: the operator reports FineTuneJob {DEMO_NAMESPACE}/{name} Stalled: "
+                    f"{status.get('message')}; see kubectl describe ftj {name} -n {DEMO_NAMESPACE}"
+                )
             if time.monotonic() > deadline:
                 sys.exit(
                     f"demo: the job did not finish within {timeout:.0f}s (phase {phase}); see kubectl describe ftj {name} -n {DEMO_NAMESPACE}"

@@ -406,7 +406,7 @@ class Progress(_Model):
 
 
 class Evaluation(_Model):
-    """Eval-set metrics at one step (DESIGN §4 definitions)."""
+    """Eval-set metrics at one step (definitions in docs/trainer.md, Metrics)."""
 
     step: int = Field(ge=0)
     loss: float | None = None

@@ -13,11 +13,10 @@ from typing import Any
 import pytest
 
 from finetune_dev import demo
-from tests.integration.test_gitops_kstatus import kstatus
+from tests.gitops_health import health, kstatus
 from tests.kube import ClusterHandle, get, wait_for
-from tests.unit.test_gitops import health
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 
 def _objects(cluster: ClusterHandle, bucket: str, prefix: str) -> dict[str, int]:
@@ -26,6 +25,7 @@ def _objects(cluster: ClusterHandle, bucket: str, prefix: str) -> dict[str, int]
     return {o["Key"]: o["Size"] for page in pages for o in page.get("Contents", [])}
 
 
+@pytest.mark.timeout(3600)  # the demo itself may take 2,400 s (its --timeout below)
 def test_demo_fine_tunes_smollm2_end_to_end(cluster: ClusterHandle) -> None:
     env = {**os.environ, "FINETUNE_DEV_STATE": str(cluster.cluster.root), "FINETUNE_DEV_PORT_BASE": str(cluster.cluster.ports.base)}
 
@@ -73,6 +73,7 @@ def _tiny_model(tmp_path: Path) -> Path:
     return target
 
 
+@pytest.mark.timeout(1800)
 def test_two_node_job_trains_across_two_pods(cluster: ClusterHandle, tmp_path: Path) -> None:
     demo.install_operator(cluster.cluster)
     s3 = cluster.s3_client()

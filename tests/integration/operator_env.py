@@ -1,14 +1,8 @@
-"""Fixtures and helpers for the operator's integration tests (tests/integration/test_operator_*.py).
+"""Helpers for the operator's integration tests: identities, the operator run in-process,
+FineTuneJob manifests for the stand-in trainer, and reading what the operator wrote.
 
-- `crd` (session): the generated CRD applied to the real API server, Established.
-- `operator_kubeconfig` (session): a ServiceAccount `finetune-operator-tests/finetune-operator` bound to
-  exactly the ClusterRole of `finetune_operator.rbac` (what the Helm chart ships), and a
-  kubeconfig holding its token — the operator never runs as cluster admin here.
-- `operator` (module): the operator running in-process under `kopf.testing.KopfRunner` with that
-  identity, the stand-in trainer (standin_trainer.py) as the trainer command, file:// run
-  folders, and a 1 s progress poll.
-
-Test modules import the fixtures they use from here.
+The fixtures built on them (`crd`, `operator_kubeconfig`, `operator`) are in
+tests/integration/conftest.py; this module holds none.
 """
 
 from __future__ import annotations
@@ -17,7 +11,6 @@ import json
 import os
 import socket
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -25,21 +18,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
-from finetune_operator import crdgen, rbac
 from tests.kube import ClusterHandle, wait_for
 
 STANDIN = Path(__file__).with_name("standin_trainer.py")
 SYSTEM_NAMESPACE = "finetune-operator-tests"
 SERVICE_ACCOUNT = "finetune-operator-test"  # cluster-scoped names must not clash with the chart
-
-
-@pytest.fixture(scope="session")
-def crd(cluster: ClusterHandle) -> None:
-    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crdgen.CRD_PATH))
-    cluster.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.finetune.dev", "--timeout=60s")
 
 
 def identity_kubeconfig(cluster: ClusterHandle, name: str, role: dict[str, Any], directory: Path) -> Path:
@@ -75,17 +60,6 @@ def identity_kubeconfig(cluster: ClusterHandle, name: str, role: dict[str, Any],
     path.write_text(yaml.safe_dump(config))
     path.chmod(0o600)
     return path
-
-
-@pytest.fixture(scope="session")
-def operator_dir() -> Iterator[Path]:
-    with tempfile.TemporaryDirectory(prefix="finetune-operator-test-") as directory:
-        yield Path(directory)
-
-
-@pytest.fixture(scope="session")
-def operator_kubeconfig(cluster: ClusterHandle, crd: None, operator_dir: Path) -> Path:
-    return identity_kubeconfig(cluster, SERVICE_ACCOUNT, rbac.cluster_role(), operator_dir)
 
 
 def assert_no_other_operator(cluster: ClusterHandle) -> None:
@@ -173,17 +147,6 @@ def _reachable(url: str) -> bool:
             return True
     except OSError:
         return False
-
-
-@pytest.fixture(scope="module")
-def operator(
-    cluster: ClusterHandle, operator_kubeconfig: Path, operator_dir: Path
-) -> Iterator[OperatorProcess]:
-    assert_no_other_operator(cluster)
-    runs = operator_dir / "runs"
-    runs.mkdir(exist_ok=True)
-    with running_operator(operator_kubeconfig, runs) as process:
-        yield process
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,16 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration import operator_env
 from tests.integration.cli_env import cli, cli_json, experiment_file, get_ftj
 from tests.integration.operator_env import wait_phase
 from tests.kube import ClusterHandle, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("operator")]
-crd = operator_env.crd
-operator_dir = operator_env.operator_dir
-operator_kubeconfig = operator_env.operator_kubeconfig
-operator = operator_env.operator
 
 
 def test_experiment_run_watch_compare_plot(cluster: ClusterHandle, namespace: str, tmp_path: Path) -> None:

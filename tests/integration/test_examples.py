@@ -22,6 +22,7 @@ def test_the_examples_cover_the_studio_experiments() -> None:
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+@pytest.mark.cluster
 def test_example_is_accepted_by_the_api_server(cluster: ClusterHandle, namespace: str, path: Path) -> None:
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
     manifest = yaml.safe_load(path.read_text())

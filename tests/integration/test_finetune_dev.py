@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,8 +18,10 @@ from finetune_dev.cluster import Component as ClusterComponent
 from tests.kube import ClusterHandle
 
 FINETUNE_DEV = str(Path(sys.executable).parent / "finetune-dev")
+ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.cluster
 def test_a_second_build_reuses_every_cached_binary(cluster: ClusterHandle) -> None:
     stamps = {c.name: (c.directory / ".complete").stat().st_mtime_ns for c in binaries.COMPONENTS}
 
@@ -30,11 +33,13 @@ def test_a_second_build_reuses_every_cached_binary(cluster: ClusterHandle) -> No
         assert f"{component.name:12} {component.version:10}" in result.stdout
 
 
+@pytest.mark.cluster
 def test_kubernetes_binaries_report_the_pinned_version(cluster: ClusterHandle) -> None:
     version = cluster.kubectl("version", "-o", "json").stdout
     assert f'"gitVersion": "{binaries.KUBERNETES_VERSION}"' in version
 
 
+@pytest.mark.cluster
 def test_up_on_a_running_cluster_changes_nothing(cluster: ClusterHandle) -> None:
     before = cluster.cluster.status()
     said: list[str] = []
@@ -46,6 +51,7 @@ def test_up_on_a_running_cluster_changes_nothing(cluster: ClusterHandle) -> None
     assert all(state == "healthy" for _, _, state in before)
 
 
+@pytest.mark.cluster
 def test_status_and_env_commands(cluster: ClusterHandle) -> None:
     env = {
         **os.environ,
@@ -54,7 +60,8 @@ def test_status_and_env_commands(cluster: ClusterHandle) -> None:
     }
 
     status = subprocess.run([FINETUNE_DEV, "status"], capture_output=True, text=True, env=env)
-    exports = subprocess.run([FINETUNE_DEV, "env"], capture_output=True, text=True, env=env, check=True)
+    bare = {**env, "PATH": "/usr/bin:/bin"}  # the virtualenv not activated
+    exports = subprocess.run([FINETUNE_DEV, "env"], capture_output=True, text=True, env=bare, check=True)
 
     assert status.returncode == 0, status.stdout
     for name in (
@@ -68,12 +75,21 @@ def test_status_and_env_commands(cluster: ClusterHandle) -> None:
         assert any(
             line.split()[0] == name and line.endswith("healthy") for line in status.stdout.splitlines()
         ), name
+    # A fresh shell: the exports alone find kubectl and the plugin.
     shell = subprocess.run(
-        ["bash", "-c", exports.stdout + "\nkubectl get node process-node -o name && echo $AWS_ENDPOINT_URL"],
+        [
+            "bash",
+            "-c",
+            exports.stdout + "\nkubectl get node process-node -o name && echo $AWS_ENDPOINT_URL"
+            " && kubectl finetune --help >/dev/null && echo kubectl-finetune-runs",
+        ],
         capture_output=True,
         text=True,
+        env={"HOME": os.environ.get("HOME", "/root"), "PATH": bare["PATH"]},
     )
-    assert shell.stdout.split() == ["node/process-node", cluster.s3_endpoint]
+    assert shell.stdout.split() == ["node/process-node", cluster.s3_endpoint, "kubectl-finetune-runs"], (
+        shell.stderr
+    )
 
 
 def test_build_failure_names_the_component_and_shows_its_log(
@@ -125,3 +141,20 @@ def test_a_component_that_exits_at_start_is_named_with_its_log_tail(tmp_path: Pa
 
     assert str(info.value).startswith("broken-component exited during start-up")
     assert "fatal: cannot open data dir" in str(info.value)
+
+
+def test_setup_refuses_a_checkout_under_tmp_saying_why(tmp_path: Path) -> None:
+    """The process node runs pods from the checkout's .venv, which a pod's /tmp volume hides."""
+    checkout = tmp_path / "finetune-operator"  # pytest's tmp_path is itself under /tmp
+    assert str(checkout.resolve()).startswith("/tmp/")
+    (checkout / "dev" / "finetune_dev").mkdir(parents=True)
+    shutil.copy(ROOT / "dev" / "setup.sh", checkout / "dev" / "setup.sh")
+    for module in ("__init__.py", "paths.py"):
+        shutil.copy(ROOT / "dev" / "finetune_dev" / module, checkout / "dev" / "finetune_dev" / module)
+
+    result = subprocess.run(["bash", str(checkout / "dev" / "setup.sh")], capture_output=True, text=True)
+
+    assert result.returncode != 0
+    assert f"this checkout is at {checkout.resolve()}, under /tmp" in result.stderr
+    assert "hides the checkout's .venv" in result.stderr and "elsewhere" in result.stderr
+    assert not (checkout / ".venv").exists(), "nothing is installed into a checkout that cannot work"

@@ -13,28 +13,15 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-from collections.abc import Mapping
 from typing import Any
 
 import pytest
 
-from finetune_dev import binaries
 from finetune_operator.api import ObjectRef
 from finetune_operator.status import Observed, derive_status, invalid_spec_status
+from tests.gitops_health import health, kstatus
 from tests.operator.factories import NOW, batch_job, ftj, parsed, pod, progress_report
-from tests.unit.test_gitops import health
 from tests.unit.test_operator_status import CASES
-
-
-def kstatus(*objects: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """(status, message) that kstatus computes for each object, in order."""
-    program = binaries.build(binaries.KSTATUS) / "kstatus"
-    result = subprocess.run(
-        [str(program)], input=json.dumps(objects), capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 0, result.stderr
-    return [(r["status"], r["message"]) for r in json.loads(result.stdout)]
 
 
 def written(

@@ -25,6 +25,7 @@ def render(cluster: ClusterHandle, *args: str, check: bool = True) -> Any:
     return cluster.helm("template", "release", str(CHART), KUBE_VERSION, *args, check=check)
 
 
+@pytest.mark.cluster
 def test_chart_lints(cluster: ClusterHandle) -> None:
     result = cluster.helm("lint", str(CHART), "--strict")
     assert "1 chart(s) linted, 0 chart(s) failed" in result.stdout
@@ -49,6 +50,7 @@ def test_chart_grants_exactly_the_operators_rbac_rules() -> None:
         pytest.param(["--set", "watchNamespaces={NAMESPACE}", "--set", "metrics.enabled=false"], id="namespaced-rbac"),
     ],
 )
+@pytest.mark.cluster
 def test_rendered_manifests_pass_a_server_side_dry_run(cluster: ClusterHandle, namespace: str, values: list[str]) -> None:
     values = [v.replace("NAMESPACE", namespace) for v in values]
     manifests = render(cluster, "--namespace", namespace, *values).stdout
@@ -60,6 +62,7 @@ def test_rendered_manifests_pass_a_server_side_dry_run(cluster: ClusterHandle, n
     assert "serviceaccount" in kinds
 
 
+@pytest.mark.cluster
 def test_values_schema_rejects_a_wrong_value_naming_it(cluster: ClusterHandle) -> None:
     result = render(cluster, "--set", "metrics.port=0", check=False)
     assert result.returncode != 0
@@ -84,6 +87,7 @@ def _deployment(cluster: ClusterHandle, namespace: str, name: str) -> dict[str, 
     return result
 
 
+@pytest.mark.cluster
 def test_install_runs_the_operator_under_its_service_account_then_upgrade_and_uninstall(cluster: ClusterHandle, namespace: str) -> None:
     release = f"fo-{uuid.uuid4().hex[:6]}"
     name = f"{release}-finetune-operator"

@@ -15,6 +15,7 @@ import textwrap
 import threading
 from typing import Any
 
+import pytest
 from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
 
@@ -28,6 +29,8 @@ from tests.kube import (
     wait_for,
     wait_job_finished,
 )
+
+pytestmark = pytest.mark.cluster
 
 
 def test_job_reads_configmap_volume_and_secret_env(cluster: ClusterHandle, namespace: str) -> None:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration import operator_env
 from tests.integration.operator_env import (
     OperatorProcess,
     apply,
@@ -24,10 +23,6 @@ from tests.integration.operator_env import (
 from tests.kube import ClusterHandle, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("operator")]
-crd = operator_env.crd
-operator_dir = operator_env.operator_dir
-operator_kubeconfig = operator_env.operator_kubeconfig
-operator = operator_env.operator
 
 
 def test_pending_running_succeeded(cluster: ClusterHandle, namespace: str, operator: OperatorProcess) -> None:

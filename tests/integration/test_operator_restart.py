@@ -18,7 +18,6 @@ from typing import Any
 import pytest
 
 from finetune_operator import rbac
-from tests.integration import operator_env
 from tests.integration.operator_env import (
     SERVICE_ACCOUNT,
     SYSTEM_NAMESPACE,
@@ -34,9 +33,6 @@ from tests.integration.operator_env import (
 from tests.kube import ClusterHandle, wait_for
 
 pytestmark = [pytest.mark.cluster]
-crd = operator_env.crd
-operator_dir = operator_env.operator_dir
-operator_kubeconfig = operator_env.operator_kubeconfig
 
 AS_OPERATOR = f"--as=system:serviceaccount:{SYSTEM_NAMESPACE}:{SERVICE_ACCOUNT}"
 

@@ -9,12 +9,10 @@ from typing import Any
 
 import pytest
 
-from tests.integration import operator_env
 from tests.integration.operator_env import manifest
 from tests.kube import ClusterHandle
 
 pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("crd")]
-crd = operator_env.crd
 
 
 def with_spec(**changes: Any) -> dict[str, Any]:

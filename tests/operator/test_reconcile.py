@@ -433,7 +433,7 @@ def test_a_child_the_api_server_refuses_fails_the_job_once(fake: FakeCluster, er
     fake.refuse[("create", "Job")] = error
     outcome = run(fake)
     assert (outcome.phase, outcome.status["reason"]) == ("Failed", "InvalidSpec")
-    assert f"the API server refused the Job: " in outcome.status["message"] and detail in outcome.status["message"]
+    assert "the API server refused the Job: " in outcome.status["message"] and detail in outcome.status["message"]
     assert fake.events[-1][0] == "Warning"
     fake.calls.clear()
     run(fake, seconds=60)

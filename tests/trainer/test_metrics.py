@@ -1,4 +1,4 @@
-"""DESIGN.md §4 metric definitions checked against a hand computation."""
+"""The metric definitions (docs/trainer.md, Metrics) checked against a hand computation."""
 
 from __future__ import annotations
 

@@ -1,24 +1,16 @@
 """The Argo CD health check (docs/gitops/argocd-health.lua), run by a real Lua interpreter.
 
-Argo CD evaluates the script with the object as a Lua table `obj`; lupa does the same here.
+Argo CD evaluates the script with the object as a Lua table `obj`; lupa does the same here
+(tests/gitops_health.py).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
-from lupa import LuaRuntime
 
-SCRIPT = (Path(__file__).resolve().parents[2] / "docs" / "gitops" / "argocd-health.lua").read_text()
-
-
-def health(obj: dict[str, Any]) -> tuple[str, str]:
-    lua = LuaRuntime(unpack_returned_tuples=True)
-    lua.globals().obj = lua.table_from(obj, recursive=True)
-    result = lua.execute(SCRIPT)
-    return str(result["status"]), str(result["message"])
+from tests.gitops_health import health
 
 
 def job(

@@ -1,4 +1,4 @@
-"""The metric definitions of DESIGN.md §4 and the evaluation loop that applies them.
+"""The metric definitions (docs/trainer.md, Metrics) and the evaluation loop that applies them.
 
 - eval loss: summed cross-entropy over all non-masked target tokens ÷ their count, pooled over
   processes (all-reduce of the sums, not a mean of per-process means);

@@ -4,7 +4,7 @@ In mode Evaluate the recipe stops after step 0 and the baselines: the same data,
 and evaluation as a training run's step 0, no optimizer, no checkpoint, no final/.
 
 Called by `cli.main` in every process (torchrun or single). Built on transformers' Trainer, with
-three overrides that pin down what DESIGN.md §4 fixes: the loss (token-weighted over the whole
+three overrides that pin down what docs/trainer.md (Metrics) fixes: the loss (token-weighted over the whole
 accumulated, multi-process batch, so gradient accumulation and world size do not change it),
 the train-loss window (token-weighted), and evaluation (`evaluation.evaluate_model`). Rank 0 does
 all writes to the run folder; checkpoints upload in the background (`checkpoints.Uploader`).
