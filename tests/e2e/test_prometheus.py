@@ -25,7 +25,7 @@ from tests.integration.operator_env import SYSTEM_NAMESPACE, free_port, identity
 from tests.kube import ClusterHandle, get, wait_for
 from tests.prometheus_env import PROMETHEUS_RBAC, rule_file, running_prometheus, scrape_configs
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "helm" / "finetune-operator" / "dashboards" / "finetune-operator.json"

@@ -131,6 +131,7 @@ def test_install_runs_the_operator_under_its_service_account_then_upgrade_and_un
     assert cluster.kubectl("get", "crd", "finetunejobs.finetune.dev").returncode == 0
 
 
+@pytest.mark.cluster
 def test_pod_monitor_selects_the_rank0_trainer_pods_the_operator_creates(cluster: ClusterHandle) -> None:
     from finetune_operator.builders import COMPLETION_INDEX_ANNOTATION, labels
 

@@ -17,19 +17,17 @@ from typing import Any
 
 import pytest
 
-from tests.integration.kueue_env import Kueue, kueue  # noqa: F401  (fixture)
-from tests.integration.operator_env import (  # noqa: F401  (fixtures)
+from tests.integration.kueue_env import Kueue, kueue  # noqa: F401  (the fixture)
+from tests.integration.operator_env import (
     OperatorProcess,
     apply,
-    crd,
     manifest,
-    operator,
-    operator_dir,
-    operator_kubeconfig,
     status,
     wait_phase,
 )
 from tests.kube import ClusterHandle, wait_for
+
+pytestmark = pytest.mark.cluster
 
 # One job's pod: the ClusterQueue's whole quota.
 POD_CPU, POD_MEMORY = "500m", "256Mi"
@@ -179,7 +177,7 @@ def wait_reason(
     return result
 
 
-def timer_cycles(operator: OperatorProcess) -> float:  # noqa: F811
+def timer_cycles(operator: OperatorProcess) -> float:
     total = 0.0
     for line in operator.metrics().splitlines():
         if line.startswith("finetune_operator_reconciles_total{") and 'trigger="timer"' in line:
@@ -190,7 +188,7 @@ def timer_cycles(operator: OperatorProcess) -> float:  # noqa: F811
 def test_jobs_run_in_turn_and_suspend_and_cancel_still_work(
     cluster: ClusterHandle,
     namespace: str,
-    operator: OperatorProcess,  # noqa: F811
+    operator: OperatorProcess,
     local_queue: str,
 ) -> None:
     apply(cluster, namespace, queued_job("first", local_queue, steps=100))  # cancelled below
@@ -266,7 +264,7 @@ def test_jobs_run_in_turn_and_suspend_and_cancel_still_work(
 def test_a_preempted_job_checkpoints_and_resumes_from_that_checkpoint(
     cluster: ClusterHandle,
     namespace: str,
-    operator: OperatorProcess,  # noqa: F811
+    operator: OperatorProcess,
     local_queue: str,
 ) -> None:
     apply(cluster, namespace, queued_job("low", local_queue, steps=10, priority=LOW))
