@@ -248,7 +248,6 @@ def test_jobs_run_in_turn_and_suspend_and_cancel_still_work(
     patch_spec(cluster, namespace, "third", suspend=False)
     wait_phase(cluster, namespace, "third", "Running", timeout=90)
     patch_spec(cluster, namespace, "second", suspend=False)
-    assert wait_reason(cluster, namespace, "second", "Queued")["phase"] == "Pending"
     seen: set[frozenset[str]] = set()
 
     def both_done() -> bool:
