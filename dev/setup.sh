@@ -20,7 +20,8 @@ done
 # The process node cannot run pods from a checkout under a path the pods mount over (/tmp, ...).
 PYTHONPATH=dev "$python" -m finetune_dev.paths .
 
-# Build the control-plane binaries (Go, CPU-bound) while pip downloads and unpacks (I/O-bound).
+# Build the control-plane binaries (Go, CPU-bound) while pip downloads and unpacks (I/O-bound),
+# then the tests' Kueue (finetune_dev.binaries.OPTIONAL_COMPONENTS).
 # Cached by version: a no-op after the first time. Needs only the standard library.
 build_log=$(mktemp)
 PYTHONPATH=dev "$python" -m finetune_dev.binaries >"$build_log" 2>&1 &

@@ -18,6 +18,7 @@ plus a digest of the sources, so an edit rebuilds.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -32,6 +33,8 @@ ETCD_VERSION = "v3.6.16"
 HELM_VERSION = "v3.22.0"
 VERSITYGW_VERSION = "v1.8.0"
 KUBE_SCORE_VERSION = "v1.20.0"
+# Optional components: built by dev/setup.sh (the tests need them), not by `finetune-dev up`.
+KUEUE_VERSION = "v0.17.0"
 
 
 class BuildError(RuntimeError):
@@ -52,6 +55,8 @@ class Component:
     needs_wrapper: bool = False
     # A module in this repository (with its go.mod and go.sum) instead of one fetched by version.
     source: Path | None = None
+    # Go build tags (e.g. to leave out code the local cluster never runs).
+    tags: tuple[str, ...] = ()
 
     @property
     def directory(self) -> Path:
@@ -146,7 +151,20 @@ KSTATUS = Component(
     source=KSTATUS_SOURCE,
 )
 
+# Kueue's controller manager, run against the local cluster by the Kueue integration tests
+# (tests/integration/kueue_env.py). No replace directives: a plain `go get` pins it.
+KUEUE = Component(
+    name="kueue",
+    module="sigs.k8s.io/kueue",
+    version=KUEUE_VERSION,
+    binaries={"kueue": "sigs.k8s.io/kueue/cmd/kueue"},
+    ldflags=(f"-X sigs.k8s.io/kueue/pkg/version.GitVersion={KUEUE_VERSION}",),
+)
+
+
+# What `finetune-dev up` needs; OPTIONAL only what some tests run (built by dev/setup.sh).
 COMPONENTS: tuple[Component, ...] = (KUBERNETES, ETCD, HELM, VERSITYGW, KSTATUS, KUBE_SCORE)
+OPTIONAL_COMPONENTS: tuple[Component, ...] = (KUEUE,)
 
 
 def _go_env() -> dict[str, str]:
@@ -257,6 +275,8 @@ def _go_build(
 ) -> Path:
     """Build every binary into ``staging``, stamp it complete, and move it into place."""
     ldflags = " ".join(("-s", "-w", *component.ldflags))
+    if component.tags:
+        flags = (*flags, f"-tags={','.join(component.tags)}")
     for binary, package in component.binaries.items():
         _run(
             ["go", "build", *flags, "-trimpath", f"-ldflags={ldflags}", "-o", str(staging / binary), package],
@@ -270,16 +290,32 @@ def _go_build(
     return component.directory
 
 
-def build_all(*, force: bool = False, echo: bool = True) -> None:
-    for component in COMPONENTS:
+def build_all(*, force: bool = False, echo: bool = True, optional: bool = False) -> None:
+    """Build the cluster's components; with `optional`, also OPTIONAL_COMPONENTS (after them)."""
+    for component in COMPONENTS + (OPTIONAL_COMPONENTS if optional else ()):
         if echo and not component.complete:
             print(f"building {component.name} {component.version} (cached after the first time)", flush=True)
         build(component, force=force)
 
 
+def module_source(component: Component) -> Path:
+    """The component's module source in Go's module cache (downloaded if missing): where
+    manifests that ship with a binary live, e.g. Kueue's CRDs and webhook configuration."""
+    out = subprocess.run(
+        ["go", "mod", "download", "-json", f"{component.module}@{component.version}"],
+        env=_go_env(),
+        capture_output=True,
+        text=True,
+        cwd=cache_dir() if cache_dir().exists() else None,
+    )
+    if out.returncode != 0:
+        raise BuildError(f"downloading {component.module}@{component.version} failed: {out.stderr.strip()}")
+    return Path(json.loads(out.stdout)["Dir"])
+
+
 def binary(name: str) -> Path:
     """Path of a built binary by name (e.g. ``kube-apiserver``); raises if not built yet."""
-    for component in COMPONENTS:
+    for component in COMPONENTS + OPTIONAL_COMPONENTS:
         if name in component.binaries:
             if not component.complete:
                 raise BuildError(
@@ -292,4 +328,4 @@ def binary(name: str) -> Path:
 if __name__ == "__main__":
     # Needs only the standard library, so dev/setup.sh runs it before the virtualenv exists
     # (in parallel with pip): PYTHONPATH=dev python3 -m finetune_dev.binaries
-    build_all()
+    build_all(optional=True)

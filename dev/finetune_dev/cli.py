@@ -32,7 +32,7 @@ def cluster_from_env() -> Cluster:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="finetune-dev", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("build", help="build the control-plane binaries (cached)")
+    sub.add_parser("build", help="build the control-plane binaries and the tests' Kueue and Prometheus (cached)")
     sub.add_parser("up", help="start the cluster (safe to re-run)")
     sub.add_parser("status", help="show each component's health")
     sub.add_parser("env", help="print shell exports: KUBECONFIG, S3, PATH (kubectl, helm, kubectl finetune)")
@@ -42,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     cluster = cluster_from_env()
     try:
         if args.command == "build":
-            binaries.build_all()
-            for component in binaries.COMPONENTS:
+            binaries.build_all(optional=True)
+            for component in binaries.COMPONENTS + binaries.OPTIONAL_COMPONENTS:
                 print(f"{component.name:12} {component.version:10} {component.directory}")
         elif args.command == "up":
             cluster.up()

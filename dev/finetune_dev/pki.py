@@ -158,3 +158,27 @@ def ensure(pki_dir: Path, *, extra_ips: tuple[str, ...] = ()) -> None:
                 serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
             )
         )
+
+
+def serving_certificate(pki_dir: Path, directory: Path, *, common_name: str, ips: tuple[str, ...]) -> Path:
+    """A serving certificate signed by the cluster's CA, valid for ``ips``, written to
+    ``directory`` as tls.crt / tls.key (the layout controller-runtime webhook servers read).
+
+    For servers the API server calls back (admission webhooks run as local processes, e.g.
+    Kueue's): their webhook configuration's caBundle is the cluster's ca.crt. Returns ``directory``.
+    """
+    ca_cert = x509.load_pem_x509_certificate((pki_dir / "ca.crt").read_bytes())
+    ca_key = serialization.load_pem_private_key((pki_dir / "ca.key").read_bytes(), password=None)
+    assert isinstance(ca_key, rsa.RSAPrivateKey)
+    key = _key()
+    sans = [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
+    cert = (
+        _builder(_name(common_name), ca_cert.subject, key.public_key())
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_key(directory / "tls.key", key)
+    (directory / "tls.crt").write_bytes(_pem(cert))
+    return directory

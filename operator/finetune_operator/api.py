@@ -148,6 +148,8 @@ class Reason(enum.StrEnum):
     OOM_KILLED = "OOMKilled"  # the trainer was killed for memory (exit 137)
     RESTARTING = "Restarting"  # a multi-node job's pods restart together (operator's gang restart)
     POD_FAILED = "PodFailed"  # event: the pod failure that caused a gang restart
+    QUEUED = "Queued"  # Kueue holds the Job suspended: waiting for quota (docs/kueue.md)
+    PREEMPTED = "Preempted"  # Kueue evicted the Job for a higher-priority workload; requeued
 
 
 class _Model(BaseModel):
@@ -291,7 +293,10 @@ class ResourcesSpec(_Model):
         default=None,
         pattern=K8S_NAME_PATTERN,
         max_length=63,
-        description="Kueue LocalQueue: sets kueue.x-k8s.io/queue-name on the Job (use with suspend).",
+        description=(
+            "Kueue LocalQueue: the Job is created suspended with kueue.x-k8s.io/queue-name and "
+            "Kueue starts it on admission."
+        ),
     )
 
     @field_validator("node_selector")

@@ -461,7 +461,8 @@ def build_job(job: FineTuneJob, settings: Settings) -> dict[str, Any]:
         "completions": nodes,
         "parallelism": nodes,
         "backoffLimit": backoff_limit,
-        "suspend": job.spec.suspend or job.spec.cancel,
+        # Queued with Kueue: created suspended, Kueue unsuspends it on admission (docs/kueue.md).
+        "suspend": job.spec.suspend or job.spec.cancel or bool(job.spec.resources.queue_name),
         "podFailurePolicy": {"rules": rules},
         "template": {
             "metadata": {

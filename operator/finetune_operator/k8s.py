@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from kubernetes import client as k8s_client
 from kubernetes.client.rest import ApiException
 
-from finetune_operator import metrics
+from finetune_operator import kueue, metrics
 from finetune_operator.api import GROUP, PLURAL, VERSION, ObjectRef
 from finetune_operator.status import rfc3339
 
@@ -82,6 +82,13 @@ class Cluster(Protocol):
 
     def event(self, ref: ObjectRef, *, type: str, reason: str, message: str, now: datetime) -> None:
         """Record a core/v1 Event on the FineTuneJob (best effort)."""
+
+    def find_workload(self, namespace: str, job_uid: str) -> Obj | None:
+        """Kueue's Workload for the batch Job with this uid; None if there is none (or Kueue's
+        API is not installed)."""
+
+    def patch_workload(self, namespace: str, name: str, patch: Mapping[str, Any]) -> Obj:
+        """Merge-patch a Workload."""
 
 
 def _read_only(*_: Any, **__: Any) -> Any:
@@ -272,6 +279,41 @@ class KubeCluster:
             "count": 1,
         }
         self._pool.submit(self._post_event, ref.namespace, body)
+
+    def find_workload(self, namespace: str, job_uid: str) -> Obj | None:
+        metrics.API_REQUESTS.labels(verb="list", kind="Workload").inc()
+        try:
+            response = self.custom.list_namespaced_custom_object(
+                kueue.GROUP,
+                kueue.VERSION,
+                namespace,
+                kueue.WORKLOADS,
+                label_selector=f"{kueue.JOB_UID_LABEL}={job_uid}",
+                _preload_content=False,
+            )
+        except ApiException as exc:
+            if exc.status == 404:  # Kueue is not installed: the Job just waits, suspended
+                return None
+            metrics.ERRORS.labels(kind=f"api_{exc.status}").inc()
+            raise ApiError("list", "Workload", int(exc.status or 0), str(exc.reason)) from None
+        items = list(json.loads(response.data).get("items") or [])
+        return max(items, key=lambda w: str(w["metadata"].get("creationTimestamp") or "")) if items else None
+
+    def patch_workload(self, namespace: str, name: str, patch: Mapping[str, Any]) -> Obj:
+        result = self._call(
+            "patch",
+            "Workload",
+            self.custom.patch_namespaced_custom_object,
+            kueue.GROUP,
+            kueue.VERSION,
+            namespace,
+            kueue.WORKLOADS,
+            name,
+            patch,
+        )
+        if result is None:
+            raise ApiError("patch", "Workload", 404, "NotFound")
+        return result
 
     def _post_event(self, namespace: str, body: Mapping[str, Any]) -> None:
         """Events are best effort: a failure is logged and counted, never retried."""

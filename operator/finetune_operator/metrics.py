@@ -1,6 +1,9 @@
 """The operator's Prometheus metrics (prometheus-client), served by `handlers` on startup.
 
 - `finetune_operator_jobs{phase}` — FineTuneJobs this operator knows, by phase.
+- `finetune_operator_job_phase{namespace,finetunejob,phase}` — 1 for each job's current phase
+  (one series per job; the chart's alerts and dashboard variables use it, its ServiceMonitor
+  honours these labels).
 - `finetune_operator_reconciles_total{trigger,result}` and
   `finetune_operator_reconcile_duration_seconds{trigger}` — reconcile cycles.
 - `finetune_operator_errors_total{kind}` — api_<status>, progress_unreachable, invalid_spec,
@@ -30,6 +33,14 @@ RECONCILE_DURATION = Histogram(
 ERRORS = Counter("finetune_operator_errors_total", "Errors by kind", ["kind"])
 API_REQUESTS = Counter("finetune_operator_api_requests_total", "Kubernetes API requests", ["verb", "kind"])
 STATUS_WRITES = Counter("finetune_operator_status_writes_total", "FineTuneJob status patches")
+JOB_PHASE = Gauge(
+    "finetune_operator_job_phase",
+    "1 for the current phase of each FineTuneJob",
+    ["namespace", "finetunejob", "phase"],
+)
+# Known error kinds start at 0, so a rate over them is 0 rather than no data.
+for _kind in ("progress_unreachable", "invalid_spec", "unexpected", "event"):
+    ERRORS.labels(kind=_kind)
 
 
 class PhaseTracker:
@@ -43,10 +54,15 @@ class PhaseTracker:
 
     def set(self, namespace: str, name: str, phase: str | None) -> None:
         with self._lock:
+            before = self._phases.get((namespace, name))
             if phase is None:
                 self._phases.pop((namespace, name), None)
             else:
                 self._phases[(namespace, name)] = phase
+            if before is not None and before != phase:
+                JOB_PHASE.remove(namespace, name, before)
+            if phase is not None:
+                JOB_PHASE.labels(namespace=namespace, finetunejob=name, phase=phase).set(1)
             counts = {p.value: 0 for p in Phase}
             for value in self._phases.values():
                 counts[value] = counts.get(value, 0) + 1

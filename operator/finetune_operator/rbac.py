@@ -47,6 +47,12 @@ RULES: list[tuple[str, tuple[str, ...], tuple[str, ...], str]] = [
         ("get",),
         "say so when spec.resources.priorityClassName does not exist",
     ),
+    (
+        "kueue.x-k8s.io",
+        ("workloads",),
+        ("list", "patch"),
+        "a queued Job's admission state; deactivate it on spec.suspend / spec.cancel (docs/kueue.md)",
+    ),
 ]
 
 

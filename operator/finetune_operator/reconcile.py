@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from finetune_operator import builders, gang, metrics
+from finetune_operator import builders, gang, kueue, metrics
 from finetune_operator.api import (
     ConditionType,
     FineTuneJob,
@@ -194,12 +194,21 @@ def _reconcile(
                     if problem is None:
                         raise
 
+    queue: kueue.Queue | None = None
+    if batch_job is not None and kueue.managed(job) and not finished:
+        # Children are synced only on a full cycle; so is the Workload.
+        queue = _sync_workload(cluster, job, batch_job, outcome, apply=observed_job is None)
     pods: list[dict[str, Any]] = []
     if batch_job is not None and _may_have_pods(batch_job):
         pods = cluster.list_pods(namespace, builders.labels(name))
     report = _poll(progress, pods, settings) if progress is not None else None
     observed = Observed(
-        job=batch_job, pods=pods, problem=problem, run_uri=run_uri, unknown_fields=unknown_fields(obj)
+        job=batch_job,
+        pods=pods,
+        problem=problem,
+        run_uri=run_uri,
+        unknown_fields=unknown_fields(obj),
+        queue=queue,
     )
     new_status = derive_status(job, observed, report, now)
     _write(cluster, ref, previous, new_status, outcome, now, precondition)
@@ -357,14 +366,33 @@ def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:
 
 def _sync_patch(desired: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, Any] | None:
     """What to change on an existing child: the ConfigMap's data, the Job's suspend flag.
-    (A Job's pod template is immutable; other spec changes apply to the next FineTuneJob.)"""
+    (A Job's pod template is immutable; other spec changes apply to the next FineTuneJob.)
+    A Job queued with Kueue (it carries the queue-name label) keeps its suspend flag: Kueue owns
+    it, and spec.suspend / spec.cancel deactivate its Workload instead (`_sync_workload`)."""
     if desired["kind"] == "ConfigMap" and desired.get("data") != current.get("data"):
         return {"data": desired["data"]}
-    if desired["kind"] == "Job":
+    queued = builders.QUEUE_NAME_LABEL in ((current.get("metadata") or {}).get("labels") or {})
+    if desired["kind"] == "Job" and not queued:
         want = bool(desired["spec"].get("suspend"))
         if bool((current.get("spec") or {}).get("suspend")) != want:
             return {"spec": {"suspend": want}}
     return None
+
+
+def _sync_workload(
+    cluster: Cluster, job: FineTuneJob, batch_job: Mapping[str, Any], outcome: Outcome, *, apply: bool
+) -> kueue.Queue:
+    """Read the Workload Kueue keeps for `batch_job`; with `apply`, (de)activate it for the
+    FineTuneJob's spec.suspend / spec.cancel. Returns its queue state for the status."""
+    uid = str((batch_job.get("metadata") or {}).get("uid") or "")
+    workload = cluster.find_workload(job.namespace, uid) if uid else None
+    if workload is not None and apply:
+        patch = kueue.workload_patch(job, workload)
+        if patch is not None:
+            workload_name = workload["metadata"]["name"]
+            workload = cluster.patch_workload(job.namespace, workload_name, patch)
+            outcome.patched.append(f"Workload/{workload_name}")
+    return kueue.queue_state(workload)
 
 
 def _poll(progress: ProgressSource, pods: list[dict[str, Any]], settings: Settings) -> dict[str, Any] | None:

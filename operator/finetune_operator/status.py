@@ -5,7 +5,8 @@ Level-based: the same observation gives the same status (times are carried over 
 previous status unless something changed), so `reconcile` writes only when the result differs.
 
 Phases: Pending → Running → Succeeded | Failed, with Suspended (spec.suspend) and Cancelled
-(spec.cancel). A job in mode Evaluate has the same phases (Running with reason Evaluating); its
+(spec.cancel). A job queued with Kueue is Pending with reason Queued (or Preempted) while Kueue
+holds its Job suspended, the message quoting Kueue's reason and message (`kueue.queue_state`). A job in mode Evaluate has the same phases (Running with reason Evaluating); its
 progress is step 0 of 0 steps, printed as `eval`, and its result is the step-0 evaluation.
 Terminal phases are sticky: a finished Job deleted by its TTL leaves the status as it was.
 Conditions follow kstatus (Ready normal-true; Reconciling and Stalled abnormal-true), each with
@@ -41,6 +42,7 @@ from typing import Any
 from finetune_operator import gang
 from finetune_operator.api import ConditionType, FineTuneJob, ObjectRef, Phase, Reason
 from finetune_operator.builders import COMPLETION_INDEX_ANNOTATION, CONTAINER_NAME
+from finetune_operator.kueue import Queue, QueueState
 from finetune_trainer import contract
 from finetune_trainer.config import EVALUATE
 from finetune_trainer.errors import Reason as TrainerReason
@@ -67,6 +69,8 @@ class Observed:
     run_uri: str | None = None
     # Spec fields the API server dropped (`api.unknown_fields`); None: not known this cycle.
     unknown_fields: Sequence[str] | None = None
+    # The Workload's state, for a job queued with Kueue (spec.resources.queueName).
+    queue: Queue | None = None
 
 
 def rfc3339(now: datetime) -> str:
@@ -289,6 +293,8 @@ def _live_phase(job: FineTuneJob, observed: Observed, prev_phase: Phase | None) 
         if active:
             return Phase.SUSPENDED, Reason.SUSPENDING, f"suspending: {len(active)} pod(s) saving a checkpoint"
         return Phase.SUSPENDED, Reason.SUSPENDED, "suspended (spec.suspend); set it to false to resume"
+    if observed.queue is not None and (observed.job.get("spec") or {}).get("suspend"):
+        return _queued_phase(job, observed.queue, len(active))
     running = [pod for pod in active if (pod.get("status") or {}).get("phase") == "Running"]
     if running:
         nodes = job.spec.resources.nodes
@@ -300,6 +306,30 @@ def _live_phase(job: FineTuneJob, observed: Observed, prev_phase: Phase | None) 
         # updates for ~1 s): stay Running rather than flap to Pending on the way to the end.
         return Phase.RUNNING, Reason.TRAINING, "pods exited; waiting for the Job to conclude"
     return Phase.PENDING, Reason.WAITING_FOR_PODS, "waiting for pods to start"
+
+
+def _queued_phase(job: FineTuneJob, queue: Queue, active: int) -> tuple[Phase, Reason, str]:
+    """A Job Kueue holds suspended: waiting for quota, or preempted (pods saving a checkpoint,
+    then waiting for quota again). The message quotes Kueue's reason and message."""
+    local_queue = job.spec.resources.queue_name
+    kueue_says = f"Kueue: {queue.reason}: {queue.message}" if queue.message else f"Kueue: {queue.reason}"
+    if queue.state is QueueState.PREEMPTED:
+        saving = (
+            f"; {active} pod(s) saving a checkpoint" if active else "; resumes from its newest checkpoint"
+        )
+        return (
+            Phase.PENDING,
+            Reason.PREEMPTED,
+            f"preempted, queued again in LocalQueue {local_queue} ({kueue_says}){saving}",
+        )
+    if queue.state is QueueState.ADMITTED:
+        return (
+            Phase.PENDING,
+            Reason.QUEUED,
+            f"admitted by ClusterQueue {queue.cluster_queue}; Kueue is starting the Job",
+        )
+    stopping = f"; {active} pod(s) saving a checkpoint" if active else ""
+    return Phase.PENDING, Reason.QUEUED, f"queued in LocalQueue {local_queue} ({kueue_says}){stopping}"
 
 
 def _stuck(pods: Sequence[Mapping[str, Any]]) -> tuple[Reason, str] | None:

@@ -129,3 +129,24 @@ def test_install_runs_the_operator_under_its_service_account_then_upgrade_and_un
     assert cluster.kubectl("get", "role", name, "-n", namespace, check=False).returncode != 0
     # Helm never deletes CRDs: FineTuneJobs (and their checkpoints) survive an uninstall.
     assert cluster.kubectl("get", "crd", "finetunejobs.finetune.dev").returncode == 0
+
+
+@pytest.mark.cluster
+def test_pod_monitor_selects_the_rank0_trainer_pods_the_operator_creates(cluster: ClusterHandle) -> None:
+    from finetune_operator.builders import COMPLETION_INDEX_ANNOTATION, labels
+
+    docs = yaml.safe_load_all(
+        render(cluster, "--set", "metrics.podMonitor.enabled=true", "--set", "watchNamespaces={team-a}").stdout
+    )
+    [monitor] = [d for d in docs if d and d["kind"] == "PodMonitor"]
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["team-a"]}
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    trainer_labels = labels("demo", "trainer")
+    assert selector.items() <= trainer_labels.items(), "the PodMonitor must match the labels builders put on trainer pods"
+    [endpoint] = monitor["spec"]["podMetricsEndpoints"]
+    assert (endpoint["port"], endpoint["path"]) == ("progress", "/metrics")
+    keep, job_label = endpoint["relabelings"]
+    # Only rank 0 serves /metrics; the Job controller labels each pod with its index (as well as
+    # annotating it with COMPLETION_INDEX_ANNOTATION).
+    assert keep["sourceLabels"] == ["__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", COMPLETION_INDEX_ANNOTATION)]
+    assert job_label["targetLabel"] == "finetunejob"

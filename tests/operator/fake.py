@@ -76,6 +76,7 @@ class FakeCluster:
         stored = copy.deepcopy(dict(obj))
         if kind == "Job":
             stored["status"] = {}
+            stored["metadata"].setdefault("uid", f"uid-job-{meta['name']}")
         self._bump(stored)
         self.objects[key] = stored
         return copy.deepcopy(stored), True
@@ -125,6 +126,17 @@ class FakeCluster:
     def event(self, ref: ObjectRef, *, type: str, reason: str, message: str, now: datetime) -> None:
         self._hook("event", "Event")
         self.events.append((type, reason, message))
+
+    def find_workload(self, namespace: str, job_uid: str) -> dict[str, Any] | None:
+        self._hook("list", "Workload")
+        for (kind, ns, _), obj in self.objects.items():
+            labels = obj["metadata"].get("labels") or {}
+            if kind == "Workload" and ns == namespace and labels.get("kueue.x-k8s.io/job-uid") == job_uid:
+                return copy.deepcopy(obj)
+        return None
+
+    def patch_workload(self, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
+        return self.patch("Workload", namespace, name, patch)
 
 
 def _merge(target: dict[str, Any], patch: Mapping[str, Any]) -> None:

@@ -32,3 +32,26 @@ def test_reconcile_updates_metrics(fake: FakeCluster) -> None:
     reconcile(fake, "team-a", "broken", settings=SETTINGS, now=NOW)
     assert _value("finetune_operator_errors_total", kind="invalid_spec") == before["invalid"] + 1
     assert _value("finetune_operator_jobs", phase="Failed") >= 1
+
+
+def test_each_job_has_one_phase_series(fake: FakeCluster) -> None:
+    fake.put_job_object(ftj(name="phased"))
+    reconcile(fake, "team-a", "phased", settings=SETTINGS, now=NOW)
+    assert (
+        _value("finetune_operator_job_phase", namespace="team-a", finetunejob="phased", phase="Pending") == 1
+    )
+    obj = fake.job_object(name="phased")
+    obj["spec"]["cancel"] = True
+    obj["metadata"]["generation"] += 1
+    reconcile(fake, "team-a", "phased", settings=SETTINGS, now=NOW)
+    assert (
+        _value("finetune_operator_job_phase", namespace="team-a", finetunejob="phased", phase="Cancelled")
+        == 1
+    )
+    assert (
+        REGISTRY.get_sample_value(
+            "finetune_operator_job_phase",
+            {"namespace": "team-a", "finetunejob": "phased", "phase": "Pending"},
+        )
+        is None
+    ), "the previous phase's series is removed"

@@ -121,6 +121,26 @@ def test_checkpoint_manifest_is_written_last_and_retention_keeps_k(root: str, tm
     assert (back / "model.safetensors").stat().st_size == 1000
 
 
+def test_a_failed_upload_is_counted_and_raised_on_the_next_call(tmp_path: Path) -> None:
+    from finetune_trainer.telemetry import Metrics
+
+    metrics = Metrics()
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")  # the store's root is a file: every write fails
+    uploader = ckpt.Uploader(
+        _store(f"file://{blocker}/store/"), keep_last=1, on_complete=lambda m, s: None,
+        on_failure=lambda _: metrics.checkpoint_upload_failures.inc(),
+    )  # fmt: skip
+    uploader.start()
+    local = tmp_path / "checkpoint-1"
+    local.mkdir()
+    (local / "model.safetensors").write_bytes(b"weights")
+    uploader.submit(local, 1, {}, remove_after=False)
+    with pytest.raises(RuntimeError, match="checkpoint upload failed"):
+        uploader.wait()
+    assert metrics.registry.get_sample_value("finetune_checkpoint_upload_failures_total") == 1
+
+
 def test_model_data_and_run_folder_on_s3_with_resume(
     s3_server: str, model_dir: Callable[[str], Path], text_data: dict[str, str], tmp_path: Path
 ) -> None:

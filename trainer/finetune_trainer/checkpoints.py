@@ -181,7 +181,9 @@ class Uploader:
     applies retention. Data parallel: rank 0 alone uploads a whole folder. Sharded: every rank
     runs one and uploads its own files; rank 0 writes the manifest when all ranks are done.
 
-    `on_complete(manifest, seconds)` runs in rank 0's upload thread after the manifest is written.
+    `on_complete(manifest, seconds)` runs in rank 0's upload thread after the manifest is written;
+    `on_failure(error)` there after an upload failed (the training thread raises it on its next
+    `submit`, `wait` or `close`).
     """
 
     store: Store
@@ -189,6 +191,7 @@ class Uploader:
     on_complete: Callable[[dict[str, Any], float], None]
     rank: int = 0
     world_size: int = 1
+    on_failure: Callable[[BaseException], None] | None = None
     _queue: queue.Queue[tuple[Path, int, dict[str, float], bool, bool] | None] = field(default_factory=queue.Queue)
     _errors: list[BaseException] = field(default_factory=list)
     _thread: threading.Thread | None = None
@@ -236,6 +239,8 @@ class Uploader:
             except BaseException as exc:  # reported to the training thread on its next call
                 log.exception("checkpoint upload failed")
                 self._errors.append(exc)
+                if self.on_failure is not None:
+                    self.on_failure(exc)
             finally:
                 self._queue.task_done()
 

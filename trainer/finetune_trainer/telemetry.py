@@ -53,6 +53,9 @@ class Metrics:
         self.checkpoint_seconds = Gauge(
             "finetune_checkpoint_upload_seconds", "Upload time of the last checkpoint", registry=r
         )
+        self.checkpoint_upload_failures = Counter(
+            "finetune_checkpoint_upload_failures", "Checkpoints whose upload failed (after retries)", registry=r
+        )
         self.checkpoint_save_seconds = Gauge(
             "finetune_checkpoint_save_seconds", "Local save time of the last checkpoint (training stall)", registry=r
         )

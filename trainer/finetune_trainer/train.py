@@ -632,7 +632,12 @@ class Recipe:
         self.io.flush()
 
         if self.is_main:
-            self.uploader = ckpt.Uploader(self.run_store, cfg.checkpoints.keep_last, self._uploaded)
+            self.uploader = ckpt.Uploader(
+                self.run_store,
+                cfg.checkpoints.keep_last,
+                self._uploaded,
+                on_failure=lambda _: self.progress.metrics.checkpoint_upload_failures.inc(),
+            )
             self.uploader.start()
         trainer = FineTuneTrainer(
             model=model,
