@@ -213,6 +213,7 @@ def podman_run(
     volumes: Sequence[str] = (),
     name: str | None = None,
     detach: bool = False,
+    entrypoint: str | None = None,
     timeout: float | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run `image` as a pod would: unprivileged, read-only root (writable tmpfs /tmp), all
@@ -232,6 +233,8 @@ def podman_run(
         cmd += ["--read-only", "--read-only-tmpfs"]
     if name:
         cmd += ["--name", name]
+    if entrypoint:
+        cmd += ["--entrypoint", entrypoint]
     cmd += ["--detach"] if detach else ["--rm"]
     for key, value in (env or {}).items():
         cmd += ["--env", f"{key}={value}"]
