@@ -2,13 +2,15 @@
 
 Layers (enforced by import-linter):
 
-- `main` and `shell` — argument parsing, the interactive shell, printing; the only modules that
-  call both the pure ones and the I/O wrappers.
-- I/O wrappers — `kube` (FineTuneJobs through the Kubernetes API, current KUBECONFIG) and
-  `storage` (the dataset registry in S3, boto3 with AWS_* variables), `plot` (matplotlib).
-- pure modules — `catalog` (models, memory estimates, hyper-parameter rows), `datasets`
-  (format detection, record counts), `experiments` (templates, manifests, selection), `views`
-  (rows and tables of jobs, evaluations, checkpoints, comparisons).
+- `main` (entry point, error printing) → `parser` (argparse) → `commands/` (one module per
+  command group, each `cmd_*` taking an `App`) → `app` (options, console, lazily opened cluster
+  and registry, printing).
+- I/O wrappers — `kube` (FineTuneJobs through the Kubernetes API, current KUBECONFIG),
+  `storage` (the dataset registry in S3, boto3 with AWS_* variables), `plot` (matplotlib);
+  `shell`, the interactive loop.
+- pure modules — `views` (how tables look), `reading` (what a FineTuneJob object says),
+  `catalog` (models, memory estimates, hyper-parameter rows), `datasets` (format detection,
+  record counts), `experiments` (templates, manifests, selection), `errors`.
 
 Nothing here imports torch or transformers: the CLI installs with the operator's dependencies.
 """

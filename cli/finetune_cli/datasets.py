@@ -133,7 +133,9 @@ def summarize(
     if errors:
         shown = errors[:MAX_ERRORS]
         more = f" ({len(errors) - len(shown)} more not shown)" if len(errors) > len(shown) else ""
-        raise DatasetError(f"{len(errors)} record(s) the trainer would reject{more}; fix them and retry", shown)
+        raise DatasetError(
+            f"{len(errors)} record(s) the trainer would reject{more}; fix them and retry", shown
+        )
     return DatasetSummary(name=name, format=format, files=summaries, created=created)
 
 

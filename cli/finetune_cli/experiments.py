@@ -212,7 +212,9 @@ def evaluation_settings(job: Mapping[str, Any]) -> tuple[dict[str, Any], int | N
     settings = {key: given[key] for key in EVALUATION_HYPERPARAMETERS if key in given}
     resources = spec.get("resources") or {}
     processes = int(resources.get("nodes") or 1) * int(resources.get("processesPerNode") or 1)
-    micro = given.get("microBatchSize") or (int(given["batchSize"]) // processes if given.get("batchSize") else None)
+    micro = given.get("microBatchSize") or (
+        int(given["batchSize"]) // processes if given.get("batchSize") else None
+    )
     if micro:
         settings["batchSize"] = settings["microBatchSize"] = int(micro)
     max_batches = (spec.get("evaluation") or {}).get("maxBatches")

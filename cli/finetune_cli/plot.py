@@ -1,6 +1,6 @@
 """PNG charts of eval loss, token accuracy and perplexity against steps (matplotlib, file I/O).
 
-Draws the `views.Series` of one or more jobs (a line with markers per job) and their zero-shot
+Draws the `reading.Series` of one or more jobs (a line with markers per job) and their zero-shot
 baselines (dashed, flat). Called by `main` for `plot`. matplotlib is imported here only, with the
 non-interactive Agg backend, so other commands do not pay for it.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune_cli.views import METRICS, Series
+from finetune_cli.reading import METRICS, Series
 
 TITLES = {"loss": "Eval loss", "accuracy": "Token accuracy", "perplexity": "Perplexity"}
 

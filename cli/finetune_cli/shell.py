@@ -14,11 +14,30 @@ import sys
 from collections.abc import Callable
 from typing import IO
 
-COMMANDS = ("list", "add", "experiment", "run", "status", "eval", "compare", "plot")
+COMMANDS = (
+    "list",
+    "add",
+    "experiment",
+    "run",
+    "status",
+    "eval",
+    "compare",
+    "plot",
+    "tensorboard",
+    "logs",
+    "events",
+    "init",
+    "version",
+)
+INTRO = (
+    "Welcome to the fine-tuning studio's launchpad (kubectl finetune shell).\n"
+    "Type help or ? to list commands, exit to leave. Start with `list`: the models, datasets,\n"
+    "checkpoints and hyper-parameters; then `experiment add`, `run`, `status`, `compare`."
+)
 
 
 class StudioShell(cmd.Cmd):
-    intro = "kubectl finetune shell — type help or ? for commands, exit to leave."
+    intro = INTRO
     prompt = "finetune> "
 
     def __init__(

@@ -15,17 +15,20 @@ Imported by every other module of the package. Must not import kopf or the Kuber
 from __future__ import annotations
 
 import enum
+import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from finetune_trainer import config as trainer_config
 from finetune_trainer.config import (
+    ABSOLUTE_RUN_URI_PATTERN,
     ENDPOINT_PATTERN,
     MODE_DESCRIPTION,
-    RUN_URI_PATTERN,
     TRAIN,
     CheckpointSpec,
     DatasetSpec,
@@ -34,6 +37,7 @@ from finetune_trainer.config import (
     LoraSpec,
     Mode,
     ModelSpec,
+    baseline_errors,
     mode_errors,
 )
 
@@ -59,6 +63,39 @@ JOB_NAME_MAX_LENGTH = 52
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|Ki|Mi|Gi|Ti|Pi)?$"
 K8S_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 SECRET_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"
+# core/v1 label keys ([<DNS subdomain>/]<name>) and values, as the Pod API validates them (the
+# prefix's 253-character limit is left to the API server: it answers 422, see reconcile).
+_DNS_LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
+LABEL_KEY_PATTERN = rf"^({_DNS_LABEL}(\.{_DNS_LABEL})*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{{0,61}}[A-Za-z0-9])?$"
+LABEL_KEY_MAX_LENGTH = 316
+LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
+IMAGE_PATTERN = r"^[^\x00-\x20\x7f]+$"
+
+LABEL_KEY_MESSAGE = (
+    "must be a label key: [<DNS subdomain>/]<name>, the name at most 63 characters of letters, digits, "
+    "'-', '_' and '.', starting and ending with a letter or digit"
+)
+# Patterns `crdgen` turns into CEL rules answering with these messages (not the regex).
+# URI fields of the trainer's contract that may hold file:// paths: a FineTuneJob needs them
+# absolute (the contract allows relative ones for a trainer run by hand). (path below spec, is a
+# list, is inside the baselines list) — checked by `cross_field_errors`, mirrored by CEL rules.
+FILE_URI_FIELDS: tuple[tuple[str, bool], ...] = (
+    ("model.uri", False),
+    ("dataset.train", True),
+    ("dataset.eval", True),
+    ("checkpoints.outputUri", False),
+)
+RELATIVE_FILE_MESSAGE = (
+    "file:// paths must be absolute (file:///<path>): a relative path is inside the pod and vanishes with it"
+)
+
+PATTERN_MESSAGES: dict[str, str] = {
+    **trainer_config.PATTERN_MESSAGES,
+    LABEL_KEY_PATTERN: LABEL_KEY_MESSAGE,
+    LABEL_VALUE_PATTERN: "must be empty or a label value: at most 63 characters of letters, digits, '-', "
+    "'_' and '.', starting and ending with a letter or digit",
+    IMAGE_PATTERN: "must be an image reference without spaces, e.g. registry.example/trainer:1.0",
+}
 
 
 class Phase(enum.StrEnum):
@@ -75,11 +112,13 @@ class Phase(enum.StrEnum):
 
 
 class ConditionType(enum.StrEnum):
-    """kstatus conditions: Ready is normal-true; Reconciling and Stalled are abnormal-true."""
+    """kstatus conditions: Ready is normal-true; Reconciling and Stalled are abnormal-true.
+    UnknownFields (abnormal-true, ignored by kstatus) lists fields the API server dropped."""
 
     READY = "Ready"
     RECONCILING = "Reconciling"
     STALLED = "Stalled"
+    UNKNOWN_FIELDS = "UnknownFields"
 
 
 class Reason(enum.StrEnum):
@@ -103,7 +142,10 @@ class Reason(enum.StrEnum):
     CONTAINER_CONFIG_ERROR = "ContainerConfigError"
     IMAGE_PULL_FAILED = "ImagePullFailed"
     NAME_CONFLICT = "NameConflict"  # a child's name is taken by an object we do not own
-    JOB_DELETED = "JobDeleted"
+    SERVICE_ACCOUNT_NOT_FOUND = "ServiceAccountNotFound"  # spec.resources.serviceAccountName
+    PRIORITY_CLASS_NOT_FOUND = "PriorityClassNotFound"  # spec.resources.priorityClassName
+    CREATE_FORBIDDEN = "CreateForbidden"  # the API server refused a child with 403 (quota, policy)
+    OOM_KILLED = "OOMKilled"  # the trainer was killed for memory (exit 137)
 
 
 class _Model(BaseModel):
@@ -146,14 +188,14 @@ class StorageSpec(_Model):
     region: str | None = Field(default=None, max_length=64, description="S3 region name.")
     runs_uri: str | None = Field(
         default=None,
-        pattern=RUN_URI_PATTERN,
+        pattern=ABSOLUTE_RUN_URI_PATTERN,
         max_length=1024,
         description="Base folder of run folders (ending in /): a job writes to "
-        "<runsUri><namespace>/<name>/ unless checkpoints.outputUri is set. Default: the operator's.",
+        "<runsUri><namespace>/<name>/<uid>/ unless checkpoints.outputUri is set. Default: the operator's.",
     )
     datasets_uri: str | None = Field(
         default=None,
-        pattern=RUN_URI_PATTERN,
+        pattern=ABSOLUTE_RUN_URI_PATTERN,
         max_length=1024,
         description="Where registered datasets live (for dataset.name). Default: the operator's.",
     )
@@ -194,17 +236,42 @@ class HubSpec(_Model):
 
 
 class Toleration(_Model):
-    """A pod toleration (as in core/v1)."""
+    """A pod toleration (as in core/v1, with its rules)."""
 
-    key: str | None = Field(default=None, max_length=316, description="Taint key; empty with Exists: all.")
+    key: str | None = Field(
+        default=None,
+        pattern=LABEL_KEY_PATTERN,
+        max_length=LABEL_KEY_MAX_LENGTH,
+        description="Taint key (a label key); empty with operator Exists: every taint.",
+    )
     operator: Literal["Exists", "Equal"] = Field(default="Equal", description="Exists or Equal.")
-    value: str | None = Field(default=None, max_length=63, description="Taint value (with Equal).")
+    value: str | None = Field(
+        default=None, pattern=LABEL_VALUE_PATTERN, max_length=63, description="Taint value (with Equal)."
+    )
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
         default=None, description="Taint effect to match; empty: all."
     )
     toleration_seconds: int | None = Field(
-        default=None, ge=0, le=31_536_000, description="For NoExecute: seconds to stay bound."
+        default=None,
+        ge=0,
+        le=31_536_000,
+        description="Seconds to stay bound after a NoExecute taint appears (only with effect NoExecute).",
     )
+
+    @model_validator(mode="after")
+    def _rules(self) -> Self:
+        """CEL: self.operator != 'Exists' || !has(self.value); has(self.key) || self.operator == 'Exists';
+        !has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')"""
+        errors = []
+        if self.operator == "Exists" and self.value is not None:
+            errors.append("value must be empty when operator is Exists")
+        if self.key is None and self.operator != "Exists":
+            errors.append("a toleration without key must have operator Exists (it tolerates every taint)")
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            errors.append("tolerationSeconds is only allowed with effect NoExecute")
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
 
 
 Quantity = Annotated[str, Field(pattern=QUANTITY_PATTERN, max_length=32)]
@@ -222,15 +289,19 @@ class ResourcesSpec(_Model):
     memory: Quantity | None = Field(
         default=None, description="Memory request (and limit) per pod, e.g. 16Gi."
     )
-    node_selector: dict[str, Annotated[str, Field(max_length=63)]] | None = Field(
-        default=None, max_length=64, description="Node labels the pods must match."
+    node_selector: dict[str, Annotated[str, Field(pattern=LABEL_VALUE_PATTERN, max_length=63)]] | None = Field(
+        default=None, max_length=64, description="Node labels the pods must match (label keys and values)."
     )
     tolerations: list[Toleration] | None = Field(default=None, max_length=32, description="Pod tolerations.")
     priority_class_name: str | None = Field(
         default=None, pattern=K8S_NAME_PATTERN, max_length=253, description="PriorityClass of the pods."
     )
     image: str | None = Field(
-        default=None, min_length=1, max_length=512, description="Trainer image; default: the operator's."
+        default=None,
+        min_length=1,
+        max_length=512,
+        pattern=IMAGE_PATTERN,
+        description="Trainer image (no spaces); default: the operator's.",
     )
     service_account_name: str | None = Field(
         default=None,
@@ -244,6 +315,15 @@ class ResourcesSpec(_Model):
         max_length=63,
         description="Kueue LocalQueue: sets kueue.x-k8s.io/queue-name on the Job (use with suspend).",
     )
+
+    @field_validator("node_selector")
+    @classmethod
+    def _label_keys(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        """CEL: self.all(k, k.size() <= 316 && k.matches(LABEL_KEY_PATTERN))"""
+        for key in value or {}:
+            if len(key) > LABEL_KEY_MAX_LENGTH or not re.fullmatch(LABEL_KEY_PATTERN, key):
+                raise ValueError(f"key {key!r} {LABEL_KEY_MESSAGE}")
+        return value
 
     @property
     def world_size(self) -> int:
@@ -450,8 +530,11 @@ def cross_field_errors(spec: FineTuneJobSpec) -> list[str]:
             hyperparameters=spec.hyperparameters,
             lora=spec.lora,
             evaluation=spec.evaluation,
+            checkpoints=spec.checkpoints,
         )
+        + baseline_errors(spec.model, spec.evaluation)
     ]
+    errors += _relative_file_uris(spec)
     if spec.lora is not None and spec.model.init != "pretrained":
         errors.append("spec.lora: LoRA needs model.init: pretrained")
     hp = spec.hyperparameters
@@ -464,11 +547,64 @@ def cross_field_errors(spec: FineTuneJobSpec) -> list[str]:
     return errors
 
 
+def _relative_file_uris(spec: FineTuneJobSpec) -> list[str]:
+    """CEL: one rule per FILE_URI_FIELDS entry and one for the baselines (see crdgen)."""
+    wire = spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+    found: list[tuple[str, Any]] = []
+    for path, is_list in FILE_URI_FIELDS:
+        node: Any = wire
+        for part in path.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        values = node if is_list and isinstance(node, list) else [node]
+        found += [(f"{path}[{i}]" if is_list else path, value) for i, value in enumerate(values)]
+    found += [(f"evaluation.baselines[{i}].uri", b.uri) for i, b in enumerate(spec.evaluation.baselines)]
+    return [
+        f"spec.{path}: {RELATIVE_FILE_MESSAGE}"
+        for path, value in found
+        if isinstance(value, str) and _relative_file(value)
+    ]
+
+
+def _relative_file(uri: str) -> bool:
+    return uri.startswith("file://") and not uri.startswith("file:///")
+
+
 def _format_error(err: Any) -> str:
-    loc = ".".join(str(part) for part in err.get("loc", ()))
+    loc = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in err.get("loc", ()))
+    loc = loc.removeprefix(".")
     msg = str(err.get("msg", "invalid"))
     msg = msg.removeprefix("Value error, ")
+    if err.get("type") == "string_pattern_mismatch":
+        msg = PATTERN_MESSAGES.get(str((err.get("ctx") or {}).get("pattern")), msg)
     return f"spec.{loc}: {msg}" if loc else f"spec: {msg}"
+
+
+LAST_APPLIED_ANNOTATION = "kubectl.kubernetes.io/last-applied-configuration"
+
+
+def unknown_fields(obj: Mapping[str, Any]) -> list[str] | None:
+    """Spec fields the user applied that the schema does not know (so the API server dropped
+    them), read from the manifest client-side apply keeps in the last-applied annotation (kubectl
+    apply, Argo CD). None: no such annotation (nothing to tell). A strict client (kubectl's
+    default) is refused by the API server instead; this is for the others."""
+    annotations = (obj.get("metadata") or {}).get("annotations") or {}
+    text = annotations.get(LAST_APPLIED_ANNOTATION)
+    if not isinstance(text, str):
+        return None
+    try:
+        applied = json.loads(text)
+    except ValueError:
+        return None
+    spec = applied.get("spec") if isinstance(applied, dict) else None
+    if not isinstance(spec, dict):
+        return []
+    try:
+        FineTuneJobSpec.model_validate(spec)
+    except ValidationError as exc:
+        return sorted(
+            {_format_error(err).split(":", 1)[0] for err in exc.errors() if err.get("type") == "extra_forbidden"}
+        )
+    return []
 
 
 # ---------------------------------------------------------------------------------------------

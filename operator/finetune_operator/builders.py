@@ -65,14 +65,23 @@ def labels(job_name: str, component: str | None = None) -> dict[str, str]:
 
 
 def run_uri(job: FineTuneJob, settings: Settings) -> str | None:
-    """The run folder: checkpoints.outputUri, else <runsUri><namespace>/<name>/."""
+    """The run folder: checkpoints.outputUri, else <runsUri><namespace>/<name>/<uid>/.
+
+    The default folder belongs to this object (its uid): a FineTuneJob deleted and created again
+    under the same name starts in a new folder instead of resuming the old object's checkpoints.
+    Once the job has started, the folder recorded in status.runUri is kept (a job started by an
+    older operator keeps its folder). With checkpoints.outputUri the spec names the folder, and a
+    new object resumes what is there: that is how a run continues under a new FineTuneJob."""
     output: str | None = job.spec.checkpoints.output_uri
     if output:
         return output
+    recorded = job.status.get("runUri")
+    if job.status.get("startTime") and isinstance(recorded, str) and recorded:
+        return recorded
     base = job.spec.storage.runs_uri or settings.runs_uri
     if base is None:
         return None
-    return f"{base.rstrip('/')}/{job.namespace}/{job.name}/"
+    return f"{base.rstrip('/')}/{job.namespace}/{job.name}/{job.ref.uid}/"
 
 
 def credentials_secret(job: FineTuneJob, settings: Settings) -> str | None:
@@ -262,7 +271,7 @@ def build_pod_spec(job: FineTuneJob, settings: Settings) -> dict[str, Any]:
         "name": CONTAINER_NAME,
         "image": res.image or settings.trainer_image,
         "imagePullPolicy": settings.image_pull_policy,
-        "command": list(settings.trainer_command if res.world_size == 1 else settings.distributed_command),
+        "command": list(settings.trainer_command),
         "env": _env(job, settings),
         "ports": [
             {"name": "rendezvous", "containerPort": settings.master_port, "protocol": "TCP"},
@@ -337,6 +346,12 @@ def build_job(job: FineTuneJob, settings: Settings) -> dict[str, Any]:
                     },
                 },
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+                # Killed for memory (137 without a disruption, matched after the Ignore rule):
+                # the same config runs out again, so fail at once; status says what to change.
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {"containerName": CONTAINER_NAME, "operator": "In", "values": [137]},
+                },
             ]
         },
         "template": {
@@ -349,8 +364,9 @@ def build_job(job: FineTuneJob, settings: Settings) -> dict[str, Any]:
     }
     if policy.active_deadline_seconds is not None:
         spec["activeDeadlineSeconds"] = policy.active_deadline_seconds
-    if policy.ttl_seconds_after_finished is not None:
-        spec["ttlSecondsAfterFinished"] = policy.ttl_seconds_after_finished
+    # runPolicy.ttlSecondsAfterFinished is not set here: reconcile sets it on the finished Job
+    # once the result is in the FineTuneJob's status (`reconcile._ttl_patch`), so the Job and its
+    # pods' termination messages never vanish before the operator has read them.
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": spec}
 
 

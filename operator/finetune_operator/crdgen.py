@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel
+from pydantic.alias_generators import to_camel
 
 from finetune_operator import api
 from finetune_trainer import config as trainer_config
@@ -32,6 +33,76 @@ from finetune_trainer import config as trainer_config
 CRD_PATH = Path(__file__).resolve().parents[2] / "crds" / f"{api.GROUP}_{api.PLURAL}.yaml"
 
 Rule = dict[str, str]
+
+
+def _model_key(var: str) -> str:
+    """CEL for `ModelSpec.key`: name (or 'uri:' + uri) and revision, as one string."""
+    return (
+        f"((has({var}.name) ? {var}.name : 'uri:' + {var}.uri) + '@' + "
+        f"(has({var}.revision) ? {var}.revision : ''))"
+    )
+
+
+def _cel_literal(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def _evaluate_unused_rules() -> list[Rule]:
+    """One rule per training-only setting (`trainer_config.EVALUATE_UNUSED`): in mode Evaluate
+    it keeps its default (mirrors `trainer_config.mode_errors`)."""
+    rules = []
+    for section, name in trainer_config.EVALUATE_UNUSED:
+        alias = to_camel(name)
+        default = trainer_config.evaluate_unused_default(section, name)
+        message = trainer_config.EVALUATE_UNUSED_MESSAGE.format(default=trainer_config._literal(default))
+        rules.append(
+            {
+                "rule": f"self.mode == 'Train' || self.{section}.{alias} == {_cel_literal(default)}",
+                "message": f"{section}.{alias} {message}",
+                "fieldPath": f".{section}.{alias}",
+            }
+        )
+    return rules
+
+
+def _absolute_file_rules() -> list[Rule]:
+    """file:// URIs of a FineTuneJob are absolute (mirrors `api._relative_file_uris`)."""
+
+    def absolute(value: str) -> str:
+        return f"(!{value}.startsWith('file://') || {value}.startsWith('file:///'))"
+
+    rules = []
+    for path, is_list in api.FILE_URI_FIELDS:
+        parent, _, leaf = path.rpartition(".")
+        test = f"self.{path}.all(u, {absolute('u')})" if is_list else absolute(f"self.{path}")
+        rules.append(
+            {
+                "rule": f"!has(self.{parent}.{leaf}) || {test}",
+                "message": f"{path}: {api.RELATIVE_FILE_MESSAGE}",
+                "fieldPath": f".{path}",
+            }
+        )
+    rules.append(
+        {
+            "rule": f"self.evaluation.baselines.all(b, !has(b.uri) || {absolute('b.uri')})",
+            "message": f"evaluation.baselines[].uri: {api.RELATIVE_FILE_MESSAGE}",
+            "fieldPath": ".evaluation.baselines",
+        }
+    )
+    return rules
+
+
+def pattern_rule(pattern: str, message: str) -> Rule:
+    """A string pattern as a CEL rule answering with `message` (RE2 raw string)."""
+    if "'" in pattern:
+        raise ValueError(f"pattern {pattern!r} cannot be a raw CEL string")
+    return {"rule": f"self.matches(r'{pattern}')", "message": message}
 
 # CEL rules per model (placed on every schema generated from that model), with the message the
 # API server returns. `fieldPath` makes the error name the field.
@@ -68,6 +139,21 @@ CEL_RULES: dict[type[BaseModel], list[Rule]] = {
             "fieldPath": ".microBatchSize",
         },
     ],
+    trainer_config.EvaluationSpec: [
+        {
+            "rule": f"self.baselines.all(b, self.baselines.exists_one(c, {_model_key('c')} == {_model_key('b')}))",
+            "message": "each baseline model may be listed once (same name, or same uri and revision)",
+            "fieldPath": ".baselines",
+        },
+    ],
+    api.ResourcesSpec: [
+        {
+            "rule": f"!has(self.nodeSelector) || self.nodeSelector.all(k, k.size() <= {api.LABEL_KEY_MAX_LENGTH} "
+            f"&& k.matches(r'{api.LABEL_KEY_PATTERN}'))",
+            "message": f"every nodeSelector key {api.LABEL_KEY_MESSAGE}",
+            "fieldPath": ".nodeSelector",
+        },
+    ],
     api.FineTuneJobSpec: [
         # mode (trainer_config.mode_errors)
         {
@@ -96,6 +182,16 @@ CEL_RULES: dict[type[BaseModel], list[Rule]] = {
             "message": "atStart must be true in mode Evaluate (the step-0 evaluation is the result)",
             "fieldPath": ".evaluation.atStart",
         },
+        *_evaluate_unused_rules(),
+        *_absolute_file_rules(),
+        # trainer_config.baseline_errors
+        {
+            "rule": "self.model.init != 'pretrained' || !self.evaluation.baselines.exists(b, "
+            f"{_model_key('b')} == {_model_key('self.model')})",
+            "message": "evaluation.baselines lists the model being trained: its zero-shot result is the "
+            "step-0 evaluation already (remove it from baselines)",
+            "fieldPath": ".evaluation.baselines",
+        },
         {
             "rule": "!has(self.lora) || self.model.init == 'pretrained'",
             "message": "lora needs model.init: pretrained (LoRA adapts existing weights)",
@@ -120,12 +216,25 @@ CEL_RULES: dict[type[BaseModel], list[Rule]] = {
             "rule": "self.operator != 'Exists' || !has(self.value)",
             "message": "value must be empty when operator is Exists",
         },
+        {
+            "rule": "has(self.key) || self.operator == 'Exists'",
+            "message": "a toleration without key must have operator Exists (it tolerates every taint)",
+        },
+        {
+            "rule": "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+            "message": "tolerationSeconds is only allowed with effect NoExecute",
+            "fieldPath": ".tolerationSeconds",
+        },
     ],
 }
 
-# Sections frozen once training started (status.startTime set): a running job's results must
-# describe one configuration. Before the start they may change (the ConfigMap is re-rendered).
-IMMUTABLE_ONCE_STARTED = ("mode", "model", "dataset", "hyperparameters", "lora")
+# Fields frozen once training started (status.startTime set): a running job's results must
+# describe one configuration, and its run folder must not move. Before the start they may change
+# (the ConfigMap is re-rendered). Paths below spec.
+IMMUTABLE_ONCE_STARTED = ("mode", "model", "dataset", "hyperparameters", "lora", "checkpoints.outputUri", "storage")
+# Fields frozen once the batch Job exists (status.jobName set): they are in its pod template,
+# which Kubernetes does not let change.
+IMMUTABLE_ONCE_JOB_EXISTS = ("resources", "runPolicy")
 
 
 # The subset of JSONSchemaProps the generator may emit (no $ref, patternProperties, propertyNames).
@@ -154,6 +263,7 @@ STRUCTURAL_KEYS = frozenset(
         "items",
         "additionalProperties",
         "x-kubernetes-validations",
+        "x-kubernetes-list-type",
     }
 )
 
@@ -171,17 +281,23 @@ def root_rules() -> list[Rule]:
         }
     ]
     started = "has(oldSelf.status) && has(oldSelf.status.startTime)"
-    for section in IMMUTABLE_ONCE_STARTED:
+    job_exists = "has(oldSelf.status) && has(oldSelf.status.jobName)"
+    frozen = [(path, started, "the job has started (status.startTime is set)") for path in IMMUTABLE_ONCE_STARTED]
+    frozen += [
+        (path, job_exists, "its Job exists (status.jobName is set; a Job's pods cannot change)")
+        for path in IMMUTABLE_ONCE_JOB_EXISTS
+    ]
+    for path, when, why in frozen:
+        field = f"spec.{path}"
         same = (
-            f"has(self.spec.{section}) == has(oldSelf.spec.{section}) && "
-            f"(!has(self.spec.{section}) || self.spec.{section} == oldSelf.spec.{section})"
+            f"has(self.{field}) == has(oldSelf.{field}) && "
+            f"(!has(self.{field}) || self.{field} == oldSelf.{field})"
         )
         rules.append(
             {
-                "rule": f"!({started}) || ({same})",
-                "message": f"spec.{section} is immutable once the job has started (status.startTime "
-                "is set): create a new FineTuneJob",
-                "fieldPath": f".spec.{section}",
+                "rule": f"!({when}) || ({same})",
+                "message": f"{field} is immutable once {why}: create a new FineTuneJob",
+                "fieldPath": f".{field}",
             }
         )
     return rules
@@ -253,6 +369,9 @@ def _convert(
         raise ValueError(f"schema keys a CRD does not allow: {sorted(unknown)}")
     if "enum" in out and "type" not in out:
         out["type"] = "string"
+    if out.get("type") == "string" and out.get("pattern") in api.PATTERN_MESSAGES:
+        pattern = out.pop("pattern")
+        out["x-kubernetes-validations"] = [pattern_rule(pattern, api.PATTERN_MESSAGES[pattern])]
     if out.get("type") == "object" and "properties" in out:
         _default_sections(out, model)
         if model is not None and model in CEL_RULES:

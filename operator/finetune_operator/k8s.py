@@ -34,12 +34,13 @@ log = logging.getLogger(__name__)
 class ApiError(Exception):
     """A failed API request other than the expected 404/409."""
 
-    def __init__(self, verb: str, kind: str, status: int, reason: str) -> None:
-        super().__init__(f"{verb} {kind}: {status} {reason}")
+    def __init__(self, verb: str, kind: str, status: int, reason: str, message: str = "") -> None:
+        super().__init__(f"{verb} {kind}: {status} {reason}" + (f": {message}" if message else ""))
         self.verb = verb
         self.kind = kind
         self.status = status
         self.reason = reason
+        self.message = message  # the API server's own explanation (Status.message), if any
 
 
 class Conflict(ApiError):
@@ -53,7 +54,8 @@ class Cluster(Protocol):
         """The FineTuneJob, or None if it is gone."""
 
     def get(self, kind: str, namespace: str, name: str) -> Obj | None:
-        """A child (ConfigMap, Service, Job) or None."""
+        """A child (ConfigMap, Service, Job), a ServiceAccount or a PriorityClass (cluster-scoped:
+        namespace ignored), or None."""
 
     def create(self, obj: Mapping[str, Any]) -> tuple[Obj, bool]:
         """Create a child; returns (the object, created). If it exists: (existing, False)."""
@@ -78,6 +80,10 @@ class Cluster(Protocol):
         """Record a core/v1 Event on the FineTuneJob (best effort)."""
 
 
+def _read_only(*_: Any, **__: Any) -> Any:
+    raise ValueError("the operator only reads this kind")
+
+
 def _selector(labels: Mapping[str, str]) -> str:
     return ",".join(f"{key}={value}" for key, value in sorted(labels.items()))
 
@@ -92,6 +98,7 @@ class KubeCluster:
         self.core = k8s_client.CoreV1Api(api_client)
         self.batch = k8s_client.BatchV1Api(api_client)
         self.custom = k8s_client.CustomObjectsApi(api_client)
+        self.scheduling = k8s_client.SchedulingV1Api(api_client)
         self._pool = ThreadPoolExecutor(max_workers=parallelism, thread_name_prefix="finetune-api")
 
     def close(self) -> None:
@@ -112,7 +119,7 @@ class KubeCluster:
             if exc.status == 409:  # a stale resourceVersion: expected now and then, not an error
                 raise Conflict(verb, kind, 409, str(exc.reason)) from None
             metrics.ERRORS.labels(kind=f"api_{exc.status}").inc()
-            raise ApiError(verb, kind, int(exc.status or 0), str(exc.reason)) from None
+            raise ApiError(verb, kind, int(exc.status or 0), str(exc.reason), _status_message(exc)) from None
         data = response.data
         return json.loads(data) if data else {}
 
@@ -135,6 +142,14 @@ class KubeCluster:
                 self.batch.read_namespaced_job,
                 self.batch.create_namespaced_job,
                 self.batch.patch_namespaced_job,
+            )
+        if kind == "ServiceAccount":  # read only: does the pods' ServiceAccount exist?
+            return self.core.read_namespaced_service_account, _read_only, _read_only
+        if kind == "PriorityClass":  # cluster-scoped, read only
+            return (
+                lambda name, _namespace, **kw: self.scheduling.read_priority_class(name, **kw),
+                _read_only,
+                _read_only,
             )
         raise ValueError(f"not a child kind: {kind}")
 
@@ -251,3 +266,12 @@ class KubeCluster:
 
 class _AlreadyExists(Exception):
     pass
+
+
+def _status_message(exc: ApiException) -> str:
+    """The message of the API server's Status body (what it says is wrong), else ''."""
+    try:
+        body = json.loads(exc.body or "{}")
+    except (TypeError, ValueError):
+        return ""
+    return str(body.get("message") or "") if isinstance(body, dict) else ""

@@ -38,6 +38,13 @@ RULES: list[tuple[str, tuple[str, ...], tuple[str, ...], str]] = [
     ("", ("configmaps", "services"), ("get", "create", "patch"), "trainer config and rendezvous Service"),
     ("", ("pods",), ("list",), "read exit codes, termination messages and rank 0's IP"),
     ("", ("events",), ("create",), "events on phase changes"),
+    ("", ("serviceaccounts",), ("get",), "say so when spec.resources.serviceAccountName does not exist"),
+    (
+        "scheduling.k8s.io",
+        ("priorityclasses",),
+        ("get",),
+        "say so when spec.resources.priorityClassName does not exist",
+    ),
 ]
 
 

@@ -8,7 +8,15 @@ progress through `progress.ProgressSource`. Events are emitted after the status 
 
 What the API server could not reject (an unknown catalog model, no run folder) ends in phase
 Failed with reason InvalidSpec and creates nothing; it is never an exception, so kopf never
-retries it. API errors propagate as `k8s.ApiError` for the glue to retry.
+retries it. So does a child the API server refuses with 400/422 (a value only the Pod or Job API
+checks): Failed/InvalidSpec with the API server's message, until the spec changes. A 403 on
+create (a ResourceQuota, an admission policy) and a missing ServiceAccount or PriorityClass are
+Pending + Stalled with a reason naming the cause, re-checked by the Pending poll. Other API
+errors propagate as `k8s.ApiError` for the glue to retry.
+
+A finished Job gets `runPolicy.ttlSecondsAfterFinished` only after its result is in the status
+(`_ttl_patch`): with any TTL, even 0, the Job and its pods outlive the operator's reading them,
+and a finished job's Job is never created again.
 """
 
 from __future__ import annotations
@@ -23,13 +31,15 @@ from typing import Any
 
 from finetune_operator import builders, metrics
 from finetune_operator.api import (
+    ConditionType,
     FineTuneJob,
     ObjectRef,
     Phase,
     Reason,
     SpecError,
+    unknown_fields,
 )
-from finetune_operator.k8s import Cluster, Conflict
+from finetune_operator.k8s import ApiError, Cluster, Conflict
 from finetune_operator.progress import ProgressSource
 from finetune_operator.settings import Settings
 from finetune_operator.status import Observed, Problem, derive_status, invalid_spec_status
@@ -165,18 +175,91 @@ def _reconcile(
             problem = Problem(Reason.INVALID_SPEC, "invalid spec: " + "; ".join(exc.errors), permanent=True)
         else:
             run_uri = builders.run_uri(job, settings)
-            batch_job, problem = _ensure_children(
-                cluster, job, children, outcome, create_first=fresh is not None
-            )
+            if prev_phase in (None, Phase.PENDING.value):
+                problem = _missing_references(cluster, job)
+            if problem is None:
+                try:
+                    batch_job, problem = _ensure_children(
+                        cluster, job, children, outcome, create_first=fresh is not None
+                    )
+                except ApiError as exc:
+                    problem = _refused(exc)
+                    if problem is None:
+                        raise
 
     pods: list[dict[str, Any]] = []
     if batch_job is not None and _may_have_pods(batch_job):
         pods = cluster.list_pods(namespace, builders.labels(name))
     report = _poll(progress, pods, settings) if progress is not None else None
-    observed = Observed(job=batch_job, pods=pods, problem=problem, run_uri=run_uri)
+    observed = Observed(
+        job=batch_job, pods=pods, problem=problem, run_uri=run_uri, unknown_fields=unknown_fields(obj)
+    )
     new_status = derive_status(job, observed, report, now)
     _write(cluster, ref, previous, new_status, outcome, now, precondition)
+    if batch_job is not None and new_status.get("phase") in TERMINAL_PHASES:
+        ttl = _ttl_patch(job, batch_job)
+        if ttl is not None:
+            cluster.patch("Job", namespace, batch_job["metadata"]["name"], ttl)
+            outcome.patched.append(f"Job/{batch_job['metadata']['name']}")
     return outcome
+
+
+def _missing_references(cluster: Cluster, job: FineTuneJob) -> Problem | None:
+    """A ServiceAccount or PriorityClass the pods name that does not exist: the Job controller
+    could not create a single pod and would say so only in its own events. Checked before the
+    Job is created (and while the job is Pending), so the status names the field."""
+    res = job.spec.resources
+    if res.service_account_name and cluster.get("ServiceAccount", job.namespace, res.service_account_name) is None:
+        return Problem(
+            Reason.SERVICE_ACCOUNT_NOT_FOUND,
+            f"spec.resources.serviceAccountName: ServiceAccount {res.service_account_name!r} does not exist "
+            f"in namespace {job.namespace!r}: create it (it needs no Kubernetes API rights) or remove the "
+            "field; the job starts once it exists",
+            permanent=False,
+        )
+    if res.priority_class_name and cluster.get("PriorityClass", "", res.priority_class_name) is None:
+        return Problem(
+            Reason.PRIORITY_CLASS_NOT_FOUND,
+            f"spec.resources.priorityClassName: PriorityClass {res.priority_class_name!r} does not exist "
+            "(kubectl get priorityclasses lists them): create it or change the field; the job starts "
+            "once it exists",
+            permanent=False,
+        )
+    return None
+
+
+def _refused(exc: ApiError) -> Problem | None:
+    """A child the API server refuses for what it is (400/422: a value only the Job or Pod API
+    validates) fails the job with the server's message: retrying cannot help, changing the spec
+    can. 403 (a ResourceQuota, an admission policy) stalls it. Else None: a transient error."""
+    detail = exc.message or exc.reason
+    if exc.verb == "create" and exc.status in (400, 422):
+        return Problem(
+            Reason.INVALID_SPEC,
+            f"the API server refused the {exc.kind}: {detail} (fix the spec field it names)",
+            permanent=True,
+        )
+    if exc.verb == "create" and exc.status == 403:
+        return Problem(
+            Reason.CREATE_FORBIDDEN,
+            f"the API server refused the {exc.kind}: {detail}; retried while Pending",
+            permanent=False,
+        )
+    return None
+
+
+def _ttl_patch(job: FineTuneJob, batch_job: Mapping[str, Any]) -> dict[str, Any] | None:
+    """runPolicy.ttlSecondsAfterFinished for a Job that finished, once its result is recorded
+    (the TTL counts from the Job's own finish time, so it ends when the user asked)."""
+    ttl = job.spec.run_policy.ttl_seconds_after_finished
+    if ttl is None or (batch_job.get("metadata") or {}).get("deletionTimestamp"):
+        return None
+    if (batch_job.get("spec") or {}).get("ttlSecondsAfterFinished") == ttl:
+        return None
+    conditions = (batch_job.get("status") or {}).get("conditions") or []
+    if not any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True" for c in conditions):
+        return None  # not finished (cancelled or suspended Jobs keep no TTL)
+    return {"spec": {"ttlSecondsAfterFinished": ttl}}
 
 
 def _ensure_children(
@@ -326,4 +409,15 @@ def _write(
         message = f"{old_phase or 'New'} → {new.get('phase')}: {new.get('message') or ''}".strip()
         cluster.event(ref, type=kind, reason=reason, message=message, now=now)
         outcome.events.append((kind, reason, message))
+    dropped = _unknown_fields_message(new)
+    if dropped is not None and dropped != _unknown_fields_message(previous):
+        cluster.event(ref, type="Warning", reason="UnknownFields", message=dropped, now=now)
+        outcome.events.append(("Warning", "UnknownFields", dropped))
     log.info("%s/%s: %s (%s)", ref.namespace, ref.name, new.get("phase"), new.get("reason"))
+
+
+def _unknown_fields_message(status: Mapping[str, Any]) -> str | None:
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == ConditionType.UNKNOWN_FIELDS.value:
+            return str(cond.get("message") or "")
+    return None

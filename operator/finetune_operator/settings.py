@@ -13,13 +13,12 @@ from dataclasses import dataclass, field
 
 from finetune_trainer import contract
 
-# One process in all: run the trainer directly, so its exit code (3 = invalid input) reaches the
-# Job's podFailurePolicy unchanged.
+# The container command for every pod. The trainer runs directly, so its exit code (3 = invalid
+# input) reaches the Job's podFailurePolicy unchanged; with several processes it sees the PET_*
+# variables, starts torchrun itself and maps the workers' exit codes back (any 3 → 3, a handled
+# SIGTERM → 143), which plain torchrun would flatten to 1 — so invalid input fails the job at once
+# there too.
 DEFAULT_TRAINER_COMMAND = ("python", "-m", "finetune_trainer")
-# Several processes: the same command. The trainer sees the PET_* variables, starts torchrun
-# itself and maps the workers' exit codes back (any 3 → 3, a handled SIGTERM → 143), which plain
-# torchrun would flatten to 1 — so invalid input fails the job at once here too.
-DEFAULT_DISTRIBUTED_COMMAND = ("python", "-m", "finetune_trainer")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,7 +27,6 @@ class Settings:
 
     trainer_image: str = "localhost/finetune-operator/trainer:0.1.0"
     trainer_command: tuple[str, ...] = DEFAULT_TRAINER_COMMAND
-    distributed_command: tuple[str, ...] = DEFAULT_DISTRIBUTED_COMMAND
     image_pull_policy: str = "IfNotPresent"
     progress_port: int = contract.DEFAULT_PROGRESS_PORT
     master_port: int = 29500
@@ -47,15 +45,11 @@ class Settings:
     def from_env(cls, env: Mapping[str, str]) -> Settings:
         """Settings from FINETUNE_* variables (see docs/operator.md)."""
         kwargs: dict[str, object] = {}
-        for name, attr in (
-            ("FINETUNE_TRAINER_COMMAND", "trainer_command"),
-            ("FINETUNE_DISTRIBUTED_COMMAND", "distributed_command"),
-        ):
-            command = env.get(name)
-            if command:
-                kwargs[attr] = tuple(
-                    json.loads(command) if command.lstrip().startswith("[") else shlex.split(command)
-                )
+        command = env.get("FINETUNE_TRAINER_COMMAND")
+        if command:
+            kwargs["trainer_command"] = tuple(
+                json.loads(command) if command.lstrip().startswith("[") else shlex.split(command)
+            )
         extra = env.get("FINETUNE_TRAINER_EXTRA_ENV")
         if extra:
             kwargs["extra_env"] = dict(json.loads(extra))

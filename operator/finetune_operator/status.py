@@ -63,6 +63,8 @@ class Observed:
     pods: Sequence[Mapping[str, Any]] = field(default_factory=tuple)
     problem: Problem | None = None
     run_uri: str | None = None
+    # Spec fields the API server dropped (`api.unknown_fields`); None: not known this cycle.
+    unknown_fields: Sequence[str] | None = None
 
 
 def rfc3339(now: datetime) -> str:
@@ -125,8 +127,13 @@ def derive_status(
     status["phase"] = phase.value
     status["reason"] = reason.value
     status["message"] = _clip(message)
-    if phase is Phase.RUNNING and "startTime" not in status:
-        status["startTime"] = _job_start(observed.job) or rfc3339(now)
+    if "startTime" not in status:
+        # Also for a job that ran and finished while the operator was away: it did start.
+        started = _job_start(observed.job) or _first_pod_start(observed.pods)
+        if phase is Phase.RUNNING:
+            status["startTime"] = started or rfc3339(now)
+        elif phase.terminal and started and reason is not Reason.INVALID_SPEC:
+            status["startTime"] = started
     if phase.terminal and "completionTime" not in status:
         status["completionTime"] = ((observed.job or {}).get("status") or {}).get(
             "completionTime"
@@ -151,7 +158,41 @@ def derive_status(
         now,
         stalled=stalled,
     )
+    extra = unknown_fields_condition(observed.unknown_fields, previous, job.ref.generation, now)
+    if extra is not None:
+        status["conditions"].append(extra)
     return status
+
+
+UNKNOWN_FIELDS_REASON = "FieldsDropped"
+
+
+def unknown_fields_condition(
+    fields: Sequence[str] | None, previous: Mapping[str, Any], generation: int, now: datetime
+) -> dict[str, Any] | None:
+    """The UnknownFields condition: present while the last applied manifest has fields the
+    schema does not know; carried over when this cycle could not tell (`fields` None)."""
+    before = next(
+        (c for c in previous.get("conditions") or [] if c.get("type") == ConditionType.UNKNOWN_FIELDS.value), None
+    )
+    if fields is None:
+        return dict(before) if before else None
+    if not fields:
+        return None
+    message = _clip(
+        "the API server dropped fields it does not know (typos?), so they have no effect: "
+        + ", ".join(fields)
+        + " (kubectl explain finetunejob.spec lists the fields; kubectl apply refuses them)"
+    )
+    same = before is not None and before.get("message") == message
+    return {
+        "type": ConditionType.UNKNOWN_FIELDS.value,
+        "status": "True",
+        "reason": UNKNOWN_FIELDS_REASON,
+        "message": message,
+        "lastTransitionTime": before.get("lastTransitionTime", rfc3339(now)) if same and before else rfc3339(now),
+        "observedGeneration": generation,
+    }
 
 
 def invalid_spec_status(
@@ -198,6 +239,8 @@ def _phase(
 
     if observed.job is not None:
         finished = _job_finished(observed.job)
+        if finished is not None and finished[0] is Phase.FAILED and _oom_killed(observed.pods):
+            finished = (Phase.FAILED, Reason.OOM_KILLED, finished[2])
         if finished is not None:
             return finished[0], finished[1], _finish_message(job, finished, observed), False
 
@@ -328,6 +371,8 @@ def _finish_message(job: FineTuneJob, finished: tuple[Phase, Reason, str], obser
         final = summary.get("finalUri") if summary else None
         return f"training finished; final model in {final}" if final else "training finished"
     pod_message = _pod_failure_message(observed.pods)
+    if reason is Reason.OOM_KILLED:
+        return _clip(f"{OOM_ADVICE} ({pod_message})" if pod_message else OOM_ADVICE)
     prefix = {
         Reason.INVALID_INPUT: "invalid input (the trainer exited with code "
         f"{contract.EXIT_INVALID_INPUT}; not retried)",
@@ -337,12 +382,39 @@ def _finish_message(job: FineTuneJob, finished: tuple[Phase, Reason, str], obser
     return f"{prefix}: {pod_message}" if pod_message else prefix
 
 
+EXIT_SIGKILL = 137  # 128 + SIGKILL: the kernel's OOM killer (or a kill after the grace period)
+OOM_ADVICE = (
+    "the trainer ran out of memory (OOMKilled, exit code 137; not retried: it would run out again): "
+    "lower hyperparameters.microBatchSize (gradient accumulation keeps batchSize), set "
+    "hyperparameters.gradientCheckpointing: true, use lora, or raise resources.memory"
+)
+
+
+def _oom_killed(pods: Sequence[Mapping[str, Any]]) -> bool:
+    """The newest failed trainer was killed for memory: OOMKilled, or exit 137 without a
+    DisruptionTarget condition (a preemption or eviction kills with 137 too, and is retried)."""
+    failed = [(pod, state) for pod, state in _sorted_terminated(pods) if state.get("exitCode")]
+    if not failed:
+        return False
+    pod, state = failed[-1]
+    disrupted = any(
+        c.get("type") == "DisruptionTarget" and c.get("status") == "True"
+        for c in (pod.get("status") or {}).get("conditions") or []
+    )
+    return state.get("reason") == "OOMKilled" or (int(state.get("exitCode") or 0) == EXIT_SIGKILL and not disrupted)
+
+
 def _live_pods(pods: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     return [pod for pod in pods if (pod.get("status") or {}).get("phase") in ("Pending", "Running", None)]
 
 
 def _job_start(job: Mapping[str, Any] | None) -> str | None:
     return ((job or {}).get("status") or {}).get("startTime")
+
+
+def _first_pod_start(pods: Sequence[Mapping[str, Any]]) -> str | None:
+    times = [str(t) for pod in pods if (t := (pod.get("status") or {}).get("startTime"))]
+    return min(times) if times else None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ class FakeCluster:
         self.events: list[tuple[str, str, str]] = []
         self.crash_on: tuple[str, str] | None = None  # (verb, kind): raise Crash before doing it
         self.fail_on: tuple[str, str] | None = None  # (verb, kind): raise ApiError 500
+        # (verb, kind) -> the ApiError to raise, as the API server would refuse it (e.g. 422)
+        self.refuse: dict[tuple[str, str], ApiError] = {}
         self._rv = 0
 
     # helpers for tests
@@ -46,6 +48,8 @@ class FakeCluster:
             raise Crash(f"crash before {verb} {kind}")
         if self.fail_on == (verb, kind):
             raise ApiError(verb, kind, 500, "InternalError")
+        if (verb, kind) in self.refuse:
+            raise self.refuse[(verb, kind)]
         self.calls.append((verb, kind))
 
     def _bump(self, obj: dict[str, Any]) -> None:

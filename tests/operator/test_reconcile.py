@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from datetime import timedelta
 from typing import Any
 
@@ -11,7 +12,7 @@ import pytest
 from finetune_operator import metrics
 from finetune_operator.k8s import ApiError
 from finetune_operator.reconcile import Outcome, merge_patch, reconcile
-from tests.operator.factories import NOW, SETTINGS, condition, ftj, pod, progress_report
+from tests.operator.factories import NOW, SETTINGS, UID, condition, ftj, pod, progress_report
 from tests.operator.fake import Crash, FakeCluster
 
 CHILDREN = [("ConfigMap", "demo-config"), ("Job", "demo"), ("Service", "demo")]
@@ -62,7 +63,7 @@ def test_first_cycle_creates_children_and_writes_status_once(fake: FakeCluster) 
     assert (status["phase"], status["reason"], status["runUri"]) == (
         "Pending",
         "WaitingForPods",
-        "s3://runs/team-a/demo/",
+        f"s3://runs/team-a/demo/{UID}/",
     )
     assert fake.events == [("Normal", "WaitingForPods", "New → Pending: waiting for pods to start")]
 
@@ -398,3 +399,229 @@ def test_a_cached_job_object_is_not_used_where_children_are_synced(fake: FakeClu
     fake.calls.clear()
     reconcile(fake, "team-a", "demo", settings=SETTINGS, now=NOW, cached=cached)
     assert fake.calls[0] == ("get", "FineTuneJob")
+
+
+# ---------------------------------------------------------------------------------------------
+# what the API server refuses, what does not exist, results that outlive the Job
+
+
+REFUSALS = [
+    pytest.param(
+        ApiError("create", "Job", 422, "Unprocessable Entity",
+                 'Job.batch "demo" is invalid: spec.template.spec.nodeSelector: Invalid value: "x/y/z"'),
+        "spec.template.spec.nodeSelector",
+        id="422-node-selector",
+    ),
+    pytest.param(
+        ApiError("create", "Job", 422, "Unprocessable Entity",
+                 'Job.batch "demo" is invalid: spec.template.spec.tolerations[0].key: Invalid value'),
+        "tolerations[0].key",
+        id="422-toleration",
+    ),
+    pytest.param(
+        ApiError("create", "Job", 400, "Bad Request", "json: cannot unmarshal string into Go struct field"),
+        "cannot unmarshal",
+        id="400-bad-request",
+    ),
+]
+
+
+@pytest.mark.parametrize(("error", "detail"), REFUSALS)
+def test_a_child_the_api_server_refuses_fails_the_job_once(fake: FakeCluster, error: ApiError, detail: str) -> None:
+    """Never a retry loop: Failed/InvalidSpec with the API server's own message."""
+    fake.put_job_object(ftj())
+    fake.refuse[("create", "Job")] = error
+    outcome = run(fake)
+    assert (outcome.phase, outcome.status["reason"]) == ("Failed", "InvalidSpec")
+    assert f"the API server refused the Job: " in outcome.status["message"] and detail in outcome.status["message"]
+    assert fake.events[-1][0] == "Warning"
+    fake.calls.clear()
+    run(fake, seconds=60)
+    assert fake.writes() == [], "the same refusal is not retried nor rewritten"
+
+
+def test_a_refused_job_recovers_when_the_spec_is_fixed(fake: FakeCluster) -> None:
+    fake.put_job_object(ftj())
+    fake.refuse[("create", "Job")] = ApiError("create", "Job", 422, "Unprocessable Entity", "invalid")
+    run(fake)
+    del fake.refuse[("create", "Job")]
+    set_spec(fake, resources={"nodes": 1})
+    assert run(fake).phase == "Pending"
+    assert ("Job", "demo") in fake.children()
+
+
+def test_a_forbidden_child_stalls_and_is_retried(fake: FakeCluster) -> None:
+    """403 (a ResourceQuota, an admission policy): outside the spec, so Pending + Stalled."""
+    fake.put_job_object(ftj())
+    fake.refuse[("create", "Job")] = ApiError(
+        "create", "Job", 403, "Forbidden", 'jobs.batch "demo" is forbidden: exceeded quota: team-quota'
+    )
+    outcome = run(fake)
+    assert (outcome.phase, outcome.status["reason"]) == ("Pending", "CreateForbidden")
+    assert "exceeded quota: team-quota" in outcome.status["message"]
+    stalled = {c["type"]: c["status"] for c in outcome.status["conditions"]}
+    assert stalled["Stalled"] == "True"
+    del fake.refuse[("create", "Job")]
+    assert run(fake, seconds=30).status["reason"] == "WaitingForPods"
+
+
+def test_transient_api_errors_still_propagate(fake: FakeCluster) -> None:
+    fake.put_job_object(ftj())
+    fake.refuse[("create", "Job")] = ApiError("create", "Job", 503, "Service Unavailable", "etcd leader changed")
+    with pytest.raises(ApiError):
+        run(fake)
+
+
+@pytest.mark.parametrize(
+    ("resources", "reason", "fragment", "fix"),
+    [
+        pytest.param(
+            {"serviceAccountName": "trainer"},
+            "ServiceAccountNotFound",
+            "spec.resources.serviceAccountName: ServiceAccount 'trainer' does not exist in namespace 'team-a'",
+            ("ServiceAccount", "team-a", "trainer"),
+            id="service-account",
+        ),
+        pytest.param(
+            {"priorityClassName": "batch-high"},
+            "PriorityClassNotFound",
+            "spec.resources.priorityClassName: PriorityClass 'batch-high' does not exist",
+            ("PriorityClass", "", "batch-high"),
+            id="priority-class",
+        ),
+        pytest.param(
+            {"serviceAccountName": "trainer", "priorityClassName": "batch-high"},
+            "ServiceAccountNotFound",
+            "ServiceAccount 'trainer'",
+            ("ServiceAccount", "team-a", "trainer"),
+            id="both-service-account-first",
+        ),
+    ],
+)
+def test_missing_references_stall_with_the_field_named(
+    fake: FakeCluster, resources: dict[str, Any], reason: str, fragment: str, fix: tuple[str, str, str]
+) -> None:
+    fake.put_job_object(ftj(resources=resources))
+    outcome = run(fake)
+    assert (outcome.phase, outcome.status["reason"]) == ("Pending", reason)
+    assert fragment in outcome.status["message"]
+    assert ("Job", "demo") not in fake.children(), "no Job whose pods cannot be created"
+    assert {c["type"]: c["status"] for c in outcome.status["conditions"]}["Stalled"] == "True"
+    fake.objects[fix] = {"metadata": {"name": fix[2]}}
+    fake.objects[("ServiceAccount", "team-a", "trainer")] = {"metadata": {"name": "trainer"}}
+    fake.objects[("PriorityClass", "", "batch-high")] = {"metadata": {"name": "batch-high"}}
+    assert run(fake, seconds=30).status["reason"] == "WaitingForPods"
+    assert ("Job", "demo") in fake.children()
+
+
+@pytest.mark.parametrize("ttl", [0, 1, 3600])
+def test_ttl_is_set_only_after_the_result_is_recorded(fake: FakeCluster, ttl: int) -> None:
+    fake.put_job_object(ftj(runPolicy={"ttlSecondsAfterFinished": ttl}))
+    run(fake)
+    assert "ttlSecondsAfterFinished" not in fake.objects[("Job", "team-a", "demo")]["spec"]
+    job_runs(fake, pod(0, "Running"))
+    run(fake)
+    assert "ttlSecondsAfterFinished" not in fake.objects[("Job", "team-a", "demo")]["spec"], "running"
+    summary = '{"exitCode": 0, "step": 100, "totalSteps": 100, "finalUri": "s3://runs/x/final/"}'
+    job_runs(fake, pod(0, "Succeeded", exit_code=0, message=summary), succeeded=1, conditions=[condition("Complete")])
+    fake.calls.clear()
+    outcome = run(fake)
+    assert outcome.phase == "Succeeded" and "final model in s3://runs/x/final/" in outcome.status["message"]
+    status_write = fake.calls.index(("patch", "FineTuneJob/status"))
+    job_patch = fake.calls.index(("patch", "Job"))
+    assert status_write < job_patch, "the TTL starts only once the result is in the status"
+    assert fake.objects[("Job", "team-a", "demo")]["spec"]["ttlSecondsAfterFinished"] == ttl
+    # the TTL controller deletes the Job and its pods: the result stays, nothing is re-created
+    del fake.objects[("Job", "team-a", "demo")]
+    fake.pods = []
+    fake.calls.clear()
+    run(fake, seconds=ttl + 1)
+    assert fake.writes() == []
+    assert fake.job_object()["status"]["phase"] == "Succeeded"
+
+
+def test_a_job_that_finished_while_the_operator_was_away_gets_its_start_time(fake: FakeCluster) -> None:
+    """Created, then the operator is down while the pods run and finish."""
+    fake.put_job_object(ftj())
+    run(fake)
+    assert "startTime" not in fake.job_object()["status"]
+    job_runs(fake, pod(0, "Succeeded", exit_code=0), succeeded=1, conditions=[condition("Complete")])
+    status = run(fake, seconds=3600).status
+    assert status["phase"] == "Succeeded"
+    assert status["startTime"] == "2026-11-29T06:00:01Z", "the Job's own start, not the operator's clock"
+
+
+@pytest.mark.parametrize(
+    ("terminated", "conditions"),
+    [
+        pytest.param({"exit_code": 137, "reason": "OOMKilled"}, [], id="oom-killed"),
+        pytest.param({"exit_code": 137, "reason": "Error"}, [], id="exit-137"),
+    ],
+)
+def test_killed_for_memory_says_what_to_change(
+    fake: FakeCluster, terminated: dict[str, Any], conditions: list[dict[str, Any]]
+) -> None:
+    fake.put_job_object(ftj())
+    run(fake)
+    failed = pod(0, "Failed", **terminated)
+    job_runs(fake, failed, failed=1, conditions=[condition("Failed", "PodFailurePolicy", "container trainer exited 137")])
+    outcome = run(fake)
+    assert (outcome.phase, outcome.status["reason"]) == ("Failed", "OOMKilled")
+    message = outcome.status["message"]
+    for advice in ("out of memory", "hyperparameters.microBatchSize", "gradientCheckpointing", "resources.memory"):
+        assert advice in message
+
+
+def test_a_preempted_pod_killed_with_137_is_not_called_out_of_memory(fake: FakeCluster) -> None:
+    fake.put_job_object(ftj())
+    run(fake)
+    evicted = pod(0, "Failed", exit_code=137, reason="Error")
+    evicted["status"]["conditions"] = [{"type": "DisruptionTarget", "status": "True"}]
+    job_runs(fake, evicted, failed=1, conditions=[condition("Failed", "BackoffLimitExceeded", "too many")])
+    assert run(fake).status["reason"] == "BackoffLimitExceeded"
+
+
+def _applied(obj: dict[str, Any], spec: dict[str, Any]) -> None:
+    """What `kubectl apply` (client-side) and Argo CD leave on the object."""
+    manifest = {"apiVersion": obj["apiVersion"], "kind": obj["kind"], "metadata": {"name": "demo"}, "spec": spec}
+    obj["metadata"]["annotations"] = {"kubectl.kubernetes.io/last-applied-configuration": json.dumps(manifest)}
+
+
+@pytest.mark.parametrize(
+    ("typos", "named"),
+    [
+        pytest.param({"hyperparameters": {"learningrate": 0.1}}, ["spec.hyperparameters.learningrate"], id="lr-typo"),
+        pytest.param({"storage": {"accessKey": "AKIAEXAMPLE"}}, ["spec.storage.accessKey"], id="inline-credential"),
+        pytest.param(
+            {"lora": {"rank": 4, "targets": ["q"]}, "epoch": 2},
+            ["spec.epoch", "spec.lora.targets"],
+            id="two-at-once",
+        ),
+    ],
+)
+def test_fields_a_lenient_client_lost_are_reported(fake: FakeCluster, typos: dict[str, Any], named: list[str]) -> None:
+    """A non-strict client's unknown fields are pruned by the API server: the job runs without
+    them, and says so in an UnknownFields condition and a Warning event (names, never values)."""
+    obj = ftj()
+    applied = copy.deepcopy(obj["spec"])
+    for key, value in typos.items():
+        applied[key] = {**applied.get(key, {}), **value} if isinstance(value, dict) else value
+    _applied(obj, applied)
+    fake.put_job_object(obj)
+    outcome = run(fake)
+    cond = next(c for c in outcome.status["conditions"] if c["type"] == "UnknownFields")
+    assert cond["status"] == "True"
+    for path in named:
+        assert path in cond["message"]
+    assert "AKIAEXAMPLE" not in json.dumps(outcome.status) and "AKIAEXAMPLE" not in json.dumps(fake.events)
+    warnings = [e for e in fake.events if e[1] == "UnknownFields"]
+    assert len(warnings) == 1 and warnings[0][0] == "Warning"
+    assert outcome.phase == "Pending", "the job still runs"
+    fake.calls.clear()
+    run(fake, seconds=30)
+    assert fake.writes() == [], "reported once"
+    # the user fixes the manifest and applies again
+    fixed = fake.job_object()
+    _applied(fixed, obj["spec"])
+    fixed["metadata"]["generation"] += 1
+    assert all(c["type"] != "UnknownFields" for c in run(fake, seconds=60).status["conditions"])

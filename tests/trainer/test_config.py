@@ -117,6 +117,7 @@ def test_json_schema_uses_only_openapi_expressible_constraints() -> None:
         "type", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "enum", "const", "pattern",
         "minLength", "maxLength", "minItems", "maxItems", "items", "anyOf", "default", "description", "title",
         "properties", "additionalProperties", "required", "$ref", "$defs",
+        "x-kubernetes-list-type",  # a list without duplicates (the Python side: _no_duplicates)
     }
     schema = TrainerConfig.model_json_schema(by_alias=True)
 

@@ -166,13 +166,25 @@ def test_eval_manifest_is_a_valid_evaluate_mode_spec() -> None:
     ("spec", "expected"),
     [
         pytest.param(
-            {"hyperparameters": {"maxSteps": 2000, "batchSize": 32, "microBatchSize": 4, "sequenceLength": 1024,
-                                 "seed": 7, "learningRate": 2e-5}, "evaluation": {"maxBatches": 50}},
+            {
+                "hyperparameters": {
+                    "maxSteps": 2000,
+                    "batchSize": 32,
+                    "microBatchSize": 4,
+                    "sequenceLength": 1024,
+                    "seed": 7,
+                    "learningRate": 2e-5,
+                },
+                "evaluation": {"maxBatches": 50},
+            },
             ({"sequenceLength": 1024, "seed": 7, "batchSize": 4, "microBatchSize": 4}, 50),
             id="micro-batch-and-max-batches",
         ),
         pytest.param(
-            {"hyperparameters": {"batchSize": 32, "precision": "bf16"}, "resources": {"nodes": 2, "processesPerNode": 4}},
+            {
+                "hyperparameters": {"batchSize": 32, "precision": "bf16"},
+                "resources": {"nodes": 2, "processesPerNode": 4},
+            },
             ({"precision": "bf16", "batchSize": 4, "microBatchSize": 4}, None),
             id="per-process-batch",
         ),

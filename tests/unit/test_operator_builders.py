@@ -8,11 +8,11 @@ import pytest
 import yaml
 
 from finetune_operator import builders
-from finetune_operator.api import SpecError
+from finetune_operator.api import FineTuneJob, SpecError
 from finetune_operator.settings import Settings
 from finetune_trainer import contract
 from finetune_trainer.config import TrainerConfig
-from tests.operator.factories import SETTINGS, UID, parsed
+from tests.operator.factories import SETTINGS, UID, ftj, parsed
 
 
 def _children(**kwargs: Any) -> dict[str, dict[str, Any]]:
@@ -59,7 +59,7 @@ def test_config_map_round_trips_through_the_trainer_contract() -> None:
     assert config.model.name == "pythia-70m"
     assert config.hyperparameters.max_steps == 100
     assert config.lora is not None and config.lora.rank == 4
-    assert config.run.uri == "s3://runs/team-a/demo/"
+    assert config.run.uri == f"s3://runs/team-a/demo/{UID}/"
     assert (config.run.namespace, config.run.job_name) == ("team-a", "demo")
 
 
@@ -70,15 +70,15 @@ def test_evaluate_mode_is_rendered_for_the_trainer() -> None:
     config = TrainerConfig.from_yaml(config_map["data"]["config.yaml"])
     assert config.mode == "Evaluate"
     assert (config.dataset.train, config.dataset.eval) == (None, ["s3://data/reuters/eval.jsonl"])
-    assert config.run.uri == "s3://runs/team-a/demo/", "an evaluation has its own run folder"
+    assert config.run.uri == f"s3://runs/team-a/demo/{UID}/", "an evaluation has its own run folder"
 
 
 @pytest.mark.parametrize(
     ("overrides", "settings", "expected"),
     [
-        pytest.param({}, SETTINGS, "s3://runs/team-a/demo/", id="operator-default"),
+        pytest.param({}, SETTINGS, f"s3://runs/team-a/demo/{UID}/", id="operator-default"),
         pytest.param(
-            {"storage": {"runsUri": "s3://mine/x/"}}, SETTINGS, "s3://mine/x/team-a/demo/", id="spec-runs-uri"
+            {"storage": {"runsUri": "s3://mine/x/"}}, SETTINGS, f"s3://mine/x/team-a/demo/{UID}/", id="spec-runs-uri"
         ),
         pytest.param(
             {"checkpoints": {"outputUri": "file:///tmp/run/"}},
@@ -90,6 +90,27 @@ def test_evaluate_mode_is_rendered_for_the_trainer() -> None:
 )
 def test_run_folder(overrides: dict[str, Any], settings: Settings, expected: str) -> None:
     assert builders.run_uri(parsed(**overrides), settings) == expected
+
+
+def test_a_recreated_job_gets_a_run_folder_of_its_own() -> None:
+    """Same namespace and name, another object (uid): another folder, so a re-created
+    FineTuneJob never resumes the checkpoints of the one deleted before it."""
+    first = FineTuneJob.from_object(ftj())
+    again = ftj()
+    again["metadata"]["uid"] = "9d2f6a0e-1111-4c3b-8e8e-000000000002"
+    second = FineTuneJob.from_object(again)
+    assert builders.run_uri(first, SETTINGS) != builders.run_uri(second, SETTINGS)
+    assert builders.run_uri(second, SETTINGS) == "s3://runs/team-a/demo/9d2f6a0e-1111-4c3b-8e8e-000000000002/"
+
+
+def test_a_started_job_keeps_the_run_folder_in_its_status() -> None:
+    """A job started by an earlier operator (folder without the uid) keeps its folder."""
+    job = FineTuneJob.from_object(
+        ftj(status={"startTime": "2026-11-29T06:00:00Z", "runUri": "s3://runs/team-a/demo/"})
+    )
+    assert builders.run_uri(job, SETTINGS) == "s3://runs/team-a/demo/"
+    not_started = FineTuneJob.from_object(ftj(status={"runUri": "s3://runs/team-a/demo/"}))
+    assert builders.run_uri(not_started, SETTINGS) == f"s3://runs/team-a/demo/{UID}/"
 
 
 def test_headless_service_for_rendezvous() -> None:
@@ -135,11 +156,8 @@ def test_pod_failure_policy_and_run_policy() -> None:
         runPolicy={"backoffLimit": 2, "activeDeadlineSeconds": 3600, "ttlSecondsAfterFinished": 600}
     )["Job"]
     spec = job["spec"]
-    assert (spec["backoffLimit"], spec["activeDeadlineSeconds"], spec["ttlSecondsAfterFinished"]) == (
-        2,
-        3600,
-        600,
-    )
+    assert (spec["backoffLimit"], spec["activeDeadlineSeconds"]) == (2, 3600)
+    assert "ttlSecondsAfterFinished" not in spec, "set by reconcile once the result is recorded"
     rules = spec["podFailurePolicy"]["rules"]
     assert rules[0] == {
         "action": "FailJob",
@@ -153,6 +171,10 @@ def test_pod_failure_policy_and_run_policy() -> None:
         "action": "Ignore",
         "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
     }
+    assert rules[2] == {
+        "action": "FailJob",
+        "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [137]},
+    }, "killed for memory (not a disruption): fail at once, do not burn the retries"
     assert spec["template"]["spec"]["terminationGracePeriodSeconds"] == 300
 
 

@@ -193,10 +193,14 @@ def test_cel_rules_on_every_occurrence(schema: dict[str, Any]) -> None:
 def test_root_rules_name_and_immutability(schema: dict[str, Any]) -> None:
     rules = schema["x-kubernetes-validations"]
     assert "self.metadata.name" in rules[0]["rule"] and rules[0]["fieldPath"] == ".metadata.name"
-    immutable = [r["fieldPath"] for r in rules[1:]]
-    assert immutable == [f".spec.{s}" for s in crdgen.IMMUTABLE_ONCE_STARTED]
-    for rule in rules[1:]:
-        assert "oldSelf.status.startTime" in rule["rule"]
+    immutable = {r["fieldPath"]: r["rule"] for r in rules[1:]}
+    frozen = crdgen.IMMUTABLE_ONCE_STARTED + crdgen.IMMUTABLE_ONCE_JOB_EXISTS
+    assert list(immutable) == [f".spec.{s}" for s in frozen]
+    for path in crdgen.IMMUTABLE_ONCE_STARTED:
+        assert "oldSelf.status.startTime" in immutable[f".spec.{path}"]
+    for path in crdgen.IMMUTABLE_ONCE_JOB_EXISTS:
+        assert "oldSelf.status.jobName" in immutable[f".spec.{path}"]
+    assert {".spec.storage", ".spec.checkpoints.outputUri", ".spec.resources", ".spec.runPolicy"} <= set(immutable)
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,8 @@ CRD (`spec.model`, `spec.dataset`, `spec.hyperparameters`, `spec.lora`, `spec.ev
 `spec.checkpoints`) and the CRD's OpenAPI schema is generated from them, so:
 
 - every constraint the API server must enforce is a plain JSON-schema constraint (ge/le, enums,
-  patterns, lengths); no custom field validators;
+  patterns, lengths); the one custom field validator, `_no_duplicates`, is the Python side of
+  `x-kubernetes-list-type: set`;
 - checks that span fields live in `model_validator`s and are mirrored as CEL rules in the CRD
   (each validator's docstring states the rule);
 - field names are camelCase on the wire (`alias_generator=to_camel`), snake_case in Python.
@@ -28,17 +29,61 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple, Self
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
-# URI grammar shared with the CRD schema.
-MODEL_URI_PATTERN = r"^(s3|file|hf)://.+$"
-DATA_URI_PATTERN = r"^(s3|file)://.+$"
-RUN_URI_PATTERN = r"^(s3|file)://.+/$"
+# URI grammar shared with the CRD schema. Each pattern must mean the same to pydantic-core's Rust
+# regex and to the API server's RE2: no lookarounds, no backreferences, no Unicode classes (`\s`
+# differs between the two), hence the explicit character classes. `crdgen` turns the patterns of
+# `PATTERN_MESSAGES` into CEL rules that answer with the message instead of the regex.
+_URI_CHAR = r"[^\x00-\x20\x7f]"  # anything printable but a space
+_BUCKET = r"[a-z0-9][a-z0-9.-]*"
+# file:// paths may be relative here (a trainer run by hand, from a checkout); a FineTuneJob
+# refuses them (`finetune_operator.api.FILE_URI_FIELDS`): in a pod they vanish with the pod.
+MODEL_URI_PATTERN = rf"^(s3://{_BUCKET}(/{_URI_CHAR}*)?|file://{_URI_CHAR}+|hf://{_URI_CHAR}+)$"
+DATA_URI_PATTERN = rf"^(s3://{_BUCKET}/|file://){_URI_CHAR}+$"
+RUN_URI_PATTERN = rf"^(s3://{_BUCKET}/|file://)({_URI_CHAR}*/)?$"
+# A run or datasets folder that only the operator's spec names (never relative).
+ABSOLUTE_RUN_URI_PATTERN = rf"^(s3://{_BUCKET}/|file:///)({_URI_CHAR}*/)?$"
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$"
-ENDPOINT_PATTERN = r"^https?://[^\s/]+(/.*)?$"
+# No userinfo (user:password@) in the authority: credentials only ever come from a Secret.
+ENDPOINT_PATTERN = r"^https?://[^\x00-\x20\x7f/@]+(/[^\x00-\x20\x7f]*)?$"
+# A git revision: no '..' (no path traversal in the hub cache), no leading '/' or '.'.
+REVISION_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9_/-]*(\.[A-Za-z0-9_/-]+)*$"
+
+PATTERN_MESSAGES = {
+    MODEL_URI_PATTERN: "must be s3://<bucket>/<path>, file:///<absolute path> or hf://<org>/<name>, "
+    "without spaces",
+    DATA_URI_PATTERN: "must be s3://<bucket>/<key> or file:///<absolute path> (globs * and ** allowed), "
+    "without spaces",
+    RUN_URI_PATTERN: "must be a folder ending in /: s3://<bucket>/<prefix>/ or file:///<absolute path>/, "
+    "without spaces",
+    ABSOLUTE_RUN_URI_PATTERN: "must be a folder ending in /: s3://<bucket>/<prefix>/ or "
+    "file:///<absolute path>/, without spaces",
+    ENDPOINT_PATTERN: "must be http(s)://<host>[:<port>][/<path>] without spaces and without "
+    "user:password@ (credentials belong in the Secret of storage.credentialsSecret)",
+    REVISION_PATTERN: "must be a branch, tag or commit: letters, digits, '_', '-', '/' and single "
+    "dots, not starting with '/' or '.', no '..'",
+}
+
+
+def _no_duplicates(values: list[str] | None) -> list[str] | None:
+    """Lists whose CRD schema is `x-kubernetes-list-type: set` (the API server refuses duplicates
+    with 'Duplicate value'); this is the same check in Python."""
+    if values is not None:
+        seen: set[str] = set()
+        for value in values:
+            if value in seen:
+                raise ValueError(f"duplicate entry {value!r}: each entry may appear once")
+            seen.add(value)
+    return values
+
+
+UNIQUE = {"x-kubernetes-list-type": "set"}
 
 DataUri = Annotated[str, Field(pattern=DATA_URI_PATTERN, max_length=1024)]
+# A list of data URIs, each at most once (`x-kubernetes-list-type: set` in the CRD).
+DataUris = Annotated[list[DataUri], AfterValidator(_no_duplicates)]
 
 Mode = Literal["Train", "Evaluate"]
 TRAIN: Mode = "Train"
@@ -47,9 +92,9 @@ MODE_DESCRIPTION = (
     "Train: fine-tune (or train from scratch), evaluating at step 0 and every evaluation.everySteps. "
     "Evaluate: only evaluate the model on the eval set as step 0 of a training run would (eval loss, "
     "token accuracy, perplexity), plus the baselines; no optimizer step, no checkpoint. In Evaluate "
-    "mode lora, maxSteps and epochs are not allowed and evaluation.atStart must stay true; the other "
-    "training settings (learning rate and schedule, warmup, weight decay, dropout, gradient clipping "
-    "and checkpointing, checkpoint cadence) are ignored."
+    "mode lora, maxSteps and epochs are not allowed, evaluation.atStart must stay true, and the "
+    "settings only training uses (learning rate and schedule, warmup, weight decay, dropout, gradient "
+    "clipping and checkpointing, checkpoint cadence and retention) must keep their defaults."
 )
 
 
@@ -89,8 +134,8 @@ class ModelSpec(_Spec):
     revision: str | None = Field(
         default=None,
         max_length=128,
-        pattern=r"^[A-Za-z0-9._/-]+$",
-        description="Revision (branch, tag or commit) for hf:// models.",
+        pattern=REVISION_PATTERN,
+        description="Revision (branch, tag or commit) for hf:// models; no '..'.",
     )
 
     @model_validator(mode="after")
@@ -99,6 +144,11 @@ class ModelSpec(_Spec):
         if (self.name is None) == (self.uri is None):
             raise ValueError("exactly one of name or uri must be set")
         return self
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """What makes two model specs the same model: name or uri, and revision."""
+        return (self.name if self.name is not None else f"uri:{self.uri}", self.revision or "")
 
     @property
     def display_name(self) -> str:
@@ -118,17 +168,19 @@ class DatasetSpec(_Spec):
         description="A registered dataset (`kubectl finetune add dataset`): files under "
         "<datasetsUri>/<name>/train/ and optionally <name>/eval/. Exclusive with train.",
     )
-    train: list[DataUri] | None = Field(
+    train: DataUris | None = Field(
         default=None,
         min_length=1,
         max_length=64,
+        json_schema_extra=UNIQUE,
         description="Training files: s3:// or file:// URIs of .jsonl or .txt files; globs (*, **) "
         "allowed. Exclusive with name; one of them is required in mode Train.",
     )
-    eval: list[DataUri] | None = Field(
+    eval: DataUris | None = Field(
         default=None,
         min_length=1,
         max_length=64,
+        json_schema_extra=UNIQUE,
         description="Evaluation files (same forms as train). If unset, evalSize records are held "
         "out of the training data. In mode Evaluate, eval alone (without name or train) is enough.",
     )
@@ -305,10 +357,13 @@ class LoraSpec(_Spec):
     rank: int = Field(default=8, ge=1, le=1024, description="LoRA rank r.")
     alpha: float = Field(default=16.0, gt=0.0, le=4096.0, description="LoRA scaling alpha.")
     dropout: float = Field(default=0.05, ge=0.0, le=1.0, description="Dropout on the LoRA input.")
-    target_modules: list[Annotated[str, Field(min_length=1, max_length=128)]] | None = Field(
+    target_modules: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=128)]], AfterValidator(_no_duplicates)
+    ] | None = Field(
         default=None,
         min_length=1,
         max_length=64,
+        json_schema_extra=UNIQUE,
         description="Module names to adapt; default: peft's choice for the model family "
         "(the attention projections).",
     )
@@ -346,8 +401,23 @@ class EvaluationSpec(_Spec):
     baselines: list[ModelSpec] = Field(
         default_factory=list,
         max_length=8,
-        description="Other models evaluated zero-shot on the same eval set, reported side by side.",
+        description="Other models evaluated zero-shot on the same eval set, reported side by side; "
+        "each model once, and not the model being trained.",
     )
+
+    @model_validator(mode="after")
+    def _unique_baselines(self) -> Self:
+        """CEL: self.baselines.all(b, self.baselines.exists_one(c, model_key(c) == model_key(b)))
+        (`crdgen` spells model_key out)"""
+        seen: set[tuple[str, str]] = set()
+        for index, baseline in enumerate(self.baselines):
+            key = baseline.key
+            if key in seen:
+                raise ValueError(
+                    f"baselines[{index}]: {baseline.display_name!r} is listed twice: each baseline model once"
+                )
+            seen.add(key)
+        return self
 
 
 class CheckpointSpec(_Spec):
@@ -415,6 +485,7 @@ class TrainerConfig(_Spec):
     checkpoints: CheckpointSpec = Field(default_factory=CheckpointSpec)
     run: RunSpec = Field(default_factory=RunSpec)
 
+    # `crdgen` also generates one rule per EVALUATE_UNUSED setting and one from `baseline_errors`.
     @model_validator(mode="after")
     def _mode(self) -> Self:
         """CEL (on the FineTuneJob spec): self.mode == 'Evaluate' || has(self.dataset.name) ||
@@ -428,7 +499,8 @@ class TrainerConfig(_Spec):
             hyperparameters=self.hyperparameters,
             lora=self.lora,
             evaluation=self.evaluation,
-        )
+            checkpoints=self.checkpoints,
+        ) + baseline_errors(self.model, self.evaluation)
         if errors:
             raise ValueError("; ".join(f"{path}: {message}" for path, message in errors))
         return self
@@ -468,6 +540,29 @@ class TrainerConfig(_Spec):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+# Settings only training uses: in mode Evaluate they must keep their defaults (a value set there
+# would be silently ignored). (section, field) in Python names; mirrored by one CEL rule each.
+EVALUATE_UNUSED: tuple[tuple[str, str], ...] = (
+    ("hyperparameters", "learning_rate"),
+    ("hyperparameters", "lr_scheduler"),
+    ("hyperparameters", "warmup_steps"),
+    ("hyperparameters", "warmup_ratio"),
+    ("hyperparameters", "weight_decay"),
+    ("hyperparameters", "dropout"),
+    ("hyperparameters", "max_grad_norm"),
+    ("hyperparameters", "gradient_checkpointing"),
+    ("checkpoints", "every_steps"),
+    ("checkpoints", "keep_last"),
+)
+EVALUATE_UNUSED_MESSAGE = "is only used for training: in mode Evaluate leave it unset (default {default})"
+
+
+def evaluate_unused_default(section: str, name: str) -> Any:
+    """The default a training-only setting must keep in mode Evaluate."""
+    model = Hyperparameters if section == "hyperparameters" else CheckpointSpec
+    return model.model_fields[name].default
+
+
 def mode_errors(
     mode: Mode,
     *,
@@ -475,6 +570,7 @@ def mode_errors(
     hyperparameters: Hyperparameters,
     lora: LoraSpec | None,
     evaluation: EvaluationSpec,
+    checkpoints: CheckpointSpec | None = None,
 ) -> list[tuple[str, str]]:
     """(field path, what is allowed) for each section that does not fit the mode. Shared by
     `TrainerConfig` and the operator's spec validation; mirrored by CEL rules in the CRD."""
@@ -496,7 +592,35 @@ def mode_errors(
         errors.append(
             ("evaluation.atStart", "must be true in mode Evaluate (the step-0 evaluation is the result)")
         )
+    sections = {"hyperparameters": hyperparameters, "checkpoints": checkpoints or CheckpointSpec()}
+    for section, name in EVALUATE_UNUSED:
+        default = evaluate_unused_default(section, name)
+        if getattr(sections[section], name) != default:
+            errors.append(
+                (f"{section}.{to_camel(name)}", EVALUATE_UNUSED_MESSAGE.format(default=_literal(default)))
+            )
     return errors
+
+
+def _literal(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def baseline_errors(model: ModelSpec, evaluation: EvaluationSpec) -> list[tuple[str, str]]:
+    """A pretrained model is its own step-0 evaluation: listing it as a baseline too evaluates it
+    twice under two names. (From scratch, the pretrained model is a meaningful baseline.)
+    Mirrored by a spec-level CEL rule."""
+    if model.init != "pretrained":
+        return []
+    return [
+        (
+            f"evaluation.baselines[{index}]",
+            f"{baseline.display_name!r} is the model being trained: its zero-shot result is the step-0 "
+            "evaluation already (remove it from baselines)",
+        )
+        for index, baseline in enumerate(evaluation.baselines)
+        if baseline.key == model.key
+    ]
 
 
 class FieldRow(NamedTuple):

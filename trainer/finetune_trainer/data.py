@@ -359,9 +359,6 @@ class SequenceDataset:
     def trained_tokens(self) -> int:
         return sum(_trained_tokens(s.labels) for s in self.sequences)
 
-    def total_tokens(self) -> int:
-        return sum(len(s.input_ids) for s in self.sequences)
-
 
 @dataclass
 class Collator:

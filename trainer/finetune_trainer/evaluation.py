@@ -38,9 +38,6 @@ class EvalResult:
     perplexity: float
     tokens: int
 
-    def as_dict(self) -> dict[str, float]:
-        return {"loss": self.loss, "accuracy": self.accuracy, "perplexity": self.perplexity}
-
 
 def token_stats(logits: torch.Tensor, labels: torch.Tensor) -> TokenStats:
     """Sums for one batch: logits [B, T, V] predict labels shifted by one ([B, T], IGNORE = no loss)."""
