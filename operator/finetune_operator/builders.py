@@ -322,7 +322,26 @@ def _env(job: FineTuneJob, settings: Settings) -> list[dict[str, Any]]:
         )
         for env_name, key in keys:
             env.append({"name": env_name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}})
-    env.extend({"name": name, "value": value} for name, value in sorted(settings.extra_env.items()))
+    hub_env = _hub_env(job)
+    # A job's own Hub settings win over the operator's extra env of the same name.
+    env.extend(
+        {"name": name, "value": value}
+        for name, value in sorted(settings.extra_env.items())
+        if name not in {e["name"] for e in hub_env}
+    )
+    env.extend(hub_env)
+    return env
+
+
+def _hub_env(job: FineTuneJob) -> list[dict[str, Any]]:
+    """HF_ENDPOINT (a mirror) and HF_TOKEN (from the job's Secret, by reference only)."""
+    hub = job.spec.hub
+    env: list[dict[str, Any]] = []
+    if hub.endpoint is not None:
+        env.append({"name": contract.ENV_HF_ENDPOINT, "value": hub.endpoint})
+    if hub.token_secret is not None:
+        ref = {"name": hub.token_secret.name, "key": hub.token_secret.key}
+        env.append({"name": contract.ENV_HF_TOKEN, "valueFrom": {"secretKeyRef": ref}})
     return env
 
 

@@ -26,7 +26,7 @@ DEFAULT_TRAINER_COMMAND = ("python", "-m", "finetune_trainer")
 class Settings:
     """What the operator decides for every job (overridable per job where the spec says so)."""
 
-    trainer_image: str = "ghcr.io/finetune-operator/trainer:0.1.0"
+    trainer_image: str = "localhost/finetune-operator/trainer:0.1.0"
     trainer_command: tuple[str, ...] = DEFAULT_TRAINER_COMMAND
     image_pull_policy: str = "IfNotPresent"
     progress_port: int = contract.DEFAULT_PROGRESS_PORT

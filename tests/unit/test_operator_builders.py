@@ -365,6 +365,42 @@ def test_credentials_only_through_secret_refs() -> None:
     assert "AWS_ACCESS_KEY_ID" not in _env(_children()["Job"])
 
 
+def test_hub_token_only_through_a_secret_ref_and_the_mirror_as_hf_endpoint() -> None:
+    hub = {"endpoint": "http://hub-mirror.internal:8080", "tokenSecret": {"name": "hf"}}
+    children = _children(model={"uri": "hf://meta-llama/Llama-3.2-1B", "revision": "main"}, hub=hub)
+    env = _env(children["Job"])
+    assert env["HF_TOKEN"] == {"secretKeyRef": {"name": "hf", "key": "HF_TOKEN"}}
+    assert env["HF_ENDPOINT"] == "http://hub-mirror.internal:8080"
+    assert "tokenSecret" not in children["ConfigMap"]["data"][builders.CONFIG_KEY]
+    env = _env(_children(hub={"tokenSecret": {"name": "hf", "key": "token"}})["Job"])
+    assert env["HF_TOKEN"] == {"secretKeyRef": {"name": "hf", "key": "token"}}
+    assert "HF_TOKEN" not in _env(_children()["Job"]) and "HF_ENDPOINT" not in _env(_children()["Job"])
+
+
+def test_a_jobs_hub_endpoint_wins_over_the_operators_extra_env() -> None:
+    settings = Settings(runs_uri="s3://runs/", extra_env={"HF_ENDPOINT": "http://cluster-mirror:1", "HF_HUB_OFFLINE": "0"})
+    container = _children(settings=settings, hub={"endpoint": "http://job-mirror:2"})["Job"]["spec"]["template"]
+    names = [e["name"] for e in container["spec"]["containers"][0]["env"]]
+    assert names.count("HF_ENDPOINT") == 1 and "HF_HUB_OFFLINE" in names
+    assert _env(_children(settings=settings, hub={"endpoint": "http://job-mirror:2"})["Job"])["HF_ENDPOINT"] == (
+        "http://job-mirror:2"
+    )
+    assert _env(_children(settings=settings)["Job"])["HF_ENDPOINT"] == "http://cluster-mirror:1"
+
+
+@pytest.mark.parametrize(
+    "hub",
+    [
+        pytest.param({"token": "hf_abc"}, id="inline-token"),
+        pytest.param({"tokenSecret": {"name": "Not_A_Name"}}, id="bad-secret-name"),
+        pytest.param({"endpoint": "hub.example"}, id="endpoint-without-scheme"),
+    ],
+)
+def test_invalid_hub_settings_are_rejected_naming_the_field(hub: dict[str, Any]) -> None:
+    with pytest.raises(SpecError, match=r"spec\.hub\."):
+        parsed(hub=hub)
+
+
 @pytest.mark.parametrize(
     ("overrides", "suspend"),
     [

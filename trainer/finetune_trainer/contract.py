@@ -40,6 +40,7 @@ DEFAULT_COLLECTIVE_TIMEOUT_SECONDS = 600
 ENV_AWS_ACCESS_KEY_ID = "AWS_ACCESS_KEY_ID"
 ENV_AWS_SECRET_ACCESS_KEY = "AWS_SECRET_ACCESS_KEY"
 ENV_HF_TOKEN = "HF_TOKEN"
+ENV_HF_ENDPOINT = "HF_ENDPOINT"  # a Hub mirror for hf:// models (not a credential)
 
 PROGRESS_PATH = "/progress"  # GET: ProgressReport as JSON
 METRICS_PATH = "/metrics"  # GET: Prometheus text format, same port

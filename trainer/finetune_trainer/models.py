@@ -2,7 +2,9 @@
 
 Called by the training recipe for the trained model and every baseline. Remote models are
 downloaded once into the local cache (completed by a marker file; files verified against the
-source's manifest.json checksums when it has one, else against the listed sizes). A GGUF file is
+source's manifest.json checksums when it has one, else against the listed sizes). An hf://
+repository is resolved to a commit and cached by it; one that ships only pytorch_model*.bin is
+converted to safetensors at fetch (`convert_bin_to_safetensors`). A GGUF file is
 dequantized once and saved as a plain Hugging Face folder, because a GGUF-loaded model is marked
 quantized and cannot be fine-tuned. A LoRA adapter folder (a LoRA run's checkpoint
 `<run>/checkpoints/step-N/` or its `<run>/final/adapter/`) is merged once into its base model,
@@ -31,7 +33,7 @@ from urllib.parse import unquote, urlparse
 
 from finetune_trainer.catalog import CATALOG
 from finetune_trainer.config import ModelSpec
-from finetune_trainer.contract import ENV_HF_TOKEN, EXIT_INVALID_INPUT
+from finetune_trainer.contract import ENV_HF_ENDPOINT, ENV_HF_TOKEN, EXIT_INVALID_INPUT
 from finetune_trainer.errors import InvalidInput
 from finetune_trainer.storage import open_store, sha256_file
 
@@ -130,18 +132,93 @@ def _download_s3(uri: str, *, cache_dir: Path, endpoint: str | None, region: str
     return target / uri.rsplit("/", 1)[1] if is_file else target
 
 
-def _download_hf(repo: str, revision: str | None, *, cache_dir: Path) -> Path:
-    """Thin: needs a reachable hub (not available in this project's CI)."""
-    from huggingface_hub import snapshot_download
+# What an hf:// download keeps: config, tokenizer files and the weights in one format.
+HF_SUPPORT_FILES = ["*.json", "*.model", "*.txt", "*.jinja"]
+SAFETENSORS_WEIGHTS = ["*.safetensors"]
+PYTORCH_BIN_WEIGHTS = ["pytorch_model*.bin"]
+# Converted weights are written in shards of at most this size, so that converting a
+# multi-gigabyte pytorch_model.bin holds one shard in memory, not the whole model.
+CONVERTED_SHARD_BYTES = 2 * 1024**3
+COMMIT_LENGTH = 40
 
-    return Path(
+
+def _download_hf(repo: str, revision: str | None, *, cache_dir: Path) -> Path:
+    """A Hub repository at one commit as a local safetensors folder (once; cached by commit).
+
+    The revision (branch, tag or commit; default main) is resolved to its commit first, unless it
+    is a full commit hash already in the cache: a pinned model starts with no Hub request at all.
+    Repositories with safetensors weights (single or sharded with an index) are downloaded as they
+    are; those with only `pytorch_model*.bin` are converted to safetensors once, here, and the
+    .bin files dropped. The token (HF_TOKEN, from a Secret) and a mirror (HF_ENDPOINT) come
+    from the environment; the token is never logged.
+    """
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    token = os.environ.get(ENV_HF_TOKEN) or None
+    endpoint = os.environ.get(ENV_HF_ENDPOINT) or None
+    uri = f"hf://{repo}"
+    if revision is not None and len(revision) == COMMIT_LENGTH:
+        pinned = _cache_path(cache_dir, "models", f"{uri}@{revision}")
+        if (pinned / COMPLETE_MARKER).exists():
+            return pinned
+    try:
+        info = HfApi(endpoint=endpoint, token=token).model_info(repo, revision=revision)
+        commit = info.sha
+        target = _cache_path(cache_dir, "models", f"{uri}@{commit}")
+        if (target / COMPLETE_MARKER).exists():
+            return target
+        files = [s.rfilename for s in info.siblings or []]
+        weights = _hf_weight_patterns(uri, files)
+        tmp = target.with_name(target.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.info("downloading %s at commit %s (%s)", uri, commit, weights[0])
         snapshot_download(
             repo_id=repo,
-            revision=revision,
-            token=os.environ.get(ENV_HF_TOKEN),
-            cache_dir=str(cache_dir / "hf"),
-            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
+            revision=commit,
+            token=token,
+            endpoint=endpoint,
+            local_dir=tmp,
+            allow_patterns=HF_SUPPORT_FILES + weights,
         )
+    except GatedRepoError as exc:
+        raise InvalidInput(
+            f"model.uri: {uri} is gated and "
+            + ("the token was refused" if token else "no token was given")
+            + ": put a token with access in a Secret and name it in spec.hub.tokenSecret"
+        ) from exc
+    except RevisionNotFoundError as exc:
+        raise InvalidInput(f"model.revision: {revision!r} is not a branch, tag or commit of {uri}") from exc
+    except RepositoryNotFoundError as exc:
+        raise InvalidInput(
+            f"model.uri: {uri} does not exist on the Hub (or is private and the token has no access)"
+        ) from exc
+    except HfHubHTTPError as exc:  # 5xx and the like: retryable, not the user's input
+        raise OSError(f"download of {uri}: {exc.__class__.__name__}: {exc}") from exc
+    shutil.rmtree(tmp / ".cache", ignore_errors=True)  # huggingface_hub's local_dir bookkeeping
+    if weights == PYTORCH_BIN_WEIGHTS:
+        convert_bin_to_safetensors(tmp)
+    (tmp / COMPLETE_MARKER).write_text(json.dumps({"uri": uri, "revision": revision, "commit": commit}))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
+def _hf_weight_patterns(uri: str, files: list[str]) -> list[str]:
+    """Safetensors when the repository has them, else pytorch_model*.bin (converted after)."""
+    top_level = [f for f in files if "/" not in f]
+    if any(f.endswith(".safetensors") for f in top_level):
+        return SAFETENSORS_WEIGHTS
+    if any(f.startswith("pytorch_model") and f.endswith(".bin") for f in top_level):
+        return PYTORCH_BIN_WEIGHTS
+    raise InvalidInput(
+        f"model.uri: {uri} has no weights this trainer reads (*.safetensors or pytorch_model*.bin); "
+        f"its files: {', '.join(sorted(files)[:20]) or 'none'}"
     )
 
 
@@ -161,6 +238,70 @@ def _convert_in_fresh_process(*args: str) -> None:
         raise InvalidInput(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "conversion failed")
     if result.returncode != 0:
         raise RuntimeError(f"model conversion {args[0]} failed (exit {result.returncode}): {result.stderr[-2000:]}")
+
+
+def convert_bin_to_safetensors(folder: Path, *, shard_bytes: int = CONVERTED_SHARD_BYTES) -> None:
+    """Replace `pytorch_model.bin` (or its shards and index) in `folder` by safetensors files.
+
+    Tensors keep their names and dtypes. Input files are memory-mapped and the output is written
+    in shards of at most `shard_bytes` (one `model.safetensors` when everything fits, else
+    `model-0000i-of-0000n.safetensors` with `model.safetensors.index.json`), so memory holds one
+    output shard. Tensors that share storage (tied embeddings) are written as separate copies,
+    since safetensors forbids aliasing; transformers ties them again on load.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    bin_index = folder / "pytorch_model.bin.index.json"
+    if bin_index.exists():
+        index = json.loads(bin_index.read_text())
+        inputs = sorted(set(index["weight_map"].values()))
+        metadata = dict(index.get("metadata", {}))
+    else:
+        inputs, metadata = ["pytorch_model.bin"], {}
+    tensors: dict[str, Any] = {}
+    for name in inputs:
+        try:
+            try:
+                state = torch.load(folder / name, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # the legacy (pre-zip) format cannot be memory-mapped
+                state = torch.load(folder / name, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise InvalidInput(
+                f"model: {name} is not a PyTorch state dict of tensors (loaded with weights_only=True): "
+                f"{str(exc).splitlines()[0]}"
+            ) from exc
+        tensors.update((k, v) for k, v in state.items() if isinstance(v, torch.Tensor))
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    weight_map: dict[str, str] = {}
+    for shard_name, keys in zip(names, shards, strict=True):
+        save_file(
+            {k: tensors[k].detach().clone().contiguous() for k in keys},
+            str(folder / shard_name),
+            metadata={"format": "pt"},
+        )
+        weight_map.update(dict.fromkeys(keys, shard_name))
+    if len(shards) > 1:
+        metadata["total_size"] = sum(t.numel() * t.element_size() for t in tensors.values())
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": metadata, "weight_map": weight_map}, indent=2)
+        )
+    del tensors
+    for name in [*inputs, bin_index.name]:
+        (folder / name).unlink(missing_ok=True)
 
 
 def import_gguf(path: Path, *, cache_dir: Path) -> Path:
