@@ -44,9 +44,10 @@ def test_demo_fine_tunes_smollm2_end_to_end(cluster: ClusterHandle) -> None:
     assert evaluations[-1]["perplexity"] < evaluations[0]["perplexity"]
     # Checkpoints are in S3, each completed by its manifest; the final export too.
     run = status["runUri"]
-    assert run == f"s3://finetune-runs/{demo.DEMO_NAMESPACE}/smollm2-market-reports/"
-    objects = _objects(cluster, "finetune-runs", f"{demo.DEMO_NAMESPACE}/smollm2-market-reports/")
-    prefix = f"{demo.DEMO_NAMESPACE}/smollm2-market-reports/"
+    # the run folder belongs to this object: <namespace>/<name>/<uid>/
+    prefix = f"{demo.DEMO_NAMESPACE}/smollm2-market-reports/{job['metadata']['uid']}/"
+    assert run == f"s3://finetune-runs/{prefix}"
+    objects = _objects(cluster, "finetune-runs", prefix)
     assert f"{prefix}checkpoints/step-000030/manifest.json" in objects
     assert any(k.startswith(f"{prefix}final/") and k.endswith(".safetensors") for k in objects)
     assert f"{prefix}run.json" in objects and f"{prefix}metrics.jsonl" in objects
