@@ -22,7 +22,7 @@ import pytest
 from finetune_dev import demo
 from tests.kube import ClusterHandle, get, wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 
 def _model(tmp_path: Path) -> Path:

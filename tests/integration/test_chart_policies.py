@@ -25,6 +25,8 @@ from finetune_dev.netpol import Endpoint, allowed
 from tests.integration.operator_env import STANDIN, assert_no_other_operator
 from tests.kube import ClusterHandle, apply, get, python_container, wait_for
 
+pytestmark = pytest.mark.cluster
+
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "finetune-operator"
 DOC = ROOT / "docs" / "helm.md"

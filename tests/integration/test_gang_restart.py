@@ -10,15 +10,10 @@ from typing import Any
 
 import pytest
 
-from tests.integration import operator_env
 from tests.integration.operator_env import OperatorProcess, apply, events, manifest, status, wait_phase
 from tests.kube import ClusterHandle, get, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("operator")]
-crd = operator_env.crd
-operator_dir = operator_env.operator_dir
-operator_kubeconfig = operator_env.operator_kubeconfig
-operator = operator_env.operator
 
 
 def _pods(cluster: ClusterHandle, namespace: str, name: str) -> list[dict[str, Any]]:
