@@ -288,7 +288,9 @@ def test_auto_shards_only_when_data_parallel_would_not_fit() -> None:
     assert resolve_strategy("fsdp", world_size=1, data_parallel_bytes=0, device_bytes=None) == "fsdp"
 
 
-def _two_nodes(config: Path, tmp_path: Path, node1_config: Path | None = None) -> list[subprocess.CompletedProcess[str]]:
+def _two_nodes(
+    config: Path, tmp_path: Path, node1_config: Path | None = None, extra_env: dict[str, str] | None = None
+) -> list[subprocess.CompletedProcess[str]]:
     """Two torchrun "nodes" of one process each on this machine, as a 2-pod job runs: node 1's
     only process is its local main but not the global main, and each node has its own cache."""
     import socket
@@ -308,6 +310,7 @@ def _two_nodes(config: Path, tmp_path: Path, node1_config: Path | None = None) -
             "PET_NODE_RANK": str(node),
             "PET_MASTER_ADDR": "127.0.0.1",
             "PET_MASTER_PORT": str(port),
+            **(extra_env or {}),
         }
         (tmp_path / f"termination-node{node}").write_text("")
         processes.append(subprocess.Popen(
@@ -387,7 +390,8 @@ def test_the_first_failing_rank_names_the_cause_its_peer_reports_a_lost_peer(
     missing = base_config(tmp_path / "not-on-node-1", text_data, tmp_path / "run", hyperparameters=batch)
     node1_config = write_config(tmp_path / "c1.json", missing)
 
-    results = _two_nodes(config, tmp_path, node1_config)
+    # node 0 waits for node 1's token shards, then gives up after the collective timeout
+    results = _two_nodes(config, tmp_path, node1_config, {contract.ENV_COLLECTIVE_TIMEOUT: "30"})
 
     assert [r.returncode for r in results] == [contract.EXIT_FAILURE, contract.EXIT_INVALID_INPUT]
     node0 = json.loads((tmp_path / "termination-node0").read_text())

@@ -145,6 +145,10 @@ def lost_peer(exc: BaseException) -> bool:
     words gloo, NCCL and c10d use for a peer that went away."""
     import torch.distributed as dist
 
+    from finetune_trainer.shards import NodesLost
+
+    if isinstance(exc, NodesLost):
+        return True
     text = str(exc).lower()
     words = ("connection closed by peer", "connection reset by peer", "gloo", "nccl", "c10d")
     return isinstance(exc, getattr(dist, "DistError", ())) or any(word in text for word in words)

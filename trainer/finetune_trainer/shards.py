@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from finetune_trainer.config import DatasetSpec
+from finetune_trainer.contract import ENV_COLLECTIVE_TIMEOUT, collective_timeout_seconds
 from finetune_trainer.errors import InvalidData
 from finetune_trainer.sources import Item, SourceFile, Unit, read_unit, spec_fields, units_of, where
 from finetune_trainer.storage import Store, open_store
@@ -53,7 +54,6 @@ MANIFEST = "manifest.json"
 MAX_REPORTED = 20
 BATCH_RECORDS = 1000
 WAIT_POLL_SECONDS = 2.0
-WAIT_TIMEOUT_SECONDS = 6 * 3600
 
 
 def token_dtype(vocab_size: int) -> np.dtype[Any]:
@@ -306,7 +306,7 @@ def build_shards(
     endpoint: str | None = None,
     region: str | None = None,
     unit_bytes: int | None = None,
-    wait_timeout: float = WAIT_TIMEOUT_SECONDS,
+    wait_timeout: float | None = None,
 ) -> ShardSet:
     """The shard set for `key`: the local copy if complete, else the one in `remote` (downloaded),
     else tokenized here (this node's share of the units) and published. InvalidData lists the bad
@@ -352,7 +352,10 @@ def build_shards(
         raise _problems_report(files, units, summaries)
     if nodes > 1:
         assert remote is not None, "a job of several nodes shares its shards through object storage"
-        summaries = _gather_nodes(remote, key, nodes, wait_timeout, files, units)
+        # after its own share a node waits for the others at most the collective timeout: a
+        # node that died (a gang restart replaces them all) must not hold its peers for hours
+        timeout = collective_timeout_seconds() if wait_timeout is None else wait_timeout
+        summaries = _gather_nodes(remote, key, nodes, timeout, files, units)
     all_documents = sum(s.documents for s in summaries)
     if all_documents == 0:
         raise InvalidData(
@@ -387,6 +390,11 @@ def _suffixes(spec: DatasetSpec) -> list[str]:
     return [".ids", ".docs", *([".mask"] if masks_tokens(spec) else [])]
 
 
+class NodesLost(RuntimeError):
+    """Other nodes never published their token shards: they failed or are gone (a symptom; the
+    failing node reports the cause)."""
+
+
 def _gather_nodes(
     remote: Store, key: str, nodes: int, timeout: float, files: Sequence[SourceFile], units: Sequence[Unit]
 ) -> list[PartSummary]:
@@ -403,7 +411,10 @@ def _gather_nodes(
             return summaries
         if time.monotonic() > deadline:
             waiting = sorted(r for r, ok in present.items() if not ok)
-            raise TimeoutError(f"token shards {key}: node(s) {waiting} did not finish tokenizing in {timeout:.0f}s")
+            raise NodesLost(
+                f"token shards {key}: node(s) {waiting} did not finish tokenizing within {timeout:.0f}s of this "
+                f"node (the collective timeout, {ENV_COLLECTIVE_TIMEOUT}): lost peer"
+            )
         time.sleep(WAIT_POLL_SECONDS)
 
 
