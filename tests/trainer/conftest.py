@@ -100,8 +100,10 @@ def run_trainer(config: dict[str, Any], workdir: Path, name: str = "config.json"
     from finetune_trainer.cli import main
 
     path = write_config(workdir / name, config)
+    termination = Path(os.environ["FINETUNE_TERMINATION_LOG"])
+    termination.write_text("")  # each run is a new container: its termination log starts empty
     code = main(["--config", str(path)])
-    message = Path(os.environ["FINETUNE_TERMINATION_LOG"]).read_text()
+    message = termination.read_text()
     return code, json.loads(message)
 
 
