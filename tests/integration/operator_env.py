@@ -180,6 +180,14 @@ def get_ftj(cluster: ClusterHandle, namespace: str, name: str) -> dict[str, Any]
     return dict(json.loads(cluster.kubectl("get", "ftj", name, "-n", namespace, "-o", "json").stdout))
 
 
+def job_run_dir(cluster: ClusterHandle, namespace: str, name: str) -> Path:
+    """The job's run folder on this machine (file:// run folders): status.runUri, which is
+    <runsUri><namespace>/<name>/<uid>/ by default."""
+    uri = status(cluster, namespace, name)["runUri"]
+    assert uri.startswith("file://"), uri
+    return Path(uri.removeprefix("file://"))
+
+
 def status(cluster: ClusterHandle, namespace: str, name: str) -> dict[str, Any]:
     return dict(get_ftj(cluster, namespace, name).get("status") or {})
 

@@ -16,6 +16,7 @@ from tests.integration.operator_env import (
     conditions,
     events,
     get_ftj,
+    job_run_dir,
     manifest,
     status,
     wait_phase,
@@ -120,7 +121,7 @@ def test_suspend_and_resume_continue_from_checkpoint(
     )
     settled = conditions(status(cluster, namespace, "pause"))
     assert settled["Reconciling"] == ("False", "Suspended") and "Ready" not in settled
-    run_dir = operator.runs_dir / namespace / "pause"
+    run_dir = job_run_dir(cluster, namespace, "pause")
     saved = int((run_dir / "standin-checkpoint").read_text())
     assert saved >= 3
     cluster.kubectl(
@@ -144,7 +145,7 @@ def test_cancel_keeps_checkpoints(cluster: ClusterHandle, namespace: str, operat
     assert cancelled["reason"] == "Cancelled"
     assert conditions(cancelled)["Stalled"] == ("True", "Cancelled")
     assert not _pods(cluster, namespace, "stop")
-    assert (operator.runs_dir / namespace / "stop" / "standin-checkpoint").exists()
+    assert (job_run_dir(cluster, namespace, "stop") / "standin-checkpoint").exists()
     job = json.loads(cluster.kubectl("get", "job", "stop", "-n", namespace, "-o", "json").stdout)
     assert job["spec"]["suspend"] is True
 
