@@ -81,7 +81,7 @@ def _can_i(cluster: ClusterHandle, verb: str, resource: str) -> Any:
                 ("list", "secrets"),
                 ("create", "pods"),
                 ("delete", "pods"),
-                ("delete", "jobs.batch"),
+                ("delete", "services"),
                 ("list", "serviceaccounts"),
                 ("create", "serviceaccounts/token"),
                 ("delete", "configmaps"),
@@ -97,6 +97,7 @@ def _can_i(cluster: ClusterHandle, verb: str, resource: str) -> Any:
                 ("watch", "finetunejobs.finetune.dev"),
                 ("patch", "finetunejobs.finetune.dev/status"),
                 ("create", "jobs.batch"),
+                ("delete", "jobs.batch"),  # a gang restart replaces a multi-node job's Job
                 ("watch", "jobs.batch"),
                 ("create", "configmaps"),
                 ("create", "services"),
