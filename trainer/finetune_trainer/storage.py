@@ -225,7 +225,9 @@ class S3Store:
         self.prefix = parsed.path.lstrip("/")
         if self.prefix and not self.prefix.endswith("/"):
             self.prefix += "/"
-        self.client: Any = boto3.client(
+        # a session of its own: it reads the credentials in the environment now (boto3's default
+        # session keeps the first it ever read, wrong for a process that opens several stores)
+        self.client: Any = boto3.session.Session().client(
             "s3",
             endpoint_url=endpoint,
             region_name=region or os.environ.get("AWS_REGION") or "us-east-1",
