@@ -920,23 +920,8 @@ class Recipe:
         )
 
     def _wrap_lora(self, model: Any) -> Any:
-        from peft import LoraConfig, get_peft_model
-        from transformers import set_seed
-
-        set_seed(self.config.hyperparameters.seed)  # the adapter's random init follows the run's seed
-        spec = self.config.lora
-        assert spec is not None
-        lora = LoraConfig(
-            r=spec.rank,
-            lora_alpha=spec.alpha,  # type: ignore[arg-type]  # peft annotates int; floats work
-            lora_dropout=spec.dropout,
-            target_modules=spec.target_modules,
-            task_type="CAUSAL_LM",
-        )
-        try:
-            peft_model = get_peft_model(model, lora)
-        except ValueError as exc:
-            raise InvalidInput(f"lora: {exc}") from exc
+        assert self.config.lora is not None
+        peft_model = wrapping.wrap_lora(model, self.config.lora, seed=self.config.hyperparameters.seed)
         if self.config.hyperparameters.gradient_checkpointing:
             peft_model.enable_input_require_grads()
         return peft_model
