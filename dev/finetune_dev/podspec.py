@@ -156,6 +156,23 @@ def _resource_field(container: Mapping[str, Any], ref: Mapping[str, Any]) -> str
     return str(value) if value is not None else "0"
 
 
+_QUANTITY_SUFFIXES = {
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+    "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18, "": 1,
+}  # fmt: skip
+
+
+def memory_limit_bytes(container: Mapping[str, Any]) -> int | None:
+    """The container's `resources.limits.memory` in bytes (a Kubernetes quantity), or None."""
+    value = (((container.get("resources") or {}).get("limits") or {}).get("memory"))
+    if value is None:
+        return None
+    match = re.fullmatch(r"([0-9.]+(?:[eE][0-9]+)?)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E|)", str(value).strip())
+    if match is None:
+        raise PodSpecError("CreateContainerConfigError", f"resources.limits.memory: {value!r} is not a quantity")
+    return int(float(match.group(1)) * _QUANTITY_SUFFIXES[match.group(2)])
+
+
 def command_line(container: Mapping[str, Any], env: Mapping[str, str]) -> list[str]:
     """command + args with ``$(VAR)`` expanded; there is no image, so a command is required."""
     argv = [*(container.get("command") or []), *(container.get("args") or [])]

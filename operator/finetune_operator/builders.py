@@ -457,24 +457,18 @@ def build_job(job: FineTuneJob, settings: Settings) -> dict[str, Any]:
         },
     }
     disrupted = [{"type": "DisruptionTarget", "status": "True"}]
-    # Killed for memory (137 without a disruption, matched after the disruption rule): the same
-    # config runs out again, so fail at once; status says what to change.
-    out_of_memory = {
-        "action": "FailJob",
-        "onExitCodes": {"containerName": CONTAINER_NAME, "operator": "In", "values": [137]},
-    }
+    # No rule on exit code 137: it is SIGKILL, which the OOM killer sends, but so do a kill after
+    # the grace period and a kubelet that lost the container (ContainerStatusUnknown, after a
+    # node restart). Only the container's terminated reason tells OOMKilled apart, which a
+    # podFailurePolicy cannot match; the operator reads it and stops the Job (status, reconcile).
     if gang.is_gang(job):
         metadata["labels"][gang.ATTEMPT_LABEL] = str(gang.restarts_so_far(job))
         backoff_limit = 0
         # A disrupted pod (evicted, preempted) fails the attempt too: the operator restarts all.
-        rules: list[dict[str, Any]] = [
-            invalid_input,
-            {"action": "Count", "onPodConditions": disrupted},
-            out_of_memory,
-        ]
+        rules: list[dict[str, Any]] = [invalid_input, {"action": "Count", "onPodConditions": disrupted}]
     else:
         backoff_limit = policy.backoff_limit
-        rules = [invalid_input, {"action": "Ignore", "onPodConditions": disrupted}, out_of_memory]
+        rules = [invalid_input, {"action": "Ignore", "onPodConditions": disrupted}]
     spec: dict[str, Any] = {
         "completionMode": "Indexed",
         "completions": nodes,

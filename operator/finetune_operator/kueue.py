@@ -121,6 +121,12 @@ def _join(first: str, second: str) -> str:
     return "; ".join(part for part in (first, second) if part)
 
 
+def deactivate_patch(why: str) -> dict[str, Any]:
+    """Deactivate a Workload (Kueue stops its Job's pods and keeps it suspended); `why` is
+    recorded in our annotation."""
+    return {"metadata": {"annotations": {DEACTIVATED_BY_ANNOTATION: why}}, "spec": {"active": False}}
+
+
 def workload_patch(job: FineTuneJob, workload: Mapping[str, Any]) -> dict[str, Any] | None:
     """The merge patch for the Workload, or None: deactivate it while the FineTuneJob is
     suspended or cancelled; re-activate it when spec.suspend is lifted, if we deactivated it."""
@@ -128,7 +134,7 @@ def workload_patch(job: FineTuneJob, workload: Mapping[str, Any]) -> dict[str, A
     annotations = (workload.get("metadata") or {}).get("annotations") or {}
     ours = annotations.get(DEACTIVATED_BY_ANNOTATION)
     if stop is not None and active(workload):
-        return {"metadata": {"annotations": {DEACTIVATED_BY_ANNOTATION: stop}}, "spec": {"active": False}}
+        return deactivate_patch(stop)
     if stop is None and ours is not None:
         return {"metadata": {"annotations": {DEACTIVATED_BY_ANNOTATION: None}}, "spec": {"active": True}}
     return None

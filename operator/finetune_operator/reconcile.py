@@ -214,6 +214,8 @@ def _reconcile(
     _write(cluster, ref, previous, new_status, outcome, now, precondition)
     if batch_job is not None and new_status.get("reason") == Reason.RESTARTING.value:
         _restart_gang(cluster, job, batch_job, pods, outcome, now)
+    if batch_job is not None and new_status.get("reason") == Reason.OOM_KILLED.value:
+        _stop_after_oom(cluster, job, batch_job, outcome)
     if batch_job is not None and new_status.get("phase") in TERMINAL_PHASES:
         ttl = _ttl_patch(job, batch_job)
         if ttl is not None:
@@ -242,6 +244,29 @@ def _restart_gang(
     meta = batch_job["metadata"]
     cluster.delete("Job", meta["namespace"], meta["name"], uid=meta.get("uid"))
     outcome.deleted.append(f"Job/{meta['name']}")
+
+
+def _stop_after_oom(cluster: Cluster, job: FineTuneJob, batch_job: Mapping[str, Any], outcome: Outcome) -> None:
+    """A trainer was OOMKilled: the FineTuneJob failed, but the Job controller would replace the
+    pod (a podFailurePolicy cannot tell OOMKilled from other kills of exit code 137). Suspend
+    the Job: its running pods stop, the failed pod stays for `kubectl logs`. A Job Kueue
+    manages keeps its suspend flag (Kueue owns it): its Workload is deactivated instead."""
+    meta = batch_job.get("metadata") or {}
+    conditions = (batch_job.get("status") or {}).get("conditions") or []
+    if meta.get("deletionTimestamp") or any(
+        c.get("type") in ("Complete", "Failed") and c.get("status") == "True" for c in conditions
+    ):
+        return
+    if builders.QUEUE_NAME_LABEL in (meta.get("labels") or {}):
+        workload = cluster.find_workload(job.namespace, str(meta.get("uid") or ""))
+        if workload is not None and kueue.active(workload):
+            name = workload["metadata"]["name"]
+            cluster.patch_workload(job.namespace, name, kueue.deactivate_patch(Reason.OOM_KILLED.value))
+            outcome.patched.append(f"Workload/{name}")
+        return
+    if not (batch_job.get("spec") or {}).get("suspend"):
+        cluster.patch("Job", job.namespace, meta["name"], {"spec": {"suspend": True}})
+        outcome.patched.append(f"Job/{meta['name']}")
 
 
 def _missing_references(cluster: Cluster, job: FineTuneJob) -> Problem | None:

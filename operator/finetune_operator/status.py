@@ -125,7 +125,11 @@ def derive_status(
     elif "jobName" in previous:
         status["jobName"] = previous["jobName"]
     if gang.is_gang(job):
-        restarts = gang.decide(job, observed.job, failure_cause(job, observed.pods)).restarts
+        restarts = (
+            gang.restarts_so_far(job)  # killed for memory: no restart to count
+            if reason is Reason.OOM_KILLED
+            else gang.decide(job, observed.job, failure_cause(job, observed.pods)).restarts
+        )
         if restarts:
             status["restarts"] = restarts
     exit_code = _last_exit(observed.pods)
@@ -247,14 +251,18 @@ def _phase(
             False,
         )
 
+    if observed.job is not None and _oom_killed(observed.pods):
+        # Not retried (the same config runs out again) and not gang-restarted; reconcile stops
+        # the Job, whose controller would otherwise replace the pod.
+        oom = (Phase.FAILED, Reason.OOM_KILLED, "")
+        return Phase.FAILED, Reason.OOM_KILLED, _finish_message(job, oom, observed), False
+
     decision = gang.decide(job, observed.job, failure_cause(job, observed.pods))
     if decision.action is not gang.Action.NONE:
         return Phase.RUNNING, Reason.RESTARTING, decision.message, False
 
     if observed.job is not None:
         finished = _job_finished(observed.job)
-        if finished is not None and finished[0] is Phase.FAILED and _oom_killed(observed.pods):
-            finished = (Phase.FAILED, Reason.OOM_KILLED, finished[2])
         if finished is not None:
             return finished[0], finished[1], _finish_message(job, finished, observed), False
 
@@ -424,26 +432,19 @@ def _finish_message(job: FineTuneJob, finished: tuple[Phase, Reason, str], obser
     return f"{prefix}: {pod_message}" if pod_message else prefix
 
 
-EXIT_SIGKILL = 137  # 128 + SIGKILL: the kernel's OOM killer (or a kill after the grace period)
 OOM_ADVICE = (
-    "the trainer ran out of memory (OOMKilled, exit code 137; not retried: it would run out again): "
+    "the trainer ran out of memory (OOMKilled; not retried: it would run out again): "
     "lower hyperparameters.microBatchSize (gradient accumulation keeps batchSize), set "
     "hyperparameters.gradientCheckpointing: true, use lora, or raise resources.memory"
 )
 
 
 def _oom_killed(pods: Sequence[Mapping[str, Any]]) -> bool:
-    """The newest failed trainer was killed for memory: OOMKilled, or exit 137 without a
-    DisruptionTarget condition (a preemption or eviction kills with 137 too, and is retried)."""
-    failed = [(pod, state) for pod, state in _sorted_terminated(pods) if state.get("exitCode")]
-    if not failed:
-        return False
-    pod, state = failed[-1]
-    disrupted = any(
-        c.get("type") == "DisruptionTarget" and c.get("status") == "True"
-        for c in (pod.get("status") or {}).get("conditions") or []
-    )
-    return state.get("reason") == "OOMKilled" or (int(state.get("exitCode") or 0) == EXIT_SIGKILL and not disrupted)
+    """A trainer container was killed for memory: its terminated reason is OOMKilled (the
+    runtime's word for the cgroup's OOM killer). Exit code 137 alone is not enough: a kill after
+    the grace period, an eviction and a container the kubelet lost (ContainerStatusUnknown)
+    exit 137 too, and are retried."""
+    return any(state.get("reason") == "OOMKilled" for _, state in _sorted_terminated(pods))
 
 
 def _live_pods(pods: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:

@@ -114,9 +114,14 @@ def main() -> None:
                 "step": 0,
             }
         )
-    if scenario == "oom":  # what the kernel's OOM killer does to a trainer: SIGKILL, exit 137
+    if scenario == "oom":  # allocate until the node kills the container for its memory limit
         print("stand-in trainer: allocating past the memory limit", flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)
+        held = []
+        for _ in range(64):  # at most 4 GiB, touched page by page, then give up
+            held.append(b"\x01" * (64 * 2**20))  # written, so resident
+            time.sleep(0.1)
+        print("stand-in trainer: 4 GiB allocated and still alive: no memory limit enforced", flush=True)
+        sys.exit(1)
     if scenario == "crash":
         print("Traceback (most recent call last): RuntimeError: simulated crash", flush=True)
         finish(

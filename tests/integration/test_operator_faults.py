@@ -203,12 +203,25 @@ def test_no_credential_leaks_across_a_full_run(
 def test_killed_for_memory_fails_at_once_saying_what_to_change(
     cluster: ClusterHandle, namespace: str
 ) -> None:
+    """The stand-in allocates past resources.memory; the process node kills it as a memory
+    cgroup would (OOMKilled). Not retried, although backoffLimit allows 3: the Job is stopped."""
     apply(
         cluster,
         namespace,
-        manifest("oom", "oom", runPolicy={"backoffLimit": 3, "terminationGracePeriodSeconds": 30}),
-    )
+        manifest(
+            "oom", "oom", resources={"memory": "400Mi"},
+            runPolicy={"backoffLimit": 3, "terminationGracePeriodSeconds": 30},
+        ),
+    )  # fmt: skip
     current = wait_phase(cluster, namespace, "oom", "Failed", timeout=120)
     assert current["reason"] == "OOMKilled" and current["exitCode"] == 137
     assert "ran out of memory" in current["message"] and "microBatchSize" in current["message"]
-    assert current.get("restarts", 1) == 1, "not retried up to backoffLimit: it would run out again"
+    job = json.loads(cluster.kubectl("get", "job", "oom", "-n", namespace, "-o", "json").stdout)
+    assert job["spec"].get("suspend") is True, "the Job's replacement pod is stopped"
+    wait_for(
+        lambda: (job := json.loads(cluster.kubectl("get", "job", "oom", "-n", namespace, "-o", "json").stdout))
+        and not (job.get("status") or {}).get("active"),
+        timeout=60, what="no pod of the OOMKilled job still running",
+    )  # fmt: skip
+    failed = json.loads(cluster.kubectl("get", "job", "oom", "-n", namespace, "-o", "json").stdout)["status"]
+    assert (failed.get("failed") or 0) <= 2, "the OOMKilled pod (and the replacement stopped), not backoffLimit's 4"

@@ -197,3 +197,102 @@ def test_job_finishing_while_operator_is_down_loses_nothing(
 
 # ---------------------------------------------------------------------------------------------
 # control-plane faults: the API server (and etcd) and the process node restarted mid-job
+
+
+def _restart(cluster: ClusterHandle, *names: str, down_seconds: float = 3) -> None:
+    """Stop the named components (in order), keep them down a while, start them in reverse order."""
+    by_name = {component.name: component for component in cluster.cluster._components()}
+    components = [by_name[name] for name in names]
+    for component in components:
+        component.stop(cluster.cluster)
+    time.sleep(down_seconds)
+    for component in reversed(components):
+        process = component.start(cluster.cluster)
+        component.wait_healthy(cluster.cluster, process)
+    wait_for(
+        lambda: cluster.kubectl("get", "--raw", "/readyz", check=False).returncode == 0,
+        timeout=120,
+        what="the API server ready",
+    )
+
+
+def _job_uid(cluster: ClusterHandle, namespace: str, name: str) -> str:
+    return str(
+        json.loads(cluster.kubectl("get", "job", name, "-n", namespace, "-o", "json").stdout)["metadata"][
+            "uid"
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    "components",
+    [
+        pytest.param(("kube-apiserver",), id="api-server"),
+        pytest.param(("kube-apiserver", "etcd"), id="api-server-and-etcd"),
+    ],
+)
+def test_control_plane_restarted_mid_job(
+    cluster: ClusterHandle,
+    namespace: str,
+    operator_dir: Path,
+    operator_kubeconfig: Path,
+    components: tuple[str, ...],
+) -> None:
+    """The operator reconnects (kopf re-watches), the status converges, one Job, one run."""
+    assert_no_other_operator(cluster)
+    name = "cp-restart"
+    with running_operator(operator_kubeconfig, operator_dir / "runs-cp") as process:
+        apply(cluster, namespace, manifest(name, "slow", hyperparameters={"maxSteps": 12, "batchSize": 4}))
+        running = wait_phase(cluster, namespace, name, "Running", timeout=90)
+        job_uid = _job_uid(cluster, namespace, name)
+        _restart(cluster, *components)
+        done = wait_phase(cluster, namespace, name, "Succeeded", timeout=180)
+        metrics = process.metrics()
+    assert done["progress"]["steps"] == "12/12" and done["latestEvaluation"]["step"] == 12
+    assert done["startTime"] == running["startTime"], "the start is not forgotten"
+    assert _job_uid(cluster, namespace, name) == job_uid, "the Job was not re-created"
+    assert children(cluster, namespace, name) == [
+        f"configmap/{name}-config",
+        f"job.batch/{name}",
+        f"service/{name}",
+    ]
+    starts = (Path(done["runUri"].removeprefix("file://")) / "standin-starts-rank0").read_text()
+    assert starts == "0\n", "the trainer ran once, undisturbed by the control plane"
+    assert "finetune_operator_reconciles_total" in metrics
+
+
+def test_process_node_restarted_while_pods_run(
+    cluster: ClusterHandle, namespace: str, operator_dir: Path, operator_kubeconfig: Path
+) -> None:
+    """Whatever the node does with the pods it ran, the job ends with the whole result: no
+    checkpoint lost, no step trained twice past the newest checkpoint, one Job."""
+    assert_no_other_operator(cluster)
+    name = "node-restart"
+    obj = manifest(
+        name,
+        "slow",
+        hyperparameters={"maxSteps": 12, "batchSize": 4},
+        runPolicy={"backoffLimit": 3, "terminationGracePeriodSeconds": 30},
+        checkpoints={"everySteps": 2},
+    )
+    with running_operator(operator_kubeconfig, operator_dir / "runs-node"):
+        apply(cluster, namespace, obj)
+        wait_for(
+            lambda: (status(cluster, namespace, name).get("progress") or {}).get("step", 0) >= 3,
+            timeout=120,
+            what="a few steps",
+        )
+        job_uid = _job_uid(cluster, namespace, name)
+        _restart(cluster, "process-node")
+        done = wait_phase(cluster, namespace, name, "Succeeded", "Failed", timeout=240)
+    assert done["phase"] == "Succeeded", done.get("message")
+    assert done["progress"]["steps"] == "12/12"
+    assert _job_uid(cluster, namespace, name) == job_uid
+    starts = [
+        int(s)
+        for s in (Path(done["runUri"].removeprefix("file://")) / "standin-starts-rank0").read_text().split()
+    ]
+    assert starts[0] == 0 and all(later >= 2 for later in starts[1:]), (
+        f"a restart resumes a checkpoint: {starts}"
+    )
+    assert [c["step"] for c in done["checkpoints"]][-1] == 12

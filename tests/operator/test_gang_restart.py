@@ -128,6 +128,17 @@ def test_invalid_input_is_not_restarted(fake: FakeCluster) -> None:
     assert outcome.deleted == []
 
 
+def test_a_rank_killed_for_memory_is_not_restarted(fake: FakeCluster) -> None:
+    """OOMKilled on any rank: the same config runs out again, so no gang restart."""
+    two_nodes(fake)
+    rank1_fails(fake)
+    fake.pods[1]["status"]["containerStatuses"][0]["state"]["terminated"].update(exitCode=137, reason="OOMKilled")
+    outcome = run(fake, seconds=10)
+    status = fake.job_object()["status"]
+    assert (status["phase"], status["reason"]) == ("Failed", "OOMKilled")
+    assert outcome.deleted == [] and status.get("restarts", 0) == 0
+
+
 def test_suspended_job_is_not_restarted(fake: FakeCluster) -> None:
     two_nodes(fake)
     rank1_fails(fake)

@@ -552,24 +552,51 @@ def test_a_job_that_finished_while_the_operator_was_away_gets_its_start_time(fak
 
 
 @pytest.mark.parametrize(
-    ("terminated", "conditions"),
+    "job_conditions",
     [
-        pytest.param({"exit_code": 137, "reason": "OOMKilled"}, [], id="oom-killed"),
-        pytest.param({"exit_code": 137, "reason": "Error"}, [], id="exit-137"),
+        pytest.param([], id="replacement-pod-running"),
+        pytest.param([condition("Failed", "BackoffLimitExceeded", "too many")], id="retries-used-up"),
     ],
 )
-def test_killed_for_memory_says_what_to_change(
-    fake: FakeCluster, terminated: dict[str, Any], conditions: list[dict[str, Any]]
+def test_killed_for_memory_fails_at_once_says_what_to_change_and_stops_the_job(
+    fake: FakeCluster, job_conditions: list[dict[str, Any]]
 ) -> None:
-    fake.put_job_object(ftj())
+    """OOMKilled (the runtime's reason) is not retried: the Job controller has already started a
+    replacement pod, which the operator stops by suspending the Job."""
+    fake.put_job_object(ftj(runPolicy={"backoffLimit": 3}))
     run(fake)
-    failed = pod(0, "Failed", **terminated)
-    job_runs(fake, failed, failed=1, conditions=[condition("Failed", "PodFailurePolicy", "container trainer exited 137")])
+    failed = pod(0, "Failed", exit_code=137, reason="OOMKilled")
+    if job_conditions:
+        job_runs(fake, failed, failed=1, conditions=job_conditions)
+    else:
+        job_runs(fake, failed, pod(0, "Running"), failed=1, active=1)
     outcome = run(fake)
     assert (outcome.phase, outcome.status["reason"]) == ("Failed", "OOMKilled")
     message = outcome.status["message"]
     for advice in ("out of memory", "hyperparameters.microBatchSize", "gradientCheckpointing", "resources.memory"):
         assert advice in message
+    job = fake.objects[("Job", "team-a", "demo")]
+    assert bool(job["spec"].get("suspend")) is (not job_conditions), "an unfinished Job is suspended, a failed one left"
+    again = run(fake, seconds=60)
+    assert (again.phase, again.status["reason"]) == ("Failed", "OOMKilled"), "terminal: it stays"
+    assert not again.patched and not again.created
+
+
+@pytest.mark.parametrize(
+    "terminated",
+    [
+        pytest.param({"exit_code": 137, "reason": "Error"}, id="sigkill-after-grace-period"),
+        pytest.param({"exit_code": 137, "reason": "ContainerStatusUnknown"}, id="container-lost-by-a-restarted-node"),
+    ],
+)
+def test_exit_137_without_oomkilled_is_retried(fake: FakeCluster, terminated: dict[str, Any]) -> None:
+    """137 is SIGKILL from anyone; only the OOMKilled reason means memory."""
+    fake.put_job_object(ftj(runPolicy={"backoffLimit": 3}))
+    run(fake)
+    job_runs(fake, pod(0, "Failed", **terminated), pod(0, "Running"), failed=1, active=1)
+    outcome = run(fake)
+    assert outcome.phase == "Running" and outcome.status["reason"] != "OOMKilled"
+    assert not fake.objects[("Job", "team-a", "demo")]["spec"].get("suspend")
 
 
 def test_a_preempted_pod_killed_with_137_is_not_called_out_of_memory(fake: FakeCluster) -> None:

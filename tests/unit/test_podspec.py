@@ -248,3 +248,23 @@ def test_a_volume_hiding_the_nodes_python_environment_is_named(
     search_path: str, targets: list[str], expected: list[tuple[str, str]]
 ) -> None:
     assert podshim.hidden_paths(search_path, targets) == expected
+
+
+@pytest.mark.parametrize(
+    ("quantity", "expected"),
+    [
+        pytest.param("400Mi", 400 * 2**20, id="binary"),
+        pytest.param("6Gi", 6 * 2**30, id="gibibytes"),
+        pytest.param("1.5G", 1_500_000_000, id="decimal-fraction"),
+        pytest.param("134217728", 2**27, id="bytes"),
+        pytest.param("1e9", 10**9, id="exponent"),
+    ],
+)
+def test_memory_limit_in_bytes(quantity: str, expected: int) -> None:
+    assert podspec.memory_limit_bytes({"resources": {"limits": {"memory": quantity}}}) == expected
+
+
+def test_no_memory_limit_and_a_bad_one() -> None:
+    assert podspec.memory_limit_bytes({"resources": {"requests": {"memory": "1Gi"}}}) is None
+    with pytest.raises(podspec.PodSpecError, match=r"resources.limits.memory: '12 apples' is not a quantity"):
+        podspec.memory_limit_bytes({"resources": {"limits": {"memory": "12 apples"}}})

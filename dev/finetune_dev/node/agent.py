@@ -351,7 +351,7 @@ class NodeAgent:
                     "state": {
                         "terminated": {
                             "exitCode": 137,
-                            "reason": "Error",
+                            "reason": "ContainerStatusUnknown",  # what a kubelet reports for a lost container
                             "message": message,
                             "finishedAt": utc_timestamp(),
                         }

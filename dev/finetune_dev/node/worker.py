@@ -43,6 +43,29 @@ def utc_timestamp() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+MEMORY_CHECK_SECONDS = 1.0
+
+
+def session_memory_bytes(session: int) -> int:
+    """The proportional set size (PSS: shared pages split between their users, as a memory
+    cgroup counts them once) of every process in `session` — a container's processes."""
+    total = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+            if int(stat[stat.rindex(")") + 2 :].split()[3]) != session:  # field 6: the session id
+                continue
+            for line in Path(entry.path, "smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+        except (OSError, ValueError, IndexError):
+            continue  # exited meanwhile, or a kernel thread
+    return total
+
+
 def kill_group(pid: int, sig: int) -> None:
     """Signal a container's whole process group (it was started in a session of its own)."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -111,6 +134,8 @@ class ContainerRun:
     waiting_reason: str = "ContainerCreating"
     waiting_message: str = ""
     next_start: float = 0.0
+    oom_killed: bool = False  # killed by the node for exceeding resources.limits.memory
+    memory_checked: float = 0.0
 
     @property
     def name(self) -> str:
@@ -362,19 +387,39 @@ class PodWorker:
         (self.directory / f"{run.name}.pid").write_text(str(run.process.pid))
         run.started_at = utc_timestamp()
         run.terminated = None
+        run.oom_killed = False
         self.host.event(self.pod, "Started", f"Started container {run.name}")
+
+    def _enforce_memory_limit(self, run: ContainerRun) -> None:
+        """What a memory cgroup's OOM killer does: a container above its memory limit is killed
+        (SIGKILL, all its processes) and reported OOMKilled. Checked once a second."""
+        assert run.process is not None
+        limit = podspec.memory_limit_bytes(run.spec)
+        now = time.monotonic()
+        if limit is None or now - run.memory_checked < MEMORY_CHECK_SECONDS:
+            return
+        run.memory_checked = now
+        used = session_memory_bytes(run.process.pid)
+        if used > limit:
+            log.warning(
+                "%s/%s: container %s uses %d bytes, above its memory limit of %d: killed",
+                self.namespace, self.name, run.name, used, limit,
+            )  # fmt: skip
+            run.oom_killed = True
+            kill_group(run.process.pid, signal.SIGKILL)
 
     def _collect_exit(self, run: ContainerRun) -> bool:
         """If the container's process has exited, record its terminated state. True if it did."""
         assert run.process is not None
         code = run.process.poll()
         if code is None:
+            self._enforce_memory_limit(run)
             return False
         kill_group(run.process.pid, signal.SIGKILL)
         exit_code = 128 - code if code < 0 else code
         run.terminated = {
             "exitCode": exit_code,
-            "reason": podspec.termination_reason(exit_code),
+            "reason": "OOMKilled" if run.oom_killed else podspec.termination_reason(exit_code),
             "startedAt": run.started_at,
             "finishedAt": utc_timestamp(),
             "containerID": f"process://{run.process.pid}",
