@@ -258,3 +258,27 @@ def test_s3_sources_stream_by_range_and_the_cache_lives_in_s3(
         assert _documents(TokenStore(again)) == _documents(TokenStore(expected))
     finally:
         store.delete_prefix("")
+
+
+def test_a_trainer_that_survives_sigterm_does_not_hang_the_tokenizer_pool(tmp_path: Path, tokenizer: Any) -> None:
+    """The trainer handles SIGTERM by checkpointing at the step end, so it does not exit; forked
+    tokenizer workers inherit that handler. Both a finished pool and a pool stopped by a worker's
+    error must still end (a hang here once cost CI its 900 s timeout)."""
+    import signal
+
+    _write(tmp_path / "data" / "big.jsonl", _records("text", 300))
+    spec = DatasetSpec(train=[f"file://{tmp_path}/data/big.jsonl"])
+    files = list_files(spec.train or [])
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        done = build_shards(
+            files, spec, tokenizer, key="k", local_root=tmp_path / "ok", remote=None, workers=2, unit_bytes=2048
+        )
+        assert done.manifest["documents"] == 300
+        with pytest.raises(InvalidData, match="does not fit the uint8 token shards"):
+            build_shards(
+                files, spec, _ShortVocabulary(tokenizer, 256), key="k", local_root=tmp_path / "bad", remote=None,
+                workers=2, unit_bytes=2048,
+            )
+    finally:
+        signal.signal(signal.SIGTERM, previous)

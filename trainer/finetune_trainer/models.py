@@ -237,7 +237,11 @@ def _convert_in_fresh_process(*args: str) -> None:
     if result.returncode == EXIT_INVALID_INPUT:
         raise InvalidInput(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "conversion failed")
     if result.returncode != 0:
-        raise RuntimeError(f"model conversion {args[0]} failed (exit {result.returncode}): {result.stderr[-2000:]}")
+        # Progress bars (carriage-return redraws) would crowd the cause out of the message.
+        lines = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.strip() and "%|" not in line]
+        raise RuntimeError(
+            f"model conversion {args[0]} failed (exit {result.returncode}): " + "\n".join(lines[-15:])[-2000:]
+        )
 
 
 def convert_bin_to_safetensors(folder: Path, *, shard_bytes: int = CONVERTED_SHARD_BYTES) -> None:
@@ -441,6 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     merge.add_argument("--endpoint")
     merge.add_argument("--region")
     args = parser.parse_args(argv)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # a log, not a terminal: the cause stays readable
     logging.basicConfig(level=logging.INFO, format="%(asctime)s convert %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "import-gguf":

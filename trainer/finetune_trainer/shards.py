@@ -33,6 +33,7 @@ import json
 import logging
 import multiprocessing
 import os
+import signal
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -133,6 +134,9 @@ _STORES: dict[str, Store] = {}
 
 def _init_worker(job: _Job) -> None:
     global _JOB
+    # A forked worker inherits the trainer's SIGTERM handler (checkpoint at the step end), which
+    # would make it ignore the pool's terminate and hang its owner: workers die on SIGTERM.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism
     _JOB = job
 
@@ -241,6 +245,8 @@ def tokenize_units(
             results.append(summary)
             if on_part is not None:
                 on_part(summary)
+        pool.close()  # every part is done: let the workers exit rather than be terminated
+        pool.join()
     return results
 
 
