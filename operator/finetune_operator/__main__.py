@@ -2,7 +2,8 @@
 
 Watches all namespaces unless FINETUNE_NAMESPACES (comma-separated) is set. The liveness
 endpoint (kopf's) is served on FINETUNE_LIVENESS_ENDPOINT (default http://0.0.0.0:8081/healthz),
-metrics on FINETUNE_METRICS_PORT (default 8080, see finetune_operator.metrics).
+metrics on FINETUNE_METRICS_PORT (default 8080, see finetune_operator.metrics); `Settings`
+reads them.
 """
 
 from __future__ import annotations
@@ -11,17 +12,19 @@ import os
 
 import kopf
 
+from finetune_operator.settings import Settings
+
 
 def main() -> None:
     import finetune_operator.handlers  # noqa: F401  (registers the handlers)
 
-    kopf.configure(verbose=os.environ.get("FINETUNE_LOG_VERBOSE") == "1")
-    namespaces = [ns for ns in os.environ.get("FINETUNE_NAMESPACES", "").split(",") if ns]
+    settings = Settings.from_env(os.environ)
+    kopf.configure(verbose=settings.log_verbose)
     kopf.run(
         standalone=True,
-        clusterwide=not namespaces,
-        namespaces=namespaces,
-        liveness_endpoint=os.environ.get("FINETUNE_LIVENESS_ENDPOINT", "http://0.0.0.0:8081/healthz") or None,
+        clusterwide=not settings.namespaces,
+        namespaces=list(settings.namespaces),
+        liveness_endpoint=settings.liveness_endpoint or None,
     )
 
 

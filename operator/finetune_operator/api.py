@@ -19,6 +19,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -299,8 +300,12 @@ class ResourcesSpec(_Model):
         "pod requests it plus its tmp volume and logs as ephemeral-storage. Default: derived from "
         "the catalog model's size (see docs/operator.md), 22Gi for a model given by uri.",
     )
-    node_selector: dict[str, Annotated[str, Field(pattern=LABEL_VALUE_PATTERN, max_length=63)]] | None = Field(
-        default=None, max_length=64, description="Node labels the pods must match (label keys and values)."
+    node_selector: dict[str, Annotated[str, Field(pattern=LABEL_VALUE_PATTERN, max_length=63)]] | None = (
+        Field(
+            default=None,
+            max_length=64,
+            description="Node labels the pods must match (label keys and values).",
+        )
     )
     tolerations: list[Toleration] | None = Field(default=None, max_length=32, description="Pod tolerations.")
     priority_class_name: str | None = Field(
@@ -528,6 +533,11 @@ class FineTuneJobStatus(_Model):
 # validation
 
 
+def rfc3339(now: datetime) -> str:
+    """The status's time format (metav1.Time): RFC 3339 in UTC, whole seconds."""
+    return now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def parse_spec(spec: Any) -> FineTuneJobSpec:
     """The typed spec; raises `SpecError` with every problem, each naming its field."""
     try:
@@ -630,7 +640,11 @@ def unknown_fields(obj: Mapping[str, Any]) -> list[str] | None:
         FineTuneJobSpec.model_validate(spec)
     except ValidationError as exc:
         return sorted(
-            {_format_error(err).split(":", 1)[0] for err in exc.errors() if err.get("type") == "extra_forbidden"}
+            {
+                _format_error(err).split(":", 1)[0]
+                for err in exc.errors()
+                if err.get("type") == "extra_forbidden"
+            }
         )
     return []
 

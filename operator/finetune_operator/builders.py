@@ -144,7 +144,9 @@ def cache_size(job: FineTuneJob) -> str:
         size += params * per_parameter
     for baseline in spec.evaluation.baselines:
         baseline_params = parameter_count(baseline)
-        size += UNKNOWN_MODEL_CACHE if baseline_params is None else baseline_params * BYTES_PER_PARAMETER_BASELINE
+        size += (
+            UNKNOWN_MODEL_CACHE if baseline_params is None else baseline_params * BYTES_PER_PARAMETER_BASELINE
+        )
     return gibibytes(size)
 
 
@@ -350,9 +352,7 @@ def _container_resources(job: FineTuneJob, settings: Settings) -> dict[str, Any]
     ephemeral storage for the cache and tmp volumes plus the container's logs (request = limit:
     the kubelet evicts a pod over its limit rather than letting it fill the node's disk)."""
     res = job.spec.resources
-    disk = gibibytes(
-        quantity_bytes(cache_size(job)) + quantity_bytes(settings.tmp_size) + CONTAINER_LOGS
-    )
+    disk = gibibytes(quantity_bytes(cache_size(job)) + quantity_bytes(settings.tmp_size) + CONTAINER_LOGS)
     requests: dict[str, str] = {"ephemeral-storage": disk}
     limits: dict[str, str] = {"ephemeral-storage": disk}
     if res.cpu:

@@ -105,6 +105,7 @@ def pattern_rule(pattern: str, message: str) -> Rule:
         raise ValueError(f"pattern {pattern!r} cannot be a raw CEL string")
     return {"rule": f"self.matches(r'{pattern}')", "message": message}
 
+
 # CEL rules per model (placed on every schema generated from that model), with the message the
 # API server returns. `fieldPath` makes the error name the field.
 CEL_RULES: dict[type[BaseModel], list[Rule]] = {
@@ -255,7 +256,15 @@ CEL_RULES: dict[type[BaseModel], list[Rule]] = {
 # Fields frozen once training started (status.startTime set): a running job's results must
 # describe one configuration, and its run folder must not move. Before the start they may change
 # (the ConfigMap is re-rendered). Paths below spec.
-IMMUTABLE_ONCE_STARTED = ("mode", "model", "dataset", "hyperparameters", "lora", "checkpoints.outputUri", "storage")
+IMMUTABLE_ONCE_STARTED = (
+    "mode",
+    "model",
+    "dataset",
+    "hyperparameters",
+    "lora",
+    "checkpoints.outputUri",
+    "storage",
+)
 # Fields frozen once the batch Job exists (status.jobName set): they are in its pod template,
 # which Kubernetes does not let change.
 IMMUTABLE_ONCE_JOB_EXISTS = ("resources", "runPolicy")
@@ -306,7 +315,9 @@ def root_rules() -> list[Rule]:
     ]
     started = "has(oldSelf.status) && has(oldSelf.status.startTime)"
     job_exists = "has(oldSelf.status) && has(oldSelf.status.jobName)"
-    frozen = [(path, started, "the job has started (status.startTime is set)") for path in IMMUTABLE_ONCE_STARTED]
+    frozen = [
+        (path, started, "the job has started (status.startTime is set)") for path in IMMUTABLE_ONCE_STARTED
+    ]
     frozen += [
         (path, job_exists, "its Job exists (status.jobName is set; a Job's pods cannot change)")
         for path in IMMUTABLE_ONCE_JOB_EXISTS

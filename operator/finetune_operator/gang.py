@@ -99,8 +99,4 @@ def restarting(job: FineTuneJob, pods: Sequence[Mapping[str, Any]]) -> bool:
     """True while a restarted gang's pods are not all running yet (the previous cycle said
     Restarting): the phase stays Running, reason Restarting, instead of going back to Pending."""
     running = sum(1 for pod in pods if (pod.get("status") or {}).get("phase") == "Running")
-    return (
-        is_gang(job)
-        and job.status.get("reason") == "Restarting"
-        and running < job.spec.resources.nodes
-    )
+    return is_gang(job) and job.status.get("reason") == "Restarting" and running < job.spec.resources.nodes

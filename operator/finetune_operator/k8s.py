@@ -24,8 +24,7 @@ from kubernetes import client as k8s_client
 from kubernetes.client.rest import ApiException
 
 from finetune_operator import kueue, metrics
-from finetune_operator.api import GROUP, PLURAL, VERSION, ObjectRef
-from finetune_operator.status import rfc3339
+from finetune_operator.api import GROUP, PLURAL, VERSION, ObjectRef, rfc3339
 
 Obj = dict[str, Any]
 log = logging.getLogger(__name__)
@@ -50,7 +49,7 @@ class Conflict(ApiError):
 class Cluster(Protocol):
     """What reconcile needs from the API server."""
 
-    def get_job_object(self, namespace: str, name: str) -> Obj | None:
+    def get_finetunejob(self, namespace: str, name: str) -> Obj | None:
         """The FineTuneJob, or None if it is gone."""
 
     def get(self, kind: str, namespace: str, name: str) -> Obj | None:
@@ -172,7 +171,7 @@ class KubeCluster:
         raise ValueError(f"not a child kind: {kind}")
 
     # -- Cluster -----------------------------------------------------------------------------
-    def get_job_object(self, namespace: str, name: str) -> Obj | None:
+    def get_finetunejob(self, namespace: str, name: str) -> Obj | None:
         return self._call(
             "get",
             "FineTuneJob",

@@ -21,7 +21,6 @@ and a finished job's Job is never created again.
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections.abc import Mapping
@@ -48,6 +47,7 @@ from finetune_operator.status import (
     derive_status,
     failure_cause,
     invalid_spec_status,
+    is_finished,
 )
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ _VOLATILE = ("updatedAt",)
 
 @dataclass
 class Outcome:
-    """What one cycle did (for handlers, metrics and tests)."""
+    """What one cycle did (for the controller, metrics and tests)."""
 
     phase: str | None = None
     status: dict[str, Any] = field(default_factory=dict)
@@ -70,8 +70,42 @@ class Outcome:
     events: list[tuple[str, str, str]] = field(default_factory=list)
     gone: bool = False
     # The FineTuneJob as this cycle left it (the status write's response, else as read): what
-    # the glue may pass as `cached` next time.
+    # the controller may pass as `BatchJobChanged.cached` next time.
     object: dict[str, Any] | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# what the trigger already knows
+
+
+@dataclass(frozen=True)
+class ReadEverything:
+    """Nothing is known: read the FineTuneJob, read (and create or sync) its children."""
+
+
+@dataclass(frozen=True)
+class JustCreated:
+    """The FineTuneJob just created (its ADDED watch event): used instead of reading it again,
+    and its children are created without reading them first (AlreadyExists still works)."""
+
+    finetunejob: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class BatchJobChanged:
+    """The batch Job from its watch event: the status is refreshed from it, and the children are
+    neither read nor re-created (a FineTuneJob event or the loop does that).
+
+    `cached`: the FineTuneJob as last seen (a watch event or our last write), used instead of a
+    GET; the status write then carries its resourceVersion, and if the object changed since, the
+    cycle runs once more on a fresh read. Nothing is written from a stale copy, and a cached spec
+    never reaches the children (only this kind of cycle, which leaves them alone, takes one)."""
+
+    batch_job: Mapping[str, Any]
+    cached: Mapping[str, Any] | None = None
+
+
+Known = ReadEverything | JustCreated | BatchJobChanged
 
 
 def reconcile(
@@ -83,42 +117,22 @@ def reconcile(
     now: datetime,
     progress: ProgressSource | None = None,
     trigger: str = "event",
-    fresh: Mapping[str, Any] | None = None,
-    observed_job: Mapping[str, Any] | None = None,
-    cached: Mapping[str, Any] | None = None,
+    known: Known = ReadEverything(),
 ) -> Outcome:
-    """Bring one FineTuneJob's children and status up to date. `progress`: poll rank 0 too.
-
-    `fresh`: the object just created (its ADDED watch event): it is used instead of reading it
-    again, and its children are created without reading them first (AlreadyExists still works).
-    `observed_job`: the batch Job from its watch event: refresh the status from it without
-    reading or re-creating the children (a FineTuneJob event or the loop does that).
-    `cached` (with `observed_job` only, which leaves the children alone): the FineTuneJob as
-    last seen (a watch event or our last write), used instead of a GET; the status write then
-    carries its resourceVersion, and if the object changed since, the cycle runs once more on a
-    fresh read. Nothing is written from a stale copy.
-    """
+    """Bring one FineTuneJob's children and status up to date. `progress`: poll rank 0 too;
+    `known`: what the trigger already read (see `ReadEverything`, `JustCreated`, `BatchJobChanged`)."""
     started = time.monotonic()
     result = "ok"
-    cycle = functools.partial(
-        _reconcile,
-        cluster,
-        namespace,
-        name,
-        settings=settings,
-        now=now,
-        progress=progress,
-        fresh=fresh,
-        observed_job=observed_job,
-    )
     try:
         try:
-            outcome = cycle(cached=cached)
+            outcome = _reconcile(cluster, namespace, name, settings, now, progress, known)
         except Conflict:
-            if cached is None or observed_job is None:
+            if not isinstance(known, BatchJobChanged) or known.cached is None:
                 raise
             log.debug("%s/%s changed since it was cached; reading it again", namespace, name)
-            outcome = cycle(cached=None)
+            outcome = _reconcile(
+                cluster, namespace, name, settings, now, progress, BatchJobChanged(known.batch_job)
+            )
         metrics.PHASES.set(namespace, name, None if outcome.gone else outcome.phase)
         return outcome
     except Exception:
@@ -133,77 +147,65 @@ def _reconcile(
     cluster: Cluster,
     namespace: str,
     name: str,
-    *,
     settings: Settings,
     now: datetime,
     progress: ProgressSource | None,
-    fresh: Mapping[str, Any] | None,
-    observed_job: Mapping[str, Any] | None,
-    cached: Mapping[str, Any] | None,
+    known: Known,
 ) -> Outcome:
-    precondition: str | None = None
-    if fresh is not None:
-        obj: dict[str, Any] | None = dict(fresh)
-    elif cached is not None and observed_job is not None:
-        # Only where children are not touched: a stale spec must never reach them.
-        obj = dict(cached)
-        precondition = str((obj.get("metadata") or {}).get("resourceVersion") or "") or None
-    else:
-        obj = cluster.get_job_object(namespace, name)
+    # 1. The FineTuneJob: as the trigger knows it, else read. Gone (or going): nothing to do,
+    #    its children go with it (ownerReferences).
+    obj, precondition = _read_finetunejob(cluster, namespace, name, known)
     if obj is None or (obj.get("metadata") or {}).get("deletionTimestamp"):
-        return Outcome(gone=True)  # children go with it (ownerReferences)
+        return Outcome(gone=True)
     ref = ObjectRef.from_object(obj)
     previous: Mapping[str, Any] = obj.get("status") or {}
     outcome = Outcome(object=obj)
+
+    # 2. A spec the operator cannot use: Failed/InvalidSpec, nothing created.
     try:
         job = FineTuneJob.from_object(obj)
     except SpecError as exc:
         metrics.ERRORS.labels(kind="invalid_spec").inc()
-        new_status = invalid_spec_status(ref, previous, exc.errors, now)
-        _write(cluster, ref, previous, new_status, outcome, now, precondition)
+        _write(
+            cluster,
+            ref,
+            previous,
+            invalid_spec_status(ref, previous, exc.errors, now),
+            outcome,
+            now,
+            precondition,
+        )
         return outcome
 
-    prev_phase = previous.get("phase")
-    finished = prev_phase in TERMINAL_PHASES and previous.get("reason") != Reason.INVALID_SPEC.value
+    # 3. The batch Job: a finished job's as it is (never re-created: its Job may be gone by
+    #    TTL); a Job event's as the event says; else its children created or synced.
+    finished = is_finished(previous)
     problem: Problem | None = None
     run_uri: str | None = None
-    batch_job: dict[str, Any] | None = None
     if finished:
-        # Never re-create the children of a finished job (its Job may be gone by TTL).
         batch_job = cluster.get("Job", namespace, builders.batch_job_name(name))
-    elif observed_job is not None:
-        batch_job = dict(observed_job)
+    elif isinstance(known, BatchJobChanged):
+        batch_job = dict(known.batch_job)
         run_uri = builders.run_uri(job, settings)
     else:
-        try:
-            children = builders.build_children(job, settings)
-        except SpecError as exc:
-            metrics.ERRORS.labels(kind="invalid_spec").inc()
-            problem = Problem(Reason.INVALID_SPEC, "invalid spec: " + "; ".join(exc.errors), permanent=True)
-        else:
-            run_uri = builders.run_uri(job, settings)
-            if prev_phase in (None, Phase.PENDING.value) or previous.get("reason") == Reason.INVALID_SPEC.value:
-                problem = _missing_references(cluster, job)
-            if problem is None:
-                try:
-                    batch_job, problem = _ensure_children(
-                        cluster, job, children, outcome, create_first=fresh is not None
-                    )
-                except ApiError as exc:
-                    problem = _refused(exc)
-                    if problem is None:
-                        raise
+        batch_job, run_uri, problem = _ensure_children(
+            cluster, job, settings, previous, outcome, create_first=isinstance(known, JustCreated)
+        )
 
+    # 4. Kueue's Workload (read; (de)activated only where the children are synced).
     queue: kueue.Queue | None = None
     if batch_job is not None and kueue.managed(job) and not finished:
-        # Children are synced only on a full cycle; so is the Workload.
-        queue = _sync_workload(cluster, job, batch_job, outcome, apply=observed_job is None)
+        queue = _sync_workload(cluster, job, batch_job, outcome, apply=not isinstance(known, BatchJobChanged))
+
+    # 5. The pods, and rank 0's progress if this cycle polls.
     pods: list[dict[str, Any]] = []
     if batch_job is not None and _may_have_pods(batch_job):
         pods = cluster.list_pods(namespace, builders.labels(name))
     report = _poll(progress, pods, settings) if progress is not None else None
+
+    # 6. The status from what was observed; one write if it changed, then its events.
     observed = Observed(
-        job=batch_job,
+        batch_job=batch_job,
         pods=pods,
         problem=problem,
         run_uri=run_uri,
@@ -212,16 +214,84 @@ def _reconcile(
     )
     new_status = derive_status(job, observed, report, now)
     _write(cluster, ref, previous, new_status, outcome, now, precondition)
-    if batch_job is not None and new_status.get("reason") == Reason.RESTARTING.value:
+
+    # 7. What the written status decided for the batch Job: a gang restart, stopping it after
+    #    an OOM kill, its TTL once the result is recorded.
+    if batch_job is not None:
+        _act_on_batch_job(cluster, job, batch_job, pods, new_status, outcome, now)
+    return outcome
+
+
+def _read_finetunejob(
+    cluster: Cluster, namespace: str, name: str, known: Known
+) -> tuple[dict[str, Any] | None, str | None]:
+    """(the FineTuneJob, the resourceVersion a status write must match, if any)."""
+    if isinstance(known, JustCreated):
+        return dict(known.finetunejob), None
+    if isinstance(known, BatchJobChanged) and known.cached is not None:
+        obj = dict(known.cached)
+        return obj, str((obj.get("metadata") or {}).get("resourceVersion") or "") or None
+    return cluster.get_finetunejob(namespace, name), None
+
+
+def _ensure_children(
+    cluster: Cluster,
+    job: FineTuneJob,
+    settings: Settings,
+    previous: Mapping[str, Any],
+    outcome: Outcome,
+    *,
+    create_first: bool,
+) -> tuple[dict[str, Any] | None, str | None, Problem | None]:
+    """(the batch Job, the run folder, a problem): the children built from the spec, the
+    references they need checked while Pending, then created or synced (`_apply_children`)."""
+    try:
+        children = builders.build_children(job, settings)
+    except SpecError as exc:
+        metrics.ERRORS.labels(kind="invalid_spec").inc()
+        return (
+            None,
+            None,
+            Problem(Reason.INVALID_SPEC, "invalid spec: " + "; ".join(exc.errors), permanent=True),
+        )
+    run_uri = builders.run_uri(job, settings)
+    problem: Problem | None = None
+    if (
+        previous.get("phase") in (None, Phase.PENDING.value)
+        or previous.get("reason") == Reason.INVALID_SPEC.value
+    ):
+        problem = _missing_references(cluster, job)
+    if problem is not None:
+        return None, run_uri, problem
+    try:
+        batch_job, problem = _apply_children(cluster, job, children, outcome, create_first=create_first)
+    except ApiError as exc:
+        problem = _refused(exc)
+        if problem is None:
+            raise
+        return None, run_uri, problem
+    return batch_job, run_uri, problem
+
+
+def _act_on_batch_job(
+    cluster: Cluster,
+    job: FineTuneJob,
+    batch_job: Mapping[str, Any],
+    pods: list[dict[str, Any]],
+    status: Mapping[str, Any],
+    outcome: Outcome,
+    now: datetime,
+) -> None:
+    """After the status write (a crash in between loses nothing): what it decided for the Job."""
+    if status.get("reason") == Reason.RESTARTING.value:
         _restart_gang(cluster, job, batch_job, pods, outcome, now)
-    if batch_job is not None and new_status.get("reason") == Reason.OOM_KILLED.value:
+    if status.get("reason") == Reason.OOM_KILLED.value:
         _stop_after_oom(cluster, job, batch_job, outcome)
-    if batch_job is not None and new_status.get("phase") in TERMINAL_PHASES:
+    if status.get("phase") in TERMINAL_PHASES:
         ttl = _ttl_patch(job, batch_job)
         if ttl is not None:
-            cluster.patch("Job", namespace, batch_job["metadata"]["name"], ttl)
+            cluster.patch("Job", job.namespace, batch_job["metadata"]["name"], ttl)
             outcome.patched.append(f"Job/{batch_job['metadata']['name']}")
-    return outcome
 
 
 def _restart_gang(
@@ -246,7 +316,9 @@ def _restart_gang(
     outcome.deleted.append(f"Job/{meta['name']}")
 
 
-def _stop_after_oom(cluster: Cluster, job: FineTuneJob, batch_job: Mapping[str, Any], outcome: Outcome) -> None:
+def _stop_after_oom(
+    cluster: Cluster, job: FineTuneJob, batch_job: Mapping[str, Any], outcome: Outcome
+) -> None:
     """A trainer was OOMKilled: the FineTuneJob failed, but the Job controller would replace the
     pod (a podFailurePolicy cannot tell OOMKilled from other kills of exit code 137). Suspend
     the Job: its running pods stop, the failed pod stays for `kubectl logs`. A Job Kueue
@@ -274,7 +346,10 @@ def _missing_references(cluster: Cluster, job: FineTuneJob) -> Problem | None:
     could not create a single pod and would say so only in its own events. Checked before the
     Job is created (and while the job is Pending), so the status names the field."""
     res = job.spec.resources
-    if res.service_account_name and cluster.get("ServiceAccount", job.namespace, res.service_account_name) is None:
+    if (
+        res.service_account_name
+        and cluster.get("ServiceAccount", job.namespace, res.service_account_name) is None
+    ):
         return Problem(
             Reason.SERVICE_ACCOUNT_NOT_FOUND,
             f"spec.resources.serviceAccountName: ServiceAccount {res.service_account_name!r} does not exist "
@@ -327,7 +402,7 @@ def _ttl_patch(job: FineTuneJob, batch_job: Mapping[str, Any]) -> dict[str, Any]
     return {"spec": {"ttlSecondsAfterFinished": ttl}}
 
 
-def _ensure_children(
+def _apply_children(
     cluster: Cluster,
     job: FineTuneJob,
     children: list[dict[str, Any]],

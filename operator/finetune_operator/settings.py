@@ -1,7 +1,8 @@
 """Operator settings: one frozen value passed into builders and reconcile (pure).
 
-Read once at startup from the environment (`Settings.from_env`), so tests pass their own
-`Settings(...)` instead of patching globals. Must not import kopf or the Kubernetes client.
+Read once at startup from the environment (`Settings.from_env`, the only place that reads a
+FINETUNE_* variable), so tests pass their own `Settings(...)` instead of patching globals.
+Must not import kopf or the Kubernetes client.
 """
 
 from __future__ import annotations
@@ -62,6 +63,25 @@ class Settings:
     # metrics port; None: no scraper.
     metrics_scraper: Mapping[str, Any] | None = None
 
+    # How the operator process itself runs (`controller.Controller`, `__main__`).
+    # Threads for the (synchronous) handlers; as many again for concurrent creates.
+    max_workers: int = 8
+    # FineTuneJobs processed at once (further watch events wait in the stream); None: 8 * max_workers.
+    worker_limit: int | None = None
+    # Prometheus metrics (0: no metrics server).
+    metrics_port: int = 8080
+    metrics_addr: str = "0.0.0.0"
+    # kopf's liveness endpoint (empty: none).
+    liveness_endpoint: str = "http://0.0.0.0:8081/healthz"
+    # Namespaces to watch; empty: all.
+    namespaces: tuple[str, ...] = ()
+    log_verbose: bool = False
+
+    @property
+    def queue_limit(self) -> int:
+        """kopf's worker limit: FineTuneJobs processed at once."""
+        return self.worker_limit if self.worker_limit is not None else 8 * self.max_workers
+
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
         """Settings from FINETUNE_* variables (see docs/operator.md)."""
@@ -76,6 +96,12 @@ class Settings:
             kwargs["extra_env"] = dict(json.loads(extra))
         if env.get("FINETUNE_NETWORK_POLICY") in ("1", "true"):
             kwargs["network_policy"] = True
+        if env.get("FINETUNE_LOG_VERBOSE") == "1":
+            kwargs["log_verbose"] = True
+        if env.get("FINETUNE_NAMESPACES"):
+            kwargs["namespaces"] = tuple(ns for ns in env["FINETUNE_NAMESPACES"].split(",") if ns)
+        if "FINETUNE_LIVENESS_ENDPOINT" in env:  # set and empty: no liveness endpoint
+            kwargs["liveness_endpoint"] = env["FINETUNE_LIVENESS_ENDPOINT"]
         if env.get("FINETUNE_OPERATOR_POD_LABELS"):
             kwargs["operator_pod_labels"] = dict(json.loads(env["FINETUNE_OPERATOR_POD_LABELS"]))
         if env.get("FINETUNE_METRICS_SCRAPER"):
@@ -90,6 +116,7 @@ class Settings:
             "FINETUNE_SHM_SIZE": "shm_size",
             "FINETUNE_TMP_SIZE": "tmp_size",
             "FINETUNE_OPERATOR_NAMESPACE": "operator_namespace",
+            "FINETUNE_METRICS_ADDR": "metrics_addr",
         }
         for name, attr in strings.items():
             if env.get(name):
@@ -98,6 +125,9 @@ class Settings:
             "FINETUNE_RUN_AS_USER": "run_as_user",
             "FINETUNE_RUN_AS_GROUP": "run_as_group",
             "FINETUNE_COLLECTIVE_TIMEOUT_SECONDS": "collective_timeout_seconds",
+            "FINETUNE_MAX_WORKERS": "max_workers",
+            "FINETUNE_WORKER_LIMIT": "worker_limit",
+            "FINETUNE_METRICS_PORT": "metrics_port",
         }
         for name, attr in integers.items():
             if env.get(name):

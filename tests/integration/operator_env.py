@@ -122,10 +122,7 @@ def running_operator(kubeconfig: Path, runs_dir: Path) -> Iterator[OperatorProce
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
     try:
-        from finetune_operator import handlers
-        from finetune_operator.settings import Settings
-
-        handlers.SETTINGS = Settings.from_env(os.environ)
+        # The operator reads its settings from os.environ when it starts (Controller.start).
         args = ["run", "--standalone", "--all-namespaces", "--verbose", "-m", "finetune_operator.handlers"]
         with KopfRunner(args, timeout=60) as runner:
             url = f"http://127.0.0.1:{env['FINETUNE_METRICS_PORT']}/metrics"

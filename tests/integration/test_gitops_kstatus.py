@@ -42,7 +42,7 @@ def _stale(finished: dict[str, Any]) -> dict[str, Any]:
 
 
 def _deleting() -> dict[str, Any]:
-    obj = written(Observed(job=batch_job(active=1), pods=[pod()]))
+    obj = written(Observed(batch_job=batch_job(active=1), pods=[pod()]))
     obj["metadata"]["deletionTimestamp"] = "2026-11-29T07:00:00Z"
     return obj
 
@@ -59,7 +59,7 @@ OBJECTS: dict[str, dict[str, Any]] = {
     "fresh-no-status": ftj(),
     **UNIT_CASES,
     "running-with-progress": written(
-        Observed(job=batch_job(active=1), pods=[pod()]), progress=progress_report()
+        Observed(batch_job=batch_job(active=1), pods=[pod()]), progress=progress_report()
     ),
     "invalid-spec": _invalid_spec(),
     "stale-generation": _stale(UNIT_CASES["succeeded"]),

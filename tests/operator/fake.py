@@ -28,12 +28,12 @@ class FakeCluster:
         self._rv = 0
 
     # helpers for tests
-    def put_job_object(self, obj: dict[str, Any]) -> None:
+    def put_finetunejob(self, obj: dict[str, Any]) -> None:
         self.objects[("FineTuneJob", obj["metadata"]["namespace"], obj["metadata"]["name"])] = copy.deepcopy(
             obj
         )
 
-    def job_object(self, namespace: str = "team-a", name: str = "demo") -> dict[str, Any]:
+    def finetunejob(self, namespace: str = "team-a", name: str = "demo") -> dict[str, Any]:
         return self.objects[("FineTuneJob", namespace, name)]
 
     def children(self) -> list[tuple[str, str]]:
@@ -57,7 +57,7 @@ class FakeCluster:
         obj["metadata"]["resourceVersion"] = str(self._rv)
 
     # Cluster
-    def get_job_object(self, namespace: str, name: str) -> dict[str, Any] | None:
+    def get_finetunejob(self, namespace: str, name: str) -> dict[str, Any] | None:
         self._hook("get", "FineTuneJob")
         obj = self.objects.get(("FineTuneJob", namespace, name))
         return copy.deepcopy(obj) if obj else None

@@ -27,7 +27,7 @@ def summary(rank: int, message: str, failed_at: str, reason: str = "Error") -> s
 
 
 def two_nodes(fake: FakeCluster, backoff_limit: int = 2) -> None:
-    fake.put_job_object(
+    fake.put_finetunejob(
         ftj(resources={"nodes": 2}, hyperparameters={"maxSteps": 20, "batchSize": 8},
             runPolicy={"backoffLimit": backoff_limit})
     )  # fmt: skip
@@ -42,7 +42,9 @@ def rank1_fails(fake: FakeCluster) -> None:
     job["status"] = {
         "startTime": "2026-11-29T06:00:01Z",
         "failed": 2,
-        "conditions": [condition("FailureTarget", "BackoffLimitExceeded", "Job has reached the specified backoff limit")],
+        "conditions": [
+            condition("FailureTarget", "BackoffLimitExceeded", "Job has reached the specified backoff limit")
+        ],
     }
     fake.pods = [
         pod(0, "Failed", exit_code=1, finished_at="2026-11-29T06:05:03Z",
@@ -62,7 +64,7 @@ def test_one_failed_pod_restarts_the_gang_once(fake: FakeCluster) -> None:
     rank1_fails(fake)
     outcome = run(fake, seconds=10)
 
-    status = fake.job_object()["status"]
+    status = fake.finetunejob()["status"]
     assert (status["phase"], status["reason"], status["restarts"]) == ("Running", "Restarting", 1)
     assert "restart 1 of runPolicy.backoffLimit 2" in status["message"]
     assert RANK1_CAUSE in status["message"], "the rank that failed first names the cause"
@@ -71,25 +73,28 @@ def test_one_failed_pod_restarts_the_gang_once(fake: FakeCluster) -> None:
     assert (reconciling["status"], reconciling["reason"]) == ("True", "Restarting")
     assert outcome.deleted == ["Job/demo"], "the failed attempt's Job is deleted (its pods first)"
     assert fake.calls[-1] == ("delete", "Job")
-    assert [(kind, reason) for kind, reason, _ in fake.events] == [("Normal", "Restarting"), ("Warning", "PodFailed")]
+    assert [(kind, reason) for kind, reason, _ in fake.events] == [
+        ("Normal", "Restarting"),
+        ("Warning", "PodFailed"),
+    ]
     assert RANK1_CAUSE in fake.events[1][2] and "pod demo-1" in fake.events[1][2]
 
     # While the old Job is being deleted: still restarting, nothing counted twice.
     run(fake, seconds=12)
-    assert fake.job_object()["status"]["restarts"] == 1
+    assert fake.finetunejob()["status"]["restarts"] == 1
     # Gone: the next cycle creates attempt 1, its pods resume from the newest checkpoint.
     fake.finish_deletion("Job", "team-a", "demo")
     outcome = run(fake, seconds=15)
     assert outcome.created == ["Job/demo"]
     job = fake.objects[("Job", "team-a", "demo")]
     assert job["metadata"]["labels"]["finetune.dev/attempt"] == "1"
-    status = fake.job_object()["status"]
+    status = fake.finetunejob()["status"]
     assert (status["phase"], status["reason"], status["restarts"]) == ("Running", "Restarting", 1)
     # Both pods running again: training.
     job["status"] = {"startTime": "2026-11-29T06:06:01Z", "active": 2}
     fake.pods = [pod(0), pod(1, ip="127.0.0.6")]
     run(fake, seconds=20)
-    status = fake.job_object()["status"]
+    status = fake.finetunejob()["status"]
     assert (status["phase"], status["reason"], status["restarts"]) == ("Running", "Training", 1)
 
 
@@ -99,10 +104,10 @@ def test_operator_dying_between_the_write_and_the_delete_counts_once(fake: FakeC
     fake.crash_on = ("delete", "Job")
     with contextlib.suppress(Crash):
         run(fake, seconds=10)
-    assert fake.job_object()["status"]["restarts"] == 1
+    assert fake.finetunejob()["status"]["restarts"] == 1
     outcome = run(fake, seconds=11)  # the Job of attempt 0 is stale now: deleted, not counted
     assert outcome.deleted == ["Job/demo"]
-    assert fake.job_object()["status"]["restarts"] == 1
+    assert fake.finetunejob()["status"]["restarts"] == 1
     assert [reason for _, reason, _ in fake.events].count("PodFailed") == 1
 
 
@@ -110,9 +115,11 @@ def test_restarts_are_bounded_by_the_backoff_limit(fake: FakeCluster) -> None:
     two_nodes(fake, backoff_limit=0)
     rank1_fails(fake)
     job = fake.objects[("Job", "team-a", "demo")]
-    job["status"]["conditions"] = [condition("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")]
+    job["status"]["conditions"] = [
+        condition("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")
+    ]
     outcome = run(fake, seconds=10)
-    status = fake.job_object()["status"]
+    status = fake.finetunejob()["status"]
     assert (status["phase"], status["reason"]) == ("Failed", "BackoffLimitExceeded")
     assert RANK1_CAUSE in status["message"] and "pod demo-1" in status["message"]
     assert outcome.deleted == []
@@ -124,7 +131,7 @@ def test_invalid_input_is_not_restarted(fake: FakeCluster) -> None:
     job["status"] = {"failed": 1, "conditions": [condition("Failed", "PodFailurePolicy", "exit code 3")]}
     fake.pods = [pod(1, "Failed", exit_code=3)]
     outcome = run(fake, seconds=10)
-    assert fake.job_object()["status"]["phase"] == "Failed"
+    assert fake.finetunejob()["status"]["phase"] == "Failed"
     assert outcome.deleted == []
 
 
@@ -132,9 +139,11 @@ def test_a_rank_killed_for_memory_is_not_restarted(fake: FakeCluster) -> None:
     """OOMKilled on any rank: the same config runs out again, so no gang restart."""
     two_nodes(fake)
     rank1_fails(fake)
-    fake.pods[1]["status"]["containerStatuses"][0]["state"]["terminated"].update(exitCode=137, reason="OOMKilled")
+    fake.pods[1]["status"]["containerStatuses"][0]["state"]["terminated"].update(
+        exitCode=137, reason="OOMKilled"
+    )
     outcome = run(fake, seconds=10)
-    status = fake.job_object()["status"]
+    status = fake.finetunejob()["status"]
     assert (status["phase"], status["reason"]) == ("Failed", "OOMKilled")
     assert outcome.deleted == [] and status.get("restarts", 0) == 0
 
@@ -142,7 +151,7 @@ def test_a_rank_killed_for_memory_is_not_restarted(fake: FakeCluster) -> None:
 def test_suspended_job_is_not_restarted(fake: FakeCluster) -> None:
     two_nodes(fake)
     rank1_fails(fake)
-    obj = fake.job_object()
+    obj = fake.finetunejob()
     obj["spec"]["suspend"] = True
     obj["metadata"]["generation"] += 1
     outcome = run(fake, seconds=10)
@@ -158,5 +167,5 @@ def test_a_lost_peer_is_a_symptom_even_when_it_is_reported_first(fake: FakeClust
         0, "RuntimeError: [gloo] Connection closed by peer", "2026-11-29T06:05:01.000Z", reason="PeerLost"
     )
     run(fake, seconds=10)
-    message = fake.job_object()["status"]["message"]
+    message = fake.finetunejob()["status"]["message"]
     assert RANK1_CAUSE in message and "gloo" not in message

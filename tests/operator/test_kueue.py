@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from finetune_operator.kueue import DEACTIVATED_BY_ANNOTATION, QueueState, queue_state
-from finetune_operator.reconcile import Outcome, reconcile
+from finetune_operator.reconcile import BatchJobChanged, Outcome, ReadEverything, reconcile
 from tests.operator.factories import NOW, SETTINGS, ftj, pod
 from tests.operator.fake import FakeCluster
 
@@ -28,12 +28,12 @@ def run(fake: FakeCluster, *, seconds: float = 0, observed_job: dict[str, Any] |
         "demo",
         settings=SETTINGS,
         now=NOW + timedelta(seconds=seconds),
-        observed_job=observed_job,
+        known=ReadEverything() if observed_job is None else BatchJobChanged(observed_job),
     )
 
 
 def set_spec(fake: FakeCluster, **changes: Any) -> None:
-    obj = fake.job_object()
+    obj = fake.finetunejob()
     obj["spec"].update(changes)
     obj["metadata"]["generation"] += 1
 
@@ -87,7 +87,7 @@ def admitted(fake: FakeCluster) -> None:
 
 
 def test_a_queued_job_is_created_suspended_and_shows_kueues_reason(fake: FakeCluster) -> None:
-    fake.put_job_object(ftj(resources=QUEUE))
+    fake.put_finetunejob(ftj(resources=QUEUE))
     outcome = run(fake)
     assert batch_job(fake)["spec"]["suspend"] is True
     assert batch_job(fake)["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-queue"
@@ -101,7 +101,7 @@ def test_a_queued_job_is_created_suspended_and_shows_kueues_reason(fake: FakeClu
 
 
 def test_the_operator_never_touches_kueues_suspend_flag(fake: FakeCluster) -> None:
-    fake.put_job_object(ftj(resources=QUEUE))
+    fake.put_finetunejob(ftj(resources=QUEUE))
     run(fake)
     queued(fake)
     for seconds in (5, 10):
@@ -115,7 +115,7 @@ def test_the_operator_never_touches_kueues_suspend_flag(fake: FakeCluster) -> No
 
 
 def test_suspend_deactivates_the_workload_and_resume_reactivates_it(fake: FakeCluster) -> None:
-    fake.put_job_object(ftj(resources=QUEUE))
+    fake.put_finetunejob(ftj(resources=QUEUE))
     run(fake)
     admitted(fake)
     run(fake)
@@ -140,7 +140,7 @@ def test_suspend_deactivates_the_workload_and_resume_reactivates_it(fake: FakeCl
 
 
 def test_resume_leaves_a_workload_an_administrator_stopped(fake: FakeCluster) -> None:
-    fake.put_job_object(ftj(resources=QUEUE))
+    fake.put_finetunejob(ftj(resources=QUEUE))
     run(fake)
     queued(fake)["spec"]["active"] = False  # kueuectl stop workload
     outcome = run(fake, seconds=5)
@@ -154,7 +154,7 @@ def test_resume_leaves_a_workload_an_administrator_stopped(fake: FakeCluster) ->
 
 
 def test_cancel_of_a_queued_job_deactivates_the_workload_and_ends_cancelled(fake: FakeCluster) -> None:
-    fake.put_job_object(ftj(resources=QUEUE))
+    fake.put_finetunejob(ftj(resources=QUEUE))
     run(fake)
     queued(fake)
     set_spec(fake, cancel=True)
@@ -166,7 +166,7 @@ def test_cancel_of_a_queued_job_deactivates_the_workload_and_ends_cancelled(fake
 
 
 def test_preemption_is_shown_with_kueues_message(fake: FakeCluster) -> None:
-    fake.put_job_object(ftj(resources=QUEUE))
+    fake.put_finetunejob(ftj(resources=QUEUE))
     run(fake)
     admitted(fake)
     assert run(fake).phase == "Running"
@@ -207,7 +207,7 @@ def test_preemption_is_shown_with_kueues_message(fake: FakeCluster) -> None:
 
 
 def test_a_job_without_queue_name_reads_no_workload(fake: FakeCluster) -> None:
-    fake.put_job_object(ftj())
+    fake.put_finetunejob(ftj())
     run(fake)
     assert ("list", "Workload") not in fake.calls
 

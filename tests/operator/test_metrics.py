@@ -14,7 +14,7 @@ def _value(name: str, **labels: str) -> float:
 
 
 def test_reconcile_updates_metrics(fake: FakeCluster) -> None:
-    fake.put_job_object(ftj(name="metered"))
+    fake.put_finetunejob(ftj(name="metered"))
     before = {
         "reconciles": _value("finetune_operator_reconciles_total", trigger="create", result="ok"),
         "writes": _value("finetune_operator_status_writes_total"),
@@ -28,19 +28,19 @@ def test_reconcile_updates_metrics(fake: FakeCluster) -> None:
     assert _value("finetune_operator_status_writes_total") == before["writes"] + 1
     assert _value("finetune_operator_reconcile_duration_seconds_count", trigger="create") >= 1
     assert _value("finetune_operator_jobs", phase="Pending") >= 1
-    fake.put_job_object(ftj(name="broken", model={"name": "nope"}))
+    fake.put_finetunejob(ftj(name="broken", model={"name": "nope"}))
     reconcile(fake, "team-a", "broken", settings=SETTINGS, now=NOW)
     assert _value("finetune_operator_errors_total", kind="invalid_spec") == before["invalid"] + 1
     assert _value("finetune_operator_jobs", phase="Failed") >= 1
 
 
 def test_each_job_has_one_phase_series(fake: FakeCluster) -> None:
-    fake.put_job_object(ftj(name="phased"))
+    fake.put_finetunejob(ftj(name="phased"))
     reconcile(fake, "team-a", "phased", settings=SETTINGS, now=NOW)
     assert (
         _value("finetune_operator_job_phase", namespace="team-a", finetunejob="phased", phase="Pending") == 1
     )
-    obj = fake.job_object(name="phased")
+    obj = fake.finetunejob(name="phased")
     obj["spec"]["cancel"] = True
     obj["metadata"]["generation"] += 1
     reconcile(fake, "team-a", "phased", settings=SETTINGS, now=NOW)

@@ -11,7 +11,14 @@ import pytest
 
 from finetune_operator import metrics
 from finetune_operator.k8s import ApiError
-from finetune_operator.reconcile import Outcome, merge_patch, reconcile
+from finetune_operator.reconcile import (
+    BatchJobChanged,
+    JustCreated,
+    Outcome,
+    ReadEverything,
+    merge_patch,
+    reconcile,
+)
 from tests.operator.factories import NOW, SETTINGS, UID, condition, ftj, pod, progress_report
 from tests.operator.fake import Crash, FakeCluster
 
@@ -35,7 +42,7 @@ def run(fake: FakeCluster, *, seconds: float = 0, progress: FakeProgress | None 
 
 
 def set_spec(fake: FakeCluster, **changes: Any) -> None:
-    obj = fake.job_object()
+    obj = fake.finetunejob()
     obj["spec"].update(changes)
     obj["metadata"]["generation"] += 1
 
@@ -47,7 +54,7 @@ def job_runs(fake: FakeCluster, *pods: dict[str, Any], **status: Any) -> None:
 
 
 def test_first_cycle_creates_children_and_writes_status_once(fake: FakeCluster) -> None:
-    fake.put_job_object(ftj())
+    fake.put_finetunejob(ftj())
     outcome = run(fake)
     assert fake.children() == CHILDREN
     assert outcome.created == ["ConfigMap/demo-config", "Service/demo", "Job/demo"]
@@ -59,7 +66,7 @@ def test_first_cycle_creates_children_and_writes_status_once(fake: FakeCluster) 
         ("event", "Event"),
     ]
     assert ("list", "Pod") not in fake.calls, "a Job just created has no pods to list"
-    status = fake.job_object()["status"]
+    status = fake.finetunejob()["status"]
     assert (status["phase"], status["reason"], status["runUri"]) == (
         "Pending",
         "WaitingForPods",
@@ -69,7 +76,7 @@ def test_first_cycle_creates_children_and_writes_status_once(fake: FakeCluster) 
 
 
 def test_second_cycle_writes_nothing(fake: FakeCluster) -> None:
-    fake.put_job_object(ftj())
+    fake.put_finetunejob(ftj())
     run(fake)
     fake.calls.clear()
     outcome = run(fake, seconds=30)
@@ -78,11 +85,11 @@ def test_second_cycle_writes_nothing(fake: FakeCluster) -> None:
 
 
 def test_running_then_succeeded(fake: FakeCluster) -> None:
-    fake.put_job_object(ftj())
+    fake.put_finetunejob(ftj())
     run(fake)
     job_runs(fake, pod(), active=1, ready=1)
     assert run(fake, seconds=5).phase == "Running"
-    assert fake.job_object()["status"]["startTime"] == "2026-11-29T06:00:01Z"
+    assert fake.finetunejob()["status"]["startTime"] == "2026-11-29T06:00:01Z"
     summary = '{"phase":"Succeeded","exitCode":0,"reason":"Completed","message":"ok","step":100,"totalSteps":100,"runUri":null}'
     job_runs(
         fake,
@@ -92,34 +99,34 @@ def test_running_then_succeeded(fake: FakeCluster) -> None:
     )
     outcome = run(fake, seconds=60)
     assert outcome.phase == "Succeeded"
-    status = fake.job_object()["status"]
+    status = fake.finetunejob()["status"]
     assert status["progress"]["steps"] == "100/100"
     assert [e[1] for e in fake.events] == ["WaitingForPods", "Training", "Succeeded"]
 
 
 def test_progress_polled_from_rank_zero_only(fake: FakeCluster) -> None:
-    fake.put_job_object(ftj(resources={"nodes": 2}))
+    fake.put_finetunejob(ftj(resources={"nodes": 2}))
     run(fake)
     job_runs(fake, pod(1, ip="127.0.0.9"), pod(0, ip="127.0.0.8"), active=2)
     source = FakeProgress(progress_report())
     run(fake, progress=source)
     assert source.calls == [("127.0.0.8", 9090)]
-    assert fake.job_object()["status"]["progress"]["steps"] == "40/100"
+    assert fake.finetunejob()["status"]["progress"]["steps"] == "40/100"
 
 
 def test_unreachable_progress_keeps_the_last_known(fake: FakeCluster) -> None:
-    fake.put_job_object(ftj())
+    fake.put_finetunejob(ftj())
     run(fake)
     job_runs(fake, pod(), active=1)
     run(fake, progress=FakeProgress(progress_report()))
     fake.calls.clear()
     run(fake, seconds=10, progress=FakeProgress(None))
     assert fake.writes() == []
-    assert fake.job_object()["status"]["progress"]["step"] == 40
+    assert fake.finetunejob()["status"]["progress"]["step"] == 40
 
 
 def test_same_progress_again_is_not_rewritten(fake: FakeCluster) -> None:
-    fake.put_job_object(ftj())
+    fake.put_finetunejob(ftj())
     run(fake)
     job_runs(fake, pod(), active=1)
     run(fake, progress=FakeProgress(progress_report()))
@@ -129,7 +136,7 @@ def test_same_progress_again_is_not_rewritten(fake: FakeCluster) -> None:
 
 
 def test_suspend_and_resume_patch_the_job(fake: FakeCluster) -> None:
-    fake.put_job_object(ftj())
+    fake.put_finetunejob(ftj())
     run(fake)
     job_runs(fake, pod(), active=1)
     run(fake)
@@ -146,7 +153,7 @@ def test_suspend_and_resume_patch_the_job(fake: FakeCluster) -> None:
 
 
 def test_cancel_ends_cancelled_and_never_restarts(fake: FakeCluster) -> None:
-    fake.put_job_object(ftj())
+    fake.put_finetunejob(ftj())
     run(fake)
     job_runs(fake, pod(), active=1)
     run(fake)
@@ -162,20 +169,20 @@ def test_cancel_ends_cancelled_and_never_restarts(fake: FakeCluster) -> None:
 
 
 def test_finished_job_is_not_recreated_after_ttl(fake: FakeCluster) -> None:
-    fake.put_job_object(ftj())
+    fake.put_finetunejob(ftj())
     run(fake)
     job_runs(fake, succeeded=1, conditions=[condition("Complete")])
     run(fake)
-    status = copy.deepcopy(fake.job_object()["status"])
+    status = copy.deepcopy(fake.finetunejob()["status"])
     del fake.objects[("Job", "team-a", "demo")]
     fake.calls.clear()
     run(fake, seconds=600)
     assert fake.writes() == []
-    assert fake.job_object()["status"] == status
+    assert fake.finetunejob()["status"] == status
 
 
 def test_unknown_model_fails_without_children_or_retry(fake: FakeCluster) -> None:
-    fake.put_job_object(ftj(model={"name": "gpt-17"}))
+    fake.put_finetunejob(ftj(model={"name": "gpt-17"}))
     outcome = run(fake)
     assert fake.children() == []
     assert (outcome.phase, outcome.status["reason"]) == ("Failed", "InvalidSpec")
@@ -187,7 +194,7 @@ def test_unknown_model_fails_without_children_or_retry(fake: FakeCluster) -> Non
 
 
 def test_fixing_an_invalid_spec_recovers(fake: FakeCluster) -> None:
-    fake.put_job_object(ftj(model={"name": "gpt-17"}))
+    fake.put_finetunejob(ftj(model={"name": "gpt-17"}))
     run(fake)
     set_spec(fake, model={"name": "pythia-70m"})
     assert run(fake).phase == "Pending"
@@ -197,7 +204,7 @@ def test_fixing_an_invalid_spec_recovers(fake: FakeCluster) -> None:
 def test_schema_invalid_object_becomes_failed(fake: FakeCluster) -> None:
     obj = ftj()
     obj["spec"]["hyperparameters"] = {"dropout": 7}
-    fake.put_job_object(obj)
+    fake.put_finetunejob(obj)
     outcome = run(fake)
     assert outcome.phase == "Failed"
     assert "spec.hyperparameters.dropout" in outcome.status["message"]
@@ -208,14 +215,14 @@ def test_name_taken_by_a_foreign_object_stalls(fake: FakeCluster, cycle: str) ->
     """No Job (whose pods would mount the foreign ConfigMap), also when a new job creates its
     children without reading them first."""
     obj = ftj()
-    fake.put_job_object(obj)
+    fake.put_finetunejob(obj)
     fake.objects[("ConfigMap", "team-a", "demo-config")] = {
         "kind": "ConfigMap",
         "metadata": {"name": "demo-config", "namespace": "team-a"},
         "data": {},
     }
     if cycle == "fresh-create":
-        outcome = reconcile(fake, "team-a", "demo", settings=SETTINGS, now=NOW, fresh=obj)
+        outcome = reconcile(fake, "team-a", "demo", settings=SETTINGS, now=NOW, known=JustCreated(obj))
     else:
         outcome = run(fake)
     assert (outcome.phase, outcome.status["reason"]) == ("Pending", "NameConflict")
@@ -224,7 +231,7 @@ def test_name_taken_by_a_foreign_object_stalls(fake: FakeCluster, cycle: str) ->
 
 
 def test_config_map_follows_spec_changes(fake: FakeCluster) -> None:
-    fake.put_job_object(ftj())
+    fake.put_finetunejob(ftj())
     run(fake)
     set_spec(fake, evaluation={"everySteps": 7})
     outcome = run(fake)
@@ -233,7 +240,7 @@ def test_config_map_follows_spec_changes(fake: FakeCluster) -> None:
 
 
 def test_api_errors_propagate_for_retry(fake: FakeCluster) -> None:
-    fake.put_job_object(ftj())
+    fake.put_finetunejob(ftj())
     fake.fail_on = ("create", "Job")
     before = metrics.RECONCILES.labels(trigger="event", result="error")._value.get()
     with pytest.raises(ApiError):
@@ -245,7 +252,7 @@ def test_deleted_or_deleting_job_is_left_alone(fake: FakeCluster) -> None:
     assert run(fake).gone
     obj = ftj()
     obj["metadata"]["deletionTimestamp"] = "2026-11-29T06:00:00Z"
-    fake.put_job_object(obj)
+    fake.put_finetunejob(obj)
     assert run(fake).gone
     assert fake.children() == []
 
@@ -266,10 +273,10 @@ CRASH_POINTS = [
 def test_restart_at_any_point_converges(crash_on: tuple[str, str]) -> None:
     """The operator dies mid-cycle; the next cycle (after a restart) ends like an uninterrupted one."""
     clean = FakeCluster()
-    clean.put_job_object(ftj())
+    clean.put_finetunejob(ftj())
     run(clean)
     crashed = FakeCluster()
-    crashed.put_job_object(ftj())
+    crashed.put_finetunejob(ftj())
     crashed.crash_on = crash_on
     with pytest.raises(Crash):
         run(crashed)
@@ -283,14 +290,14 @@ def test_restart_at_any_point_converges(crash_on: tuple[str, str]) -> None:
             clean_obj = {k: v for k, v in clean.objects[key].items() if k != "metadata"}
             crashed_obj = {k: v for k, v in crashed.objects[key].items() if k != "metadata"}
             assert crashed_obj == clean_obj
-    assert crashed.job_object()["status"]["phase"] == clean.job_object()["status"]["phase"]
+    assert crashed.finetunejob()["status"]["phase"] == clean.finetunejob()["status"]["phase"]
 
 
 def test_fresh_object_skips_the_reads(fake: FakeCluster) -> None:
     """On kopf's create cause the body is fresh: no GET of the job, children created directly."""
     obj = ftj()
-    fake.put_job_object(obj)
-    reconcile(fake, "team-a", "demo", settings=SETTINGS, now=NOW, fresh=obj)
+    fake.put_finetunejob(obj)
+    reconcile(fake, "team-a", "demo", settings=SETTINGS, now=NOW, known=JustCreated(obj))
     assert fake.calls == [
         ("create", "ConfigMap"),
         ("create", "Service"),
@@ -299,21 +306,21 @@ def test_fresh_object_skips_the_reads(fake: FakeCluster) -> None:
         ("event", "Event"),
     ]
     fake.calls.clear()
-    reconcile(fake, "team-a", "demo", settings=SETTINGS, now=NOW, fresh=obj)  # a retried create
+    reconcile(fake, "team-a", "demo", settings=SETTINGS, now=NOW, known=JustCreated(obj))  # a retried create
     assert fake.children() == CHILDREN
 
 
 def test_stored_status_equals_the_derived_one_after_fields_disappear(fake: FakeCluster) -> None:
     """Merge patches must remove nested keys too (progress.etaSeconds goes away on success)."""
-    fake.put_job_object(ftj())
+    fake.put_finetunejob(ftj())
     run(fake)
     job_runs(fake, pod(), active=1)
     run(fake, progress=FakeProgress(progress_report()))
-    assert "etaSeconds" in fake.job_object()["status"]["progress"]
+    assert "etaSeconds" in fake.finetunejob()["status"]["progress"]
     job_runs(fake, succeeded=1, conditions=[condition("Complete")])
     outcome = run(fake, seconds=30)
-    assert fake.job_object()["status"] == outcome.status
-    assert "etaSeconds" not in fake.job_object()["status"]["progress"]
+    assert fake.finetunejob()["status"] == outcome.status
+    assert "etaSeconds" not in fake.finetunejob()["status"]["progress"]
     fake.calls.clear()
     run(fake, seconds=60)
     assert fake.writes() == []
@@ -334,12 +341,12 @@ def test_merge_patch(old: dict[str, Any], new: dict[str, Any], patch: dict[str, 
 
 
 def test_job_event_refreshes_status_without_touching_children(fake: FakeCluster) -> None:
-    fake.put_job_object(ftj())
+    fake.put_finetunejob(ftj())
     run(fake)
     job_runs(fake, pod(), active=1)
     observed = copy.deepcopy(fake.objects[("Job", "team-a", "demo")])
     fake.calls.clear()
-    outcome = reconcile(fake, "team-a", "demo", settings=SETTINGS, now=NOW, observed_job=observed)
+    outcome = reconcile(fake, "team-a", "demo", settings=SETTINGS, now=NOW, known=BatchJobChanged(observed))
     assert outcome.phase == "Running"
     assert fake.calls == [
         ("get", "FineTuneJob"),
@@ -351,26 +358,26 @@ def test_job_event_refreshes_status_without_touching_children(fake: FakeCluster)
 
 def test_job_event_with_the_cached_job_object_reads_nothing(fake: FakeCluster) -> None:
     """The glue passes the FineTuneJob as last seen: no GET, and the write is conditional."""
-    fake.put_job_object(ftj())
+    fake.put_finetunejob(ftj())
     cached = run(fake).object
     assert cached is not None and cached["metadata"]["resourceVersion"]
     job_runs(fake, pod(), active=1)
     observed = copy.deepcopy(fake.objects[("Job", "team-a", "demo")])
     fake.calls.clear()
     outcome = reconcile(
-        fake, "team-a", "demo", settings=SETTINGS, now=NOW, observed_job=observed, cached=cached
+        fake, "team-a", "demo", settings=SETTINGS, now=NOW, known=BatchJobChanged(observed, cached=cached)
     )
     assert outcome.phase == "Running"
     assert fake.calls == [("list", "Pod"), ("patch", "FineTuneJob/status"), ("event", "Event")]
     assert outcome.object is not None
-    assert outcome.object["metadata"]["resourceVersion"] == fake.job_object()["metadata"]["resourceVersion"]
+    assert outcome.object["metadata"]["resourceVersion"] == fake.finetunejob()["metadata"]["resourceVersion"]
 
 
 def test_a_stale_cached_job_object_is_read_again_before_anything_is_written(fake: FakeCluster) -> None:
-    fake.put_job_object(ftj())
+    fake.put_finetunejob(ftj())
     stale = run(fake).object
     assert stale is not None
-    stored = fake.job_object()
+    stored = fake.finetunejob()
     stored["metadata"]["generation"] = 2  # the user changed the spec meanwhile
     stored["spec"]["hyperparameters"]["maxSteps"] = 50
     fake._bump(stored)
@@ -378,7 +385,7 @@ def test_a_stale_cached_job_object_is_read_again_before_anything_is_written(fake
     observed = copy.deepcopy(fake.objects[("Job", "team-a", "demo")])
     fake.calls.clear()
     outcome = reconcile(
-        fake, "team-a", "demo", settings=SETTINGS, now=NOW, observed_job=observed, cached=stale
+        fake, "team-a", "demo", settings=SETTINGS, now=NOW, known=BatchJobChanged(observed, cached=stale)
     )
     assert fake.calls == [
         ("list", "Pod"),
@@ -388,16 +395,17 @@ def test_a_stale_cached_job_object_is_read_again_before_anything_is_written(fake
         ("patch", "FineTuneJob/status"),
         ("event", "Event"),
     ]
-    assert fake.job_object()["status"]["observedGeneration"] == 2
+    assert fake.finetunejob()["status"]["observedGeneration"] == 2
     assert outcome.status["observedGeneration"] == 2
 
 
-def test_a_cached_job_object_is_not_used_where_children_are_synced(fake: FakeCluster) -> None:
-    """Without a Job event the cycle syncs children from the spec: it always reads the spec."""
-    fake.put_job_object(ftj())
-    cached = run(fake).object
+def test_a_cycle_that_syncs_children_reads_the_spec(fake: FakeCluster) -> None:
+    """Without a Job event the cycle syncs children from the spec: it always reads the spec (a
+    cached copy can be passed only with a Job event, `BatchJobChanged`)."""
+    fake.put_finetunejob(ftj())
+    run(fake)
     fake.calls.clear()
-    reconcile(fake, "team-a", "demo", settings=SETTINGS, now=NOW, cached=cached)
+    reconcile(fake, "team-a", "demo", settings=SETTINGS, now=NOW, known=ReadEverything())
     assert fake.calls[0] == ("get", "FineTuneJob")
 
 
@@ -407,14 +415,24 @@ def test_a_cached_job_object_is_not_used_where_children_are_synced(fake: FakeClu
 
 REFUSALS = [
     pytest.param(
-        ApiError("create", "Job", 422, "Unprocessable Entity",
-                 'Job.batch "demo" is invalid: spec.template.spec.nodeSelector: Invalid value: "x/y/z"'),
+        ApiError(
+            "create",
+            "Job",
+            422,
+            "Unprocessable Entity",
+            'Job.batch "demo" is invalid: spec.template.spec.nodeSelector: Invalid value: "x/y/z"',
+        ),
         "spec.template.spec.nodeSelector",
         id="422-node-selector",
     ),
     pytest.param(
-        ApiError("create", "Job", 422, "Unprocessable Entity",
-                 'Job.batch "demo" is invalid: spec.template.spec.tolerations[0].key: Invalid value'),
+        ApiError(
+            "create",
+            "Job",
+            422,
+            "Unprocessable Entity",
+            'Job.batch "demo" is invalid: spec.template.spec.tolerations[0].key: Invalid value',
+        ),
         "tolerations[0].key",
         id="422-toleration",
     ),
@@ -427,13 +445,18 @@ REFUSALS = [
 
 
 @pytest.mark.parametrize(("error", "detail"), REFUSALS)
-def test_a_child_the_api_server_refuses_fails_the_job_once(fake: FakeCluster, error: ApiError, detail: str) -> None:
+def test_a_child_the_api_server_refuses_fails_the_job_once(
+    fake: FakeCluster, error: ApiError, detail: str
+) -> None:
     """Never a retry loop: Failed/InvalidSpec with the API server's own message."""
-    fake.put_job_object(ftj())
+    fake.put_finetunejob(ftj())
     fake.refuse[("create", "Job")] = error
     outcome = run(fake)
     assert (outcome.phase, outcome.status["reason"]) == ("Failed", "InvalidSpec")
-    assert "the API server refused the Job: " in outcome.status["message"] and detail in outcome.status["message"]
+    assert (
+        "the API server refused the Job: " in outcome.status["message"]
+        and detail in outcome.status["message"]
+    )
     assert fake.events[-1][0] == "Warning"
     fake.calls.clear()
     run(fake, seconds=60)
@@ -441,7 +464,7 @@ def test_a_child_the_api_server_refuses_fails_the_job_once(fake: FakeCluster, er
 
 
 def test_a_refused_job_recovers_when_the_spec_is_fixed(fake: FakeCluster) -> None:
-    fake.put_job_object(ftj())
+    fake.put_finetunejob(ftj())
     fake.refuse[("create", "Job")] = ApiError("create", "Job", 422, "Unprocessable Entity", "invalid")
     run(fake)
     del fake.refuse[("create", "Job")]
@@ -452,7 +475,7 @@ def test_a_refused_job_recovers_when_the_spec_is_fixed(fake: FakeCluster) -> Non
 
 def test_a_forbidden_child_stalls_and_is_retried(fake: FakeCluster) -> None:
     """403 (a ResourceQuota, an admission policy): outside the spec, so Pending + Stalled."""
-    fake.put_job_object(ftj())
+    fake.put_finetunejob(ftj())
     fake.refuse[("create", "Job")] = ApiError(
         "create", "Job", 403, "Forbidden", 'jobs.batch "demo" is forbidden: exceeded quota: team-quota'
     )
@@ -466,8 +489,10 @@ def test_a_forbidden_child_stalls_and_is_retried(fake: FakeCluster) -> None:
 
 
 def test_transient_api_errors_still_propagate(fake: FakeCluster) -> None:
-    fake.put_job_object(ftj())
-    fake.refuse[("create", "Job")] = ApiError("create", "Job", 503, "Service Unavailable", "etcd leader changed")
+    fake.put_finetunejob(ftj())
+    fake.refuse[("create", "Job")] = ApiError(
+        "create", "Job", 503, "Service Unavailable", "etcd leader changed"
+    )
     with pytest.raises(ApiError):
         run(fake)
 
@@ -501,7 +526,7 @@ def test_transient_api_errors_still_propagate(fake: FakeCluster) -> None:
 def test_missing_references_stall_with_the_field_named(
     fake: FakeCluster, resources: dict[str, Any], reason: str, fragment: str, fix: tuple[str, str, str]
 ) -> None:
-    fake.put_job_object(ftj(resources=resources))
+    fake.put_finetunejob(ftj(resources=resources))
     outcome = run(fake)
     assert (outcome.phase, outcome.status["reason"]) == ("Pending", reason)
     assert fragment in outcome.status["message"]
@@ -516,14 +541,19 @@ def test_missing_references_stall_with_the_field_named(
 
 @pytest.mark.parametrize("ttl", [0, 1, 3600])
 def test_ttl_is_set_only_after_the_result_is_recorded(fake: FakeCluster, ttl: int) -> None:
-    fake.put_job_object(ftj(runPolicy={"ttlSecondsAfterFinished": ttl}))
+    fake.put_finetunejob(ftj(runPolicy={"ttlSecondsAfterFinished": ttl}))
     run(fake)
     assert "ttlSecondsAfterFinished" not in fake.objects[("Job", "team-a", "demo")]["spec"]
     job_runs(fake, pod(0, "Running"))
     run(fake)
     assert "ttlSecondsAfterFinished" not in fake.objects[("Job", "team-a", "demo")]["spec"], "running"
     summary = '{"exitCode": 0, "step": 100, "totalSteps": 100, "finalUri": "s3://runs/x/final/"}'
-    job_runs(fake, pod(0, "Succeeded", exit_code=0, message=summary), succeeded=1, conditions=[condition("Complete")])
+    job_runs(
+        fake,
+        pod(0, "Succeeded", exit_code=0, message=summary),
+        succeeded=1,
+        conditions=[condition("Complete")],
+    )
     fake.calls.clear()
     outcome = run(fake)
     assert outcome.phase == "Succeeded" and "final model in s3://runs/x/final/" in outcome.status["message"]
@@ -537,14 +567,14 @@ def test_ttl_is_set_only_after_the_result_is_recorded(fake: FakeCluster, ttl: in
     fake.calls.clear()
     run(fake, seconds=ttl + 1)
     assert fake.writes() == []
-    assert fake.job_object()["status"]["phase"] == "Succeeded"
+    assert fake.finetunejob()["status"]["phase"] == "Succeeded"
 
 
 def test_a_job_that_finished_while_the_operator_was_away_gets_its_start_time(fake: FakeCluster) -> None:
     """Created, then the operator is down while the pods run and finish."""
-    fake.put_job_object(ftj())
+    fake.put_finetunejob(ftj())
     run(fake)
-    assert "startTime" not in fake.job_object()["status"]
+    assert "startTime" not in fake.finetunejob()["status"]
     job_runs(fake, pod(0, "Succeeded", exit_code=0), succeeded=1, conditions=[condition("Complete")])
     status = run(fake, seconds=3600).status
     assert status["phase"] == "Succeeded"
@@ -563,7 +593,7 @@ def test_killed_for_memory_fails_at_once_says_what_to_change_and_stops_the_job(
 ) -> None:
     """OOMKilled (the runtime's reason) is not retried: the Job controller has already started a
     replacement pod, which the operator stops by suspending the Job."""
-    fake.put_job_object(ftj(runPolicy={"backoffLimit": 3}))
+    fake.put_finetunejob(ftj(runPolicy={"backoffLimit": 3}))
     run(fake)
     failed = pod(0, "Failed", exit_code=137, reason="OOMKilled")
     if job_conditions:
@@ -573,10 +603,17 @@ def test_killed_for_memory_fails_at_once_says_what_to_change_and_stops_the_job(
     outcome = run(fake)
     assert (outcome.phase, outcome.status["reason"]) == ("Failed", "OOMKilled")
     message = outcome.status["message"]
-    for advice in ("out of memory", "hyperparameters.microBatchSize", "gradientCheckpointing", "resources.memory"):
+    for advice in (
+        "out of memory",
+        "hyperparameters.microBatchSize",
+        "gradientCheckpointing",
+        "resources.memory",
+    ):
         assert advice in message
     job = fake.objects[("Job", "team-a", "demo")]
-    assert bool(job["spec"].get("suspend")) is (not job_conditions), "an unfinished Job is suspended, a failed one left"
+    assert bool(job["spec"].get("suspend")) is (not job_conditions), (
+        "an unfinished Job is suspended, a failed one left"
+    )
     again = run(fake, seconds=60)
     assert (again.phase, again.status["reason"]) == ("Failed", "OOMKilled"), "terminal: it stays"
     assert not again.patched and not again.created
@@ -586,12 +623,14 @@ def test_killed_for_memory_fails_at_once_says_what_to_change_and_stops_the_job(
     "terminated",
     [
         pytest.param({"exit_code": 137, "reason": "Error"}, id="sigkill-after-grace-period"),
-        pytest.param({"exit_code": 137, "reason": "ContainerStatusUnknown"}, id="container-lost-by-a-restarted-node"),
+        pytest.param(
+            {"exit_code": 137, "reason": "ContainerStatusUnknown"}, id="container-lost-by-a-restarted-node"
+        ),
     ],
 )
 def test_exit_137_without_oomkilled_is_retried(fake: FakeCluster, terminated: dict[str, Any]) -> None:
     """137 is SIGKILL from anyone; only the OOMKilled reason means memory."""
-    fake.put_job_object(ftj(runPolicy={"backoffLimit": 3}))
+    fake.put_finetunejob(ftj(runPolicy={"backoffLimit": 3}))
     run(fake)
     job_runs(fake, pod(0, "Failed", **terminated), pod(0, "Running"), failed=1, active=1)
     outcome = run(fake)
@@ -600,7 +639,7 @@ def test_exit_137_without_oomkilled_is_retried(fake: FakeCluster, terminated: di
 
 
 def test_a_preempted_pod_killed_with_137_is_not_called_out_of_memory(fake: FakeCluster) -> None:
-    fake.put_job_object(ftj())
+    fake.put_finetunejob(ftj())
     run(fake)
     evicted = pod(0, "Failed", exit_code=137, reason="Error")
     evicted["status"]["conditions"] = [{"type": "DisruptionTarget", "status": "True"}]
@@ -610,15 +649,26 @@ def test_a_preempted_pod_killed_with_137_is_not_called_out_of_memory(fake: FakeC
 
 def _applied(obj: dict[str, Any], spec: dict[str, Any]) -> None:
     """What `kubectl apply` (client-side) and Argo CD leave on the object."""
-    manifest = {"apiVersion": obj["apiVersion"], "kind": obj["kind"], "metadata": {"name": "demo"}, "spec": spec}
-    obj["metadata"]["annotations"] = {"kubectl.kubernetes.io/last-applied-configuration": json.dumps(manifest)}
+    manifest = {
+        "apiVersion": obj["apiVersion"],
+        "kind": obj["kind"],
+        "metadata": {"name": "demo"},
+        "spec": spec,
+    }
+    obj["metadata"]["annotations"] = {
+        "kubectl.kubernetes.io/last-applied-configuration": json.dumps(manifest)
+    }
 
 
 @pytest.mark.parametrize(
     ("typos", "named"),
     [
-        pytest.param({"hyperparameters": {"learningrate": 0.1}}, ["spec.hyperparameters.learningrate"], id="lr-typo"),
-        pytest.param({"storage": {"accessKey": "AKIAEXAMPLE"}}, ["spec.storage.accessKey"], id="inline-credential"),
+        pytest.param(
+            {"hyperparameters": {"learningrate": 0.1}}, ["spec.hyperparameters.learningrate"], id="lr-typo"
+        ),
+        pytest.param(
+            {"storage": {"accessKey": "AKIAEXAMPLE"}}, ["spec.storage.accessKey"], id="inline-credential"
+        ),
         pytest.param(
             {"lora": {"rank": 4, "targets": ["q"]}, "epoch": 2},
             ["spec.epoch", "spec.lora.targets"],
@@ -626,7 +676,9 @@ def _applied(obj: dict[str, Any], spec: dict[str, Any]) -> None:
         ),
     ],
 )
-def test_fields_a_lenient_client_lost_are_reported(fake: FakeCluster, typos: dict[str, Any], named: list[str]) -> None:
+def test_fields_a_lenient_client_lost_are_reported(
+    fake: FakeCluster, typos: dict[str, Any], named: list[str]
+) -> None:
     """A non-strict client's unknown fields are pruned by the API server: the job runs without
     them, and says so in an UnknownFields condition and a Warning event (names, never values)."""
     obj = ftj()
@@ -634,7 +686,7 @@ def test_fields_a_lenient_client_lost_are_reported(fake: FakeCluster, typos: dic
     for key, value in typos.items():
         applied[key] = {**applied.get(key, {}), **value} if isinstance(value, dict) else value
     _applied(obj, applied)
-    fake.put_job_object(obj)
+    fake.put_finetunejob(obj)
     outcome = run(fake)
     cond = next(c for c in outcome.status["conditions"] if c["type"] == "UnknownFields")
     assert cond["status"] == "True"
@@ -648,7 +700,7 @@ def test_fields_a_lenient_client_lost_are_reported(fake: FakeCluster, typos: dic
     run(fake, seconds=30)
     assert fake.writes() == [], "reported once"
     # the user fixes the manifest and applies again
-    fixed = fake.job_object()
+    fixed = fake.finetunejob()
     _applied(fixed, obj["spec"])
     fixed["metadata"]["generation"] += 1
     assert all(c["type"] != "UnknownFields" for c in run(fake, seconds=60).status["conditions"])

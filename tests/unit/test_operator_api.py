@@ -37,8 +37,10 @@ def test_object_identity() -> None:
         pytest.param({"model": {}}, ["spec.model: exactly one of name or uri"], id="model-neither"),
         pytest.param(
             {"resources": {"gpus": 4}, "hyperparameters": {"batchSize": 8}},
-            ["spec.resources: processesPerNode must equal gpus when gpus > 0 (one training process per GPU), "
-             "got processesPerNode 1 and gpus 4"],
+            [
+                "spec.resources: processesPerNode must equal gpus when gpus > 0 (one training process per GPU), "
+                "got processesPerNode 1 and gpus 4"
+            ],
             id="gpus-without-processes",
         ),
         pytest.param(
@@ -58,7 +60,9 @@ def test_object_identity() -> None:
         ),
         pytest.param(
             {"dataset": {"eval": ["s3://d/eval.jsonl"]}},
-            ["spec.dataset: mode Train needs dataset.name or dataset.train (eval alone is for mode Evaluate)"],
+            [
+                "spec.dataset: mode Train needs dataset.name or dataset.train (eval alone is for mode Evaluate)"
+            ],
             id="train-needs-training-data",
         ),
         pytest.param(
@@ -181,6 +185,7 @@ def test_all_errors_at_once() -> None:
 # ---------------------------------------------------------------------------------------------
 # The validation gaps of issue 14: each class with several instances. The same cases run against
 # the real API server in tests/integration/test_operator_validation.py.
+
 
 @pytest.mark.parametrize(("overrides", "field", "message"), GAPS)
 def test_validation_gaps_are_closed(overrides: dict[str, Any], field: str, message: str) -> None:

@@ -46,7 +46,10 @@ NETWORK_SETTINGS = Settings(
     runs_uri="s3://runs/",
     network_policy=True,
     operator_namespace="finetune-system",
-    operator_pod_labels={"app.kubernetes.io/name": "finetune-operator", "app.kubernetes.io/component": "operator"},
+    operator_pod_labels={
+        "app.kubernetes.io/name": "finetune-operator",
+        "app.kubernetes.io/component": "operator",
+    },
     metrics_scraper={
         "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
         "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
@@ -71,13 +74,18 @@ def test_network_policy_admits_peers_operator_and_scraper_only() -> None:
             {
                 "from": [
                     {
-                        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "finetune-system"}},
+                        "namespaceSelector": {
+                            "matchLabels": {"kubernetes.io/metadata.name": "finetune-system"}
+                        },
                         "podSelector": {"matchLabels": dict(NETWORK_SETTINGS.operator_pod_labels)},
                     }
                 ],
                 "ports": [{"port": 9090, "protocol": "TCP"}],
             },
-            {"from": [dict(NETWORK_SETTINGS.metrics_scraper or {})], "ports": [{"port": 9090, "protocol": "TCP"}]},
+            {
+                "from": [dict(NETWORK_SETTINGS.metrics_scraper or {})],
+                "ports": [{"port": 9090, "protocol": "TCP"}],
+            },
         ],
     }
 
@@ -155,7 +163,9 @@ def test_shm_size_user_and_collective_timeout_are_settings() -> None:
         pytest.param({"resources": {"ephemeralStorage": "300Gi"}}, "300Gi", id="spec-override"),
     ],
 )
-def test_cache_size_limit_and_ephemeral_storage_follow_the_model(overrides: dict[str, Any], cache: str) -> None:
+def test_cache_size_limit_and_ephemeral_storage_follow_the_model(
+    overrides: dict[str, Any], cache: str
+) -> None:
     job = _children(**overrides)["Job"]
     pod = job["spec"]["template"]["spec"]
     assert {v["name"]: v for v in pod["volumes"]}["cache"]["emptyDir"] == {"sizeLimit": cache}
@@ -229,7 +239,10 @@ def test_evaluate_mode_is_rendered_for_the_trainer() -> None:
     [
         pytest.param({}, SETTINGS, f"s3://runs/team-a/demo/{UID}/", id="operator-default"),
         pytest.param(
-            {"storage": {"runsUri": "s3://mine/x/"}}, SETTINGS, f"s3://mine/x/team-a/demo/{UID}/", id="spec-runs-uri"
+            {"storage": {"runsUri": "s3://mine/x/"}},
+            SETTINGS,
+            f"s3://mine/x/team-a/demo/{UID}/",
+            id="spec-runs-uri",
         ),
         pytest.param(
             {"checkpoints": {"outputUri": "file:///tmp/run/"}},
@@ -377,13 +390,17 @@ def test_hub_token_only_through_a_secret_ref_and_the_mirror_as_hf_endpoint() -> 
 
 
 def test_a_jobs_hub_endpoint_wins_over_the_operators_extra_env() -> None:
-    settings = Settings(runs_uri="s3://runs/", extra_env={"HF_ENDPOINT": "http://cluster-mirror:1", "HF_HUB_OFFLINE": "0"})
-    container = _children(settings=settings, hub={"endpoint": "http://job-mirror:2"})["Job"]["spec"]["template"]
+    settings = Settings(
+        runs_uri="s3://runs/", extra_env={"HF_ENDPOINT": "http://cluster-mirror:1", "HF_HUB_OFFLINE": "0"}
+    )
+    container = _children(settings=settings, hub={"endpoint": "http://job-mirror:2"})["Job"]["spec"][
+        "template"
+    ]
     names = [e["name"] for e in container["spec"]["containers"][0]["env"]]
     assert names.count("HF_ENDPOINT") == 1 and "HF_HUB_OFFLINE" in names
-    assert _env(_children(settings=settings, hub={"endpoint": "http://job-mirror:2"})["Job"])["HF_ENDPOINT"] == (
-        "http://job-mirror:2"
-    )
+    assert _env(_children(settings=settings, hub={"endpoint": "http://job-mirror:2"})["Job"])[
+        "HF_ENDPOINT"
+    ] == ("http://job-mirror:2")
     assert _env(_children(settings=settings)["Job"])["HF_ENDPOINT"] == "http://cluster-mirror:1"
 
 

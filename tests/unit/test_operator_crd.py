@@ -118,7 +118,9 @@ def test_printer_columns(crd: dict[str, Any]) -> None:
         ),
         pytest.param(".spec.suspend", {"type": "boolean", "default": False}, id="suspend"),
         pytest.param(
-            ".spec.mode", {"type": "string", "enum": ["Train", "Evaluate"], "default": "Train"}, id="mode-enum"
+            ".spec.mode",
+            {"type": "string", "enum": ["Train", "Evaluate"], "default": "Train"},
+            id="mode-enum",
         ),
         pytest.param(".status.phase", {"enum": [p.value for p in api.Phase]}, id="phase-enum"),
     ],
@@ -209,7 +211,9 @@ def test_root_rules_name_and_immutability(schema: dict[str, Any]) -> None:
         assert "oldSelf.status.startTime" in immutable[f".spec.{path}"]
     for path in crdgen.IMMUTABLE_ONCE_JOB_EXISTS:
         assert "oldSelf.status.jobName" in immutable[f".spec.{path}"]
-    assert {".spec.storage", ".spec.checkpoints.outputUri", ".spec.resources", ".spec.runPolicy"} <= set(immutable)
+    assert {".spec.storage", ".spec.checkpoints.outputUri", ".spec.resources", ".spec.runPolicy"} <= set(
+        immutable
+    )
 
 
 @pytest.mark.parametrize(

@@ -47,7 +47,10 @@ def test_defaults() -> None:
         pytest.param({"FINETUNE_CREDENTIALS_SECRET": "s3"}, "credentials_secret", "s3", id="default-secret"),
         pytest.param({"FINETUNE_NETWORK_POLICY": "1"}, "network_policy", True, id="network-policy"),
         pytest.param(
-            {"FINETUNE_OPERATOR_POD_LABELS": '{"app": "op"}'}, "operator_pod_labels", {"app": "op"}, id="operator-labels"
+            {"FINETUNE_OPERATOR_POD_LABELS": '{"app": "op"}'},
+            "operator_pod_labels",
+            {"app": "op"},
+            id="operator-labels",
         ),
         pytest.param(
             {"FINETUNE_METRICS_SCRAPER": '{"podSelector": {"matchLabels": {"app": "prom"}}}'},
@@ -56,6 +59,13 @@ def test_defaults() -> None:
             id="scraper",
         ),
         pytest.param({"FINETUNE_METRICS_SCRAPER": "{}"}, "metrics_scraper", None, id="no-scraper"),
+        pytest.param({"FINETUNE_MAX_WORKERS": "3"}, "queue_limit", 24, id="worker-limit-follows-workers"),
+        pytest.param({"FINETUNE_WORKER_LIMIT": "5"}, "queue_limit", 5, id="worker-limit"),
+        pytest.param({"FINETUNE_METRICS_PORT": "0"}, "metrics_port", 0, id="no-metrics-server"),
+        pytest.param({"FINETUNE_METRICS_ADDR": "127.0.0.1"}, "metrics_addr", "127.0.0.1", id="metrics-addr"),
+        pytest.param({"FINETUNE_NAMESPACES": "a,,b"}, "namespaces", ("a", "b"), id="namespaces"),
+        pytest.param({"FINETUNE_LIVENESS_ENDPOINT": ""}, "liveness_endpoint", "", id="no-liveness"),
+        pytest.param({"FINETUNE_LOG_VERBOSE": "1"}, "log_verbose", True, id="verbose"),
     ],
 )
 def test_from_env(env: dict[str, str], attr: str, expected: object) -> None:

@@ -78,28 +78,28 @@ CASES = [
     (
         "job-no-pods",
         {},
-        Observed(job=batch_job()),
+        Observed(batch_job=batch_job()),
         ("Pending", "WaitingForPods", "False", "True", "False"),
         "waiting",
     ),
     (
         "pod-pending",
         {},
-        Observed(job=batch_job(active=1), pods=[pod(phase="Pending")]),
+        Observed(batch_job=batch_job(active=1), pods=[pod(phase="Pending")]),
         ("Pending", "WaitingForPods", "False", "True", "False"),
         "waiting",
     ),
     (
         "running",
         {},
-        Observed(job=batch_job(active=1), pods=[pod()]),
+        Observed(batch_job=batch_job(active=1), pods=[pod()]),
         ("Running", "Training", "False", "True", "False"),
         "1/1 pod(s) running",
     ),
     (
         "evaluating",
         EVALUATE,
-        Observed(job=batch_job(active=1), pods=[pod()]),
+        Observed(batch_job=batch_job(active=1), pods=[pod()]),
         ("Running", "Evaluating", "False", "True", "False"),
         "evaluating: 1/1 pod(s) running",
     ),
@@ -107,7 +107,7 @@ CASES = [
         "evaluated",
         EVALUATE,
         Observed(
-            job=batch_job(succeeded=1, conditions=[condition("Complete")]),
+            batch_job=batch_job(succeeded=1, conditions=[condition("Complete")]),
             pods=[pod(phase="Succeeded", exit_code=0, message=SUMMARY_EVALUATED)],
         ),
         ("Succeeded", "Succeeded", "True", "False", "False"),
@@ -116,7 +116,7 @@ CASES = [
     (
         "running-partial",
         {"resources": {"nodes": 2}},
-        Observed(job=batch_job(active=2), pods=[pod(0), pod(1, phase="Pending")]),
+        Observed(batch_job=batch_job(active=2), pods=[pod(0), pod(1, phase="Pending")]),
         ("Running", "Training", "False", "True", "False"),
         "1/2 pod(s)",
     ),
@@ -124,7 +124,7 @@ CASES = [
         "succeeded",
         {},
         Observed(
-            job=batch_job(
+            batch_job=batch_job(
                 succeeded=1,
                 conditions=[condition("SuccessCriteriaMet"), condition("Complete")],
                 completion_time="2026-11-29T06:21:00Z",
@@ -138,7 +138,7 @@ CASES = [
         "invalid-input",
         {},
         Observed(
-            job=batch_job(
+            batch_job=batch_job(
                 failed=1,
                 conditions=[
                     condition(
@@ -157,7 +157,7 @@ CASES = [
         "failure-target-counts-as-failed",
         {},
         Observed(
-            job=batch_job(failed=1, conditions=[condition("FailureTarget", "PodFailurePolicy")]),
+            batch_job=batch_job(failed=1, conditions=[condition("FailureTarget", "PodFailurePolicy")]),
             pods=[pod(phase="Failed", exit_code=3)],
         ),
         ("Failed", "InvalidInput", "False", "False", "True"),
@@ -167,7 +167,7 @@ CASES = [
         "backoff-exceeded",
         {},
         Observed(
-            job=batch_job(
+            batch_job=batch_job(
                 failed=4,
                 conditions=[
                     condition("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit")
@@ -190,7 +190,7 @@ CASES = [
         "deadline",
         {},
         Observed(
-            job=batch_job(
+            batch_job=batch_job(
                 conditions=[
                     condition("Failed", "DeadlineExceeded", "Job was active longer than specified deadline")
                 ]
@@ -202,28 +202,28 @@ CASES = [
     (
         "suspended",
         {"suspend": True},
-        Observed(job=batch_job(suspend=True)),
+        Observed(batch_job=batch_job(suspend=True)),
         ("Suspended", "Suspended", None, "False", "False"),  # no Ready: Current for kstatus
         "set it to false to resume",
     ),
     (
         "suspending",
         {"suspend": True},
-        Observed(job=batch_job(suspend=True), pods=[pod()]),
+        Observed(batch_job=batch_job(suspend=True), pods=[pod()]),
         ("Suspended", "Suspending", None, "True", "False"),
         "saving a checkpoint",
     ),
     (
         "cancelling",
         {"cancel": True},
-        Observed(job=batch_job(suspend=True), pods=[pod()]),
+        Observed(batch_job=batch_job(suspend=True), pods=[pod()]),
         ("Running", "Cancelling", "False", "True", "False"),
         "cancelling",
     ),
     (
         "cancelled",
         {"cancel": True},
-        Observed(job=batch_job(suspend=True)),
+        Observed(batch_job=batch_job(suspend=True)),
         ("Cancelled", "Cancelled", "False", "False", "True"),
         "checkpoints are kept",
     ),
@@ -231,7 +231,7 @@ CASES = [
         "missing-secret",
         {},
         Observed(
-            job=batch_job(active=1),
+            batch_job=batch_job(active=1),
             pods=[pod(phase="Pending", waiting=("CreateContainerConfigError", 'secret "s3" not found'))],
         ),
         ("Pending", "SecretNotFound", "False", "False", "True"),
@@ -241,7 +241,7 @@ CASES = [
         "bad-image",
         {},
         Observed(
-            job=batch_job(active=1),
+            batch_job=batch_job(active=1),
             pods=[pod(phase="Pending", waiting=("ImagePullBackOff", "no such image"))],
         ),
         ("Pending", "ImagePullFailed", "False", "False", "True"),
@@ -288,7 +288,9 @@ def test_phase_and_conditions(
 
 
 def test_progress_from_rank_zero() -> None:
-    status = derive_status(parsed(), Observed(job=batch_job(active=1), pods=[pod()]), progress_report(), NOW)
+    status = derive_status(
+        parsed(), Observed(batch_job=batch_job(active=1), pods=[pod()]), progress_report(), NOW
+    )
     progress = status["progress"]
     assert (progress["step"], progress["totalSteps"], progress["steps"], progress["percent"]) == (
         40,
@@ -309,10 +311,12 @@ def test_progress_from_rank_zero() -> None:
 
 
 def test_progress_kept_when_not_polled() -> None:
-    first = derive_status(parsed(), Observed(job=batch_job(active=1), pods=[pod()]), progress_report(), NOW)
+    first = derive_status(
+        parsed(), Observed(batch_job=batch_job(active=1), pods=[pod()]), progress_report(), NOW
+    )
     again = derive_status(
         parsed(status=first),
-        Observed(job=batch_job(active=1), pods=[pod()]),
+        Observed(batch_job=batch_job(active=1), pods=[pod()]),
         None,
         NOW + timedelta(seconds=5),
     )
@@ -340,7 +344,7 @@ def test_metrics_in_the_status_have_five_significant_digits() -> None:
             }
         ],
     )
-    status = derive_status(parsed(), Observed(job=batch_job(active=1), pods=[pod()]), report, NOW)
+    status = derive_status(parsed(), Observed(batch_job=batch_job(active=1), pods=[pod()]), report, NOW)
     assert status["latestEvaluation"] == {
         "step": 30,
         "loss": 0.78004,
@@ -357,18 +361,22 @@ def test_metrics_in_the_status_have_five_significant_digits() -> None:
 
 
 def test_evaluations_merge_across_polls() -> None:
-    first = derive_status(parsed(), Observed(job=batch_job(active=1), pods=[pod()]), progress_report(), NOW)
+    first = derive_status(
+        parsed(), Observed(batch_job=batch_job(active=1), pods=[pod()]), progress_report(), NOW
+    )
     later = progress_report(
         step=60, evaluations=[{"step": 40, "loss": 2.5, "accuracy": 0.5, "perplexity": 12.2}]
     )
-    second = derive_status(parsed(status=first), Observed(job=batch_job(active=1), pods=[pod()]), later, NOW)
+    second = derive_status(
+        parsed(status=first), Observed(batch_job=batch_job(active=1), pods=[pod()]), later, NOW
+    )
     assert [e["step"] for e in second["evaluations"]] == [0, 20, 40]
     assert second["latestEvaluation"]["step"] == 40
 
 
 def test_final_summary_fills_in_results() -> None:
     observed = Observed(
-        job=batch_job(
+        batch_job=batch_job(
             succeeded=1, conditions=[condition("Complete")], completion_time="2026-11-29T06:21:00Z"
         ),
         pods=[pod(phase="Succeeded", exit_code=0, message=SUMMARY_OK)],
@@ -385,7 +393,7 @@ def test_final_summary_fills_in_results() -> None:
 def test_terminal_phase_is_sticky_when_job_is_gone() -> None:
     """A Job deleted by ttlSecondsAfterFinished leaves the FineTuneJob's status as it was."""
     observed = Observed(
-        job=batch_job(succeeded=1, conditions=[condition("Complete")]),
+        batch_job=batch_job(succeeded=1, conditions=[condition("Complete")]),
         pods=[pod(phase="Succeeded", exit_code=0, message=SUMMARY_OK)],
     )
     done = derive_status(parsed(), observed, None, NOW)
@@ -394,10 +402,12 @@ def test_terminal_phase_is_sticky_when_job_is_gone() -> None:
 
 
 def test_cancel_after_success_stays_succeeded() -> None:
-    done = derive_status(parsed(), Observed(job=batch_job(conditions=[condition("Complete")])), None, NOW)
+    done = derive_status(
+        parsed(), Observed(batch_job=batch_job(conditions=[condition("Complete")])), None, NOW
+    )
     after = derive_status(
         parsed(status=done, cancel=True),
-        Observed(job=batch_job(suspend=True, conditions=[condition("Complete")])),
+        Observed(batch_job=batch_job(suspend=True, conditions=[condition("Complete")])),
         None,
         NOW,
     )
@@ -405,14 +415,14 @@ def test_cancel_after_success_stays_succeeded() -> None:
 
 
 def test_transition_times_change_only_on_transitions() -> None:
-    running = derive_status(parsed(), Observed(job=batch_job(active=1), pods=[pod()]), None, NOW)
+    running = derive_status(parsed(), Observed(batch_job=batch_job(active=1), pods=[pod()]), None, NOW)
     later = NOW + timedelta(minutes=5)
     still = derive_status(
-        parsed(status=running), Observed(job=batch_job(active=1), pods=[pod()]), None, later
+        parsed(status=running), Observed(batch_job=batch_job(active=1), pods=[pod()]), None, later
     )
     assert still["conditions"] == running["conditions"]
     done = derive_status(
-        parsed(status=running), Observed(job=batch_job(conditions=[condition("Complete")])), None, later
+        parsed(status=running), Observed(batch_job=batch_job(conditions=[condition("Complete")])), None, later
     )
     times = {c["type"]: c["lastTransitionTime"] for c in done["conditions"]}
     assert times["Ready"] == "2026-11-29T06:05:00Z"  # False -> True
@@ -433,7 +443,7 @@ def test_invalid_spec_failure_is_reevaluated_after_a_fix() -> None:
     failed = derive_status(
         parsed(), Observed(problem=Problem(Reason.INVALID_SPEC, "bad", permanent=True)), None, NOW
     )
-    fixed = derive_status(parsed(status=failed, generation=2), Observed(job=batch_job()), None, NOW)
+    fixed = derive_status(parsed(status=failed, generation=2), Observed(batch_job=batch_job()), None, NOW)
     assert fixed["phase"] == "Pending"
 
 
@@ -463,22 +473,25 @@ def test_invalid_spec_failure_is_reevaluated_after_a_fix() -> None:
     ],
 )
 def test_malformed_progress_is_tolerated(report: dict[str, Any], expected_steps: str) -> None:
-    status = derive_status(parsed(), Observed(job=batch_job(active=1), pods=[pod()]), report, NOW)
+    status = derive_status(parsed(), Observed(batch_job=batch_job(active=1), pods=[pod()]), report, NOW)
     assert status["progress"]["steps"] == expected_steps
     assert "trainLoss" not in status["progress"]
     FineTuneJobStatus.model_validate(status)
 
 
 def test_no_flap_to_pending_between_pod_exit_and_job_completion() -> None:
-    running = derive_status(parsed(), Observed(job=batch_job(active=1), pods=[pod()]), None, NOW)
-    exited = Observed(job=batch_job(), pods=[pod(phase="Succeeded", exit_code=0, message=SUMMARY_OK)])
+    running = derive_status(parsed(), Observed(batch_job=batch_job(active=1), pods=[pod()]), None, NOW)
+    exited = Observed(batch_job=batch_job(), pods=[pod(phase="Succeeded", exit_code=0, message=SUMMARY_OK)])
     between = derive_status(parsed(status=running), exited, None, NOW)
     assert (between["phase"], between["message"]) == (
         "Running",
         "pods exited; waiting for the Job to conclude",
     )
     resumed = derive_status(
-        parsed(status=running), Observed(job=batch_job(active=1), pods=[pod(phase="Pending")]), None, NOW
+        parsed(status=running),
+        Observed(batch_job=batch_job(active=1), pods=[pod(phase="Pending")]),
+        None,
+        NOW,
     )
     assert resumed["phase"] == "Pending", "new pods that have not started yet are Pending"
 
@@ -511,40 +524,46 @@ def _summary(*steps: int, detailed: bool = True, listed: bool = True, **fields: 
 NO_LIST = object()  # the report has no checkpoint list (null: the trainer has not listed them yet)
 RUNNING = [pod()]
 DONE = Observed(
-    job=batch_job(succeeded=1, conditions=[condition("Complete")]),
+    batch_job=batch_job(succeeded=1, conditions=[condition("Complete")]),
     pods=[pod(phase="Succeeded", exit_code=0, message=_summary(40, 50, 60))],
 )
 FAILED_POD = pod(
     phase="Failed", exit_code=1, message=_summary(20, 30, 40, phase="Failed", exitCode=1, step=40)
 )
-FAILED = Observed(job=batch_job(failed=1), pods=[FAILED_POD])
-RETRYING = Observed(job=batch_job(active=1, failed=1), pods=[FAILED_POD, pod(phase="Running")])
+FAILED = Observed(batch_job=batch_job(failed=1), pods=[FAILED_POD])
+RETRYING = Observed(batch_job=batch_job(active=1, failed=1), pods=[FAILED_POD, pod(phase="Running")])
 
 CHECKPOINT_CASES = [
     # id, checkpoints in the previous status, observed, reported list (or NO_LIST / None: not polled), expected steps
-    ("first-report", [], Observed(job=batch_job(active=1), pods=RUNNING), [10], [10]),
+    ("first-report", [], Observed(batch_job=batch_job(active=1), pods=RUNNING), [10], [10]),
     (
         "keep-last-deleted-the-oldest",
         [10, 20, 30],
-        Observed(job=batch_job(active=1), pods=RUNNING),
+        Observed(batch_job=batch_job(active=1), pods=RUNNING),
         [20, 30, 40],
         [20, 30, 40],
     ),
     (
         "not-listed-yet-keeps-the-list",
         [10, 20],
-        Observed(job=batch_job(active=1), pods=RUNNING),
+        Observed(batch_job=batch_job(active=1), pods=RUNNING),
         NO_LIST,
         [10, 20],
     ),
     (
         "resumed-run-lists-earlier-checkpoints",
         [10, 20],
-        Observed(job=batch_job(active=1), pods=RUNNING),
+        Observed(batch_job=batch_job(active=1), pods=RUNNING),
         [10, 20, 30],
         [10, 20, 30],
     ),
-    ("not-polled-keeps-the-list", [10, 20], Observed(job=batch_job(active=1), pods=RUNNING), None, [10, 20]),
+    (
+        "not-polled-keeps-the-list",
+        [10, 20],
+        Observed(batch_job=batch_job(active=1), pods=RUNNING),
+        None,
+        [10, 20],
+    ),
     ("final-summary-after-the-last-retention", [30, 40, 50], DONE, None, [40, 50, 60]),
     ("summary-and-report-agree", [30, 40, 50], DONE, [40, 50, 60], [40, 50, 60]),
     ("failed-attempts-summary-after-its-last-retention", [10, 20, 30], FAILED, None, [20, 30, 40]),
@@ -554,7 +573,7 @@ CHECKPOINT_CASES = [
         "summary-without-a-list-keeps-the-list",
         [30, 40],
         Observed(
-            job=batch_job(succeeded=1, conditions=[condition("Complete")]),
+            batch_job=batch_job(succeeded=1, conditions=[condition("Complete")]),
             pods=[pod(phase="Succeeded", exit_code=0, message=_summary(listed=False))],
         ),
         None,
@@ -563,7 +582,7 @@ CHECKPOINT_CASES = [
     (
         "malformed-entries-dropped",
         [10],
-        Observed(job=batch_job(active=1), pods=RUNNING),
+        Observed(batch_job=batch_job(active=1), pods=RUNNING),
         [{"step": -1, "uri": "s3://x/"}, {"step": 20}, _ckpt(30)],
         [30],
     ),
@@ -593,7 +612,7 @@ def test_a_shortened_summary_keeps_what_is_known_of_each_checkpoint() -> None:
     """The termination summary may carry only step and URI (4096 bytes); time and metrics stay."""
     before = {"phase": "Running", "checkpoints": [_ckpt(40), _ckpt(50)]}
     done = Observed(
-        job=batch_job(succeeded=1, conditions=[condition("Complete")]),
+        batch_job=batch_job(succeeded=1, conditions=[condition("Complete")]),
         pods=[pod(phase="Succeeded", exit_code=0, message=_summary(50, 60, detailed=False))],
     )
     status = derive_status(parsed(status=before), done, None, NOW)
@@ -614,7 +633,9 @@ def test_an_evaluation_reports_step_zero_of_zero_steps_printed_as_eval() -> None
         checkpoints=[],
         evaluations=[{"step": 0, "loss": 2.2, "accuracy": 0.55, "perplexity": 9.025}],
     )
-    running = derive_status(parsed(**EVALUATE), Observed(job=batch_job(active=1), pods=[pod()]), report, NOW)
+    running = derive_status(
+        parsed(**EVALUATE), Observed(batch_job=batch_job(active=1), pods=[pod()]), report, NOW
+    )
     assert running["progress"] == {
         "step": 0,
         "totalSteps": 0,
@@ -624,7 +645,7 @@ def test_an_evaluation_reports_step_zero_of_zero_steps_printed_as_eval() -> None
     }
     assert running["latestEvaluation"]["step"] == 0 and running["checkpoints"] == []
     done = Observed(
-        job=batch_job(succeeded=1, conditions=[condition("Complete")]),
+        batch_job=batch_job(succeeded=1, conditions=[condition("Complete")]),
         pods=[pod(phase="Succeeded", exit_code=0, message=SUMMARY_EVALUATED)],
     )
     finished = derive_status(parsed(status=running, **EVALUATE), done, None, NOW)
