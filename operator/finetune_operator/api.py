@@ -528,6 +528,16 @@ class FineTuneJobStatus(_Model):
         "deletes older ones), newest 20.",
     )
 
+    @classmethod
+    def from_dict(cls, status: Mapping[str, Any]) -> FineTuneJobStatus:
+        """The typed status from its JSON form (camelCase keys); raises ValidationError on a
+        field the CRD's status schema does not have."""
+        return cls.model_validate(status)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form written to the API server: the fields that were set, camelCase."""
+        return self.model_dump(by_alias=True, exclude_unset=True, mode="json")
+
 
 # ---------------------------------------------------------------------------------------------
 # validation

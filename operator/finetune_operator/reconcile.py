@@ -32,6 +32,7 @@ from finetune_operator import builders, gang, kueue, metrics
 from finetune_operator.api import (
     ConditionType,
     FineTuneJob,
+    FineTuneJobStatus,
     ObjectRef,
     Phase,
     Reason,
@@ -52,7 +53,6 @@ from finetune_operator.status import (
 
 log = logging.getLogger(__name__)
 
-TERMINAL_PHASES = frozenset(p.value for p in Phase if p.terminal)
 # Status fields that change on every poll without meaning anything new.
 _VOLATILE = ("updatedAt",)
 
@@ -278,16 +278,16 @@ def _act_on_batch_job(
     job: FineTuneJob,
     batch_job: Mapping[str, Any],
     pods: list[dict[str, Any]],
-    status: Mapping[str, Any],
+    status: FineTuneJobStatus,
     outcome: Outcome,
     now: datetime,
 ) -> None:
     """After the status write (a crash in between loses nothing): what it decided for the Job."""
-    if status.get("reason") == Reason.RESTARTING.value:
+    if status.reason == Reason.RESTARTING.value:
         _restart_gang(cluster, job, batch_job, pods, outcome, now)
-    if status.get("reason") == Reason.OOM_KILLED.value:
+    if status.reason == Reason.OOM_KILLED.value:
         _stop_after_oom(cluster, job, batch_job, outcome)
-    if status.get("phase") in TERMINAL_PHASES:
+    if status.phase is not None and status.phase.terminal:
         ttl = _ttl_patch(job, batch_job)
         if ttl is not None:
             cluster.patch("Job", job.namespace, batch_job["metadata"]["name"], ttl)
@@ -536,13 +536,14 @@ def _write(
     cluster: Cluster,
     ref: ObjectRef,
     previous: Mapping[str, Any],
-    new: dict[str, Any],
+    status: FineTuneJobStatus,
     outcome: Outcome,
     now: datetime,
     precondition: str | None = None,
 ) -> None:
     """One status write if anything changed (only onto `precondition`'s resourceVersion, if
     given); then the events for a phase change."""
+    new = status.to_dict()
     outcome.status = new
     outcome.phase = new.get("phase")
     if _comparable(new) == _comparable(previous):

@@ -37,7 +37,7 @@ from datetime import datetime
 from typing import Any
 
 from finetune_operator import gang
-from finetune_operator.api import FineTuneJob, ObjectRef, Phase, Reason, rfc3339
+from finetune_operator.api import FineTuneJob, FineTuneJobStatus, ObjectRef, Phase, Reason, rfc3339
 from finetune_operator.conditions import clip, conditions, unknown_fields_condition
 from finetune_operator.observed import Observed, Problem
 from finetune_operator.phase import decide_phase, is_finished
@@ -61,7 +61,7 @@ def derive_status(
     observed: Observed,
     progress: Mapping[str, Any] | None,
     now: datetime,
-) -> dict[str, Any]:
+) -> FineTuneJobStatus:
     """The new status. `progress` is rank 0's ProgressReport if it was polled this cycle."""
     previous = dict(job.status)
     status: dict[str, Any] = {
@@ -151,12 +151,12 @@ def derive_status(
     extra = unknown_fields_condition(observed.unknown_fields, previous, job.ref.generation, now)
     if extra is not None:
         status["conditions"].append(extra)
-    return status
+    return FineTuneJobStatus.from_dict(status)
 
 
 def invalid_spec_status(
     ref: ObjectRef, previous: Mapping[str, Any], errors: Sequence[str], now: datetime
-) -> dict[str, Any]:
+) -> FineTuneJobStatus:
     """Status of a job whose spec the operator cannot use (nothing is created)."""
     status = {
         key: previous[key]
@@ -176,4 +176,4 @@ def invalid_spec_status(
     status["conditions"] = conditions(
         Phase.FAILED, Reason.INVALID_SPEC, message, ref.generation, previous.get("conditions") or [], now
     )
-    return status
+    return FineTuneJobStatus.from_dict(status)

@@ -28,7 +28,7 @@ def written(
     observed: Observed, *, generation: int = 1, progress: dict[str, Any] | None = None, **spec: Any
 ) -> dict[str, Any]:
     """The FineTuneJob as the API server returns it (JSON) after the operator's status write."""
-    status = derive_status(parsed(generation=generation, **spec), observed, progress, NOW)
+    status = derive_status(parsed(generation=generation, **spec), observed, progress, NOW).to_dict()
     obj: dict[str, Any] = json.loads(json.dumps(ftj(generation=generation, status=status, **spec)))
     return obj
 
@@ -50,7 +50,7 @@ def _deleting() -> dict[str, Any]:
 def _invalid_spec() -> dict[str, Any]:
     ref = ObjectRef(name="demo", namespace="team-a", uid="u", generation=1)
     return ftj(
-        status=invalid_spec_status(ref, {}, ["spec.model: exactly one of name or uri must be set"], NOW)
+        status=invalid_spec_status(ref, {}, ["spec.model: exactly one of name or uri must be set"], NOW).to_dict()
     )
 
 

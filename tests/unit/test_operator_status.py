@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import json
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
 
-from finetune_operator.api import FineTuneJobStatus, ObjectRef, Reason
+from finetune_operator.api import FineTuneJob, FineTuneJobStatus, ObjectRef, Phase, Reason
 from finetune_operator.status import Observed, Problem, derive_status, invalid_spec_status
 from tests.operator.factories import NOW, batch_job, condition, parsed, pod, progress_report
+
+
+def derived(job: FineTuneJob, observed: Observed, progress: Any, now: datetime) -> dict[str, Any]:
+    """`derive_status` in the JSON form the operator writes."""
+    return derive_status(job, observed, progress, now).to_dict()
+
+
+def invalid(ref: ObjectRef, previous: dict[str, Any], errors: list[str], now: datetime) -> dict[str, Any]:
+    return invalid_spec_status(ref, previous, errors, now).to_dict()
 
 
 def _conditions(status: dict[str, Any]) -> dict[str, str]:
@@ -272,7 +281,7 @@ CASES = [
 def test_phase_and_conditions(
     overrides: dict[str, Any], observed: Observed, expected: tuple[str, ...], fragment: str
 ) -> None:
-    status = derive_status(parsed(generation=3, **overrides), observed, None, NOW)
+    status = derived(parsed(generation=3, **overrides), observed, None, NOW)
     conds = _conditions(status)
     assert (
         status["phase"],
@@ -288,9 +297,7 @@ def test_phase_and_conditions(
 
 
 def test_progress_from_rank_zero() -> None:
-    status = derive_status(
-        parsed(), Observed(batch_job=batch_job(active=1), pods=[pod()]), progress_report(), NOW
-    )
+    status = derived(parsed(), Observed(batch_job=batch_job(active=1), pods=[pod()]), progress_report(), NOW)
     progress = status["progress"]
     assert (progress["step"], progress["totalSteps"], progress["steps"], progress["percent"]) == (
         40,
@@ -311,10 +318,8 @@ def test_progress_from_rank_zero() -> None:
 
 
 def test_progress_kept_when_not_polled() -> None:
-    first = derive_status(
-        parsed(), Observed(batch_job=batch_job(active=1), pods=[pod()]), progress_report(), NOW
-    )
-    again = derive_status(
+    first = derived(parsed(), Observed(batch_job=batch_job(active=1), pods=[pod()]), progress_report(), NOW)
+    again = derived(
         parsed(status=first),
         Observed(batch_job=batch_job(active=1), pods=[pod()]),
         None,
@@ -344,7 +349,7 @@ def test_metrics_in_the_status_have_five_significant_digits() -> None:
             }
         ],
     )
-    status = derive_status(parsed(), Observed(batch_job=batch_job(active=1), pods=[pod()]), report, NOW)
+    status = derived(parsed(), Observed(batch_job=batch_job(active=1), pods=[pod()]), report, NOW)
     assert status["latestEvaluation"] == {
         "step": 30,
         "loss": 0.78004,
@@ -361,15 +366,11 @@ def test_metrics_in_the_status_have_five_significant_digits() -> None:
 
 
 def test_evaluations_merge_across_polls() -> None:
-    first = derive_status(
-        parsed(), Observed(batch_job=batch_job(active=1), pods=[pod()]), progress_report(), NOW
-    )
+    first = derived(parsed(), Observed(batch_job=batch_job(active=1), pods=[pod()]), progress_report(), NOW)
     later = progress_report(
         step=60, evaluations=[{"step": 40, "loss": 2.5, "accuracy": 0.5, "perplexity": 12.2}]
     )
-    second = derive_status(
-        parsed(status=first), Observed(batch_job=batch_job(active=1), pods=[pod()]), later, NOW
-    )
+    second = derived(parsed(status=first), Observed(batch_job=batch_job(active=1), pods=[pod()]), later, NOW)
     assert [e["step"] for e in second["evaluations"]] == [0, 20, 40]
     assert second["latestEvaluation"]["step"] == 40
 
@@ -381,7 +382,7 @@ def test_final_summary_fills_in_results() -> None:
         ),
         pods=[pod(phase="Succeeded", exit_code=0, message=SUMMARY_OK)],
     )
-    status = derive_status(parsed(), observed, None, NOW)
+    status = derived(parsed(), observed, None, NOW)
     assert status["progress"]["steps"] == "100/100"
     assert status["progress"]["percent"] == 100.0
     assert status["latestEvaluation"]["step"] == 100
@@ -396,16 +397,14 @@ def test_terminal_phase_is_sticky_when_job_is_gone() -> None:
         batch_job=batch_job(succeeded=1, conditions=[condition("Complete")]),
         pods=[pod(phase="Succeeded", exit_code=0, message=SUMMARY_OK)],
     )
-    done = derive_status(parsed(), observed, None, NOW)
-    later = derive_status(parsed(status=done), Observed(), None, NOW + timedelta(hours=1))
+    done = derived(parsed(), observed, None, NOW)
+    later = derived(parsed(status=done), Observed(), None, NOW + timedelta(hours=1))
     assert later == done
 
 
 def test_cancel_after_success_stays_succeeded() -> None:
-    done = derive_status(
-        parsed(), Observed(batch_job=batch_job(conditions=[condition("Complete")])), None, NOW
-    )
-    after = derive_status(
+    done = derived(parsed(), Observed(batch_job=batch_job(conditions=[condition("Complete")])), None, NOW)
+    after = derived(
         parsed(status=done, cancel=True),
         Observed(batch_job=batch_job(suspend=True, conditions=[condition("Complete")])),
         None,
@@ -415,13 +414,13 @@ def test_cancel_after_success_stays_succeeded() -> None:
 
 
 def test_transition_times_change_only_on_transitions() -> None:
-    running = derive_status(parsed(), Observed(batch_job=batch_job(active=1), pods=[pod()]), None, NOW)
+    running = derived(parsed(), Observed(batch_job=batch_job(active=1), pods=[pod()]), None, NOW)
     later = NOW + timedelta(minutes=5)
-    still = derive_status(
+    still = derived(
         parsed(status=running), Observed(batch_job=batch_job(active=1), pods=[pod()]), None, later
     )
     assert still["conditions"] == running["conditions"]
-    done = derive_status(
+    done = derived(
         parsed(status=running), Observed(batch_job=batch_job(conditions=[condition("Complete")])), None, later
     )
     times = {c["type"]: c["lastTransitionTime"] for c in done["conditions"]}
@@ -432,7 +431,7 @@ def test_transition_times_change_only_on_transitions() -> None:
 
 def test_invalid_spec_status() -> None:
     ref = ObjectRef(name="demo", namespace="team-a", uid="u", generation=2)
-    status = invalid_spec_status(ref, {}, ["spec.model: exactly one of name or uri must be set"], NOW)
+    status = invalid(ref, {}, ["spec.model: exactly one of name or uri must be set"], NOW)
     assert (status["phase"], status["reason"]) == ("Failed", "InvalidSpec")
     assert "spec.model: exactly one of name or uri" in status["message"]
     assert _conditions(status) == {"Ready": "False", "Reconciling": "False", "Stalled": "True"}
@@ -440,10 +439,10 @@ def test_invalid_spec_status() -> None:
 
 
 def test_invalid_spec_failure_is_reevaluated_after_a_fix() -> None:
-    failed = derive_status(
+    failed = derived(
         parsed(), Observed(problem=Problem(Reason.INVALID_SPEC, "bad", permanent=True)), None, NOW
     )
-    fixed = derive_status(parsed(status=failed, generation=2), Observed(batch_job=batch_job()), None, NOW)
+    fixed = derived(parsed(status=failed, generation=2), Observed(batch_job=batch_job()), None, NOW)
     assert fixed["phase"] == "Pending"
 
 
@@ -473,21 +472,21 @@ def test_invalid_spec_failure_is_reevaluated_after_a_fix() -> None:
     ],
 )
 def test_malformed_progress_is_tolerated(report: dict[str, Any], expected_steps: str) -> None:
-    status = derive_status(parsed(), Observed(batch_job=batch_job(active=1), pods=[pod()]), report, NOW)
+    status = derived(parsed(), Observed(batch_job=batch_job(active=1), pods=[pod()]), report, NOW)
     assert status["progress"]["steps"] == expected_steps
     assert "trainLoss" not in status["progress"]
     FineTuneJobStatus.model_validate(status)
 
 
 def test_no_flap_to_pending_between_pod_exit_and_job_completion() -> None:
-    running = derive_status(parsed(), Observed(batch_job=batch_job(active=1), pods=[pod()]), None, NOW)
+    running = derived(parsed(), Observed(batch_job=batch_job(active=1), pods=[pod()]), None, NOW)
     exited = Observed(batch_job=batch_job(), pods=[pod(phase="Succeeded", exit_code=0, message=SUMMARY_OK)])
-    between = derive_status(parsed(status=running), exited, None, NOW)
+    between = derived(parsed(status=running), exited, None, NOW)
     assert (between["phase"], between["message"]) == (
         "Running",
         "pods exited; waiting for the Job to conclude",
     )
-    resumed = derive_status(
+    resumed = derived(
         parsed(status=running),
         Observed(batch_job=batch_job(active=1), pods=[pod(phase="Pending")]),
         None,
@@ -603,7 +602,7 @@ def test_status_lists_exactly_the_checkpoints_that_still_exist(
             None if reported is NO_LIST else [c if isinstance(c, dict) else _ckpt(c) for c in reported]
         )
         report = progress_report(step=60, total=60, checkpoints=checkpoints)
-    status = derive_status(parsed(status=before), observed, report, NOW)
+    status = derived(parsed(status=before), observed, report, NOW)
     assert [c["step"] for c in status.get("checkpoints", [])] == expected
     FineTuneJobStatus.model_validate(status)
 
@@ -615,7 +614,7 @@ def test_a_shortened_summary_keeps_what_is_known_of_each_checkpoint() -> None:
         batch_job=batch_job(succeeded=1, conditions=[condition("Complete")]),
         pods=[pod(phase="Succeeded", exit_code=0, message=_summary(50, 60, detailed=False))],
     )
-    status = derive_status(parsed(status=before), done, None, NOW)
+    status = derived(parsed(status=before), done, None, NOW)
     assert status["checkpoints"] == [_ckpt(50), _ckpt(60, detailed=False)]
 
 
@@ -633,9 +632,7 @@ def test_an_evaluation_reports_step_zero_of_zero_steps_printed_as_eval() -> None
         checkpoints=[],
         evaluations=[{"step": 0, "loss": 2.2, "accuracy": 0.55, "perplexity": 9.025}],
     )
-    running = derive_status(
-        parsed(**EVALUATE), Observed(batch_job=batch_job(active=1), pods=[pod()]), report, NOW
-    )
+    running = derived(parsed(**EVALUATE), Observed(batch_job=batch_job(active=1), pods=[pod()]), report, NOW)
     assert running["progress"] == {
         "step": 0,
         "totalSteps": 0,
@@ -648,7 +645,7 @@ def test_an_evaluation_reports_step_zero_of_zero_steps_printed_as_eval() -> None
         batch_job=batch_job(succeeded=1, conditions=[condition("Complete")]),
         pods=[pod(phase="Succeeded", exit_code=0, message=SUMMARY_EVALUATED)],
     )
-    finished = derive_status(parsed(status=running, **EVALUATE), done, None, NOW)
+    finished = derived(parsed(status=running, **EVALUATE), done, None, NOW)
     assert (finished["phase"], finished["progress"]["steps"], finished["progress"]["percent"]) == (
         "Succeeded",
         "eval",
@@ -657,3 +654,13 @@ def test_an_evaluation_reports_step_zero_of_zero_steps_printed_as_eval() -> None
     assert finished["evaluations"] == [{"step": 0, "loss": 2.2, "accuracy": 0.55, "perplexity": 9.025}]
     assert finished["baselines"][0]["model"] == "pythia-160m" and finished["checkpoints"] == []
     FineTuneJobStatus.model_validate(finished)
+
+
+def test_derive_status_is_typed_and_its_json_form_round_trips() -> None:
+    status = derive_status(
+        parsed(), Observed(batch_job=batch_job(active=1), pods=[pod()]), progress_report(), NOW
+    )
+    assert status.phase is Phase.RUNNING
+    assert status.progress is not None and status.progress.updated_at == "2026-11-29T06:00:00Z"
+    assert FineTuneJobStatus.from_dict(status.to_dict()) == status
+    assert "restarts" not in status.to_dict(), "only the fields the cycle set are written"
