@@ -61,7 +61,7 @@ def _failed_retryably(batch_job: Mapping[str, Any]) -> bool:
     """The Job failed (or is failing) because a pod failed — not invalid input or a deadline."""
     for cond in (batch_job.get("status") or {}).get("conditions") or []:
         if cond.get("type") in ("Failed", "FailureTarget") and cond.get("status") == "True":
-            return cond.get("reason") == "BackoffLimitExceeded"
+            return bool(cond.get("reason") == "BackoffLimitExceeded")
     return False
 
 
