@@ -164,12 +164,14 @@ _QUANTITY_SUFFIXES = {
 
 def memory_limit_bytes(container: Mapping[str, Any]) -> int | None:
     """The container's `resources.limits.memory` in bytes (a Kubernetes quantity), or None."""
-    value = (((container.get("resources") or {}).get("limits") or {}).get("memory"))
+    value = ((container.get("resources") or {}).get("limits") or {}).get("memory")
     if value is None:
         return None
     match = re.fullmatch(r"([0-9.]+(?:[eE][0-9]+)?)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E|)", str(value).strip())
     if match is None:
-        raise PodSpecError("CreateContainerConfigError", f"resources.limits.memory: {value!r} is not a quantity")
+        raise PodSpecError(
+            "CreateContainerConfigError", f"resources.limits.memory: {value!r} is not a quantity"
+        )
     return int(float(match.group(1)) * _QUANTITY_SUFFIXES[match.group(2)])
 
 

@@ -21,10 +21,11 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import urllib3.exceptions
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
@@ -32,9 +33,11 @@ from finetune_dev import podspec
 from finetune_dev.node.worker import PodWorker, kill_group, utc_timestamp
 
 log = logging.getLogger("process-node")
+T = TypeVar("T")
 
 KUBELET_VERSION = "v1.37.2"
 HEARTBEAT_SECONDS = 20
+UNREACHABLE_RETRY_SECONDS = 1.0
 FIRST_POD_HOST = 10  # pod IPs are <pod network>.0.10 upwards
 
 
@@ -65,13 +68,35 @@ class NodeAgent:
         self.lock = threading.RLock()
         self.stopping = threading.Event()
 
+    def _while_unreachable(self, what: str, call: Callable[[], T]) -> T:
+        """`call()`, retried while the API server cannot be reached (restarting: connection
+        refused, or 5xx while it starts), as a kubelet keeps its pods running and syncs their
+        status once the server is back. Gives up only when the agent stops."""
+        warned = False
+        while True:
+            try:
+                return call()
+            except (urllib3.exceptions.HTTPError, ApiException) as exc:
+                if (isinstance(exc, ApiException) and (exc.status or 0) < 500) or self.stopping.is_set():
+                    raise
+                if not warned:
+                    log.warning("%s: the API server is unreachable (%s); retrying", what, type(exc).__name__)
+                    warned = True
+                time.sleep(UNREACHABLE_RETRY_SECONDS)
+
     # --- lookups for podspec ----------------------------------------------------------------
     def lookup(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:
             if kind == "Secret":
-                obj = self.core.read_namespaced_secret(name, namespace)
+                obj = self._while_unreachable(
+                    f"read Secret {namespace}/{name}",
+                    lambda: self.core.read_namespaced_secret(name, namespace),
+                )
             else:
-                obj = self.core.read_namespaced_config_map(name, namespace)
+                obj = self._while_unreachable(
+                    f"read ConfigMap {namespace}/{name}",
+                    lambda: self.core.read_namespaced_config_map(name, namespace),
+                )
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -90,26 +115,34 @@ class NodeAgent:
                 ),
             )
         )
-        result = self.core.create_namespaced_service_account_token(sa, meta["namespace"], body)
+        result = self._while_unreachable(
+            f"token for pod {meta['namespace']}/{meta['name']}",
+            lambda: self.core.create_namespaced_service_account_token(sa, meta["namespace"], body),
+        )
         return str(result.status.token)
 
     def patch_pod_status(self, pod: dict[str, Any], status: dict[str, Any]) -> None:
         meta = pod["metadata"]
         try:
-            self.core.patch_namespaced_pod_status(meta["name"], meta["namespace"], {"status": status})
+            self._while_unreachable(
+                f"status of pod {meta['namespace']}/{meta['name']}",
+                lambda: self.core.patch_namespaced_pod_status(
+                    meta["name"], meta["namespace"], {"status": status}
+                ),
+            )
         except ApiException as exc:
             if exc.status != 404:
                 log.warning("pod %s/%s: status patch failed: %s", meta["namespace"], meta["name"], exc.reason)
 
     def delete_pod(self, pod: dict[str, Any]) -> None:
         meta = pod["metadata"]
+        options = client.V1DeleteOptions(
+            grace_period_seconds=0, preconditions=client.V1Preconditions(uid=meta["uid"])
+        )
         try:
-            self.core.delete_namespaced_pod(
-                meta["name"],
-                meta["namespace"],
-                body=client.V1DeleteOptions(
-                    grace_period_seconds=0, preconditions=client.V1Preconditions(uid=meta["uid"])
-                ),
+            self._while_unreachable(
+                f"final delete of pod {meta['namespace']}/{meta['name']}",
+                lambda: self.core.delete_namespaced_pod(meta["name"], meta["namespace"], body=options),
             )
         except ApiException as exc:
             if exc.status not in (404, 409):
@@ -168,7 +201,7 @@ class NodeAgent:
             last_timestamp=dt.datetime.now(dt.UTC),
             count=1,
         )
-        with contextlib.suppress(ApiException):
+        with contextlib.suppress(ApiException, urllib3.exceptions.HTTPError):  # an event may be lost
             self.core.create_namespaced_event(meta["namespace"], body)
 
     # --- node registration --------------------------------------------------------------------
