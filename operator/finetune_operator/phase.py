@@ -62,7 +62,7 @@ def decide_phase(
         return Phase.RUNNING, Reason.RESTARTING, decision.message, False
 
     if observed.batch_job is not None:
-        finished = _job_finished(observed.batch_job)
+        finished = _batch_job_finished(observed.batch_job)
         if finished is not None:
             return finished[0], finished[1], _finish_message(job, finished, observed), False
 
@@ -178,21 +178,21 @@ def _default_reason(phase: Phase) -> Reason:
     )
 
 
-def _job_condition(job: Mapping[str, Any], kind: str) -> Mapping[str, Any] | None:
-    conds: list[Mapping[str, Any]] = (job.get("status") or {}).get("conditions") or []
+def _batch_job_condition(batch_job: Mapping[str, Any], kind: str) -> Mapping[str, Any] | None:
+    conds: list[Mapping[str, Any]] = (batch_job.get("status") or {}).get("conditions") or []
     for cond in conds:
         if cond.get("type") == kind and cond.get("status") == "True":
             return cond
     return None
 
 
-def _job_finished(job: Mapping[str, Any]) -> tuple[Phase, Reason, str] | None:
+def _batch_job_finished(batch_job: Mapping[str, Any]) -> tuple[Phase, Reason, str] | None:
     """(phase, reason, Job condition message) if the Job reached (or is reaching) its end."""
     for kind in ("Complete", "SuccessCriteriaMet"):
-        if _job_condition(job, kind) is not None:
+        if _batch_job_condition(batch_job, kind) is not None:
             return Phase.SUCCEEDED, Reason.SUCCEEDED, "training finished"
     for kind in ("Failed", "FailureTarget"):
-        cond = _job_condition(job, kind)
+        cond = _batch_job_condition(batch_job, kind)
         if cond is not None:
             reason = {
                 "PodFailurePolicy": Reason.INVALID_INPUT,

@@ -21,10 +21,6 @@ def live_pods(pods: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     return [pod for pod in pods if (pod.get("status") or {}).get("phase") in ("Pending", "Running", None)]
 
 
-def job_start(job: Mapping[str, Any] | None) -> str | None:
-    return ((job or {}).get("status") or {}).get("startTime")
-
-
 def first_pod_start(pods: Sequence[Mapping[str, Any]]) -> str | None:
     times = [str(t) for pod in pods if (t := (pod.get("status") or {}).get("startTime"))]
     return min(times) if times else None

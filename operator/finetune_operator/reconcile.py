@@ -324,10 +324,7 @@ def _stop_after_oom(
     the Job: its running pods stop, the failed pod stays for `kubectl logs`. A Job Kueue
     manages keeps its suspend flag (Kueue owns it): its Workload is deactivated instead."""
     meta = batch_job.get("metadata") or {}
-    conditions = (batch_job.get("status") or {}).get("conditions") or []
-    if meta.get("deletionTimestamp") or any(
-        c.get("type") in ("Complete", "Failed") and c.get("status") == "True" for c in conditions
-    ):
+    if meta.get("deletionTimestamp") or _batch_job_ended(batch_job):
         return
     if builders.QUEUE_NAME_LABEL in (meta.get("labels") or {}):
         workload = cluster.find_workload(job.namespace, str(meta.get("uid") or ""))
@@ -396,8 +393,7 @@ def _ttl_patch(job: FineTuneJob, batch_job: Mapping[str, Any]) -> dict[str, Any]
         return None
     if (batch_job.get("spec") or {}).get("ttlSecondsAfterFinished") == ttl:
         return None
-    conditions = (batch_job.get("status") or {}).get("conditions") or []
-    if not any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True" for c in conditions):
+    if not _batch_job_ended(batch_job):
         return None  # not finished (cancelled or suspended Jobs keep no TTL)
     return {"spec": {"ttlSecondsAfterFinished": ttl}}
 
@@ -450,6 +446,12 @@ def _apply_children(
         if kind == "Job":
             batch_job = current
     return batch_job, None
+
+
+def _batch_job_ended(batch_job: Mapping[str, Any]) -> bool:
+    """The Job controller concluded the Job: condition Complete or Failed is True."""
+    conditions = (batch_job.get("status") or {}).get("conditions") or []
+    return any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True" for c in conditions)
 
 
 def _may_have_pods(batch_job: Mapping[str, Any]) -> bool:

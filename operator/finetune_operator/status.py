@@ -1,6 +1,6 @@
 """FineTuneJob status from what was observed (pure): the Job, its pods, the trainer's progress.
 
-`derive_status(job, observed, progress, now)` returns the complete new `status` as a dict.
+`derive_status(job, observed, progress, now)` returns the complete new status (typed).
 Level-based: the same observation gives the same status (times are carried over from the
 previous status unless something changed), so `reconcile` writes only when the result differs.
 
@@ -27,6 +27,11 @@ checkpoints.keepLast deleted older ones (a resumed run's earlier checkpoints are
 list comes from rank 0's progress report while it runs and from its termination summary once
 no rank-0 pod is live (a summary of an earlier attempt never overrides a newer report).
 
+This module assembles the status; its subjects live apart: `phase` (phase, reason and message;
+the terminal-phase rule, `is_finished`), `pods` (pod readers: exits, failures, termination
+summaries), `results` (folding the trainer's reports in) and `conditions` (kstatus conditions).
+The status is the typed `api.FineTuneJobStatus`; `reconcile` writes its `to_dict()`.
+
 Called by `reconcile` and the unit tests; must not import kopf or the Kubernetes client.
 """
 
@@ -44,7 +49,6 @@ from finetune_operator.phase import decide_phase, is_finished
 from finetune_operator.pods import (
     failure_cause,
     first_pod_start,
-    job_start,
     last_exit,
     rank0_live,
     termination_summary,
@@ -119,7 +123,7 @@ def derive_status(
     status["message"] = clip(message)
     if "startTime" not in status:
         # Also for a job that ran and finished while the operator was away: it did start.
-        started = job_start(observed.batch_job) or first_pod_start(observed.pods)
+        started = _batch_job_start(observed.batch_job) or first_pod_start(observed.pods)
         if phase is Phase.RUNNING:
             status["startTime"] = started or rfc3339(now)
         elif phase.terminal and started and reason is not Reason.INVALID_SPEC:
@@ -177,3 +181,7 @@ def invalid_spec_status(
         Phase.FAILED, Reason.INVALID_SPEC, message, ref.generation, previous.get("conditions") or [], now
     )
     return FineTuneJobStatus.from_dict(status)
+
+
+def _batch_job_start(batch_job: Mapping[str, Any] | None) -> str | None:
+    return ((batch_job or {}).get("status") or {}).get("startTime")
