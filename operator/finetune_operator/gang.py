@@ -14,7 +14,7 @@ it; a Job of an older attempt (the cycle stopped between the write and the delet
 without counting again. Invalid input (exit 3, the Job's podFailurePolicy) and
 `activeDeadlineSeconds` end the job as before; single-pod jobs keep the Job's own retries.
 
-Called by `status.derive_status` (phase, reason, restarts) and `reconcile` (the delete). Must
+Called by `status.derive_status` and `phase` (phase, reason, restarts) and `reconcile` (the delete). Must
 not import kopf or the Kubernetes client.
 """
 
@@ -71,7 +71,7 @@ def decide(
     cause: str,
 ) -> Decision:
     """What to do about this job's current batch Job. `cause`: the first failed pod's message
-    (status._pod_failure_message), for the status and the event."""
+    (`pods.failure_cause`), for the status and the event."""
     restarts = restarts_so_far(job)
     if not is_gang(job) or batch_job is None or job.spec.cancel:
         return Decision(Action.NONE, restarts)

@@ -8,7 +8,7 @@ camelCase dicts the builders produce. Creating an existing object returns the ex
 background (events are best effort), both on a small thread pool of the wrapper's own, so a
 new job costs two round trips before its status is written instead of five.
 
-Imported by `reconcile` (the interface) and `handlers` (the implementation). No decisions here.
+Imported by `reconcile` (the interface) and `controller` (the implementation). No decisions here.
 """
 
 from __future__ import annotations

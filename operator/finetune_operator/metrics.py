@@ -1,4 +1,4 @@
-"""The operator's Prometheus metrics (prometheus-client), served by `handlers` on startup.
+"""The operator's Prometheus metrics (prometheus-client), served by `controller.Controller` on startup.
 
 - `finetune_operator_jobs{phase}` — FineTuneJobs this operator knows, by phase.
 - `finetune_operator_job_phase{namespace,finetunejob,phase}` — 1 for each job's current phase

@@ -1,6 +1,6 @@
 """Which FineTuneJobs need a reconcile cycle, and when (pure, in memory, no API calls).
 
-The glue feeds it every FineTuneJob watch event (`observe`) and every finished cycle
+The controller feeds it every FineTuneJob watch event (`observe`) and every finished cycle
 (`reconciled`); it answers `needs_reconcile` for an event (the spec is newer than the status:
 a new job, or a spec change) and `due(now)` for the background loop: jobs whose last cycle
 failed (retried after `retry_seconds`), and jobs to poll: Running every `poll_seconds` (rank 0's
@@ -9,7 +9,7 @@ a bad image — without its Job changing, so no Job event would tell; a full clu
 Pending jobs, hence the slower cadence). This replaces kopf's per-object timers and
 handler-progress annotations: no finalizers, no extra writes per job.
 
-Called by `handlers`; must not import kopf or the Kubernetes client.
+Called by `controller`; must not import kopf or the Kubernetes client.
 """
 
 from __future__ import annotations
