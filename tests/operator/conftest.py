@@ -1,9 +1,10 @@
-"""Operator-logic tier: `finetune_operator.reconcile` against an in-memory fake of our own
-Kubernetes wrapper (`k8s.Cluster`) and a fake progress source.
+"""Operator-logic tier: `finetune_operator.reconcile` and the `controller` against an in-memory
+fake of our own Kubernetes wrapper (`k8s.Cluster`) and a fake progress source.
 
-Boundary: no kopf, no API server, no network, no processes. What the Job controller, the
-garbage collector or kubelet would do is done by the test, explicitly, on the fake's objects.
-The real client (`k8s.KubeCluster`) and kopf glue are covered by tests/integration.
+Boundary: kopf is never run (test_controller imports it), no API server, no network, no
+processes. What the Job controller, the garbage collector or kubelet would do is done by the
+test, explicitly, on the fake's objects. The real client (`k8s.KubeCluster`) and kopf itself
+are covered by tests/integration.
 """
 
 from __future__ import annotations
