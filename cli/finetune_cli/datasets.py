@@ -1,25 +1,28 @@
-"""Datasets: format detection, validation and record counts for `add dataset` (pure).
+"""Datasets: format detection, record and token counts, and what is reported for `add dataset`
+(pure decisions; the command streams the files through `storage`).
 
 A registered dataset `N` is a folder of the registry (the operator's `datasetsUri`):
 `<datasetsUri>N/train/<files>`, optionally `N/eval/<files>`, and `N/dataset.json` describing it
 (written last, so a half-uploaded dataset is not listed). That is the layout the trainer reads for
-`spec.dataset.name` (`finetune_trainer.data.plan_data`). Records are checked with the trainer's own
-preflight (`finetune_trainer.data.parse_file`), so a dataset the CLI accepts is one the trainer
-accepts. Called by `main`; the I/O is in `storage`.
+`spec.dataset.name` (`finetune_trainer.data.plan_data`). Records are checked, and tokens counted,
+by the trainer's own streaming preflight (`finetune_trainer.data.preflight`), so a dataset the
+CLI accepts is one the trainer accepts, and its token count is what the token shards will hold.
+Called by `commands.add`; the I/O is in `storage` and `tokens`.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from finetune_trainer.config import DatasetSpec
-from finetune_trainer.data import parse_file
+from finetune_trainer.data import BadRecords, PreflightReport
+from finetune_trainer.errors import InvalidData
 
 Format = Literal["text", "prompt-completion", "chat"]
+Split = Literal["train", "eval"]
 METADATA = "dataset.json"
-MAX_ERRORS = 10
 
 
 class DatasetError(ValueError):
@@ -30,47 +33,90 @@ class DatasetError(ValueError):
         self.details = details or []
 
 
-def detect_format(name: str, content: bytes) -> Format:
-    """The format of one file: .txt is text; JSONL by the keys of its first record."""
-    if name.endswith(".txt"):
+def is_text_file(name: str) -> bool:
+    return name.lower().removesuffix(".gz").endswith(".txt")
+
+
+def detect_format(name: str, first: tuple[int, bytes] | None) -> Format:
+    """The format of one file: .txt is text; JSONL by the keys of its first record (`first`: the
+    first non-blank line and its number, None when the file has none)."""
+    if is_text_file(name):
         return "text"
-    for number, line in enumerate(content.decode("utf-8", errors="replace").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DatasetError(f"{name}:{number}: invalid JSON ({exc.msg})") from None
-        if not isinstance(record, dict):
-            raise DatasetError(f"{name}:{number}: a record must be a JSON object")
-        if "messages" in record:
-            return "chat"
-        if "prompt" in record and "completion" in record:
-            return "prompt-completion"
-        if "text" in record:
-            return "text"
+    if first is None:
+        raise DatasetError(f"{name}: no records")
+    number, line = first
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
+        raise DatasetError(f"{name}:{number}: invalid JSON ({reason})") from None
+    if not isinstance(record, dict):
+        raise DatasetError(f"{name}:{number}: a record must be a JSON object")
+    if "messages" in record:
+        return "chat"
+    if "prompt" in record and "completion" in record:
+        return "prompt-completion"
+    if "text" in record:
+        return "text"
+    raise DatasetError(
+        f"{name}:{number}: cannot tell the format from the fields {sorted(record)}: expected "
+        "'text' (text), 'prompt' and 'completion' (prompt-completion) or 'messages' (chat); "
+        "pass --format and the field names in the experiment"
+    )
+
+
+def check_file_set(files: Sequence[tuple[str, Split]]) -> None:
+    """A registrable set has files, and training files among them."""
+    if not files:
+        raise DatasetError("no files to register: --paths matched nothing")
+    if not any(split == "train" for _, split in files):
+        raise DatasetError("no training files: give at least one path in --paths")
+
+
+def choose_format(detected: Mapping[str, Format]) -> Format:
+    """The one format every file has; files that disagree are an error listing each."""
+    formats = set(detected.values())
+    if len(formats) > 1:
         raise DatasetError(
-            f"{name}:{number}: cannot tell the format from the fields {sorted(record)}: expected "
-            "'text' (text), 'prompt' and 'completion' (prompt-completion) or 'messages' (chat); "
-            "pass --format and the field names in the experiment"
+            "the files have different formats; register them as separate datasets or pass --format",
+            [f"{source}: {fmt}" for source, fmt in detected.items()],
         )
-    raise DatasetError(f"{name}: no records")
+    return formats.pop()
+
+
+def rejection(exc: InvalidData) -> DatasetError:
+    """What the preflight's failure says to the user: bad records counted (the first shown with
+    file:line), or the one problem with the files."""
+    if isinstance(exc, BadRecords):
+        more = exc.count - len(exc.details)
+        return DatasetError(
+            f"{exc.count} record(s) the trainer would reject"
+            + (f" ({more} more not shown)" if more > 0 else "")
+            + "; fix them and retry",
+            exc.details,
+        )
+    return DatasetError(exc.args[0], exc.details)
 
 
 @dataclass(frozen=True)
 class FileSummary:
     source: str
-    split: Literal["train", "eval"]
+    split: Split
     records: int
     bytes: int
+    tokens: int | None = None
 
 
 @dataclass(frozen=True)
 class DatasetSummary:
+    """What `add dataset` found. `tokenizer` names what counted the tokens, or says why they were
+    not counted (then every file's tokens is None)."""
+
     name: str
     format: Format
     files: list[FileSummary] = field(default_factory=list)
     created: str | None = None
+    tokenizer: str | None = None
 
     @property
     def train_records(self) -> int:
@@ -80,63 +126,65 @@ class DatasetSummary:
     def eval_records(self) -> int:
         return sum(f.records for f in self.files if f.split == "eval")
 
+    @property
+    def counted_tokens(self) -> bool:
+        return bool(self.files) and all(f.tokens is not None for f in self.files)
+
+    def tokens(self, split: Split) -> int | None:
+        return sum(f.tokens or 0 for f in self.files if f.split == split) if self.counted_tokens else None
+
     def to_metadata(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "format": self.format,
             "trainRecords": self.train_records,
             "evalRecords": self.eval_records,
+            "trainTokens": self.tokens("train"),
+            "evalTokens": self.tokens("eval") if self.eval_records else None,
+            "tokenizer": self.tokenizer,
             "created": self.created,
             "files": [asdict(f) for f in self.files],
         }
 
     @classmethod
     def from_metadata(cls, data: dict[str, Any]) -> DatasetSummary:
+        known = {f for f in FileSummary.__dataclass_fields__}
         return cls(
             name=str(data["name"]),
             format=data["format"],
-            files=[FileSummary(**f) for f in data.get("files", [])],
+            files=[FileSummary(**{k: v for k, v in f.items() if k in known}) for f in data.get("files", [])],
             created=data.get("created"),
+            tokenizer=data.get("tokenizer"),
         )
 
 
 def summarize(
     name: str,
-    files: list[tuple[str, Literal["train", "eval"], bytes]],
+    format: Format,
+    files: Sequence[tuple[str, Split, int]],
+    report: PreflightReport,
     *,
-    format: Format | None = None,
+    tokenizer: str,
     created: str | None = None,
 ) -> DatasetSummary:
-    """Validate every record of every file (the trainer's preflight) and count them.
-
-    `files` holds (source name, split, content). The format is `format` or the one detected in
-    every file; files that disagree are an error. Raises DatasetError naming each bad record."""
-    if not files:
-        raise DatasetError("no files to register: --paths matched nothing")
-    if not any(split == "train" for _, split, _ in files):
-        raise DatasetError("no training files: give at least one path in --paths")
-    if format is None:
-        detected = {source: detect_format(source, content) for source, _, content in files}
-        formats = set(detected.values())
-        if len(formats) > 1:
-            raise DatasetError(
-                "the files have different formats; register them as separate datasets or pass --format",
-                [f"{source}: {fmt}" for source, fmt in detected.items()],
+    """The summary of files (source name, split, size in bytes) that passed the preflight."""
+    tokens = report.tokens
+    return DatasetSummary(
+        name=name,
+        format=format,
+        files=[
+            FileSummary(
+                source=source,
+                split=split,
+                records=report.records.get(source, 0),
+                bytes=size,
+                tokens=None if tokens is None else tokens.get(source, 0),
             )
-        format = formats.pop()
-    spec = DatasetSpec(name=name, format=format)
-    errors: list[str] = []
-    summaries = []
-    for source, split, content in files:
-        records = parse_file(source, content, spec, errors)
-        summaries.append(FileSummary(source=source, split=split, records=len(records), bytes=len(content)))
-    if errors:
-        shown = errors[:MAX_ERRORS]
-        more = f" ({len(errors) - len(shown)} more not shown)" if len(errors) > len(shown) else ""
-        raise DatasetError(
-            f"{len(errors)} record(s) the trainer would reject{more}; fix them and retry", shown
-        )
-    return DatasetSummary(name=name, format=format, files=summaries, created=created)
+            for source, split, size in files
+        ],
+        created=created,
+        tokenizer=tokenizer,
+    )
 
 
 def upload_key(name: str, split: str, source: str, taken: set[str]) -> str:

@@ -158,6 +158,12 @@ def build_parser() -> Parser:
         "--eval-paths", nargs="+", help="evaluation files (default: evalSize records held out of train)"
     )
     dataset.add_argument("--format", choices=["text", "prompt-completion", "chat"], help="default: detected")
+    dataset.add_argument(
+        "--tokenizer",
+        metavar="MODEL",
+        help="count tokens with this model's tokenizer: a catalog name (found in the local Hugging Face cache) "
+        f"or a local model folder with tokenizer.json (default {DEFAULT_MODEL}, the experiment template's model)",
+    )
     dataset.add_argument("--replace", action="store_true", help="overwrite a dataset of the same name")
     dataset.add_argument("--datasets-uri", help=REGISTRY_HELP)
 

@@ -12,16 +12,24 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from finetune_cli.datasets import METADATA, DatasetSummary, upload_key
 from finetune_cli.errors import CliError
-from finetune_trainer.storage import Store, expand, open_store
+from finetune_trainer import data, sources
+from finetune_trainer.config import DatasetSpec
+from finetune_trainer.errors import InvalidData
+from finetune_trainer.sources import SourceFile
+from finetune_trainer.storage import LocalStore, Store, expand, open_store
 
 ENV_DATASETS_URI = "FINETUNE_DATASETS_URI"
+COPY_CHUNK = 8 * 1024 * 1024
+STORAGE_HINT = "check AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, and that the bucket exists"
 
 
 def datasets_uri(
@@ -84,9 +92,7 @@ def _guard(what: str, fn: Any, *args: Any) -> Any:
         raise
     except Exception as exc:  # botocore errors, connection errors, OSError
         name = type(exc).__name__
-        hint = (
-            "check AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, and that the bucket exists"
-        )
+        hint = STORAGE_HINT
         if isinstance(exc, FileNotFoundError):
             hint = "check the path"
         raise CliError(f"{what}: {name}: {exc}", hint=hint) from None
@@ -99,11 +105,14 @@ def as_uri(path: str) -> str:
     return "file://" + str(Path(path).expanduser().resolve())
 
 
-def read_files(
+DATA_SUFFIXES = (".jsonl", ".json", ".txt", ".jsonl.gz", ".json.gz", ".txt.gz")
+
+
+def list_sources(
     paths: list[str], split: Literal["train", "eval"], *, where: Location
-) -> list[tuple[str, Literal["train", "eval"], bytes]]:
-    """(URI, split, content) of every file the paths name (folders and globs expanded)."""
-    out: list[tuple[str, Literal["train", "eval"], bytes]] = []
+) -> list[tuple[SourceFile, Literal["train", "eval"]]]:
+    """Every data file the paths name (folders and globs expanded), listed, not read."""
+    out: list[tuple[SourceFile, Literal["train", "eval"]]] = []
     for path in paths:
         uri = as_uri(path)
         if uri.startswith("file://") and not any(c in uri for c in "*?[") and not Path(uri[7:]).exists():
@@ -111,16 +120,39 @@ def read_files(
         matches = _guard(
             f"listing {uri}", lambda u=uri: expand(u, endpoint=where.endpoint, region=where.region)
         )
-        files = [(store, obj) for store, obj in matches if obj.key.endswith((".jsonl", ".txt", ".json"))]
+        files = [(store, obj) for store, obj in matches if obj.key.lower().endswith(DATA_SUFFIXES)]
         if not files:
             raise CliError(
                 f"{path}: no .jsonl or .txt files found",
-                hint="datasets are JSONL (one record a line) or .txt files",
+                hint="datasets are JSONL (one record a line) or .txt files, optionally gzip-compressed (.gz)",
             )
-        for store, obj in files:
-            content = _guard(f"reading {store.uri}{obj.key}", store.read_bytes, obj.key)
-            out.append((store.uri + obj.key, split, content))
+        out.extend((SourceFile(store.uri, obj.key, obj.size, obj.version), split) for store, obj in files)
     return out
+
+
+def first_line(source: SourceFile, where: Location) -> tuple[int, bytes] | None:
+    """The first non-blank line of a JSONL file (for its format), streamed."""
+    store = open_folder(source.store_uri, where)
+    try:
+        return sources.first_line(source, store)
+    except InvalidData:  # named .gz but not gzip, and the like: the caller reports it
+        raise
+    except Exception as exc:  # botocore errors, connection errors, OSError
+        raise CliError(f"reading {source.name}: {type(exc).__name__}: {exc}", hint=STORAGE_HINT) from None
+
+
+def preflight(
+    files: list[SourceFile], spec: DatasetSpec, *, tokenizer: Any, where: Location
+) -> data.PreflightReport:
+    """The trainer's streaming preflight of `files` (records checked, tokens counted with
+    `tokenizer` unless None). InvalidData (a bad record, a file that cannot be read as its name
+    says) passes through for the caller to report; a storage failure is a CliError."""
+    try:
+        return data.preflight(files, spec, tokenizer=tokenizer, endpoint=where.endpoint, region=where.region)
+    except InvalidData:
+        raise
+    except Exception as exc:  # botocore errors, connection errors, OSError
+        raise CliError(f"reading the dataset files: {type(exc).__name__}: {exc}", hint=STORAGE_HINT) from None
 
 
 def open_folder(uri: str, where: Location) -> Store:
@@ -136,24 +168,38 @@ class Registry:
     def exists(self, name: str) -> bool:
         return bool(_guard(f"reading {self.uri}", self.store.exists, f"{name}/{METADATA}"))
 
-    def save(self, summary: DatasetSummary, contents: list[tuple[str, str, bytes]], *, replace: bool) -> None:
-        """Upload the files under <name>/train|eval/, then dataset.json last."""
+    def save(
+        self, summary: DatasetSummary, files: list[tuple[SourceFile, str]], *, replace: bool, where: Location
+    ) -> None:
+        """Copy the files under <name>/train|eval/ (streamed: a local file as it is, an S3 object
+        through a temporary file), then dataset.json last."""
         name = summary.name
         if replace:
             _guard(f"deleting {self.uri}{name}/", self.store.delete_prefix, f"{name}/")
         taken: set[str] = set()
-        files = []
-        for (source, split, content), file_summary in zip(contents, summary.files, strict=True):
-            key = upload_key(name, split, source, taken)
-            _guard(f"uploading {source}", self.store.write_bytes, key, content)
-            files.append({**file_summary.__dict__, "key": key})
-        metadata = {**summary.to_metadata(), "files": files}
+        uploaded = []
+        for (source, split), file_summary in zip(files, summary.files, strict=True):
+            key = upload_key(name, split, source.name, taken)
+            _guard(f"uploading {source.name}", self._copy, source, key, where)
+            uploaded.append({**asdict(file_summary), "key": key})
+        metadata = {**summary.to_metadata(), "files": uploaded}
         _guard(
             "writing the dataset metadata",
             self.store.write_bytes,
             f"{name}/{METADATA}",
             json.dumps(metadata, indent=2).encode(),
         )
+
+    def _copy(self, source: SourceFile, key: str, where: Location) -> None:
+        if source.store_uri.startswith("file://"):
+            self.store.upload_file(LocalStore(source.store_uri).root / source.key, key)
+            return
+        store = open_store(source.store_uri, endpoint=where.endpoint, region=where.region)
+        with tempfile.TemporaryDirectory() as folder:
+            local = Path(folder) / "file"
+            with store.open_read(source.key) as reader, local.open("wb") as writer:
+                shutil.copyfileobj(reader, writer, COPY_CHUNK)
+            self.store.upload_file(local, key)
 
     def list(self) -> list[dict[str, Any]]:
         objects = _guard(f"listing {self.uri}", self.store.list, "")

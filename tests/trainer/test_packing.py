@@ -13,19 +13,11 @@ import pytest
 import torch
 
 from finetune_trainer.config import DatasetSpec
-from finetune_trainer.data import (
-    IGNORE,
-    Collator,
-    ShardSettings,
-    plan_data,
-    read_sources,
-    to_sequences,
-    token_dataset,
-    tokenize,
-)
+from finetune_trainer.data import IGNORE, Collator, ShardSettings, plan_data, token_dataset
 from finetune_trainer.evaluation import evaluate_model
 from finetune_trainer.packing import EpochSampler, TokenDataset
 from tests.trainer.factories import FAMILIES, make_tokenizer, tiny_config
+from tests.trainer.test_data import reference_document
 
 WORDS = ["the", "market", "rose", "and", "the", "shares", "fell", "while", "the", "bank", "said", "profit", "for", "the", "year", "was", "higher"]
 
@@ -75,13 +67,28 @@ def _dataset(tmp_path: Path, tokenizer: Any, *, n: int = 60, length: int = 48, f
 
 @pytest.mark.parametrize("fmt", ["text", "prompt-completion"])
 @pytest.mark.parametrize("packing", [True, False], ids=["concatenate", "none"])
-def test_sequences_equal_the_in_memory_packing(tmp_path: Path, tokenizer: Any, fmt: str, packing: bool) -> None:
+def test_sequences_equal_an_independent_packing(tmp_path: Path, tokenizer: Any, fmt: str, packing: bool) -> None:
     dataset, spec = _dataset(tmp_path, tokenizer, fmt=fmt, packing=packing)
-    records, _ = read_sources(spec.train or [], spec)
-    expected = to_sequences(tokenize(records, spec, tokenizer), length=48, packing=packing)
+    path = Path((spec.train or [])[0][len("file://") :])
+    documents = [reference_document(json.loads(line), spec, tokenizer) for line in path.read_text().splitlines()]
+    expected = _reference_sequences(documents, length=48, packing=packing)
     got = [(dataset[i]["input_ids"].tolist(), dataset[i]["labels"].tolist()) for i in range(len(dataset))]
-    assert got == [(s.input_ids, s.labels) for s in expected]
-    assert dataset.trained_tokens() == sum(sum(1 for x in s.labels[1:] if x != IGNORE) for s in expected)
+    assert got == expected
+    assert dataset.trained_tokens() == sum(sum(1 for x in labels[1:] if x != IGNORE) for _, labels in expected)
+
+
+def _reference_sequences(
+    documents: list[tuple[list[int], list[int]]], *, length: int, packing: bool
+) -> list[tuple[list[int], list[int]]]:
+    """Lists of ints, the plain way: packed, the documents concatenated and cut every `length`
+    tokens; else each document cut alone. Pieces without a trained target are dropped."""
+    if packing:
+        ids = [t for d, _ in documents for t in d]
+        labels = [t for _, d in documents for t in d]
+        pieces = [(ids[i : i + length], labels[i : i + length]) for i in range(0, len(ids), length)]
+    else:
+        pieces = [(d[i : i + length], m[i : i + length]) for d, m in documents for i in range(0, len(d), length)]
+    return [(i, m) for i, m in pieces if any(x != IGNORE for x in m[1:])]
 
 
 def test_document_blocks_restart_positions_and_mask_each_first_token(tmp_path: Path, tokenizer: Any) -> None:

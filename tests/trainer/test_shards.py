@@ -1,4 +1,4 @@
-"""Token shards: the same tokens as the in-memory path, in parallel and split over nodes,
+"""Token shards: the tokens and loss masks computed from the tokenizer directly, in parallel and split over nodes,
 cached complete-or-absent in object storage and reused; clear errors. Real files, real worker
 processes, the tiny real tokenizer of factories."""
 
@@ -14,11 +14,12 @@ import pytest
 
 from finetune_trainer import shards
 from finetune_trainer.config import DatasetSpec
-from finetune_trainer.data import ShardSettings, plan_data, read_sources, shards_for, token_dataset, tokenize
+from finetune_trainer.data import ShardSettings, plan_data, shards_for, token_dataset
 from finetune_trainer.errors import InvalidData
 from finetune_trainer.shards import TokenStore, build_shards, token_dtype
 from finetune_trainer.sources import list_files
 from tests.trainer.factories import make_tokenizer
+from tests.trainer.test_data import reference_document
 from tests.trainer.test_storage import s3_server  # noqa: F401  (the real S3 server fixture)
 
 
@@ -61,7 +62,7 @@ def _settings(tmp_path: Path, name: str = "local", **extra: Any) -> ShardSetting
 
 
 @pytest.mark.parametrize("fmt", ["text", "prompt-completion", "chat"])
-def test_shards_hold_the_tokens_and_loss_masks_of_the_in_memory_path(tmp_path: Path, tokenizer: Any, fmt: str) -> None:
+def test_shards_hold_the_tokens_and_loss_masks_the_tokenizer_gives(tmp_path: Path, tokenizer: Any, fmt: str) -> None:
     _write(tmp_path / "data" / "a.jsonl", _records(fmt, 40))
     _write(tmp_path / "data" / "b.jsonl", _records(fmt, 25))
     spec = DatasetSpec(train=[f"file://{tmp_path}/data/*.jsonl"], format=fmt)  # type: ignore[arg-type]
@@ -69,8 +70,7 @@ def test_shards_hold_the_tokens_and_loss_masks_of_the_in_memory_path(tmp_path: P
     store = TokenStore(shard_set)
     assert store.dtype == np.uint16  # 384 tokens need more than 8 bits
     assert store.masked == (fmt != "text")
-    records, _ = read_sources(spec.train or [], spec)
-    expected = [(e.input_ids, e.labels) for e in tokenize(records, spec, tokenizer)]
+    expected = [reference_document(r, spec, tokenizer) for r in [*_records(fmt, 40), *_records(fmt, 25)]]
     assert _documents(store) == expected
     assert shard_set.manifest["documents"] == 65
 

@@ -5,6 +5,7 @@ server of tests/trainer/test_storage.py."""
 from __future__ import annotations
 
 import gzip
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import pytest
 
 from finetune_trainer.config import DatasetSpec
-from finetune_trainer.data import parse_file, plan_data, preflight
+from finetune_trainer.data import plan_data, preflight
 from finetune_trainer.errors import InvalidData
 from finetune_trainer.sources import list_files, read_unit, units_of
 from finetune_trainer.storage import open_store
@@ -144,9 +145,120 @@ def test_parquet_bad_rows_are_reported_by_row(tmp_path: Path) -> None:
     assert caught.value.details == [f"{uri}:row 2: field 'text' is empty"]
 
 
-def test_parse_file_the_cli_uses_reads_compressed_uploads() -> None:
-    errors: list[str] = []
-    content = gzip.compress(b'{"text": "one"}\n\n{"text": 2}\n')
-    records = parse_file("up.jsonl.gz", content, DatasetSpec(name="d"), errors)
-    assert [r.data["text"] for r in records] == ["one"]
-    assert errors == ["up.jsonl.gz:3: field 'text' must be a string, got int"]
+# ---- kubectl finetune add dataset: the same streaming preflight, records and tokens per split -------
+def _add_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *args: str) -> tuple[int, str, str]:
+    """Run the real `kubectl finetune add dataset` in this process (a file:// registry, no cluster)."""
+    from rich.console import Console
+
+    from finetune_cli.main import run
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # so the cluster's defaults are not read
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))  # an empty hub cache, never the user's
+    out, err = io.StringIO(), io.StringIO()
+    monkeypatch.setattr("sys.stderr", err)
+    code = run(
+        ["add", "dataset", "--datasets-uri", f"file://{tmp_path}/registry/", *args],
+        console=Console(file=out, width=300, soft_wrap=True),
+    )
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_add_dataset_counts_the_tokens_the_shards_hold(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tokenizer_dir: Path
+) -> None:
+    from finetune_trainer.data import ShardSettings, shards_for
+    from finetune_trainer.models import load_tokenizer
+
+    train = tmp_path / "train.jsonl.gz"
+    train.write_bytes(gzip.compress(("\n".join(_lines(120)) + "\n").encode()))
+    (tmp_path / "eval.jsonl").write_text("\n".join(_lines(9)) + "\n")
+    code, out, err = _add_dataset(
+        tmp_path, monkeypatch, "--name", "news", "--paths", str(train), "--eval-paths", str(tmp_path / "eval.jsonl"),
+        "--tokenizer", str(tokenizer_dir),
+    )
+    assert code == 0, err
+    spec = DatasetSpec(train=[f"file://{train}"])
+    expected = {}
+    for split, uri in (("train", f"file://{train}"), ("eval", f"file://{tmp_path}/eval.jsonl")):
+        made = shards_for(
+            list_files([uri]), spec, load_tokenizer(tokenizer_dir),
+            ShardSettings(local_root=tmp_path / f"shards-{split}", remote_uri=None, workers=1),
+        )
+        expected[split] = made.tokens
+    assert f"120 train records ({expected['train']:,} tokens), 9 eval records ({expected['eval']:,} tokens)" in out
+    metadata = json.loads((tmp_path / "registry" / "news" / "dataset.json").read_text())
+    assert (metadata["trainTokens"], metadata["evalTokens"]) == (expected["train"], expected["eval"])
+    assert (tmp_path / "registry" / "news" / "train" / "train.jsonl.gz").read_bytes() == train.read_bytes()
+    # the registered dataset is what the trainer reads for dataset.name
+    plan = plan_data(DatasetSpec(name="news"), seed=0, datasets_uri=f"file://{tmp_path}/registry/")
+    assert preflight(plan.train_files, DatasetSpec(name="news")).total == 120
+
+
+def test_add_dataset_says_why_tokens_are_not_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "train.jsonl").write_text("\n".join(_lines(5)) + "\n")
+    code, out, err = _add_dataset(tmp_path, monkeypatch, "--name", "gguf", "--paths", str(tmp_path / "train.jsonl"))
+    assert code == 0, err
+    assert "5 train records (eval: evalSize records held out)" in out
+    assert "tokens not counted: smollm2-135m-instruct's tokenizer is inside its GGUF file" in out
+    code, out, err = _add_dataset(
+        tmp_path, monkeypatch, "--name", "hub", "--paths", str(tmp_path / "train.jsonl"), "--tokenizer", "pythia-70m"
+    )
+    assert code == 0, err
+    assert f"tokens not counted: pythia-70m (hf://EleutherAI/pythia-70m) is not in the local Hugging Face cache ({tmp_path}/hub)" in out
+    metadata = json.loads((tmp_path / "registry" / "hub" / "dataset.json").read_text())
+    assert metadata["trainTokens"] is None and metadata["tokenizer"].startswith("tokens not counted")
+
+
+def test_add_dataset_reads_a_catalog_tokenizer_from_the_hub_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tokenizer_dir: Path
+) -> None:
+    import shutil
+
+    snapshot = tmp_path / "hub" / "models--EleutherAI--pythia-70m" / "snapshots" / "abc123"
+    shutil.copytree(tokenizer_dir, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("abc123")
+    (tmp_path / "train.jsonl").write_text("\n".join(_lines(5)) + "\n")
+    code, out, err = _add_dataset(
+        tmp_path, monkeypatch, "--name", "hub", "--paths", str(tmp_path / "train.jsonl"), "--tokenizer", "pythia-70m"
+    )
+    assert code == 0, err
+    assert f"tokens counted with pythia-70m ({snapshot}/tokenizer.json)" in out
+
+
+def test_add_dataset_reports_bad_records_by_file_and_line_and_uploads_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tokenizer_dir: Path
+) -> None:
+    lines = _lines(60)
+    for i in range(5, 60, 2):  # 28 bad records: more than are shown
+        lines[i] = json.dumps({"text": ""})
+    lines[3] = "{oops"
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    code, _, err = _add_dataset(
+        tmp_path, monkeypatch, "--name", "bad", "--paths", str(tmp_path / "train.jsonl"),
+        "--tokenizer", str(tokenizer_dir),
+    )
+    assert code == 1
+    assert "29 record(s) the trainer would reject (9 more not shown)" in err
+    assert f"file://{tmp_path}/train.jsonl:4: invalid JSON" in err
+    assert f"file://{tmp_path}/train.jsonl:6: field 'text' is empty" in err
+    assert err.count("field 'text' is empty") == 19  # the first 20 problems are shown
+    assert not (tmp_path / "registry" / "bad").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        pytest.param("t.jsonl.gz", b'{"text": "x"}\n', "named .gz but is not gzip data", id="not-gzip"),
+        pytest.param("t.jsonl", gzip.compress(b'{"text": "x"}\n'), "is gzip-compressed data; name it .gz", id="gzip-unnamed"),
+        pytest.param("t.jsonl", b"\n\n", "t.jsonl: no records", id="no-records"),
+        pytest.param("t.jsonl", b'{"body": "x"}\n', "t.jsonl:1: cannot tell the format", id="unknown-format"),
+    ],
+)
+def test_add_dataset_names_the_file_it_cannot_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, content: bytes, message: str
+) -> None:
+    (tmp_path / name).write_bytes(content)
+    code, _, err = _add_dataset(tmp_path, monkeypatch, "--name", "x", "--paths", str(tmp_path / name))
+    assert code == 1 and message in err, err

@@ -1,23 +1,33 @@
-"""Dataset format detection, validation with the trainer's preflight, and upload keys (pure)."""
+"""Dataset format detection, record and token counts, what a rejection says, and upload keys
+(pure; the streaming command itself runs in tests/trainer/test_sources.py)."""
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
 
 from finetune_cli import datasets
+from finetune_trainer.data import BadRecords, PreflightReport
+from finetune_trainer.errors import InvalidData
 
 
 def _jsonl(*records: Any) -> bytes:
     return "\n".join(json.dumps(r) for r in records).encode()
 
 
+def _first(content: bytes) -> tuple[int, bytes] | None:
+    """What `sources.first_line` gives: the first non-blank line and its number."""
+    return next(((i, line) for i, line in enumerate(content.splitlines(), start=1) if line.strip()), None)
+
+
 @pytest.mark.parametrize(
     ("name", "content", "fmt"),
     [
         pytest.param("a.txt", b"plain text", "text", id="txt-file"),
+        pytest.param("a.txt.gz", b"", "text", id="gzip-txt-file"),
         pytest.param("a.jsonl", _jsonl({"text": "x"}), "text", id="text-records"),
         pytest.param(
             "a.jsonl", _jsonl({"prompt": "q", "completion": "a"}), "prompt-completion", id="prompt-completion"
@@ -27,74 +37,84 @@ def _jsonl(*records: Any) -> bytes:
     ],
 )
 def test_detect_format(name: str, content: bytes, fmt: str) -> None:
-    assert datasets.detect_format(name, content) == fmt
+    assert datasets.detect_format(name, _first(content)) == fmt
 
 
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        pytest.param(b"{not json", "a.jsonl:1: invalid JSON", id="bad-json"),
+        pytest.param(b"\n{not json", "a.jsonl:2: invalid JSON", id="bad-json"),
         pytest.param(b"[1, 2]", "a.jsonl:1: a record must be a JSON object", id="not-an-object"),
         pytest.param(_jsonl({"body": "x"}), "cannot tell the format from the fields", id="unknown-fields"),
         pytest.param(b"\n", "a.jsonl: no records", id="empty"),
     ],
 )
 def test_detect_format_says_what_is_wrong(content: bytes, message: str) -> None:
-    with pytest.raises(datasets.DatasetError, match=message):
-        datasets.detect_format("a.jsonl", content)
+    with pytest.raises(datasets.DatasetError, match=re.escape(message)):
+        datasets.detect_format("a.jsonl", _first(content))
 
 
-def test_summarize_counts_records_per_split() -> None:
+def _report(records: dict[str, int], tokens: dict[str, int] | None) -> PreflightReport:
+    return PreflightReport(records, tokens)
+
+
+def test_summarize_counts_records_and_tokens_per_split() -> None:
+    files: list[tuple[str, datasets.Split, int]] = [
+        ("file:///d/train-1.jsonl", "train", 10),
+        ("file:///d/train-2.jsonl", "train", 5),
+        ("file:///d/eval.jsonl", "eval", 5),
+    ]
+    report = _report(
+        {"file:///d/train-1.jsonl": 2, "file:///d/train-2.jsonl": 1, "file:///d/eval.jsonl": 1},
+        {"file:///d/train-1.jsonl": 20, "file:///d/train-2.jsonl": 7, "file:///d/eval.jsonl": 4},
+    )
     summary = datasets.summarize(
-        "reuters",
-        [
-            ("file:///d/train-1.jsonl", "train", _jsonl({"text": "a"}, {"text": "b"})),
-            ("file:///d/train-2.jsonl", "train", _jsonl({"text": "c"})),
-            ("file:///d/eval.jsonl", "eval", _jsonl({"text": "d"})),
-        ],
-        created="2026-11-29T06:00:00Z",
+        "reuters", "text", files, report, tokenizer="pythia-70m (tokenizer.json)", created="2026-11-29T06:00:00Z"
     )
     assert (summary.format, summary.train_records, summary.eval_records) == ("text", 3, 1)
+    assert (summary.tokens("train"), summary.tokens("eval")) == (27, 4)
     metadata = summary.to_metadata()
-    assert metadata["trainRecords"] == 3
+    assert (metadata["trainRecords"], metadata["trainTokens"], metadata["evalTokens"]) == (3, 27, 4)
     assert datasets.DatasetSummary.from_metadata(metadata) == summary
 
 
-def test_summarize_reports_every_bad_record_with_file_and_line() -> None:
-    content = _jsonl({"text": "ok"}, {"text": ""}, {"text": 3})
-    with pytest.raises(datasets.DatasetError) as caught:
-        datasets.summarize("bad", [("file:///d/t.jsonl", "train", content)])
-    assert "2 record(s) the trainer would reject" in str(caught.value)
-    assert caught.value.details == [
-        "file:///d/t.jsonl:2: field 'text' is empty",
-        "file:///d/t.jsonl:3: field 'text' must be a string, got int",
-    ]
+def test_without_a_tokenizer_no_token_count_is_made_up() -> None:
+    report = _report({"t.jsonl": 4}, None)
+    summary = datasets.summarize("x", "chat", [("t.jsonl", "train", 9)], report, tokenizer="tokens not counted: …")
+    assert summary.tokens("train") is None and not summary.counted_tokens
+    assert summary.to_metadata()["trainTokens"] is None
+
+
+def test_metadata_written_before_token_counts_still_reads() -> None:
+    old = {"name": "n", "format": "text", "files": [{"source": "a", "split": "train", "records": 2, "bytes": 9}]}
+    assert datasets.DatasetSummary.from_metadata(old).train_records == 2
+
+
+def test_a_rejection_counts_every_bad_record_and_shows_the_first() -> None:
+    shown = [f"t.jsonl:{i}: field 'text' is empty" for i in range(1, 21)]
+    error = datasets.rejection(BadRecords(31, shown))
+    assert str(error) == "31 record(s) the trainer would reject (11 more not shown); fix them and retry"
+    assert error.details == shown
+    other = datasets.rejection(InvalidData("t.jsonl.gz: named .gz but is not gzip data"))
+    assert str(other) == "t.jsonl.gz: named .gz but is not gzip data"
 
 
 @pytest.mark.parametrize(
     ("files", "message"),
     [
         pytest.param([], "--paths matched nothing", id="no-files"),
-        pytest.param([("e.jsonl", "eval", _jsonl({"text": "x"}))], "no training files", id="eval-only"),
-        pytest.param(
-            [
-                ("a.jsonl", "train", _jsonl({"text": "x"})),
-                ("b.jsonl", "train", _jsonl({"prompt": "q", "completion": "a"})),
-            ],
-            "different formats",
-            id="mixed-formats",
-        ),
+        pytest.param([("e.jsonl", "eval")], "no training files", id="eval-only"),
     ],
 )
-def test_summarize_rejects_unusable_file_sets(files: list[Any], message: str) -> None:
+def test_unusable_file_sets(files: list[Any], message: str) -> None:
     with pytest.raises(datasets.DatasetError, match=message):
-        datasets.summarize("x", files)
+        datasets.check_file_set(files)
 
 
-def test_summarize_with_an_explicit_format_checks_its_fields() -> None:
-    with pytest.raises(datasets.DatasetError) as caught:
-        datasets.summarize("x", [("a.jsonl", "train", _jsonl({"text": "x"}))], format="prompt-completion")
-    assert "missing field 'prompt'" in caught.value.details[0]
+def test_files_of_different_formats_are_named() -> None:
+    with pytest.raises(datasets.DatasetError, match="different formats") as caught:
+        datasets.choose_format({"a.jsonl": "text", "b.jsonl": "prompt-completion"})
+    assert caught.value.details == ["a.jsonl: text", "b.jsonl: prompt-completion"]
 
 
 def test_upload_keys_are_unique_per_split() -> None:

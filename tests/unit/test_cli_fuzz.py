@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
-from finetune_cli import datasets, experiments, main
+from finetune_cli import datasets, experiments, main, storage
+from finetune_cli.commands.add import check_dataset
+from finetune_cli.commands.experiment import DEFAULT_MODEL
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 JSON = st.recursive(
@@ -45,7 +49,17 @@ def jsonl_files(draw: st.DrawFn) -> bytes:
     return content
 
 
-LOCATED = re.compile(r"^(train\.jsonl|eval\.jsonl|notes\.txt)(:\d+)?: ")
+LOCATED = re.compile(r"^(file://\S*/)?(train\.jsonl|eval\.jsonl|notes\.txt)(:\d+| ?)?: ?")
+
+
+def _check(files: list[tuple[str, Any, bytes]], format: Any) -> datasets.DatasetSummary:
+    """`add dataset`'s own check (the trainer's streaming preflight) of the contents as files."""
+    with tempfile.TemporaryDirectory() as folder:
+        sources = []
+        for name, split, content in files:
+            (Path(folder) / name).write_bytes(content)
+            sources += storage.list_sources([f"{folder}/{name}"], split, where=storage.Location())
+        return check_dataset("reports", sources, format=format, tokenizer=DEFAULT_MODEL, where=storage.Location())
 
 
 @FUZZ
@@ -61,14 +75,14 @@ def test_dataset_files_are_registered_or_refused_by_file_and_line(
     if eval_content is not None:
         files.append(("eval.jsonl", "eval", eval_content))
     try:
-        summary = datasets.summarize("reports", files, format=format)
+        summary = _check(files, format)
     except datasets.DatasetError as exc:
         located = [str(exc), *exc.details]
         assert (
             any(LOCATED.match(line) for line in located) or "formats" in str(exc) or "record(s)" in str(exc)
         ), located
         for line in exc.details:
-            assert LOCATED.match(line) or line.split(":")[0] in ("train.jsonl", "eval.jsonl"), line
+            assert LOCATED.match(line), line
         return
     assert summary.train_records >= 1, "a registered dataset has training records"
 
@@ -77,7 +91,7 @@ def test_dataset_files_are_registered_or_refused_by_file_and_line(
 @given(st.binary(max_size=200))
 def test_plain_text_files(content: bytes) -> None:
     try:
-        datasets.summarize("notes", [("notes.txt", "train", content)], format=None)
+        _check([("notes.txt", "train", content)], None)
     except datasets.DatasetError as exc:
         assert all(LOCATED.match(line) for line in exc.details) or str(exc), exc
 

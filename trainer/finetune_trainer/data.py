@@ -3,8 +3,9 @@ memory-mapped datasets of packed sequences.
 
 Called by the training recipe (`train.py`): `plan_data` once (lists the files, no reading), then
 `token_dataset` for the training set and for every model evaluated on the eval set (each with
-its own tokenizer). `kubectl finetune add dataset` and `finetune-trainer check` use the same
-record checks (`check_record`, `parse_file`, `preflight`). No torch or transformers at import
+its own tokenizer). `kubectl finetune add dataset` and `finetune-trainer check` call the same
+streaming `preflight` (records checked by `check_record`, tokens counted by `encode_batch`, as
+the shards are made). No torch or transformers at import
 time. The pipeline at scale: `sources` streams records, `shards` tokenizes them in parallel into
 memory-mapped token shards cached in object storage, `packing` cuts sequences out of them.
 
@@ -20,23 +21,21 @@ Every example (document) ends with the EOS token. Packing modes are described in
 Without packing, an example longer than sequenceLength is split into several sequences, never
 truncated.
 
-The in-memory helpers (`read_sources`, `load_raw`, `tokenize`, `to_sequences`,
-`build_sequences`, `SequenceDataset`) serve small inputs (tests, the CLI's single files); the
-trainer reads through `plan_data` / `token_dataset`.
+There is one way to read data: `plan_data` lists the files, `token_dataset` (through
+`shards_for`) streams and tokenizes them into shards and memory-maps them. `SequenceDataset` only
+holds sequences already in memory (an empty eval set, metric tests).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
-import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
@@ -44,17 +43,9 @@ from finetune_trainer.config import DatasetSpec
 from finetune_trainer.errors import InvalidData
 from finetune_trainer.packing import Collator as Collator  # re-exported: the collator of every dataset here
 from finetune_trainer.packing import PackingMode, TokenDataset
-from finetune_trainer.shards import ShardSet, TokenStore, build_shards, shard_key
-from finetune_trainer.sources import (
-    SourceFile,
-    Unit,
-    compression_of,
-    fingerprint,
-    list_files,
-    read_unit,
-    units_of,
-    where,
-)
+from finetune_trainer.shards import BATCH_RECORDS, ShardSet, TokenStore, build_shards, shard_key
+from finetune_trainer.sources import BadRecords as BadRecords  # re-exported: what preflight raises
+from finetune_trainer.sources import SourceFile, fingerprint, list_files, read_unit, units_of, where
 from finetune_trainer.storage import Store, expand, open_store
 
 log = logging.getLogger(__name__)
@@ -65,82 +56,12 @@ CHAT_ROLES = {"system", "user", "assistant", "tool"}
 
 
 @dataclass(frozen=True)
-class Record:
-    source: str  # "file:line" for messages
-    data: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class RawData:
-    train: list[Record]
-    eval: list[Record]
-    fingerprint: str  # sha256 over the source files' contents
-
-
-@dataclass(frozen=True)
 class Example:
     input_ids: list[int]
     labels: list[int]
 
 
 # ---- reading and preflight ---------------------------------------------------------------------
-def read_sources(
-    uris: Sequence[str], spec: DatasetSpec, *, endpoint: str | None = None, region: str | None = None
-) -> tuple[list[Record], str]:
-    """Read every file named by the URIs (globs allowed); raise InvalidData listing bad records."""
-    records: list[Record] = []
-    errors: list[str] = []
-    digest = hashlib.sha256()
-    for uri in uris:
-        matches = expand(uri, endpoint=endpoint, region=region)
-        if not matches:
-            errors.append(f"{uri}: no files match")
-            continue
-        for store, obj in matches:
-            name = store.uri + obj.key
-            content = store.read_bytes(obj.key)
-            digest.update(name.encode() + b"\0" + hashlib.sha256(content).digest())
-            records.extend(parse_file(name, content, spec, errors))
-    if errors:
-        shown = errors[:MAX_REPORTED_ERRORS]
-        more = len(errors) - len(shown)
-        raise InvalidData(
-            f"dataset preflight failed: {len(errors)} bad record(s)" + (f" ({more} not shown)" if more else ""),
-            details=shown,
-        )
-    return records, digest.hexdigest()
-
-
-def parse_file(name: str, content: bytes, spec: DatasetSpec, errors: list[str]) -> list[Record]:
-    """The records of one file held in memory (the CLI's uploads, small test files), checked by the
-    same streaming reader the trainer uses; problems are appended to `errors` as `file:line: …`."""
-    try:
-        unit = Unit(SourceFile("", name, len(content), ""))
-        compression_of(name)
-        records = []
-        for item in read_unit(unit, _BytesStore(name, content), spec):
-            if item.problem is not None:
-                errors.append(f"{where(unit, item.line, 0)}: {item.problem}")
-            elif item.data is not None:
-                records.append(Record(where(unit, item.line, 0), item.data))
-    except InvalidData as exc:
-        errors.append(str(exc))
-        return []
-    return records
-
-
-class _BytesStore:
-    """One file's bytes behind the one method `sources.read_unit` uses."""
-
-    def __init__(self, name: str, content: bytes) -> None:
-        self.uri = ""
-        self.name = name
-        self.content = content
-
-    def open_read(self, key: str, start: int = 0) -> IO[bytes]:
-        return io.BytesIO(self.content[start:])
-
-
 def check_record(data: Any, spec: DatasetSpec) -> str | None:
     """Why this record cannot be used, or None. Checks what can be known without a tokenizer."""
     if not isinstance(data, dict):
@@ -177,70 +98,12 @@ def _check_str(data: dict[str, Any], field: str, setting: str, *, allow_empty: b
     return None
 
 
-def load_raw(
-    spec: DatasetSpec,
-    *,
-    seed: int,
-    need_train: bool = True,
-    datasets_uri: str | None = None,
-    endpoint: str | None = None,
-    region: str | None = None,
-) -> RawData:
-    """Train and eval records. Eval sources: `dataset.eval`, else a registered dataset's eval/
-    files, else `evalSize` records held out of train (after a seeded shuffle of the record
-    order). `need_train=False` (mode Evaluate) skips reading train when the eval sources are known."""
-    eval_uris: list[str] | None = list(spec.eval) if spec.eval else None
-    if spec.name is not None:
-        assert datasets_uri is not None
-        base = datasets_uri.rstrip("/") + f"/{spec.name}/"
-        train_uris = [base + "train/**"]
-        if eval_uris is None and expand(base + "eval/**", endpoint=endpoint, region=region):
-            eval_uris = [base + "eval/**"]
-    else:
-        train_uris = list(spec.train or [])
-    if eval_uris is not None:
-        evaluation, eval_fp = read_sources(eval_uris, spec, endpoint=endpoint, region=region)
-        if not (need_train and train_uris):
-            return RawData([], evaluation, hashlib.sha256(f"eval-only:{eval_fp}".encode()).hexdigest())
-        train, train_fp = read_sources(train_uris, spec, endpoint=endpoint, region=region)
-        return RawData(train, evaluation, hashlib.sha256((train_fp + eval_fp).encode()).hexdigest())
-    train, train_fp = read_sources(train_uris, spec, endpoint=endpoint, region=region)
-    if len(train) <= spec.eval_size:
-        raise InvalidData(
-            f"dataset.evalSize={spec.eval_size} holds out all {len(train)} training records; "
-            "lower evalSize or give dataset.eval"
-        )
-    order = list(range(len(train)))
-    random.Random(seed).shuffle(order)
-    held = set(order[: spec.eval_size])
-    return RawData(
-        [r for i, r in enumerate(train) if i not in held],
-        [r for i, r in enumerate(train) if i in held],
-        hashlib.sha256(f"{train_fp}:holdout:{spec.eval_size}:{seed}".encode()).hexdigest(),
-    )
-
-
 # ---- tokenization with loss masks ----------------------------------------------------------------
 def eos_id(tokenizer: Any) -> int:
     eos = tokenizer.eos_token_id
     if eos is None:
         raise InvalidData("the tokenizer has no EOS token to separate documents")
     return int(eos)
-
-
-def tokenize(records: Sequence[Record], spec: DatasetSpec, tokenizer: Any) -> list[Example]:
-    """Token ids and labels (IGNORE where no loss) of each record; InvalidData if a record ends
-    up with no trained token."""
-    out: list[Example] = []
-    errors: list[str] = []
-    for record, result in zip(records, encode_batch([r.data for r in records], spec, tokenizer), strict=True):
-        if isinstance(result, str):
-            errors.append(f"{record.source}: {result}")
-        else:
-            out.append(Example(*result))
-    if errors:
-        raise InvalidData(f"{len(errors)} chat record(s) cannot be templated", details=errors[:MAX_REPORTED_ERRORS])
-    return out
 
 
 def encode_batch(
@@ -309,32 +172,6 @@ def _chat_example(messages: list[dict[str, Any]], tokenizer: Any, eos: int, trai
     return Example(full, labels)
 
 
-# ---- sequences ---------------------------------------------------------------------------------
-def to_sequences(examples: Sequence[Example], *, length: int, packing: bool) -> list[Example]:
-    """Fixed-length blocks (packing; last block unpadded here, padded by the collator) or one
-    sequence per example split into chunks of at most `length`. Sequences without any trained
-    token are dropped (they carry no loss)."""
-    out: list[Example] = []
-    if packing:
-        ids: list[int] = []
-        labels: list[int] = []
-        for example in examples:
-            ids.extend(example.input_ids)
-            labels.extend(example.labels)
-        for i in range(0, len(ids), length):
-            out.append(Example(ids[i : i + length], labels[i : i + length]))
-    else:
-        for example in examples:
-            for i in range(0, len(example.input_ids), length):
-                out.append(Example(example.input_ids[i : i + length], example.labels[i : i + length]))
-    return [s for s in out if _trained_tokens(s.labels) > 0]
-
-
-def _trained_tokens(labels: Sequence[int]) -> int:
-    """Tokens that contribute to the loss: label at position t is predicted from position t-1."""
-    return sum(1 for x in labels[1:] if x != IGNORE)
-
-
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
@@ -342,37 +179,6 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
         [getattr(tokenizer, "chat_template", None), tokenizer.eos_token_id, tokenizer.bos_token_id], default=str
     )
     return hashlib.sha256((text + extra).encode()).hexdigest()
-
-
-def build_sequences(
-    records: Sequence[Record],
-    spec: DatasetSpec,
-    tokenizer: Any,
-    *,
-    length: int,
-    cache_dir: Path | None,
-    data_fingerprint: str,
-    split: str,
-) -> list[Example]:
-    """Tokenize + pack, reusing the on-disk cache when the data, tokenizer and settings match."""
-    key = hashlib.sha256(
-        json.dumps(
-            [data_fingerprint, split, tokenizer_fingerprint(tokenizer), spec.model_dump(mode="json"), length]
-        ).encode()
-    ).hexdigest()[:24]
-    path = cache_dir / f"tokens-{split}-{key}.json" if cache_dir is not None else None
-    if path is not None and path.exists():
-        cached = json.loads(path.read_text())
-        return [Example(ids, labels) for ids, labels in cached]
-    sequences = to_sequences(tokenize(records, spec, tokenizer), length=length, packing=spec.packing)
-    if not sequences:
-        raise InvalidData(f"the {split} set has no trained tokens after tokenization")
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".partial")
-        tmp.write_text(json.dumps([[s.input_ids, s.labels] for s in sequences]))
-        tmp.replace(path)
-    return sequences
 
 
 # ---- the trainer's path: plan, shards, datasets --------------------------------------------------
@@ -524,23 +330,58 @@ def token_dataset(
 
 @dataclass(frozen=True)
 class PreflightReport:
-    """Records per file of a preflight that found no problem."""
+    """Records (and, when a tokenizer was given, tokens) per file of a preflight that found no
+    problem. Tokens are what the token shards will hold: every document with its EOS token."""
 
     records: dict[str, int]
+    tokens: dict[str, int] | None = None
 
     @property
     def total(self) -> int:
         return sum(self.records.values())
 
+    @property
+    def total_tokens(self) -> int | None:
+        return None if self.tokens is None else sum(self.tokens.values())
 
-def preflight(files: Sequence[SourceFile], spec: DatasetSpec, *, endpoint: str | None = None, region: str | None = None) -> PreflightReport:
-    """Stream every record of the files and check it (no tokenizer): InvalidData lists the first
-    MAX_REPORTED_ERRORS problems as `file:line: …` and counts them all. One record in memory."""
+
+def preflight(
+    files: Sequence[SourceFile],
+    spec: DatasetSpec,
+    *,
+    tokenizer: Any = None,
+    endpoint: str | None = None,
+    region: str | None = None,
+) -> PreflightReport:
+    """Stream every record of the files and check it; with a tokenizer, also tokenize valid
+    records BATCH_RECORDS at a time (`encode_batch`, as the token shards do) and count tokens.
+    InvalidData lists the first MAX_REPORTED_ERRORS problems as `file:line: …` and counts them
+    all. Memory: one batch of records."""
     shown: list[str] = []
     total = 0
     counts: dict[str, int] = {}
+    tokens: dict[str, int] = {}
     line_offsets: dict[str, int] = {}
     stores: dict[str, Store] = {}
+    batch: list[tuple[str, str, dict[str, Any]]] = []  # (file, file:line, record)
+
+    def problem(text: str) -> None:
+        nonlocal total
+        total += 1
+        if len(shown) < MAX_REPORTED_ERRORS:
+            shown.append(text)
+
+    def flush() -> None:
+        encoded = encode_batch([data for _, _, data in batch], spec, tokenizer)
+        for (name, located, _), result in zip(batch, encoded, strict=True):
+            if isinstance(result, str):
+                problem(f"{located}: {result}")
+            else:
+                tokens[name] = tokens.get(name, 0) + len(result[0])
+        batch.clear()
+
+    if tokenizer is not None:
+        eos_id(tokenizer)
     for unit in units_of(files):
         store = stores.get(unit.file.store_uri) or stores.setdefault(
             unit.file.store_uri, open_store(unit.file.store_uri, endpoint=endpoint, region=region)
@@ -550,20 +391,24 @@ def preflight(files: Sequence[SourceFile], spec: DatasetSpec, *, endpoint: str |
         for item in read_unit(unit, store, spec):
             last = max(last, item.line)
             if item.problem is not None:
-                total += 1
-                if len(shown) < MAX_REPORTED_ERRORS:
-                    shown.append(f"{where(unit, item.line, offset)}: {item.problem}")
+                problem(f"{where(unit, item.line, offset)}: {item.problem}")
             elif item.data is not None:
                 counts[unit.file.name] = counts.get(unit.file.name, 0) + 1
+                if tokenizer is not None:
+                    batch.append((unit.file.name, where(unit, item.line, offset), item.data))
+                    if len(batch) >= BATCH_RECORDS:
+                        flush()
         line_offsets[unit.file.name] = offset + last
+    if batch:
+        flush()
     if total:
-        more = total - len(shown)
-        raise InvalidData(
-            f"dataset preflight failed: {total} bad record(s)" + (f" ({more} not shown)" if more else ""), details=shown
-        )
+        raise BadRecords(total, shown)
     if not counts:
-        raise InvalidData(f"no records in {len(files)} file(s)")
-    return PreflightReport(counts)
+        raise InvalidData(
+            f"no records in {len(files)} file(s) ({', '.join(f.name for f in files[:3])}"
+            + (", …" if len(files) > 3 else "") + ")"
+        )
+    return PreflightReport(counts, {name: tokens.get(name, 0) for name in counts} if tokenizer is not None else None)
 
 
 # ---- torch side --------------------------------------------------------------------------------
@@ -581,4 +426,5 @@ class SequenceDataset:
         return {"input_ids": s.input_ids, "labels": s.labels}
 
     def trained_tokens(self) -> int:
-        return sum(_trained_tokens(s.labels) for s in self.sequences)
+        """Tokens that carry loss: the label at position t is predicted from position t-1."""
+        return sum(sum(1 for x in s.labels[1:] if x != IGNORE) for s in self.sequences)

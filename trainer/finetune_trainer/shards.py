@@ -45,7 +45,16 @@ import numpy as np
 from finetune_trainer.config import DatasetSpec
 from finetune_trainer.contract import ENV_COLLECTIVE_TIMEOUT, collective_timeout_seconds
 from finetune_trainer.errors import InvalidData
-from finetune_trainer.sources import Item, SourceFile, Unit, read_unit, spec_fields, units_of, where
+from finetune_trainer.sources import (
+    BadRecords,
+    Item,
+    SourceFile,
+    Unit,
+    read_unit,
+    spec_fields,
+    units_of,
+    where,
+)
 from finetune_trainer.storage import Store, open_store
 
 log = logging.getLogger(__name__)
@@ -291,11 +300,7 @@ def _problems_report(files: Sequence[SourceFile], units: Sequence[Unit], summari
         for line, message in s.problems:
             if len(shown) < MAX_REPORTED:
                 shown.append(f"{where(units[i], line, offsets[i])}: {message}")
-    more = total - len(shown)
-    return InvalidData(
-        f"dataset preflight failed: {total} bad record(s)" + (f" ({more} not shown)" if more > 0 else ""),
-        details=shown,
-    )
+    return BadRecords(total, shown)
 
 
 def build_shards(

@@ -1,8 +1,9 @@
 """Data sources as streams of records: which files a dataset names, cut into work units, each read
 record by record without holding a file in memory.
 
-Called by the tokenizer (`shards`) in its worker processes and, through `data.parse_file`, by
-`kubectl finetune add dataset`. No torch, no tokenizer here.
+Called by the tokenizer (`shards`) in its worker processes and, through `data.preflight`, by
+`finetune-trainer check` and `kubectl finetune add dataset` (which also reads `first_line` to
+detect a file's format). No torch, no tokenizer here.
 
 File kinds, by name (a compression suffix may follow the kind's suffix):
 - `.parquet`: one record per row (pyarrow, read one row group at a time; only the dataset's
@@ -99,6 +100,19 @@ class Item:
     line: int
     data: dict[str, Any] | None
     problem: str | None = None
+
+
+class BadRecords(InvalidData):
+    """Records that the preflight or the tokenizer rejected: `count` of them, the first few
+    (`details`) as `file:line: why`."""
+
+    def __init__(self, count: int, shown: list[str]) -> None:
+        more = count - len(shown)
+        super().__init__(
+            f"dataset preflight failed: {count} bad record(s)" + (f" ({more} not shown)" if more > 0 else ""),
+            details=shown,
+        )
+        self.count = count
 
 
 def compression_of(name: str) -> str | None:
@@ -260,6 +274,17 @@ def read_unit(unit: Unit, store: ReadableStore, spec: DatasetSpec) -> Iterator[I
             yield Item(number, None if problem else data, problem)
         if not any_record and unit.start == 0 and unit.end is None:
             yield Item(0, None, "no records")
+
+
+def first_line(file: SourceFile, store: ReadableStore) -> tuple[int, bytes] | None:
+    """The first non-blank line of a JSONL file and its 1-based number (None: no such line),
+    read without reading the rest."""
+    stream, _ = open_unit(Unit(file), store)
+    with stream:
+        for number, line in enumerate(stream, start=1):
+            if line.strip():
+                return number, line
+    return None
 
 
 def _read_txt(stream: IO[bytes], spec: DatasetSpec) -> Iterator[Item]:

@@ -1,16 +1,21 @@
-"""`add dataset`: validate every record with the trainer's preflight, count, upload to the registry.
+"""`add dataset`: stream every record through the trainer's preflight, count records and tokens
+per split, upload to the registry.
 
-The decisions are in `datasets` (format, counts, file:line errors), the I/O in `storage`.
-Called through `parser`.
+The decisions are in `datasets` (format, counts, what an error says), the I/O in `storage`
+(listing, streaming, upload) and `tokens` (which tokenizer counts). Called through `parser`.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from finetune_cli import datasets, storage
+from finetune_cli import datasets, storage, tokens
 from finetune_cli.app import App
+from finetune_cli.commands.experiment import DEFAULT_MODEL
 from finetune_cli.errors import CliError
+from finetune_trainer.config import DatasetSpec
+from finetune_trainer.errors import InvalidData
+from finetune_trainer.sources import SourceFile
 
 
 def cmd_add_dataset(app: App) -> None:
@@ -24,26 +29,70 @@ def cmd_add_dataset(app: App) -> None:
     if any(p.startswith("s3://") for p in [*args.paths, *(args.eval_paths or [])]):
         app.storage_keys()
     where = app.location()
-    files = storage.read_files(args.paths, "train", where=where) + storage.read_files(
+    files = storage.list_sources(args.paths, "train", where=where) + storage.list_sources(
         args.eval_paths or [], "eval", where=where
     )
     created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     try:
-        summary = datasets.summarize(args.name, files, format=args.format, created=created)  # type: ignore[arg-type]
+        summary = check_dataset(
+            args.name, files, format=args.format, tokenizer=args.tokenizer or DEFAULT_MODEL, where=where, created=created
+        )
     except datasets.DatasetError as exc:
         raise CliError(
             str(exc), details=exc.details, hint="fix the records (file:line above) and run the command again"
         ) from None
-    registry.save(summary, [(s, split, c) for s, split, c in files], replace=args.replace)
+    registry.save(summary, files, replace=args.replace, where=where)  # type: ignore[arg-type]
     result = {**summary.to_metadata(), "uri": f"{registry.uri}{args.name}/"}
     if not app.data(result):
         app.say(
-            f"dataset {args.name} registered: {summary.format}, {summary.train_records} train records"
+            f"dataset {args.name} registered: {summary.format}, {_split(summary, 'train')}"
             + (
-                f", {summary.eval_records} eval records"
+                f", {_split(summary, 'eval')}"
                 if summary.eval_records
                 else " (eval: evalSize records held out)"
             )
             + f", {len(summary.files)} file(s) in {registry.uri}{args.name}/"
         )
+        if summary.counted_tokens:
+            app.say(f"tokens counted with {summary.tokenizer}")
+        else:
+            app.say(str(summary.tokenizer))
         app.say(f"use it with: kubectl finetune experiment add --dataset {args.name}")
+
+
+def check_dataset(
+    name: str,
+    files: list[tuple[SourceFile, datasets.Split]],
+    *,
+    format: datasets.Format | None,
+    tokenizer: str,
+    where: storage.Location,
+    created: str | None = None,
+) -> datasets.DatasetSummary:
+    """Stream every file through the trainer's preflight (format detected from each file's first
+    record unless given) and count records, and tokens with `tokenizer` where it can be used.
+    DatasetError says what the trainer would reject, by file:line."""
+    datasets.check_file_set([(f.name, split) for f, split in files])
+    try:
+        if format is None:
+            format = datasets.choose_format(
+                {
+                    f.name: datasets.detect_format(f.name, None if datasets.is_text_file(f.name) else storage.first_line(f, where))
+                    for f, _ in files
+                }
+            )
+        counting = tokens.find(tokenizer, format=format)
+        spec = DatasetSpec(name=name, format=format)
+        report = storage.preflight([f for f, _ in files], spec, tokenizer=counting.tokenizer, where=where)
+    except InvalidData as exc:
+        raise datasets.rejection(exc) from None
+    return datasets.summarize(
+        name, format, [(f.name, split, f.size) for f, split in files], report,
+        tokenizer=counting.description, created=created,
+    )
+
+
+def _split(summary: datasets.DatasetSummary, split: datasets.Split) -> str:
+    records = summary.train_records if split == "train" else summary.eval_records
+    count = summary.tokens(split)
+    return f"{records} {split} records" + (f" ({count:,} tokens)" if count is not None else "")
