@@ -4,6 +4,7 @@ reloads; gradient accumulation, resume and LoRA give the numbers they must."""
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,21 +13,23 @@ import torch
 
 from finetune_trainer import contract
 from finetune_trainer.config import DatasetSpec
-from finetune_trainer.data import Collator, SequenceDataset, build_sequences, load_raw
+from finetune_trainer.data import Collator, ShardSettings, plan_data, token_dataset
 from finetune_trainer.evaluation import evaluate_model
 from finetune_trainer.models import load_model, load_tokenizer
 from tests.trainer.conftest import base_config, final_eval, run_trainer
 from tests.trainer.factories import FAMILIES
 
 
-def _reevaluate(folder: Path, data: dict[str, str], length: int = 32) -> float:
+def _reevaluate(folder: Path, data: dict[str, str], length: int = 32, checkpoint: Path | None = None) -> float:
     tokenizer = load_tokenizer(folder)
     spec = DatasetSpec(train=[data["train"]], eval=[data["eval"]])
-    raw = load_raw(spec, seed=42)
-    dataset = SequenceDataset(
-        build_sequences(raw.eval, spec, tokenizer, length=length, cache_dir=None, data_fingerprint="", split="eval")
-    )
+    settings = ShardSettings(local_root=Path(tempfile.mkdtemp(prefix="reevaluate-")), remote_uri=None, workers=1)
+    dataset = token_dataset(plan_data(spec, seed=42), spec, tokenizer, split="eval", length=length, settings=settings)
     model = load_model(folder, init="pretrained", dropout=None, seed=0)
+    if checkpoint is not None:  # the weights of a training checkpoint on the model folder's config
+        from finetune_trainer.checkpoints import load_weights
+
+        load_weights(model, checkpoint)
     result = evaluate_model(
         model, dataset, collator=Collator(tokenizer.pad_token_id), micro_batch=4, max_batches=None,
         device=torch.device("cpu"),
@@ -44,12 +47,12 @@ def test_family_trains_evaluates_checkpoints_and_reloads(
     assert [e["step"] for e in summary["evaluations"]] == [0, 2, 4]
     assert summary["evaluations"][-1]["loss"] < summary["evaluations"][0]["loss"]
     manifest = json.loads((run / "checkpoints" / "step-000004" / "manifest.json").read_text())
-    assert manifest["step"] == 4 and {f["path"] for f in manifest["files"]} >= {
-        "model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "config.json"
-    }
+    assert manifest["step"] == 4 and manifest["format"] == "dcp"
+    assert {f["path"] for f in manifest["files"]} == {"state/.metadata", "state/__0_0.distcp", "train_state.json"}
     recorded = manifest["metrics"]["evalLoss"]
     assert recorded == pytest.approx(final_eval(summary)["loss"], abs=0)
-    assert _reevaluate(run / "checkpoints" / "step-000004", text_data) == pytest.approx(recorded, abs=1e-6)
+    checkpoint = run / "checkpoints" / "step-000004"
+    assert _reevaluate(model_dir(family), text_data, checkpoint=checkpoint) == pytest.approx(recorded, abs=1e-6)
     assert _reevaluate(run / "final", text_data) == pytest.approx(recorded, abs=1e-6)
     assert (run / "run.json").exists() and (run / "metrics.jsonl").exists()
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
@@ -120,8 +123,11 @@ def test_lora_trains_exports_merged_and_adapter_and_resumes(
     assert (final / "adapter" / "adapter_model.safetensors").exists()
     assert (final / "model.safetensors").exists()
     assert _reevaluate(final, text_data) == pytest.approx(final_eval(uninterrupted)["loss"], abs=1e-5)
-    manifest = json.loads((tmp_path / "whole" / "checkpoints" / "step-000003" / "manifest.json").read_text())
-    assert "adapter_model.safetensors" in {f["path"] for f in manifest["files"]}
+    from torch.distributed.checkpoint import FileSystemReader
+
+    saved = FileSystemReader(str(tmp_path / "whole" / "checkpoints" / "step-000003" / "state")).read_metadata()
+    weights = [key for key in saved.state_dict_metadata if key.startswith("model.")]
+    assert weights and all("lora_" in key for key in weights), "a LoRA checkpoint holds the adapters, not the base"
 
     first = base_config(model, text_data, tmp_path / "parts", hyperparameters={"maxSteps": 3}, lora=lora,
                         checkpoints={"everySteps": 3})
