@@ -54,9 +54,11 @@ def test_two_processes_match_one_process_with_the_same_global_batch(
         assert b["accuracy"] == pytest.approx(a["accuracy"], abs=1e-6)
     run_json = json.loads((run / "run.json").read_text())
     assert run_json["worldSize"] == 2
-    # rank 1 holds its RNG state in the checkpoint (uploaded by rank 0), but writes nothing itself
+    # one DCP checkpoint for both ranks (the replicated state once), the manifest written last
     manifest = json.loads((run / "checkpoints" / "step-000004" / "manifest.json").read_text())
-    assert {"rng_state_0.pth", "rng_state_1.pth"} <= {f["path"] for f in manifest["files"]}
+    assert manifest["format"] == "dcp"
+    assert {"state/.metadata", "state/__0_0.distcp", "train_state.json"} <= {f["path"] for f in manifest["files"]}
+    assert not any(f["path"].startswith(".ranks/") for f in manifest["files"])
     assert result.stdout.count("Step | Accuracy") == 1
 
 
@@ -98,7 +100,8 @@ def test_sigterm_to_the_launcher_checkpoints_every_rank_at_the_same_step(
     summary = json.loads((tmp_path / "term").read_text())
     assert summary["reason"] == "Terminated" and 5 <= summary["step"] < 200
     manifest = json.loads((run / "checkpoints" / f"step-{summary['step']:06d}" / "manifest.json").read_text())
-    assert {"rng_state_0.pth", "rng_state_1.pth"} <= {f["path"] for f in manifest["files"]}
+    assert manifest["step"] == summary["step"], "both ranks saved the step they stopped at"
+    assert {"state/.metadata", "train_state.json"} <= {f["path"] for f in manifest["files"]}
 
 
 @pytest.mark.parametrize(

@@ -1,18 +1,21 @@
 """Checkpoints in the run folder: upload in the background, manifest last, keep last K, resume.
 
-Layout: `<run>/checkpoints/step-NNNNNN/` holds one of two formats, and `manifest.json`, written
-last, listing every file with size and SHA-256 plus the step's metrics (and `format`). A
-checkpoint without its manifest does not exist.
+Layout: `<run>/checkpoints/step-NNNNNN/` holds the checkpoint's files and `manifest.json`,
+written last, listing every file with size and SHA-256 plus the step's metrics (and `format`).
+A checkpoint without its manifest does not exist.
 
-- `trainer` (data parallel, transformers' Trainer): what the Trainer saved locally (safetensors
-  weights or LoRA adapter, config, tokenizer, optimizer, scheduler, RNG states,
-  trainer_state.json with the step and epoch = the data position). Only rank 0 uploads.
-- `dcp` (sharded, our own loop): `state/` written by `torch.distributed.checkpoint` — each rank
-  its own `__<rank>_*.distcp` file with its slices of the weights and the AdamW state, rank 0 the
-  `.metadata` — and `train_state.json` (step, epoch, world size, strategy). Every rank uploads its
-  own files in its background thread and then a listing `.ranks/rank-<K>.json`; rank 0 writes
-  the manifest once every rank's listing is there. DCP reshards on load, so a job may resume
-  with another number of processes (the data position is the step: `loop.step_indices`).
+Format `dcp` (every strategy — data parallel and FSDP2 — on our own loop): `state/` written by
+`torch.distributed.checkpoint` — each rank its own `__<rank>_*.distcp` file with its slices of
+the weights and the AdamW state (data parallel: the replicated tensors once, deduplicated by
+DCP), rank 0 the `.metadata` — and `train_state.json` (step, epoch, world size, strategy).
+Every rank uploads its own files in its background thread and then a listing
+`.ranks/rank-<K>.json`; rank 0 writes the manifest once every rank's listing is there. DCP
+reshards on load, so a job may resume with another number of processes or the other strategy
+(the data position is the step: `loop.step_indices`; dropout is seeded per step).
+
+Format `trainer` was written by earlier trainer versions (transformers' Trainer, data
+parallel); the recipe refuses to resume it with a message saying what to do (docs/trainer.md).
+`upload_folder` (a whole local folder, one process) also uploads final/.
 
 Every rank may download (reads only).
 """
@@ -152,6 +155,18 @@ def load_sharded(model: Any, optimizer: Any, local: Path, *, adapters_only: bool
     dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(local / STATE))  # in place
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state, options=options)
     return dict(json.loads((local / TRAIN_STATE).read_text()))
+
+
+def load_weights(model: Any, local: Path) -> None:
+    """The weights of a checkpoint folder (`save_sharded`, any number of processes) into a plain
+    model in this process: DCP reassembles the full tensors. (A LoRA checkpoint holds only
+    the adapters: `model` must then be the peft model on its base.)"""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    state = get_model_state_dict(model)
+    dcp.load({"model": state}, checkpoint_id=str(local / STATE))  # in place
+    set_model_state_dict(model, state)
 
 
 def download_checkpoint(store: Store, manifest: dict[str, Any], local: Path) -> Path:

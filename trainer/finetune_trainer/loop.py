@@ -173,6 +173,8 @@ class TrainingLoop:
     def __init__(self, model: Any, optimizer: torch.optim.Optimizer, plan: LoopPlan, hooks: LoopHooks, *,
                  device: torch.device, autocast_dtype: torch.dtype | None, sync_context: Callable[[bool], Any]):
         self.model = model
+        # fp16 (GPU only) scales the loss against gradient underflow; bf16 and fp32 need no scaler
+        self.scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
         self.optimizer = optimizer
         self.plan = plan
         self.hooks = hooks
@@ -223,13 +225,20 @@ class TrainingLoop:
                 with self._autocast():
                     total, count = loss_sum(self.model, batch)
                 # DDP and FSDP average gradients over processes; the denominator counts them all
-                (total / denominator * plan.world_size).backward()
+                loss = total / denominator * plan.world_size
+                (loss if self.scaler is None else self.scaler.scale(loss)).backward()
             if real:
                 self._window += torch.stack([total.detach().double(), count.double(), input_tokens(batch).double()])
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         grad_norm = self._clip()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.optimizer.step()
+        if self.scaler is None:
+            self.optimizer.step()
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         if not self._measured:
             self.hooks.measure()
             self._measured = True
