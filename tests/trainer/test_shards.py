@@ -184,6 +184,8 @@ def test_token_dtype_is_the_narrowest_that_holds_the_vocabulary() -> None:
     assert token_dtype(257) == np.uint16
     assert token_dtype(65536) == np.uint16
     assert token_dtype(65537) == np.uint32
+    with pytest.raises(InvalidData, match=r"a vocabulary of 4294967297 tokens does not fit 32-bit token ids"):
+        token_dtype(2**32 + 1)
 
 
 class _ShortVocabulary:
