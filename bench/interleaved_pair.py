@@ -126,20 +126,39 @@ def run_plain(
 
 
 def run_ours(config: str, turns: Turns, built: Callable[[], None], shared: SharedModel) -> None:
-    from finetune_trainer import train as ours
+    from finetune_trainer import loop as ours
     from finetune_trainer.cli import main
 
-    # The one change to finetune-trainer: its Trainer also gets the turn-taking callback.
-    construct = ours.FineTuneTrainer.__init__
-    callback = turns.callback("ours")
+    # The one change to finetune-trainer: its training loop also takes turns, timing each step
+    # from its turn to its `on_step` hook (where the Trainer's `on_step_end` stands).
+    construct = ours.TrainingLoop.__init__
 
     def with_turns(self: Any, *a: Any, **kw: Any) -> None:
         construct(self, *a, **kw)
-        self.add_callback(callback)
-        shared.offer(self.model)
-        built()  # its model is loaded and evaluated at step 0 by now
+        started = [0.0]
+        on_step, run = self.hooks.on_step, self.run
 
-    ours.FineTuneTrainer.__init__ = with_turns  # type: ignore[method-assign]
+        def timed_step(step: int, epoch: float) -> None:
+            on_step(step, epoch)
+            turns.seconds["ours"].append(time.perf_counter() - started[0])
+            turns.hand_over("ours")
+            turns.wait_for_turn("ours")
+            started[0] = time.perf_counter()
+
+        def run_in_turns(start: int) -> tuple[int, bool]:
+            shared.offer(self.model)
+            built()  # its model is loaded and evaluated at step 0 by now
+            turns.arrive("ours")
+            turns.wait_for_turn("ours")
+            started[0] = time.perf_counter()
+            try:
+                return run(start)  # type: ignore[no-any-return]
+            finally:
+                turns.leave("ours")
+
+        self.hooks.on_step, self.run = timed_step, run_in_turns
+
+    ours.TrainingLoop.__init__ = with_turns  # type: ignore[method-assign]
     code = main(["--config", config])
     if code != 0:
         raise SystemExit(f"finetune-trainer exited with {code}")
