@@ -21,7 +21,8 @@ The model for 2-4 is a randomly initialised Llama (hidden 256, 4 layers) with Sm
 `probe` is the instrument of 2, also run by tests/trainer/test_data_memory.py at 20,000 documents.
 It reports VmHWM (/proc/self/status), the probe's own peak: getrusage's ru_maxrss survives exec on
 Linux, so it reported the peak of whichever process started the probe (pytest, or this benchmark
-after building the model), which is what once showed a 1.24 ratio on long documents.
+after building the model) — so the figures printed before, the 1.24 once seen on long documents
+among them, were partly the parent's.
 """
 
 from __future__ import annotations
