@@ -102,13 +102,13 @@ def test_an_evaluation_refuses_a_training_run_folder(
 def test_evaluating_a_lora_checkpoint_merges_it_into_the_base_named_by_the_run(
     model_dir: Callable[[str], Path], text_data: dict[str, str], tmp_path: Path
 ) -> None:
-    """A LoRA run's checkpoint holds only the adapter; its run.json names the base model."""
+    """A LoRA run's checkpoint holds only the adapters; its train_state.json names the base model."""
     training = tmp_path / "train"
     lora = {"rank": 4, "alpha": 8, "dropout": 0.0}
     code, trained = run_trainer(base_config(model_dir("llama"), text_data, training, lora=lora), tmp_path, "t.json")
     assert code == contract.EXIT_OK
     checkpoint = training / "checkpoints" / "step-000004"
-    assert not (checkpoint / "config.json").exists() and (checkpoint / "adapter_config.json").exists()
+    assert not (checkpoint / "config.json").exists() and (checkpoint / "train_state.json").exists()
     code, summary = run_trainer(
         _evaluate_config(checkpoint.as_uri() + "/", text_data, tmp_path / "eval"), tmp_path, "e.json"
     )

@@ -162,11 +162,21 @@ def load_weights(model: Any, local: Path) -> None:
     model in this process: DCP reassembles the full tensors. (A LoRA checkpoint holds only
     the adapters: `model` must then be the peft model on its base.)"""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        set_model_state_dict,
+    )
 
-    state = get_model_state_dict(model)
+    saved = dcp.FileSystemReader(str(local / STATE)).read_metadata().state_dict_metadata
+    everything = get_model_state_dict(model)
+    state = {name: value for name, value in everything.items() if f"model.{name}" in saved}
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(name for name in trained if name in everything and name not in state)
+    if missing or not state:
+        raise ValueError(f"checkpoint {local}: holds no weights for {missing[:3] or 'this model'}")
     dcp.load({"model": state}, checkpoint_id=str(local / STATE))  # in place
-    set_model_state_dict(model, state)
+    set_model_state_dict(model, state, options=StateDictOptions(strict=False))
 
 
 def download_checkpoint(store: Store, manifest: dict[str, Any], local: Path) -> Path:

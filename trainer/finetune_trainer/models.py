@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 COMPLETE_MARKER = ".finetune-complete"
 ADAPTER_CONFIG = "adapter_config.json"
+TRAIN_STATE = "train_state.json"  # a training checkpoint (`checkpoints.save_sharded`)
 # Config attributes holding dropout probabilities across the supported families
 # (GPT-2/Cerebras, GPT-J, CodeGen: *_pdrop; GPT-NeoX: *_dropout; Llama: attention_dropout).
 DROPOUT_ATTRIBUTES = (
@@ -92,7 +93,8 @@ def fetch_model(
         raise InvalidInput(f"model.uri: unsupported scheme in {uri!r}")
     if local.is_file() and local.suffix == ".gguf":
         return import_gguf(local, cache_dir=cache_dir)
-    if not (local / "config.json").exists() and (local / ADAPTER_CONFIG).exists():
+    is_checkpoint = (local / TRAIN_STATE).exists() and (local / "state" / ".metadata").exists()
+    if not (local / "config.json").exists() and ((local / ADAPTER_CONFIG).exists() or is_checkpoint):
         return merge_adapter(uri, local, cache_dir=cache_dir, endpoint=endpoint, region=region)
     if not (local / "config.json").exists():
         raise InvalidInput(f"model {spec.display_name!r}: {uri} has no config.json (not a Hugging Face folder)")
@@ -367,7 +369,7 @@ def merge_adapter(
 ) -> Path:
     """The base model with the LoRA adapter merged in, as a Hugging Face folder (once; cached by
     the adapter's identity). The tokenizer is the adapter folder's if it has one."""
-    weights = sorted(adapter.glob("adapter_model.*"))
+    weights = sorted(adapter.glob("adapter_model.*")) + sorted(adapter.glob("state/*"))
     identity = ":".join(f"{w.resolve()}:{w.stat().st_size}:{w.stat().st_mtime_ns}" for w in weights)
     target = _cache_path(cache_dir, "merged", f"{uri}:{identity}")
     if (target / COMPLETE_MARKER).exists():
@@ -384,11 +386,15 @@ def merge_adapter(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    base_spec = adapter_base(uri, endpoint=endpoint, region=region)
-    base_folder = fetch_model(base_spec, cache_dir=cache_dir, endpoint=endpoint, region=region)
-    log.info("merging the LoRA adapter %s into %s", uri, base_spec.display_name)
-    base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
-    merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+    if (adapter / TRAIN_STATE).exists():  # a training checkpoint: its weights on the run's model
+        merged, base_spec, base_folder = _checkpoint_model(uri, adapter, cache_dir=cache_dir, endpoint=endpoint,
+                                                           region=region)
+    else:
+        base_spec = adapter_base(uri, endpoint=endpoint, region=region)
+        base_folder = fetch_model(base_spec, cache_dir=cache_dir, endpoint=endpoint, region=region)
+        log.info("merging the LoRA adapter %s into %s", uri, base_spec.display_name)
+        base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
+        merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
     tokenizer_folder = adapter if (adapter / "tokenizer_config.json").exists() else base_folder
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -398,6 +404,34 @@ def merge_adapter(
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
     return target
+
+
+def _checkpoint_model(uri: str, local: Path, *, cache_dir: Path, endpoint: str | None,
+                      region: str | None) -> tuple[Any, ModelSpec, Path]:
+    """A training checkpoint (DCP, any strategy and number of processes) as a plain model: the
+    run's model (run.json) with the checkpoint's weights; a LoRA checkpoint's adapters merged."""
+    from finetune_trainer.checkpoints import load_weights
+    from finetune_trainer.config import LoraSpec
+
+    recorded = json.loads((local / TRAIN_STATE).read_text()).get("config") or {}
+    try:
+        spec = ModelSpec.model_validate(recorded["model"])
+        lora = LoraSpec.model_validate(recorded["lora"]) if recorded.get("lora") else None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InvalidInput(f"model.uri: {uri}{TRAIN_STATE} names no valid model: {exc}") from exc
+    if lora is not None and spec.init != "pretrained":
+        raise InvalidInput(f"model.uri: the base model of the LoRA checkpoint {uri} is not pretrained")
+    folder = fetch_model(spec, cache_dir=cache_dir, endpoint=endpoint, region=region)
+    log.info("loading the checkpoint %s onto %s", uri, spec.display_name)
+    model = load_model(folder, init="pretrained" if lora is not None else "scratch", dropout=None, seed=0)
+    if lora is None:
+        load_weights(model, local)
+        return model, spec, folder
+    from finetune_trainer.wrapping import wrap_lora
+
+    peft_model = wrap_lora(model, lora, seed=0)
+    load_weights(peft_model, local)
+    return peft_model.merge_and_unload(), spec, folder
 
 
 def load_tokenizer(folder: Path) -> Any:
