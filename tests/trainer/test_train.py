@@ -370,3 +370,22 @@ def test_activation_checkpointing_under_fsdp_gives_the_same_result(
         assert code == contract.EXIT_OK, summary
         losses.append(final_eval(summary)["loss"])
     assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+
+
+def test_a_checkpoint_of_the_earlier_trainer_format_is_refused_naming_what_to_do(
+    model_dir: Callable[[str], Path], text_data: dict[str, str], tmp_path: Path
+) -> None:
+    """Run folders resumed after the upgrade: transformers-Trainer checkpoints are not resumed."""
+    run = tmp_path / "run"
+    old = run / "checkpoints" / "step-000002"
+    old.mkdir(parents=True)
+    (old / "manifest.json").write_text(json.dumps({
+        "step": 2, "time": "2026-11-01T00:00:00Z", "uri": old.as_uri() + "/", "format": "trainer", "metrics": {},
+        "files": [], "bytes": 0,
+    }))
+    code, summary = run_trainer(base_config(model_dir("gpt2"), text_data, run), tmp_path)
+    assert code == contract.EXIT_INVALID_INPUT, summary
+    message = summary["message"]
+    assert message.startswith("checkpoints.outputUri:") and "format 'trainer'" in message, message
+    assert "new run folder" in message and f"model.uri: {old.as_uri()}/" in message, message
+    assert not (run / "final").exists()
