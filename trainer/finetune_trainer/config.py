@@ -602,6 +602,9 @@ EVALUATE_UNUSED: tuple[tuple[str, str], ...] = (
     ("hyperparameters", "dropout"),
     ("hyperparameters", "max_grad_norm"),
     ("hyperparameters", "gradient_checkpointing"),
+    ("hyperparameters", "sharding"),
+    ("hyperparameters", "reshard_after_forward"),
+    ("hyperparameters", "cpu_offload"),
     ("checkpoints", "every_steps"),
     ("checkpoints", "keep_last"),
 )
