@@ -185,6 +185,81 @@ def timer_cycles(operator: OperatorProcess) -> float:
     return total
 
 
+def test_jobs_run_in_turn_and_suspend_and_cancel_still_work(
+    cluster: ClusterHandle,
+    namespace: str,
+    operator: OperatorProcess,
+    local_queue: str,
+) -> None:
+    apply(cluster, namespace, queued_job("first", local_queue, steps=100))  # cancelled below
+    first = wait_phase(cluster, namespace, "first", "Running", timeout=90)
+    assert first["reason"] == "Training"
+    for name in ("second", "third"):
+        apply(cluster, namespace, queued_job(name, local_queue, steps=4))
+    for name in ("second", "third"):
+        waiting = wait_reason(cluster, namespace, name, "Queued")
+        assert waiting["phase"] == "Pending"
+        # Kueue's own words: it could not reserve quota for the pod set.
+        assert "queued in LocalQueue team-queue (Kueue: Pending: " in waiting["message"]
+        assert "insufficient" in waiting["message"] and "quota" in waiting["message"], waiting["message"]
+        assert batch_job(cluster, namespace, name)["spec"]["suspend"] is True
+
+    # The operator's full cycles (a timer polls Pending jobs) leave Kueue's suspend flag alone:
+    # the queued Jobs stay suspended, podless, and the admitted one is never re-suspended.
+    before = timer_cycles(operator)
+    wait_for(lambda: timer_cycles(operator) >= before + 4, timeout=30, what="four operator timer cycles")
+    assert batch_job(cluster, namespace, "first")["spec"]["suspend"] is False
+    assert running_pods(cluster, namespace) == {"first"}
+
+    # A user's suspend on a queued job: its Workload is deactivated, it never starts.
+    patch_spec(cluster, namespace, "third", suspend=True)
+    wait_phase(cluster, namespace, "third", "Suspended")
+    wait_for(
+        lambda: workload(cluster, namespace, "third")["spec"]["active"] is False,
+        timeout=30,
+        what="deactivated",
+    )
+
+    # A user's cancel on the admitted job: it stops, its quota goes to the next in the queue.
+    patch_spec(cluster, namespace, "first", cancel=True)
+    assert wait_phase(cluster, namespace, "first", "Cancelled", timeout=90)["reason"] == "Cancelled"
+    wait_phase(cluster, namespace, "second", "Running", timeout=90)
+    assert running_pods(cluster, namespace) == {"second"}
+    # A user's suspend on an admitted job: it saves a checkpoint and frees the quota.
+    wait_for(
+        lambda: (status(cluster, namespace, "second").get("progress") or {}).get("step", 0) >= 1,
+        timeout=60,
+        what="second to train a step",
+    )
+    patch_spec(cluster, namespace, "second", suspend=True)
+    wait_for(
+        lambda: (
+            status(cluster, namespace, "second").get("reason") == "Suspended"
+            and not running_pods(cluster, namespace)
+        ),
+        timeout=90,
+        what="second to be suspended with no pods",
+    )
+    assert status(cluster, namespace, "third")["phase"] == "Suspended", (
+        "a suspended job must not start on free quota"
+    )
+
+    # Resumed, the two run in turn again, each from its own checkpoint.
+    patch_spec(cluster, namespace, "third", suspend=False)
+    wait_phase(cluster, namespace, "third", "Running", timeout=90)
+    patch_spec(cluster, namespace, "second", suspend=False)
+    seen: set[frozenset[str]] = set()
+
+    def both_done() -> bool:
+        seen.add(frozenset(running_pods(cluster, namespace)))
+        return all(status(cluster, namespace, n).get("phase") == "Succeeded" for n in ("second", "third"))
+
+    wait_for(both_done, timeout=180, what="second and third to succeed", interval=0.5)
+    assert all(len(running) <= 1 for running in seen), f"jobs ran concurrently beyond the quota: {seen}"
+    starts = (run_dir(cluster, namespace, "second") / "standin-starts-rank0").read_text().split()
+    assert len(starts) == 2 and int(starts[1]) >= 1, f"second resumed from its checkpoint: {starts}"
+
+
 def test_a_preempted_job_checkpoints_and_resumes_from_that_checkpoint(
     cluster: ClusterHandle,
     namespace: str,
