@@ -35,6 +35,8 @@ VERSITYGW_VERSION = "v1.8.0"
 KUBE_SCORE_VERSION = "v1.20.0"
 # Optional components: built by dev/setup.sh (the tests need them), not by `finetune-dev up`.
 KUEUE_VERSION = "v0.17.0"
+PROMETHEUS_VERSION = "v0.316.0"  # the Go module version of Prometheus 3.16.0
+PROMETHEUS_RELEASE = "3.16.0"
 
 
 class BuildError(RuntimeError):
@@ -161,10 +163,26 @@ KUEUE = Component(
     ldflags=(f"-X sigs.k8s.io/kueue/pkg/version.GitVersion={KUEUE_VERSION}",),
 )
 
+# Prometheus and promtool, for the monitoring tests (tests/integration/test_prometheus.py).
+# Only Kubernetes service discovery is compiled in (`remove_all_sd` + `enable_kubernetes_sd`: the
+# cloud providers' SDKs are most of the build); without the `builtinassets` tag the web UI is not
+# embedded (its assets are not in the Go module), which the HTTP API does not need.
+PROMETHEUS = Component(
+    name="prometheus",
+    module="github.com/prometheus/prometheus",
+    version=PROMETHEUS_VERSION,
+    binaries={
+        "prometheus": "github.com/prometheus/prometheus/cmd/prometheus",
+        "promtool": "github.com/prometheus/prometheus/cmd/promtool",
+    },
+    ldflags=(f"-X github.com/prometheus/common/version.Version={PROMETHEUS_RELEASE}",),
+    tags=("remove_all_sd", "enable_kubernetes_sd"),
+)
+
 
 # What `finetune-dev up` needs; OPTIONAL only what some tests run (built by dev/setup.sh).
 COMPONENTS: tuple[Component, ...] = (KUBERNETES, ETCD, HELM, VERSITYGW, KSTATUS, KUBE_SCORE)
-OPTIONAL_COMPONENTS: tuple[Component, ...] = (KUEUE,)
+OPTIONAL_COMPONENTS: tuple[Component, ...] = (KUEUE, PROMETHEUS)
 
 
 def _go_env() -> dict[str, str]:
