@@ -41,7 +41,7 @@ if [ "$build_images" = 1 ]; then
 fi
 
 # Build the control-plane binaries (Go, CPU-bound) while pip downloads and unpacks (I/O-bound),
-# then the tests' Kueue (finetune_dev.binaries.OPTIONAL_COMPONENTS).
+# then the tests' Kueue and Prometheus (finetune_dev.binaries.OPTIONAL_COMPONENTS).
 # Cached by version: a no-op after the first time. Needs only the standard library.
 build_log=$(mktemp)
 PYTHONPATH=dev "$python" -m finetune_dev.binaries >"$build_log" 2>&1 &

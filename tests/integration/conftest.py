@@ -33,13 +33,21 @@ from tests.integration.operator_env import (
     identity_kubeconfig,
     running_operator,
 )
-from tests.kube import ClusterHandle
+from tests.kube import ClusterHandle, wait_for
 
 
 @pytest.fixture(scope="session")
 def crd(cluster: ClusterHandle) -> None:
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crdgen.CRD_PATH))
-    cluster.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.finetune.dev", "--timeout=60s")
+    # Right after the apply the CRD may have no status.conditions yet, which `kubectl wait` reports
+    # as an error rather than waiting: wait until it answers, then until Established.
+    wait_for(
+        lambda: cluster.kubectl(
+            "wait", "--for=condition=Established", "crd/finetunejobs.finetune.dev", "--timeout=10s", check=False
+        ).returncode
+        == 0,
+        timeout=60, what="the FineTuneJob CRD Established",
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="session")
