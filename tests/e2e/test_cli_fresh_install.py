@@ -223,9 +223,8 @@ def test_readme_next_steps_in_a_new_namespace_with_only_kubeconfig(
 
         evaluated = {int(e["step"]): e["loss"] for e in status["evaluations"]}
         served = scalars("eval/loss")
-        # Every evaluation of the fine-tuned model. The trainer does not write its step-0
-        # (zero-shot) evaluation to TensorBoard yet: once it does, this becomes equality.
-        assert set(evaluated) - {0} <= set(served) <= set(evaluated), (served, evaluated)
+        # Every evaluation, the step-0 (zero-shot) one included.
+        assert set(served) == set(evaluated), (served, evaluated)
         assert all(abs(served[s] - evaluated[s]) < 1e-4 for s in served), (served, evaluated)
         assert scalars("train/loss"), "train loss logged every step"
     finally:

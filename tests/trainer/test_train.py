@@ -56,6 +56,12 @@ def test_family_trains_evaluates_checkpoints_and_reloads(
     assert _reevaluate(run / "final", text_data) == pytest.approx(recorded, abs=1e-6)
     assert (run / "run.json").exists() and (run / "metrics.jsonl").exists()
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(run / "tensorboard"))
+    board.Reload()
+    eval_steps = sorted(e.step for e in board.Scalars("eval/loss"))
+    assert eval_steps == sorted(e["step"] for e in summary["evaluations"]), "every evaluation, step 0 included"
 
 
 def test_keep_last_deletes_older_checkpoints(

@@ -130,6 +130,7 @@ class Recipe:
         self.terminated = False
         self.total_steps: int | None = None
         self.evaluations: list[EvaluationPoint] = []
+        self.board: Any = None  # rank 0's TensorBoard writer while training
         self.baselines: list[BaselineResult] = []
         self.checkpoint_records: list[CheckpointRecord] = []
         self.eval_dataset: TokenDataset | SequenceDataset = SequenceDataset([])
@@ -258,6 +259,9 @@ class Recipe:
         self.evaluations = [*(e for e in self.evaluations if e["step"] != step), point]
         self.progress.add_evaluation(point)
         self.io.append_metric({"kind": "eval", **point, "tokens": result.tokens})
+        if self.board is not None:  # step 0 (zero-shot) included
+            for name, value in (("loss", result.loss), ("accuracy", result.accuracy), ("perplexity", result.perplexity)):
+                self.board.add_scalar(f"eval/{name}", value, step)
         log.info("eval step %d: loss %.4f accuracy %.4f perplexity %.3f", step, result.loss, result.accuracy, result.perplexity)
 
     def evaluate_baselines(self, raw: DataPlan) -> None:
@@ -448,6 +452,7 @@ class Recipe:
         model = self._wrap(model)
         optimizer = torch.optim.AdamW(decay_groups(model, hp.weight_decay), lr=hp.learning_rate, betas=(0.9, 0.999),
                                       eps=1e-8, foreach=True)
+        board = self.board = self.io.tensorboard()
         start = 0
         if resume is not None:
             state = ckpt.load_sharded(model, optimizer, resume, adapters_only=lora)
@@ -472,7 +477,6 @@ class Recipe:
                                       rank=self.rank, world_size=self.world_size,
                                       on_failure=lambda _: self.progress.metrics.checkpoint_upload_failures.inc())
         self.uploader.start()
-        board = self.io.tensorboard()
         collator = self.collator()
 
         def save(step: int) -> None:
@@ -490,9 +494,6 @@ class Recipe:
         def evaluate(step: int) -> None:
             result = self.evaluate(model, self.eval_dataset)
             self.record_evaluation(step, result)
-            if board is not None:
-                for name, value in (("loss", result.loss), ("accuracy", result.accuracy), ("perplexity", result.perplexity)):
-                    board.add_scalar(f"eval/{name}", value, step)
 
         def stop_requested() -> bool:
             self.terminated = self.terminated or self.stop_agreed()
@@ -520,6 +521,7 @@ class Recipe:
             self.stop.in_training = False
         if board is not None:
             board.close()
+            self.board = None
         final_uri = None if self.terminated else self._export(model, model_folder, tokenizer, step)
         self.uploader.wait()
         self.uploader.close()
