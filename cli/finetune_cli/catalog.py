@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
+from finetune_trainer import memory
 from finetune_trainer.catalog import CATALOG, CatalogModel
 from finetune_trainer.config import (
     CheckpointSpec,
@@ -25,13 +26,10 @@ from finetune_trainer.config import (
 
 GIB = 1024**3
 
-# Bytes per parameter (activations excluded; they grow with batch x sequence length).
-# Full fine-tuning with AdamW: fp32 master weights 4 + gradients 4 + two Adam moments 8.
-FULL_BYTES_PER_PARAM = 16
-# LoRA: the frozen base weights at the training precision, plus the adapter trained like above.
-WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-# Adapter size as a fraction of the model (rank 8 on the attention projections: well under 1 %).
-LORA_ADAPTER_FRACTION = 0.01
+# The trainer's precisions and sharding strategies (`hyperparameters.precision` / `.sharding`);
+# the estimate itself is the trainer's (`finetune_trainer.memory`), the one home of its rules.
+PRECISIONS = ("bf16", "fp16", "fp32")
+STRATEGIES = ("data-parallel", "fsdp")
 
 SECTIONS: dict[str, type[BaseModel]] = {
     "hyperparameters": Hyperparameters,
@@ -68,16 +66,23 @@ class MemoryEstimate:
     lora_gib: float
 
 
-def memory_estimate(parameters: float, *, precision: str = "bf16") -> MemoryEstimate:
-    """Training memory for weights, gradients and optimizer state, summed over all processes.
-
-    Full: 16 bytes per parameter. LoRA: the frozen weights at `precision` plus an adapter of
-    about 1 % of the parameters at 16 bytes each. Activations are not included."""
-    if precision not in WEIGHT_BYTES:
-        raise ValueError(f"precision must be one of {', '.join(WEIGHT_BYTES)}, got {precision!r}")
-    full = parameters * FULL_BYTES_PER_PARAM
-    lora = parameters * WEIGHT_BYTES[precision] + parameters * LORA_ADAPTER_FRACTION * FULL_BYTES_PER_PARAM
-    return MemoryEstimate(full_gib=full / GIB, lora_gib=lora / GIB)
+def memory_estimate(parameters: str, *, precision: str = "bf16", strategy: str = "data-parallel",
+                    processes: int = 1) -> MemoryEstimate:
+    """Model state (weights, gradients, AdamW state) one training process holds, for full
+    fine-tuning and for LoRA, as `finetune_trainer.memory.catalog_estimate` computes it for the
+    trainer: data parallel keeps all of it on every process, fsdp splits it over `processes`.
+    Activations are not included."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"sharding must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    if processes < 1:
+        raise ValueError(f"processes must be at least 1, got {processes}")
+    full, lora = (
+        memory.catalog_estimate(parameters, strategy=strategy, world_size=processes, precision=precision, lora=lora)
+        for lora in (False, True)
+    )
+    return MemoryEstimate(full_gib=full.state / GIB, lora_gib=lora.state / GIB)
 
 
 @dataclass(frozen=True)
@@ -92,15 +97,20 @@ class ModelRow:
 
 
 def model_rows(
-    catalog: dict[str, CatalogModel] = CATALOG, *, precision: str = "bf16", family: str | None = None
+    catalog: dict[str, CatalogModel] = CATALOG,
+    *,
+    precision: str = "bf16",
+    family: str | None = None,
+    strategy: str = "data-parallel",
+    processes: int = 1,
 ) -> list[ModelRow]:
-    """The catalog sorted by family then size; `family` filters by architecture or name prefix."""
+    """The catalog sorted by family then size, with memory per process (`memory_estimate`);
+    `family` filters by architecture or name prefix."""
     rows = []
     for model in catalog.values():
         if family and family.lower() not in (model.family, model.name.split("-")[0]):
             continue
-        count = parameter_count(model.parameters)
-        estimate = memory_estimate(count, precision=precision)
+        estimate = memory_estimate(model.parameters, precision=precision, strategy=strategy, processes=processes)
         rows.append(
             ModelRow(
                 name=model.name,

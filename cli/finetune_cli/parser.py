@@ -52,6 +52,16 @@ class Parser(argparse.ArgumentParser):
         raise CliError(f"{self.prog}: {message}", hint=f"see `{self.prog} --help`", code=2)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    return value
+
+
 def _common(*, top: bool, short_namespace: bool = True) -> argparse.ArgumentParser:
     """Options accepted before or after the command (defaults only on the top parser). `-n` is
     kubectl's namespace flag everywhere except after `run`, where it is the studio's count."""
@@ -118,8 +128,15 @@ def build_parser() -> Parser:
     models = add(what, "models", cmd_list_models, "the model catalog with memory estimates")
     models.add_argument("--family", help="only this family, e.g. pythia, codegen, llama")
     models.add_argument(
-        "--precision", choices=list(catalog.WEIGHT_BYTES), default="bf16", help="LoRA base-weight precision"
+        "--precision", choices=list(catalog.PRECISIONS), default="bf16", help="hyperparameters.precision"
     )
+    models.add_argument(
+        "--sharding", choices=list(catalog.STRATEGIES), default="data-parallel", help="hyperparameters.sharding"
+    )
+    models.add_argument(
+        "--processes", type=_positive_int, default=1, metavar="N",
+        help="training processes of the job (resources.nodes x processesPerNode); fsdp splits the state over them",
+    )  # fmt: skip
     data = add(what, "datasets", cmd_list_datasets, "registered datasets")
     data.add_argument("--datasets-uri", help=REGISTRY_HELP)
     checkpoints = add(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from finetune_cli import catalog
@@ -31,21 +33,43 @@ def test_parameter_count_rejects_other_text(size: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("precision", "lora_bytes_per_param"),
-    [pytest.param("bf16", 2 + 0.16, id="bf16"), pytest.param("fp32", 4 + 0.16, id="fp32")],
+    ("precision", "strategy", "processes", "full_bytes", "lora_bytes"),
+    [
+        pytest.param("bf16", "data-parallel", 8, 16, 2, id="data-parallel-keeps-all-on-every-process"),
+        pytest.param("fp32", "data-parallel", 1, 16, 4, id="fp32-lora-base"),
+        pytest.param("bf16", "fsdp", 8, 2, 2 / 8, id="fsdp-splits-over-8"),
+        pytest.param("fp16", "fsdp", 2, 8, 2, id="fp16-keeps-an-fp32-base"),
+    ],
 )
-def test_memory_estimate_full_is_16_bytes_per_parameter_and_lora_far_less(
-    precision: str, lora_bytes_per_param: float
+def test_memory_estimate_is_per_process_for_the_strategy(
+    precision: str, strategy: str, processes: int, full_bytes: float, lora_bytes: float
 ) -> None:
-    estimate = catalog.memory_estimate(1e9, precision=precision)
-    assert estimate.full_gib == pytest.approx(16e9 / 1024**3)
-    assert estimate.lora_gib == pytest.approx(lora_bytes_per_param * 1e9 / 1024**3)
-    assert estimate.lora_gib < estimate.full_gib / 3
+    """Bytes per parameter one process holds (16 for full AdamW fine-tuning, split by fsdp)."""
+    estimate = catalog.memory_estimate("1B", precision=precision, strategy=strategy, processes=processes)
+    assert estimate.full_gib == pytest.approx(full_bytes * 1e9 / 1024**3, rel=1e-6)
+    assert estimate.lora_gib == pytest.approx(lora_bytes * 1e9 / 1024**3, rel=1e-6)
 
 
-def test_memory_estimate_rejects_unknown_precision() -> None:
-    with pytest.raises(ValueError, match="precision must be one of"):
-        catalog.memory_estimate(1e9, precision="int4")
+def test_memory_estimate_is_the_trainers() -> None:
+    """One home for the rule: the CLI prints what finetune_trainer.memory (which the trainer logs
+    and checks against its tensors) says."""
+    from finetune_trainer import memory
+
+    trainer = memory.catalog_estimate("6B", strategy="fsdp", world_size=4, precision="bf16", lora=False)
+    assert catalog.memory_estimate("6B", strategy="fsdp", processes=4).full_gib == trainer.state / 1024**3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        pytest.param({"precision": "int4"}, "precision must be one of bf16, fp16, fp32", id="precision"),
+        pytest.param({"strategy": "zero3"}, "sharding must be one of data-parallel, fsdp", id="sharding"),
+        pytest.param({"processes": 0}, "processes must be at least 1", id="processes"),
+    ],
+)
+def test_memory_estimate_rejects_what_the_trainer_does_not_know(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        catalog.memory_estimate("1B", **kwargs)
 
 
 def test_model_rows_cover_every_catalog_entry() -> None:
@@ -53,7 +77,9 @@ def test_model_rows_cover_every_catalog_entry() -> None:
     assert {r.name for r in rows} == set(CATALOG)
     gptj = next(r for r in rows if r.name == "gpt-j-6b")
     assert (gptj.architecture, gptj.family, gptj.parameters) == ("gptj", "GPT-J", "6B")
-    assert gptj.full_finetune_gib == pytest.approx(89.4, abs=0.1)
+    assert gptj.full_finetune_gib == pytest.approx(89.4, abs=0.1), "data parallel: all 16 bytes on every process"
+    sharded = next(r for r in catalog.model_rows(strategy="fsdp", processes=8) if r.name == "gpt-j-6b")
+    assert sharded.full_finetune_gib == pytest.approx(11.2, abs=0.1), "fsdp over 8 processes: an eighth each"
 
 
 @pytest.mark.parametrize(

@@ -97,6 +97,20 @@ def test_list_models_as_json_for_scripts() -> None:
     assert {"architecture", "parameters", "fullFinetuneGib", "loraGib"} <= set(rows[0])
 
 
+def test_list_models_prints_memory_per_process_for_the_strategy() -> None:
+    out = io.StringIO()
+    argv = ["list", "models", "--family", "gptj", "--sharding", "fsdp", "--processes", "8"]
+    assert main.run(argv, console=Console(file=out, width=250)) == 0
+    text = " ".join(out.getvalue().split())  # the title may wrap
+    assert "per training process" in text and "split over 8 processes" in text
+    assert "11.2" in text, "GPT-J 6B full fine-tuning: 16 bytes a parameter split 8 ways"
+
+
+def test_list_models_refuses_a_process_count_below_one(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main.run(["list", "models", "--processes", "0"], console=Console(file=io.StringIO())) == 2
+    assert "--processes: 0 is not at least 1" in capsys.readouterr().err
+
+
 def test_list_hyperparameters_table() -> None:
     out = io.StringIO()
     assert main.run(["list", "hyperparameters"], console=Console(file=out, width=250)) == 0

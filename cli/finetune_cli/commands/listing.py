@@ -17,16 +17,22 @@ from finetune_cli.app import App, camel
 from finetune_cli.errors import CliError
 
 
-def models_view(*, precision: str, family: str | None) -> views.View:
-    rows = catalog.model_rows(precision=precision, family=family)
+def models_view(
+    *, precision: str, family: str | None, strategy: str = "data-parallel", processes: int = 1
+) -> views.View:
+    rows = catalog.model_rows(precision=precision, family=family, strategy=strategy, processes=processes)
+    over = "every process holds all of it" if strategy == "data-parallel" else f"split over {processes} processes"
     return views.View(
-        title=f"Model catalog (memory for weights, gradients and AdamW state; LoRA base weights in {precision})",
+        title=(
+            f"Model catalog (memory per training process for weights, gradients and AdamW state: "
+            f"{strategy}, {over}; {precision})"
+        ),
         columns=[
             views.Column("name", "Name", no_wrap=True),
             views.Column("architecture", "Architecture"),
             views.Column("parameters", "Size", "right"),
-            views.Column("fullFinetuneGib", "Full fine-tune GiB", "right", views.fixed(1)),
-            views.Column("loraGib", "LoRA GiB", "right", views.fixed(1)),
+            views.Column("fullFinetuneGib", "Full fine-tune GiB/process", "right", views.fixed(1)),
+            views.Column("loraGib", "LoRA GiB/process", "right", views.fixed(1)),
             views.Column("source", "Source"),
         ],
         rows=[camel(asdict(r)) for r in rows],
@@ -94,7 +100,8 @@ def checkpoints_view(app: App, job_id: str | None) -> views.View:
 
 
 def cmd_list_models(app: App) -> None:
-    app.view(models_view(precision=app.args.precision, family=app.args.family))
+    args = app.args
+    app.view(models_view(precision=args.precision, family=args.family, strategy=args.sharding, processes=args.processes))
 
 
 def cmd_list_hyperparameters(app: App) -> None:
