@@ -151,6 +151,7 @@ class Reason(enum.StrEnum):
     POD_FAILED = "PodFailed"  # event: the pod failure that caused a gang restart
     QUEUED = "Queued"  # Kueue holds the Job suspended: waiting for quota (docs/kueue.md)
     PREEMPTED = "Preempted"  # Kueue evicted the Job for a higher-priority workload; requeued
+    CHECKPOINT_SKIPPED = "CheckpointSkipped"  # event: resume skipped a corrupt checkpoint
 
 
 class _Model(BaseModel):
@@ -488,6 +489,24 @@ class CheckpointRecord(_Model):
     metrics: dict[str, float] | None = Field(default=None, description="e.g. trainLoss, evalLoss.")
 
 
+class SkippedCheckpoint(_Model):
+    """A checkpoint resume did not use: its files do not match its manifest."""
+
+    step: int = Field(ge=0)
+    reason: str = Field(description="Which file and how, e.g. 'corrupt: …/__0_0.distcp: SHA-256 mismatch'.")
+
+
+class ResumeRecord(_Model):
+    """Where the newest attempt resumed."""
+
+    step: int = Field(ge=0, description="The checkpoint step it resumed from.")
+    skipped: list[SkippedCheckpoint] = Field(
+        default_factory=list,
+        description="Newer checkpoints found corrupt and skipped (their manifests moved aside to "
+        "manifest.corrupt.json, so they are no longer listed).",
+    )
+
+
 class FineTuneJobStatus(_Model):
     """What the operator observed; written by the operator only."""
 
@@ -526,6 +545,9 @@ class FineTuneJobStatus(_Model):
         default_factory=list,
         description="Complete checkpoints that still exist in the run folder (checkpoints.keepLast "
         "deletes older ones), newest 20.",
+    )
+    resumed_from: ResumeRecord | None = Field(
+        default=None, description="Where the newest attempt resumed from a checkpoint (absent: from step 0)."
     )
 
     @classmethod

@@ -571,11 +571,25 @@ def _write(
         message = f"{old_phase or 'New'} → {new.get('phase')}: {new.get('message') or ''}".strip()
         cluster.event(ref, type=kind, reason=reason, message=message, now=now)
         outcome.events.append((kind, reason, message))
+    skipped = _skipped_message(new)
+    if skipped is not None and skipped != _skipped_message(previous):
+        cluster.event(ref, type="Warning", reason=Reason.CHECKPOINT_SKIPPED.value, message=skipped, now=now)
+        outcome.events.append(("Warning", Reason.CHECKPOINT_SKIPPED.value, skipped))
     dropped = _unknown_fields_message(new)
     if dropped is not None and dropped != _unknown_fields_message(previous):
         cluster.event(ref, type="Warning", reason="UnknownFields", message=dropped, now=now)
         outcome.events.append(("Warning", "UnknownFields", dropped))
     log.info("%s/%s: %s (%s)", ref.namespace, ref.name, new.get("phase"), new.get("reason"))
+
+
+def _skipped_message(status: Mapping[str, Any]) -> str | None:
+    """The event text for a resume that skipped corrupt checkpoints, else None."""
+    resumed = status.get("resumedFrom") or {}
+    skipped = resumed.get("skipped") or []
+    if not skipped:
+        return None
+    which = "; ".join(f"step {s['step']} ({s['reason']})" for s in skipped)
+    return f"resumed from the checkpoint at step {resumed['step']}, skipping {which}"
 
 
 def _unknown_fields_message(status: Mapping[str, Any]) -> str | None:

@@ -1,5 +1,5 @@
 """Folding the trainer's reports into the status (pure): rank 0's progress report while it runs
-and its termination summary after — progress, evaluations, baselines, checkpoints — taking only
+and its termination summary after — progress, evaluations, baselines, checkpoints, where it resumed — taking only
 well-formed, finite values from the untrusted JSON.
 
 Evaluations and baselines accumulate (merged by step and by model); checkpoints are replaced by
@@ -129,6 +129,20 @@ def _apply_results(status: dict[str, Any], report: Mapping[str, Any], *, checkpo
     if checkpoints and isinstance(reported, list):  # null or absent: not known, keep the list
         valid = [c for item in reported if (c := _checkpoint(item)) is not None]
         status["checkpoints"] = _replace_checkpoints(status.get("checkpoints") or [], valid)
+    resumed = _resume(report.get("resumedFrom"))
+    if checkpoints and resumed is not None:  # the newest attempt's word, like the checkpoint list
+        status["resumedFrom"] = resumed
+
+
+def _resume(item: Any) -> dict[str, Any] | None:
+    if not isinstance(item, Mapping) or _count(item.get("step")) is None:
+        return None
+    skipped = [
+        {"step": s["step"], "reason": s["reason"][:500]}
+        for s in item.get("skipped") or []
+        if isinstance(s, Mapping) and _count(s.get("step")) is not None and isinstance(s.get("reason"), str)
+    ]
+    return {"step": item["step"], "skipped": skipped}
 
 
 def _checkpoint(item: Any) -> dict[str, Any] | None:

@@ -125,6 +125,23 @@ def test_unreachable_progress_keeps_the_last_known(fake: FakeCluster) -> None:
     assert fake.finetunejob()["status"]["progress"]["step"] == 40
 
 
+def test_a_resume_that_skipped_a_corrupt_checkpoint_is_in_status_and_one_warning(fake: FakeCluster) -> None:
+    fake.put_finetunejob(ftj())
+    run(fake)
+    job_runs(fake, pod(), active=1)
+    reason = "corrupt: checkpoints/step-000020/state/__0_0.distcp: SHA-256 mismatch"
+    resumed = {"step": 10, "skipped": [{"step": 20, "reason": reason}]}
+    fake.events.clear()
+    run(fake, progress=FakeProgress(progress_report(step=12, resumedFrom=resumed)))
+    assert fake.finetunejob()["status"]["resumedFrom"] == resumed
+    warnings = [(kind, message) for kind, why, message in fake.events if why == "CheckpointSkipped"]
+    assert len(warnings) == 1 and warnings[0][0] == "Warning"
+    assert "resumed from the checkpoint at step 10, skipping step 20" in warnings[0][1]
+    assert reason in warnings[0][1]
+    run(fake, seconds=10, progress=FakeProgress(progress_report(step=14, resumedFrom=resumed)))
+    assert len([e for e in fake.events if e[1] == "CheckpointSkipped"]) == 1, "said once"
+
+
 def test_same_progress_again_is_not_rewritten(fake: FakeCluster) -> None:
     fake.put_finetunejob(ftj())
     run(fake)

@@ -137,3 +137,38 @@ def test_progress_report_shape_and_http() -> None:
         assert "finetune_train_loss 1.5" in metrics and "finetune_eval_perplexity 7.39" in metrics
     finally:
         server.shutdown()
+
+
+def test_a_corrupt_newest_checkpoint_resumes_from_the_one_before_and_says_so(
+    model_dir: Callable[[str], Path], text_data: dict[str, str], tmp_path: Path
+) -> None:
+    """A file of the newest checkpoint no longer matches its manifest (bit rot, a bad copy):
+    resume falls back to the previous complete checkpoint, reports the skipped one, moves its
+    manifest aside so nothing lists it again, and the run ends as an uninterrupted one."""
+    from tests.trainer.conftest import run_trainer
+
+    model = model_dir("llama")
+    whole = base_config(model, text_data, tmp_path / "whole", hyperparameters={"maxSteps": 6})
+    code, uninterrupted = run_trainer(whole, tmp_path, "whole.json")
+    assert code == contract.EXIT_OK
+
+    run = tmp_path / "run"
+    code, first = run_trainer(base_config(model, text_data, run, hyperparameters={"maxSteps": 4}), tmp_path, "first.json")
+    assert code == contract.EXIT_OK and [c["step"] for c in first["checkpoints"]] == [2, 4]
+    shard = next((run / "checkpoints" / "step-000004" / "state").glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+    code, resumed = run_trainer(base_config(model, text_data, run, hyperparameters={"maxSteps": 6}), tmp_path, "again.json")
+    assert code == contract.EXIT_OK, resumed
+    record = resumed["resumedFrom"]
+    assert record["step"] == 2
+    [skipped] = record["skipped"]
+    assert skipped["step"] == 4 and "corrupt" in skipped["reason"] and shard.name in skipped["reason"]
+    assert "SHA-256 mismatch" in skipped["reason"]
+    corrupt = json.loads((run / "checkpoints" / "step-000004" / "manifest.corrupt.json").read_text())
+    assert corrupt["corrupt"] == skipped["reason"]
+    assert [c["step"] for c in resumed["checkpoints"]] == [4, 6], "step 4 trained again and saved anew"
+    assert final_eval(resumed)["step"] == 6
+    assert final_eval(resumed)["loss"] == pytest.approx(final_eval(uninterrupted)["loss"], abs=1e-6)

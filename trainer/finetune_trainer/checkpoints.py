@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from finetune_trainer.contract import CheckpointRecord
+from finetune_trainer.contract import CheckpointRecord, SkippedCheckpoint
 from finetune_trainer.storage import Store, iter_local_files, sha256_file
 
 log = logging.getLogger(__name__)
@@ -179,19 +179,64 @@ def load_weights(model: Any, local: Path) -> None:
     set_model_state_dict(model, state, options=StateDictOptions(strict=False))
 
 
+class CorruptCheckpoint(OSError):
+    """A checkpoint file's size or SHA-256 differs from its manifest."""
+
+
 def download_checkpoint(store: Store, manifest: dict[str, Any], local: Path) -> Path:
-    """Fetch a complete checkpoint and verify sizes and checksums against its manifest."""
+    """Fetch a complete checkpoint and verify sizes and checksums against its manifest
+    (`CorruptCheckpoint` on a mismatch, leaving nothing behind)."""
     prefix = step_key(int(manifest["step"]))
     tmp = local.with_name(local.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     for entry in manifest["files"]:
         target = tmp / entry["path"]
         store.download_file(prefix + entry["path"], target)
-        if target.stat().st_size != entry["size"] or sha256_file(target) != entry["sha256"]:
-            raise OSError(f"checkpoint {prefix}{entry['path']}: checksum mismatch")
+        size = target.stat().st_size
+        if size != entry["size"] or sha256_file(target) != entry["sha256"]:
+            shutil.rmtree(tmp, ignore_errors=True)
+            what = f"{size} bytes, the manifest says {entry['size']}" if size != entry["size"] else "SHA-256 mismatch"
+            raise CorruptCheckpoint(f"{prefix}{entry['path']}: {what}")
     shutil.rmtree(local, ignore_errors=True)
     tmp.rename(local)
     return local
+
+
+DOWNLOADED_MARKER = ".downloaded"
+CORRUPT_MANIFEST = "manifest.corrupt.json"
+
+
+def download_newest_intact(
+    store: Store, manifests: list[dict[str, Any]], local_for: Callable[[int], Path]
+) -> tuple[int | None, list[SkippedCheckpoint]]:
+    """Download the newest checkpoint whose files match its manifest (once: a marker file says it
+    is there) into `local_for(step)`. A corrupt one is skipped for the one before it. Returns the
+    step (None when every checkpoint is corrupt) and the skipped ones ({step, reason})."""
+    skipped: list[SkippedCheckpoint] = []
+    for manifest in reversed(manifests):
+        step = int(manifest["step"])
+        local = local_for(step)
+        if (local / DOWNLOADED_MARKER).exists():
+            return step, skipped
+        try:
+            download_checkpoint(store, manifest, local)
+        except CorruptCheckpoint as exc:
+            log.warning("checkpoint at step %d is corrupt (%s): trying the one before it", step, exc)
+            skipped.append({"step": step, "reason": f"corrupt: {exc}"})
+            continue
+        (local / DOWNLOADED_MARKER).write_text(str(manifest.get("time", "")))
+        return step, skipped
+    return None, skipped
+
+
+def retire_corrupt(store: Store, step: int, reason: str) -> None:
+    """Take a corrupt checkpoint out of the run folder's list: its manifest moves to
+    `manifest.corrupt.json` (with the reason; the files stay for inspection), so no listing —
+    status, CLI, resume — offers it again. Training past its step writes it anew."""
+    prefix = step_key(step)
+    manifest = json.loads(store.read_bytes(prefix + MANIFEST))
+    store.write_bytes(prefix + CORRUPT_MANIFEST, json.dumps({**manifest, "corrupt": reason}, indent=1).encode())
+    store.delete_prefix(prefix + MANIFEST)
 
 
 def record_of(manifest: dict[str, Any]) -> CheckpointRecord:

@@ -214,6 +214,8 @@ def _summary(
         summary["evaluations"] = report["evaluations"]
     if report["baselines"]:
         summary["baselines"] = report["baselines"]
+    if report["resumedFrom"] is not None:
+        summary["resumedFrom"] = report["resumedFrom"]
     return summary
 
 

@@ -97,6 +97,19 @@ class CheckpointRecord(TypedDict):
     metrics: dict[str, float]  # e.g. {"trainLoss": 1.9, "evalLoss": 2.0, ...}
 
 
+class SkippedCheckpoint(TypedDict):
+    step: int
+    reason: str  # e.g. "corrupt: checkpoints/step-000020/state/__0_0.distcp: SHA-256 mismatch"
+
+
+class ResumeRecord(TypedDict):
+    """Where this attempt resumed: `step`, and the newer checkpoints it skipped as corrupt
+    (their manifests moved aside to manifest.corrupt.json, so they are no longer listed)."""
+
+    step: int
+    skipped: list[SkippedCheckpoint]
+
+
 class ProgressReport(TypedDict):
     """`GET /progress` on rank 0. Numbers are null until known.
 
@@ -116,6 +129,7 @@ class ProgressReport(TypedDict):
     evaluations: list[EvaluationPoint]
     baselines: list[BaselineResult]
     checkpoints: list[CheckpointRecord] | None
+    resumedFrom: ResumeRecord | None  # null for an attempt that started from step 0
     updatedAt: str  # RFC 3339 UTC
 
 
@@ -137,6 +151,7 @@ class TerminationSummary(TypedDict):
     checkpoints: NotRequired[list[CheckpointRecord]]
     evaluations: NotRequired[list[EvaluationPoint]]  # step 0 first, then the newest
     baselines: NotRequired[list[BaselineResult]]
+    resumedFrom: NotRequired[ResumeRecord]
     # A failure: the global rank that failed and when (RFC 3339 with milliseconds), so that of a
     # multi-node job's failed pods the one that failed first names the cause.
     rank: NotRequired[int]

@@ -26,6 +26,7 @@ from finetune_trainer.contract import (
     CheckpointRecord,
     EvaluationPoint,
     ProgressReport,
+    SkippedCheckpoint,
     TerminationSummary,
     TrainerPhase,
     encode_termination_message,
@@ -80,6 +81,7 @@ class Progress:
             "evaluations": [],
             "baselines": [],
             "checkpoints": None,  # not listed yet; then exactly the complete ones that exist
+            "resumedFrom": None,
             "updatedAt": utc_now(),
         }
 
@@ -120,6 +122,12 @@ class Progress:
         """The complete checkpoints that exist in the run folder now (after keepLast), oldest first."""
         with self._lock:
             self._data["checkpoints"] = records
+            self._data["updatedAt"] = utc_now()
+
+    def set_resumed(self, *, step: int, skipped: list[SkippedCheckpoint]) -> None:
+        """This attempt resumes from `step`, having skipped `skipped` (corrupt, newer)."""
+        with self._lock:
+            self._data["resumedFrom"] = {"step": step, "skipped": list(skipped)}
             self._data["updatedAt"] = utc_now()
 
     def report(self) -> ProgressReport:

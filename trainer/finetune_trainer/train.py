@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import math
 import os
@@ -318,16 +319,50 @@ class Recipe:
         self.progress.set_checkpoints(self.checkpoint_records)
         if not manifests:
             return None
-        newest = self._resume_manifest = manifests[-1]
+        self._resume_manifest = manifests[-1]
         self._check_resume_format()
-        local = self.local_run / f"checkpoint-{newest['step']}"
-        with self.local_main_first():
-            marker = local / ".downloaded"
-            if not marker.exists():
-                ckpt.download_checkpoint(self.run_store, newest, local)
-                marker.write_text(newest["time"])
-        log.info("resuming from %s", newest["uri"])
-        return local
+        by_step = {int(m["step"]): m for m in manifests}
+        local_for = self._checkpoint_folder
+        choice = self.local_run / "resume-choice.json"
+        with self.local_main_first():  # each node's local rank 0 downloads, the others read its choice
+            if self.local_rank == 0:
+                step, skipped = ckpt.download_newest_intact(self.run_store, manifests, local_for)
+                choice.write_text(json.dumps({"step": step, "skipped": skipped}))
+        mine = json.loads(choice.read_text())
+        step = self._agree_on_resume_step(mine["step"])
+        if step != mine["step"]:  # another node found our choice corrupt: take theirs
+            with self.local_main_first():
+                if self.local_rank == 0 and step is not None:
+                    ckpt.download_newest_intact(self.run_store, [by_step[step]], local_for)
+        skipped = [s for s in mine["skipped"] if step is None or s["step"] > step]
+        if step is None:
+            raise RuntimeError(
+                "every checkpoint in the run folder is corrupt (its files do not match its manifest): "
+                + "; ".join(f"step {s['step']}: {s['reason']}" for s in skipped)
+            )
+        if skipped:
+            if self.is_main:
+                for entry in skipped:
+                    ckpt.retire_corrupt(self.run_store, int(entry["step"]), str(entry["reason"]))
+            self.checkpoint_records = [r for r in self.checkpoint_records if r["step"] <= step]
+            self.progress.set_checkpoints(self.checkpoint_records)
+        self.progress.set_resumed(step=step, skipped=skipped)
+        log.info("resuming from %s%s", by_step[step]["uri"], f" (skipped {len(skipped)} corrupt)" if skipped else "")
+        return local_for(step)
+
+    def _checkpoint_folder(self, step: int) -> Path:
+        return self.local_run / f"checkpoint-{step}"
+
+    def _agree_on_resume_step(self, step: int | None) -> int | None:
+        """The oldest of the nodes' choices: every rank resumes from the same checkpoint."""
+        if self.world_size == 1:
+            return step
+        value = torch.tensor([float(step) if step is not None else -1.0])
+        if torch.distributed.get_backend() == "nccl":
+            value = value.cuda()
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+        agreed = int(value.item())
+        return None if agreed < 0 else agreed
 
     def _check_resume_format(self) -> None:
         """Checkpoints of the transformers-Trainer era (format `trainer`, data parallel before
