@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -268,3 +269,74 @@ def test_a_full_disk_is_named_not_a_traceback(wrapped: bool) -> None:
 
     named = disk_full(OSError(errno.ENOSPC, "No space left on device", "/var/cache/finetune/model.bin"))
     assert named is not None and "writing /var/cache/finetune/model.bin" in named
+
+
+# ---------------------------------------------------------------------------------------------
+# a training run through outages
+
+
+def test_a_run_through_two_outages_ends_as_one_without(
+    server: Server, tmp_path: Path, model_dir: Any, text_data: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real trainer, run folder in S3: the server stops while the first checkpoint uploads
+    and again when the final export starts. Training goes on (uploads are in the background),
+    the export waits for the server, and the run ends with the evaluations, checkpoints and final
+    model of a run that saw no fault; every listed checkpoint has all its files."""
+    import json
+
+    from finetune_trainer import contract
+    from tests.trainer.conftest import base_config, final_eval, run_trainer
+
+    monkeypatch.setenv(storage.ENV_RETRY_SECONDS, "120")
+    model = model_dir("llama")
+
+    def config(prefix: str) -> dict[str, Any]:
+        return base_config(
+            model, text_data, tmp_path / "unused", hyperparameters={"maxSteps": 6},
+            checkpoints={"everySteps": 2, "keepLast": 3, "outputUri": f"s3://runs/{prefix}/"},
+            run={"storageEndpoint": server.endpoint},
+        )  # fmt: skip
+
+    code, clean = run_trainer(config("clean"), tmp_path, "clean.json")
+    assert code == contract.EXIT_OK, clean
+
+    faulty = server.root / "runs" / "faulty"
+    outages: list[str] = []
+
+    def cut_when(path: Path, what: str) -> None:
+        deadline = time.monotonic() + 300
+        while not path.exists():
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.02)
+        server.stop()
+        outages.append(what)
+        time.sleep(3)
+        server.start()
+
+    def faults() -> None:
+        cut_when(faulty / "checkpoints" / "step-000002", "first checkpoint upload")
+        cut_when(faulty / "final", "final export")
+
+    thread = threading.Thread(target=faults, daemon=True)
+    thread.start()
+    code, summary = run_trainer(config("faulty"), tmp_path, "faulty.json")
+    thread.join(timeout=60)
+    assert code == contract.EXIT_OK, summary
+    assert outages == ["first checkpoint upload", "final export"], "both faults happened"
+    assert [e["step"] for e in summary["evaluations"]] == [e["step"] for e in clean["evaluations"]]
+    assert final_eval(summary)["loss"] == pytest.approx(final_eval(clean)["loss"], abs=1e-6)
+    assert [c["step"] for c in summary["checkpoints"]] == [c["step"] for c in clean["checkpoints"]] == [2, 4, 6]
+    for record in summary["checkpoints"]:
+        folder = faulty / "checkpoints" / f"step-{record['step']:06d}"
+        manifest = json.loads((folder / "manifest.json").read_text())
+        for entry in manifest["files"]:
+            stored = folder / entry["path"]
+            assert stored.stat().st_size == entry["size"], stored
+            assert hashlib.sha256(stored.read_bytes()).hexdigest() == entry["sha256"], stored
+    final_files = sorted(p.relative_to(faulty / "final") for p in (faulty / "final").rglob("*") if p.is_file())
+    clean_final = server.root / "runs" / "clean" / "final"
+    assert final_files == sorted(p.relative_to(clean_final) for p in clean_final.rglob("*") if p.is_file())
+    for rel in final_files:
+        if rel.suffix == ".safetensors":
+            assert (faulty / "final" / rel).read_bytes() == (clean_final / rel).read_bytes(), rel
