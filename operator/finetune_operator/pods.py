@@ -61,8 +61,21 @@ def oom_killed(pods: Sequence[Mapping[str, Any]]) -> bool:
 def failure_cause(job: FineTuneJob, pods: Sequence[Mapping[str, Any]]) -> str:
     """Why the job's pods failed: of a multi-node job, the pod that failed first (its peers'
     failures — "connection closed by peer", or SIGTERM from the Job controller — follow from
-    it); of a single pod, the newest failure."""
-    return _pod_failure_message(pods, first=gang.is_gang(job))
+    it); of a single pod, the newest failure. A multi-node job's rank whose pod is gone (deleted
+    or evicted, and already removed once the Job controller counted it) is named by its rank."""
+    message = _pod_failure_message(pods, first=gang.is_gang(job))
+    if message or not gang.is_gang(job) or not pods:
+        return message
+    present = {
+        str(((pod.get("metadata") or {}).get("annotations") or {}).get(COMPLETION_INDEX_ANNOTATION))
+        for pod in pods
+        if not (pod.get("metadata") or {}).get("deletionTimestamp")
+    }
+    gone = [rank for rank in range(job.spec.resources.nodes) if str(rank) not in present]
+    if not gone:
+        return ""
+    ranks = ", ".join(str(rank) for rank in gone)
+    return f"the pod of rank {ranks} is gone (deleted, evicted or lost with its node)"
 
 
 def _failure_order(item: tuple[Mapping[str, Any], Mapping[str, Any]]) -> tuple[bool, str]:

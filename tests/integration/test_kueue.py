@@ -199,9 +199,14 @@ def test_jobs_run_in_turn_and_suspend_and_cancel_still_work(
     for name in ("second", "third"):
         waiting = wait_reason(cluster, namespace, name, "Queued")
         assert waiting["phase"] == "Pending"
-        # Kueue's own words: it could not reserve quota for the pod set.
         assert "queued in LocalQueue team-queue (Kueue: Pending: " in waiting["message"]
-        assert "insufficient" in waiting["message"] and "quota" in waiting["message"], waiting["message"]
+        # Kueue's own words once it has considered the Workload (first it says it has not yet):
+        # it could not reserve quota for the pod set.
+        verdict = wait_for(
+            lambda name=name: "insufficient" in (m := str(status(cluster, namespace, name).get("message"))) and m,
+            timeout=60, what=f"{name}: Kueue's quota verdict in the status",
+        )  # fmt: skip
+        assert "quota" in verdict and status(cluster, namespace, name)["reason"] == "Queued", verdict
         assert batch_job(cluster, namespace, name)["spec"]["suspend"] is True
 
     # The operator's full cycles (a timer polls Pending jobs) leave Kueue's suspend flag alone:

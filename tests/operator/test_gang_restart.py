@@ -148,6 +148,17 @@ def test_a_rank_killed_for_memory_is_not_restarted(fake: FakeCluster) -> None:
     assert outcome.deleted == [] and status.get("restarts", 0) == 0
 
 
+def test_a_rank_whose_pod_is_already_gone_is_named_by_its_rank(fake: FakeCluster) -> None:
+    """Rank 1's pod was deleted and, counted by the Job controller, removed before the operator
+    looked: the restart still names the cause."""
+    two_nodes(fake)
+    rank1_fails(fake)
+    fake.pods = [pod(0)]  # rank 0 still running (being stopped), rank 1 gone
+    run(fake, seconds=10)
+    message = fake.finetunejob()["status"]["message"]
+    assert "after the pod of rank 1 is gone (deleted, evicted or lost with its node)" in message
+
+
 def test_suspended_job_is_not_restarted(fake: FakeCluster) -> None:
     two_nodes(fake)
     rank1_fails(fake)
