@@ -61,15 +61,16 @@ def oom_killed(pods: Sequence[Mapping[str, Any]]) -> bool:
 def failure_cause(job: FineTuneJob, pods: Sequence[Mapping[str, Any]]) -> str:
     """Why the job's pods failed: of a multi-node job, the pod that failed first (its peers'
     failures — "connection closed by peer", or SIGTERM from the Job controller — follow from
-    it); of a single pod, the newest failure. A multi-node job's rank whose pod is gone (deleted
-    or evicted, and already removed once the Job controller counted it) is named by its rank."""
+    it); of a single pod, the newest failure. A multi-node job's rank whose pod object is gone
+    (deleted or evicted, and removed once the Job controller counted it) is named by its rank.
+    While every pod is still terminating, nothing tells the deleted one from the peers the Job
+    controller stops: the cause is then unknown ("")."""
     message = _pod_failure_message(pods, first=gang.is_gang(job))
     if message or not gang.is_gang(job) or not pods:
         return message
     present = {
         str(((pod.get("metadata") or {}).get("annotations") or {}).get(COMPLETION_INDEX_ANNOTATION))
         for pod in pods
-        if not (pod.get("metadata") or {}).get("deletionTimestamp")
     }
     gone = [rank for rank in range(job.spec.resources.nodes) if str(rank) not in present]
     if not gone:

@@ -42,12 +42,9 @@ def test_deleting_one_pod_restarts_both_from_the_checkpoint(
     )  # fmt: skip
     assert restarting["restarts"] == 1
     assert "restarting all 2 pods from the newest checkpoint (restart 1 of runPolicy.backoffLimit 2)" in restarting["message"]
-    # The deleted pod is the cause: named, or (once the Job controller has counted and removed it
-    # before the operator looked) by its rank.
-    assert (
-        f"pod {rank1['metadata']['name']}" in restarting["message"]
-        or "the pod of rank 1 is gone" in restarting["message"]
-    ), restarting["message"]
+    # Which pod caused it is named only when the operator saw it (pods.failure_cause): a deleted
+    # pod may be counted and removed by the Job controller first, and then all pods are
+    # terminating alike, so the cause is not asserted here (tests/operator covers both cases).
     reconciling = {c["type"]: c for c in restarting["conditions"]}["Reconciling"]
     assert (reconciling["status"], reconciling["reason"]) == ("True", "Restarting")
 
@@ -61,7 +58,6 @@ def test_deleting_one_pod_restarts_both_from_the_checkpoint(
         assert len(starts) == 2 and starts[0] == "0" and int(starts[1]) >= 3, (rank, starts)
     warnings = [(e["reason"], e.get("message", "")) for e in events(cluster, namespace, "gang") if e["type"] == "Warning"]
     assert [reason for reason, _ in warnings] == ["PodFailed"], warnings
-    assert rank1["metadata"]["name"] in warnings[0][1]
     assert json.loads(cluster.kubectl("get", "networkpolicies", "-n", namespace, "-o", "json").stdout)["items"] == [], (
         "without FINETUNE_NETWORK_POLICY the operator creates no NetworkPolicy"
     )
