@@ -101,11 +101,11 @@ class OperatorProcess:
 _METRICS_PORT: dict[str, int] = {}
 
 
-def operator_environment(kubeconfig: Path, runs_dir: Path) -> dict[str, str]:
+def operator_environment(kubeconfig: Path, runs_dir: Path, trainer: Path = STANDIN) -> dict[str, str]:
     port = _METRICS_PORT.setdefault("port", free_port())  # one metrics server per process
     return {
         "KUBECONFIG": str(kubeconfig),
-        "FINETUNE_TRAINER_COMMAND": json.dumps([sys.executable, str(STANDIN)]),
+        "FINETUNE_TRAINER_COMMAND": json.dumps([sys.executable, str(trainer)]),
         "FINETUNE_RUNS_URI": f"file://{runs_dir}/",
         "FINETUNE_POLL_INTERVAL_SECONDS": "1",
         "FINETUNE_METRICS_PORT": str(port),
@@ -114,11 +114,12 @@ def operator_environment(kubeconfig: Path, runs_dir: Path) -> dict[str, str]:
 
 
 @contextmanager
-def running_operator(kubeconfig: Path, runs_dir: Path) -> Iterator[OperatorProcess]:
-    """The operator under KopfRunner with `kubeconfig`'s identity, until the block ends."""
+def running_operator(kubeconfig: Path, runs_dir: Path, trainer: Path = STANDIN) -> Iterator[OperatorProcess]:
+    """The operator under KopfRunner with `kubeconfig`'s identity and `trainer` (a script) as the
+    trainer command, until the block ends."""
     from kopf.testing import KopfRunner
 
-    env = operator_environment(kubeconfig, runs_dir)
+    env = operator_environment(kubeconfig, runs_dir, trainer)
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
     try:

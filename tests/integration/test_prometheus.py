@@ -23,7 +23,6 @@ import pytest
 import yaml
 
 from finetune_dev import prometheus
-from tests.integration import operator_env
 from tests.integration.operator_env import (
     OperatorProcess,
     apply,
@@ -64,10 +63,8 @@ def metrics_operator(
     assert_no_other_operator(cluster)
     runs = operator_dir / "runs"
     runs.mkdir(exist_ok=True)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(operator_env, "STANDIN", METRICS_TRAINER)
-        with running_operator(operator_kubeconfig, runs) as process:
-            yield process
+    with running_operator(operator_kubeconfig, runs, trainer=METRICS_TRAINER) as process:
+        yield process
 
 
 def render_monitoring(cluster: ClusterHandle, namespace: str) -> dict[str, dict[str, Any]]:
