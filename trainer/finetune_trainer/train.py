@@ -355,13 +355,7 @@ class Recipe:
 
     def _agree_on_resume_step(self, step: int | None) -> int | None:
         """The oldest of the nodes' choices: every rank resumes from the same checkpoint."""
-        if self.world_size == 1:
-            return step
-        value = torch.tensor([float(step) if step is not None else -1.0])
-        if torch.distributed.get_backend() == "nccl":
-            value = value.cuda()
-        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
-        agreed = int(value.item())
+        agreed = int(self._reduce(float(step) if step is not None else -1.0, torch.distributed.ReduceOp.MIN))
         return None if agreed < 0 else agreed
 
     def _check_resume_format(self) -> None:
@@ -379,12 +373,16 @@ class Recipe:
 
     def stop_agreed(self) -> bool:
         """Every rank stops at the same step: a SIGTERM seen by any process counts for all."""
-        flag = torch.tensor([1.0 if self.stop.requested else 0.0])
+        return self._reduce(1.0 if self.stop.requested else 0.0, torch.distributed.ReduceOp.MAX) > 0
+
+    def _reduce(self, value: float, op: Any) -> float:
+        """`value` reduced over every rank with `op` (itself when there is one process)."""
+        tensor = torch.tensor([value])
         if torch.distributed.is_available() and torch.distributed.is_initialized() and self.world_size > 1:
             if torch.distributed.get_backend() == "nccl":
-                flag = flag.cuda()
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+                tensor = tensor.cuda()
+            torch.distributed.all_reduce(tensor, op=op)
+        return float(tensor.item())
 
     def _restore_history(self) -> None:
         """Evaluations and baselines of an earlier attempt of this run (from metrics.jsonl)."""
