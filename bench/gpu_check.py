@@ -59,7 +59,7 @@ def run_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     from finetune_trainer import wrapping
-    from finetune_trainer.loop import LoopHooks, LoopPlan, TrainingLoop, decay_groups
+    from finetune_trainer.loop import LoopHooks, LoopPlan, TrainingLoop, decay_groups, loss_scaler
 
     name, sharding = case.split(":")
     device = torch.device(args.device)
@@ -99,7 +99,7 @@ def run_case(case: str, args: argparse.Namespace) -> dict[str, Any]:
     import contextlib
 
     loop = TrainingLoop(model, optimizer, plan, hooks, device=device, autocast_dtype=autocast,
-                        sync_context=lambda last: contextlib.nullcontext())
+                        sync_context=lambda last: contextlib.nullcontext(), scaler=loss_scaler(device, autocast))
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
     for step in range(args.steps):

@@ -7,7 +7,8 @@ A checkpoint without its manifest does not exist.
 Format `dcp` (every strategy — data parallel and FSDP2 — on our own loop): `state/` written by
 `torch.distributed.checkpoint` — each rank its own `__<rank>_*.distcp` file with its slices of
 the weights and the AdamW state (data parallel: the replicated tensors once, deduplicated by
-DCP), rank 0 the `.metadata` — and `train_state.json` (step, epoch, world size, strategy).
+DCP), rank 0 the `.metadata`; an fp16 run adds its loss scaler's state (`scaler.*`, once) —
+and `train_state.json` (step, epoch, world size, strategy).
 Every rank uploads its own files in its background thread and then a listing
 `.ranks/rank-<K>.json`; rank 0 writes the manifest once every rank's listing is there. DCP
 reshards on load, so a job may resume with another number of processes or the other strategy
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints/"
 MANIFEST = "manifest.json"
 STATE = "state"  # the DCP folder of a sharded checkpoint
+SCALER = "scaler"  # fp16's loss scaler state inside it
 TRAIN_STATE = "train_state.json"
 RANKS = ".ranks/"
 FORMAT_TRAINER = "trainer"
@@ -129,31 +131,54 @@ def rank_files(local: Path, *, rank: int) -> list[Path]:
 
 
 def save_sharded(model: Any, optimizer: Any, local: Path, *, train_state: dict[str, Any], adapters_only: bool,
-                 is_main: bool) -> None:
+                 is_main: bool, scaler: Any = None) -> None:
     """Every rank writes its slices of the model and AdamW state (a collective); rank 0 writes
     train_state.json. With `adapters_only` (LoRA), the frozen base is not saved (it is reloaded
-    from the model folder)."""
+    from the model folder). `scaler` (fp16's `torch.amp.GradScaler`) adds its state under
+    `scaler.*`: the same on every rank (every rank sees the same reduced gradients), so DCP
+    writes it once."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     model_state, optimizer_state = get_state_dict(
         model, optimizer, options=StateDictOptions(ignore_frozen_params=adapters_only)
     )
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(local / STATE))
+    state: dict[str, Any] = {"model": model_state, "optimizer": optimizer_state}
+    if scaler is not None:
+        state[SCALER] = scaler.state_dict()
+    dcp.save(state, checkpoint_id=str(local / STATE))
     if is_main:
         (local / TRAIN_STATE).write_text(json.dumps(train_state, indent=1))
 
 
-def load_sharded(model: Any, optimizer: Any, local: Path, *, adapters_only: bool) -> dict[str, Any]:
+def has_scaler_state(local: Path) -> bool:
+    """Whether a checkpoint folder holds a loss scaler's state (written by an fp16 run)."""
+    import torch.distributed.checkpoint as dcp
+
+    saved = dcp.FileSystemReader(str(local / STATE)).read_metadata().state_dict_metadata
+    return any(key.startswith(SCALER + ".") for key in saved)
+
+
+def load_sharded(model: Any, optimizer: Any, local: Path, *, adapters_only: bool, scaler: Any = None) -> dict[str, Any]:
     """Restore the model and AdamW state saved by `save_sharded` (resharded to this run's
-    processes); returns train_state.json."""
+    processes), and `scaler`'s state when the checkpoint has one (every rank reads the same);
+    returns train_state.json. A checkpoint without scaler state (bf16, fp32, or an earlier
+    version) leaves `scaler` at its initial scale; a scaler state without a `scaler` is not read."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
     options = StateDictOptions(ignore_frozen_params=adapters_only, strict=not adapters_only)
     model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
-    dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(local / STATE))  # in place
+    state: dict[str, Any] = {"model": model_state, "optimizer": optimizer_state}
+    if scaler is not None:
+        if has_scaler_state(local):
+            state[SCALER] = scaler.state_dict()
+        else:
+            log.warning("checkpoint %s holds no loss scaler state: the fp16 scale restarts at %g", local, scaler.get_scale())
+    dcp.load(state, checkpoint_id=str(local / STATE))  # in place
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state, options=options)
+    if SCALER in state:
+        scaler.load_state_dict(state[SCALER])
     return dict(json.loads((local / TRAIN_STATE).read_text()))
 
 

@@ -166,15 +166,22 @@ class LoopHooks:
     measure: Callable[[], None]  # once, after the first optimizer step (gradients still held)
 
 
+def loss_scaler(device: torch.device, autocast_dtype: torch.dtype | None) -> torch.amp.GradScaler | None:
+    """fp16 (GPU only) scales the loss against gradient underflow; bf16 and fp32 need no scaler.
+    Its state (the scale, the growth tracker) is part of a checkpoint (`checkpoints.save_sharded`)."""
+    return torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
+
+
 class TrainingLoop:
     """Steps `start_step + 1 … plan.total_steps`; returns the last step done and whether a stop
-    request ended it early (after saving a checkpoint)."""
+    request ended it early (after saving a checkpoint). `scaler`: the fp16 loss scaler
+    (`loss_scaler`), None otherwise."""
 
     def __init__(self, model: Any, optimizer: torch.optim.Optimizer, plan: LoopPlan, hooks: LoopHooks, *,
-                 device: torch.device, autocast_dtype: torch.dtype | None, sync_context: Callable[[bool], Any]):
+                 device: torch.device, autocast_dtype: torch.dtype | None, sync_context: Callable[[bool], Any],
+                 scaler: torch.amp.GradScaler | None):
         self.model = model
-        # fp16 (GPU only) scales the loss against gradient underflow; bf16 and fp32 need no scaler
-        self.scaler = torch.amp.GradScaler(device.type) if autocast_dtype == torch.float16 else None
+        self.scaler = scaler
         self.optimizer = optimizer
         self.plan = plan
         self.hooks = hooks

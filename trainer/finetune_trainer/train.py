@@ -68,6 +68,7 @@ from finetune_trainer.loop import (
     TrainingLoop,
     TrainLog,
     decay_groups,
+    loss_scaler,
     steps_per_epoch,
     total_steps,
     warmup_steps,
@@ -486,9 +487,11 @@ class Recipe:
         optimizer = torch.optim.AdamW(decay_groups(model, hp.weight_decay), lr=hp.learning_rate, betas=(0.9, 0.999),
                                       eps=1e-8, foreach=True)
         board = self.board = self.io.tensorboard()
+        autocast = None if self.strategy == FSDP else AUTOCAST[hp.precision]  # FSDP: its MixedPrecisionPolicy
+        scaler = loss_scaler(self.device, autocast)  # fp16 only; checkpointed with the model
         start = 0
         if resume is not None:
-            state = ckpt.load_sharded(model, optimizer, resume, adapters_only=lora)
+            state = ckpt.load_sharded(model, optimizer, resume, adapters_only=lora, scaler=scaler)
             start = int(state["step"])
             log.info("resumed at step %d (saved by %d processes, now %d)", start, state["worldSize"], self.world_size)
         elif cfg.evaluation.at_start:
@@ -517,7 +520,7 @@ class Recipe:
             started = time.perf_counter()
             local = self.local_run / f"checkpoint-{step}"
             ckpt.save_sharded(
-                model, optimizer, local, adapters_only=lora, is_main=self.is_main,
+                model, optimizer, local, adapters_only=lora, is_main=self.is_main, scaler=scaler,
                 train_state={"step": step, "epoch": step / steps_per_epoch(len(train_dataset), hp.batch_size),
                              "worldSize": self.world_size, "sharding": self.strategy, "config": cfg.to_dict()},
             )
@@ -543,8 +546,9 @@ class Recipe:
                 measure=lambda: self.record_memory(model, optimizer),
             ),
             device=self.device,
-            autocast_dtype=None if self.strategy == FSDP else AUTOCAST[hp.precision],
+            autocast_dtype=autocast,
             sync_context=self._sync_context(model),
+            scaler=scaler,
         )
         self.progress.update(phase=TrainerPhase.TRAINING, totalSteps=total, step=start)
         self.stop.in_training = True
