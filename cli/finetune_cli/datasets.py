@@ -12,13 +12,13 @@ Called by `commands.add`; the I/O is in `storage` and `tokens`.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from finetune_trainer.data import BadRecords, PreflightReport
 from finetune_trainer.errors import InvalidData
+from finetune_trainer.sources import FirstRecord
 
 Format = Literal["text", "prompt-completion", "chat"]
 Split = Literal["train", "eval"]
@@ -33,35 +33,25 @@ class DatasetError(ValueError):
         self.details = details or []
 
 
-def is_text_file(name: str) -> bool:
-    return name.lower().removesuffix(".gz").endswith(".txt")
-
-
-def detect_format(name: str, first: tuple[int, bytes] | None) -> Format:
-    """The format of one file: .txt is text; JSONL by the keys of its first record (`first`: the
-    first non-blank line and its number, None when the file has none)."""
-    if is_text_file(name):
+def detect_format(first: FirstRecord) -> Format:
+    """The format of one file from its first record (`sources.first_record`, which reads every
+    kind the trainer reads): a .txt file is text; JSONL and Parquet by the record's fields (a
+    Parquet file's columns)."""
+    if first.kind == "txt":
         return "text"
-    if first is None:
-        raise DatasetError(f"{name}: no records")
-    number, line = first
-    try:
-        record = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
-        raise DatasetError(f"{name}:{number}: invalid JSON ({reason})") from None
-    if not isinstance(record, dict):
-        raise DatasetError(f"{name}:{number}: a record must be a JSON object")
-    if "messages" in record:
+    fields = set(first.fields)
+    if "messages" in fields:
         return "chat"
-    if "prompt" in record and "completion" in record:
+    if "prompt" in fields and "completion" in fields:
         return "prompt-completion"
-    if "text" in record:
+    if "text" in fields:
         return "text"
+    what = "columns" if first.kind == "parquet" else "fields"
     raise DatasetError(
-        f"{name}:{number}: cannot tell the format from the fields {sorted(record)}: expected "
-        "'text' (text), 'prompt' and 'completion' (prompt-completion) or 'messages' (chat); "
-        "pass --format and the field names in the experiment"
+        f"{first.where}: cannot tell the format from the {what} {sorted(fields)}: a registered dataset "
+        "has a 'text' field (text), 'prompt' and 'completion' (prompt-completion) or 'messages' (chat); "
+        f"rename the {what[:-1]}, or give the files in an experiment's dataset.train with dataset.textField "
+        "(promptField, completionField, messagesField)"
     )
 
 

@@ -105,14 +105,14 @@ def as_uri(path: str) -> str:
     return "file://" + str(Path(path).expanduser().resolve())
 
 
-DATA_SUFFIXES = (".jsonl", ".json", ".txt", ".jsonl.gz", ".json.gz", ".txt.gz")
-
-
 def list_sources(
     paths: list[str], split: Literal["train", "eval"], *, where: Location
 ) -> list[tuple[SourceFile, Literal["train", "eval"]]]:
-    """Every data file the paths name (folders and globs expanded), listed, not read."""
+    """Every data file the paths name (folders and globs expanded; the kinds the trainer reads,
+    `sources.is_data_file`), listed, not read. A name the trainer cannot read (an unknown
+    compression) is an error naming each such file and what is allowed."""
     out: list[tuple[SourceFile, Literal["train", "eval"]]] = []
+    unreadable: list[str] = []
     for path in paths:
         uri = as_uri(path)
         if uri.startswith("file://") and not any(c in uri for c in "*?[") and not Path(uri[7:]).exists():
@@ -120,22 +120,31 @@ def list_sources(
         matches = _guard(
             f"listing {uri}", lambda u=uri: expand(u, endpoint=where.endpoint, region=where.region)
         )
-        files = [(store, obj) for store, obj in matches if obj.key.lower().endswith(DATA_SUFFIXES)]
+        files = [(store, obj) for store, obj in matches if sources.is_data_file(obj.key)]
         if not files:
-            raise CliError(
-                f"{path}: no .jsonl or .txt files found",
-                hint="datasets are JSONL (one record a line) or .txt files, optionally gzip-compressed (.gz)",
-            )
-        out.extend((SourceFile(store.uri, obj.key, obj.size, obj.version), split) for store, obj in files)
+            raise CliError(f"{path}: no dataset files found", hint=f"datasets are {sources.ALLOWED}")
+        for store, obj in files:
+            source = SourceFile(store.uri, obj.key, obj.size, obj.version)
+            try:
+                sources.check_name(source.name)
+            except InvalidData as exc:
+                unreadable.append(str(exc))
+            out.append((source, split))
+    if unreadable:
+        raise CliError(
+            f"{len(unreadable)} file(s) the trainer cannot read", details=unreadable,
+            hint="recompress them with gzip or zstd, or upload them uncompressed",
+        )
     return out
 
 
-def first_line(source: SourceFile, where: Location) -> tuple[int, bytes] | None:
-    """The first non-blank line of a JSONL file (for its format), streamed."""
+def first_record(source: SourceFile, where: Location) -> sources.FirstRecord:
+    """The first record of a file (for its format), streamed. InvalidData (not readable as its
+    name says, no records) passes through for the caller to report."""
     store = open_folder(source.store_uri, where)
     try:
-        return sources.first_line(source, store)
-    except InvalidData:  # named .gz but not gzip, and the like: the caller reports it
+        return sources.first_record(source, store)
+    except InvalidData:
         raise
     except Exception as exc:  # botocore errors, connection errors, OSError
         raise CliError(f"reading {source.name}: {type(exc).__name__}: {exc}", hint=STORAGE_HINT) from None

@@ -207,6 +207,91 @@ def test_add_dataset_rejects_bad_input_and_uploads_nothing(
     assert name not in names
 
 
+def _parquet_bytes(**columns: list[object]) -> bytes:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    pq.write_table(pa.table(columns), buffer, row_group_size=16)
+    return buffer.getvalue()
+
+
+def test_add_dataset_from_s3_parquet_and_zstd_counts_records_and_tokens_per_split(
+    cluster: ClusterHandle, namespace: str, datasets_uri: str, tmp_path: Path
+) -> None:
+    import zstandard
+
+    from tests.trainer.factories import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    bucket = datasets_uri[5:].split("/", 1)[0]
+    train = [f"the market rose {i} times " * (1 + i % 4) for i in range(50)]
+    evaluation = [f"shares fell {i}" for i in range(7)]
+    s3 = cluster.s3_client()
+    s3.put_object(Bucket=bucket, Key="raw/train.parquet", Body=_parquet_bytes(id=list(range(50)), text=train))
+    body = "".join(json.dumps({"text": t}) + "\n" for t in evaluation).encode()
+    s3.put_object(Bucket=bucket, Key="raw/eval.jsonl.zst", Body=zstandard.ZstdCompressor().compress(body))
+    result = cli(
+        cluster, namespace, "add", "dataset", "--name", "wire",
+        "--paths", f"s3://{bucket}/raw/train.parquet", "--eval-paths", f"s3://{bucket}/raw/eval.jsonl.zst",
+        "--tokenizer", str(tmp_path / "tokenizer"), datasets_uri=datasets_uri,
+    )
+    tokens = {
+        split: sum(len(tokenizer(t)["input_ids"]) + 1 for t in texts)  # every document with its EOS
+        for split, texts in (("train", train), ("eval", evaluation))
+    }
+    assert (
+        f"dataset wire registered: text, 50 train records ({tokens['train']:,} tokens), "
+        f"7 eval records ({tokens['eval']:,} tokens)"
+    ) in result.stdout
+    prefix = datasets_uri[5:].split("/", 1)[1]
+    metadata = json.loads(s3.get_object(Bucket=bucket, Key=f"{prefix}wire/dataset.json")["Body"].read())
+    assert (metadata["trainRecords"], metadata["trainTokens"]) == (50, tokens["train"])
+    assert (metadata["evalRecords"], metadata["evalTokens"]) == (7, tokens["eval"])
+    assert [f["key"] for f in metadata["files"]] == ["wire/train/train.parquet", "wire/eval/eval.jsonl.zst"]
+
+
+@pytest.mark.parametrize(
+    ("key", "body", "extra", "message"),
+    [
+        pytest.param(
+            "t.jsonl.bz2", b"BZh9", [], "t.jsonl.bz2: compression 'bz2' is not supported; use JSONL (.jsonl, .json), "
+            "Parquet (.parquet) or plain-text (.txt) files", id="unknown-compression",
+        ),
+        pytest.param(
+            "t.parquet", _parquet_bytes(body=["a", "b"]), [],
+            "t.parquet:row 1: cannot tell the format from the columns ['body']", id="parquet-no-text-detected",
+        ),
+        pytest.param(
+            "t.parquet", _parquet_bytes(body=["a", "b"]), ["--format", "text"],
+            "t.parquet: no column 'text' (dataset.textField); the file has columns ['body']", id="parquet-no-text",
+        ),
+        pytest.param(
+            "t.jsonl.gz", b'{"text": "x"}\n', [], "t.jsonl.gz: named .gz but is not gzip data", id="gz-not-gzip",
+        ),
+        pytest.param("t.jsonl", b"", [], "t.jsonl: no records: the file is empty", id="empty-file"),
+        pytest.param("t.jsonl", b'{"text": "ok"}\n[1]\n', ["--format", "text"], "t.jsonl:2: a record must be a JSON object", id="line"),
+    ],
+)
+def test_add_dataset_from_s3_names_the_file_it_cannot_read(
+    cluster: ClusterHandle, namespace: str, datasets_uri: str, key: str, body: bytes, extra: list[str], message: str
+) -> None:
+    bucket = datasets_uri[5:].split("/", 1)[0]
+    folder = f"bad-{uuid.uuid4().hex[:6]}"
+    cluster.s3_client().put_object(Bucket=bucket, Key=f"{folder}/{key}", Body=body)
+    result = cli(
+        cluster, namespace, "add", "dataset", "--name", folder, "--paths", f"s3://{bucket}/{folder}/{key}", *extra,
+        datasets_uri=datasets_uri, check=False,
+    )
+    assert result.returncode == 1
+    assert f"s3://{bucket}/{folder}/{message}" in result.stderr, result.stderr
+    names = [d["name"] for d in cli_json(cluster, namespace, "list", "datasets", datasets_uri=datasets_uri)]
+    assert folder not in names
+
+
 # ---- experiments -------------------------------------------------------------------------------------
 EDITOR = textwrap.dedent(
     """\

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import pytest
 from finetune_trainer.config import DatasetSpec
 from finetune_trainer.data import plan_data, preflight
 from finetune_trainer.errors import InvalidData
-from finetune_trainer.sources import list_files, read_unit, units_of
+from finetune_trainer.sources import FirstRecord, SourceFile, first_record, list_files, read_unit, units_of
 from finetune_trainer.storage import open_store
 
 
@@ -145,6 +146,72 @@ def test_parquet_bad_rows_are_reported_by_row(tmp_path: Path) -> None:
     assert caught.value.details == [f"{uri}:row 2: field 'text' is empty"]
 
 
+def _zst(data: bytes) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdCompressor().compress(data)
+
+
+def _parquet(path: Path, **columns: list[Any]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), path)
+
+
+def test_first_record_of_every_kind_reads_only_its_start(tmp_path: Path) -> None:
+    chat = json.dumps({"messages": [{"role": "user", "content": "hi"}]})
+    (tmp_path / "a.jsonl").write_text("\n\n" + chat + "\n{not json\n")  # the bad line 4 is never read
+    (tmp_path / "b.jsonl.gz").write_bytes(gzip.compress(b'{"prompt": "q", "completion": "a"}\n'))
+    (tmp_path / "c.jsonl.zst").write_bytes(_zst(b'\n{"text": "x", "id": 1}\n'))
+    (tmp_path / "d.jsonl.zstd").write_bytes(_zst(b'{"text": "x"}\n'))
+    _parquet(tmp_path / "e.parquet", id=[1, 2], text=["a", "b"])
+    (tmp_path / "f.txt").write_text("a document")
+    found = {
+        f.name.rsplit("/", 1)[1]: first_record(f, open_store(f.store_uri)) for f in list_files([f"file://{tmp_path}"])
+    }
+    base = f"file://{tmp_path}"
+    assert found == {
+        "a.jsonl": FirstRecord("jsonl", f"{base}/a.jsonl:3", ("messages",)),
+        "b.jsonl.gz": FirstRecord("jsonl", f"{base}/b.jsonl.gz:1", ("prompt", "completion")),
+        "c.jsonl.zst": FirstRecord("jsonl", f"{base}/c.jsonl.zst:2", ("text", "id")),
+        "d.jsonl.zstd": FirstRecord("jsonl", f"{base}/d.jsonl.zstd:1", ("text",)),
+        "e.parquet": FirstRecord("parquet", f"{base}/e.parquet:row 1", ("id", "text")),
+        "f.txt": FirstRecord("txt", f"{base}/f.txt", ()),
+    }
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        pytest.param("t.jsonl", b"\n{oops\n", "t.jsonl:2: invalid JSON", id="bad-json"),
+        pytest.param("t.jsonl", b"[1, 2]\n", "t.jsonl:1: a record must be a JSON object, got an array", id="array"),
+        pytest.param("t.jsonl", b"\n \n", "t.jsonl: no records: the file is empty or holds only blank lines", id="empty"),
+        pytest.param("t.jsonl.gz", b'{"text": "x"}\n', "t.jsonl.gz: named .gz but is not gzip data", id="not-gzip"),
+        pytest.param("t.jsonl.zst", gzip.compress(b"{}"), "t.jsonl.zst: named .zst but is not Zstandard", id="not-zstd"),
+        pytest.param("t.jsonl.xz", b"x", "t.jsonl.xz: compression 'xz' is not supported; use JSONL", id="xz"),
+        pytest.param("t.parquet", b"PAR1 not really", "t.parquet: not a Parquet file", id="not-parquet"),
+    ],
+)
+def test_first_record_names_the_file_and_line(tmp_path: Path, name: str, content: bytes, expected: str) -> None:
+    (tmp_path / name).write_bytes(content)
+    file = SourceFile(f"file://{tmp_path}/", name, len(content), "v")
+    with pytest.raises(InvalidData, match=re.escape(f"file://{tmp_path}/{expected}")):
+        first_record(file, open_store(file.store_uri))
+
+
+def test_an_empty_parquet_file_has_no_records(tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    _parquet(tmp_path / "t.parquet", text=pa.array([], pa.string()))
+    (file,) = list_files([f"file://{tmp_path}/t.parquet"])
+    with pytest.raises(InvalidData, match=re.escape(f"{file.name}: no records: the Parquet file has no rows")):
+        first_record(file, open_store(file.store_uri))
+    with pytest.raises(InvalidData) as caught:
+        preflight([file], _spec(file.name))
+    assert caught.value.details == [f"{file.name}: no records: the Parquet file has no rows"]
+
+
 # ---- kubectl finetune add dataset: the same streaming preflight, records and tokens per split -------
 def _add_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *args: str) -> tuple[int, str, str]:
     """Run the real `kubectl finetune add dataset` in this process (a file:// registry, no cluster)."""
@@ -254,6 +321,8 @@ def test_add_dataset_reports_bad_records_by_file_and_line_and_uploads_nothing(
         pytest.param("t.jsonl", gzip.compress(b'{"text": "x"}\n'), "is gzip-compressed data; name it .gz", id="gzip-unnamed"),
         pytest.param("t.jsonl", b"\n\n", "t.jsonl: no records", id="no-records"),
         pytest.param("t.jsonl", b'{"body": "x"}\n', "t.jsonl:1: cannot tell the format", id="unknown-format"),
+        pytest.param("t.jsonl.zst", b'{"text": "x"}\n', "t.jsonl.zst: named .zst but is not Zstandard data", id="not-zstd"),
+        pytest.param("t.jsonl.lz4", b"x", "t.jsonl.lz4: compression 'lz4' is not supported; use JSONL", id="lz4"),
     ],
 )
 def test_add_dataset_names_the_file_it_cannot_read(
@@ -262,3 +331,56 @@ def test_add_dataset_names_the_file_it_cannot_read(
     (tmp_path / name).write_bytes(content)
     code, _, err = _add_dataset(tmp_path, monkeypatch, "--name", "x", "--paths", str(tmp_path / name))
     assert code == 1 and message in err, err
+    assert not (tmp_path / "registry" / "x").exists()
+
+
+def test_add_dataset_reads_parquet_and_zstd_and_counts_their_tokens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tokenizer_dir: Path
+) -> None:
+    from finetune_trainer.models import load_tokenizer
+
+    texts = [json.loads(line)["text"] for line in _lines(40)]
+    _parquet(tmp_path / "train.parquet", id=list(range(40)), text=texts)
+    (tmp_path / "eval.jsonl.zst").write_bytes(_zst(("\n".join(_lines(6)) + "\n").encode()))
+    code, out, err = _add_dataset(
+        tmp_path, monkeypatch, "--name", "mixed", "--paths", str(tmp_path / "train.parquet"),
+        "--eval-paths", str(tmp_path / "eval.jsonl.zst"), "--tokenizer", str(tokenizer_dir),
+    )
+    assert code == 0, err
+    tokenizer = load_tokenizer(tokenizer_dir)
+    train = sum(len(tokenizer(t)["input_ids"]) + 1 for t in texts)  # every document with its EOS
+    evaluation = sum(len(tokenizer(t)["input_ids"]) + 1 for t in texts[:6])
+    assert f"text, 40 train records ({train:,} tokens), 6 eval records ({evaluation:,} tokens)" in out
+
+
+def test_add_dataset_parquet_without_the_text_column_says_what_it_has(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _parquet(tmp_path / "t.parquet", body=["a", "b"])
+    code, _, err = _add_dataset(tmp_path, monkeypatch, "--name", "x", "--paths", str(tmp_path / "t.parquet"))
+    assert code == 1
+    assert f"file://{tmp_path}/t.parquet:row 1: cannot tell the format from the columns ['body']" in err
+    code, _, err = _add_dataset(
+        tmp_path, monkeypatch, "--name", "x", "--paths", str(tmp_path / "t.parquet"), "--format", "text"
+    )
+    assert code == 1
+    assert f"file://{tmp_path}/t.parquet: no column 'text' (dataset.textField); the file has columns ['body']" in err
+    assert not (tmp_path / "registry" / "x").exists()
+
+
+def test_add_dataset_lists_every_file_kind_in_a_folder_and_refuses_unreadable_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.jsonl.zstd").write_bytes(_zst(("\n".join(_lines(3)) + "\n").encode()))
+    _parquet(data / "b.parquet", text=["x", "y"])
+    (data / "c.txt.gz").write_bytes(gzip.compress(b"a text document"))
+    (data / "README.md").write_text("not data: not listed")
+    code, out, err = _add_dataset(tmp_path, monkeypatch, "--name", "folder", "--paths", str(data))
+    assert code == 0, err
+    assert "text, 6 train records" in out and "3 file(s)" in out
+    (data / "d.jsonl.bz2").write_bytes(b"x")
+    code, _, err = _add_dataset(tmp_path, monkeypatch, "--name", "folder2", "--paths", str(data))
+    assert code == 1
+    assert "1 file(s) the trainer cannot read" in err and f"file://{data}/d.jsonl.bz2: compression 'bz2'" in err

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
@@ -12,46 +11,44 @@ import pytest
 from finetune_cli import datasets
 from finetune_trainer.data import BadRecords, PreflightReport
 from finetune_trainer.errors import InvalidData
+from finetune_trainer.sources import FirstRecord
 
 
-def _jsonl(*records: Any) -> bytes:
-    return "\n".join(json.dumps(r) for r in records).encode()
-
-
-def _first(content: bytes) -> tuple[int, bytes] | None:
-    """What `sources.first_line` gives: the first non-blank line and its number."""
-    return next(((i, line) for i, line in enumerate(content.splitlines(), start=1) if line.strip()), None)
+def _first(kind: str, *fields: str) -> FirstRecord:
+    """What `sources.first_record` gives for a file of `kind` whose first record has `fields`."""
+    where = {"jsonl": "a.jsonl:1", "parquet": "a.parquet:row 1", "txt": "a.txt"}[kind]
+    return FirstRecord(kind, where, fields)
 
 
 @pytest.mark.parametrize(
-    ("name", "content", "fmt"),
+    ("first", "fmt"),
     [
-        pytest.param("a.txt", b"plain text", "text", id="txt-file"),
-        pytest.param("a.txt.gz", b"", "text", id="gzip-txt-file"),
-        pytest.param("a.jsonl", _jsonl({"text": "x"}), "text", id="text-records"),
+        pytest.param(_first("txt"), "text", id="txt-file"),
+        pytest.param(_first("jsonl", "text"), "text", id="text-records"),
+        pytest.param(_first("jsonl", "prompt", "completion"), "prompt-completion", id="prompt-completion"),
+        pytest.param(_first("jsonl", "messages"), "chat", id="chat"),
+        pytest.param(_first("parquet", "id", "text"), "text", id="parquet-text-column"),
+        pytest.param(_first("parquet", "prompt", "completion", "text"), "prompt-completion", id="parquet-pairs"),
+    ],
+)
+def test_detect_format(first: FirstRecord, fmt: str) -> None:
+    assert datasets.detect_format(first) == fmt
+
+
+@pytest.mark.parametrize(
+    ("first", "message"),
+    [
+        pytest.param(_first("jsonl", "body"), "a.jsonl:1: cannot tell the format from the fields ['body']", id="jsonl"),
         pytest.param(
-            "a.jsonl", _jsonl({"prompt": "q", "completion": "a"}), "prompt-completion", id="prompt-completion"
+            _first("parquet", "body", "id"), "a.parquet:row 1: cannot tell the format from the columns ['body', 'id']",
+            id="parquet",
         ),
-        pytest.param("a.jsonl", _jsonl({"messages": [{"role": "user", "content": "hi"}]}), "chat", id="chat"),
-        pytest.param("a.jsonl", b"\n\n" + _jsonl({"text": "x"}), "text", id="leading-blank-lines"),
+        pytest.param(_first("jsonl", "prompt"), "fields ['prompt']: a registered dataset has a 'text' field", id="half"),
     ],
 )
-def test_detect_format(name: str, content: bytes, fmt: str) -> None:
-    assert datasets.detect_format(name, _first(content)) == fmt
-
-
-@pytest.mark.parametrize(
-    ("content", "message"),
-    [
-        pytest.param(b"\n{not json", "a.jsonl:2: invalid JSON", id="bad-json"),
-        pytest.param(b"[1, 2]", "a.jsonl:1: a record must be a JSON object", id="not-an-object"),
-        pytest.param(_jsonl({"body": "x"}), "cannot tell the format from the fields", id="unknown-fields"),
-        pytest.param(b"\n", "a.jsonl: no records", id="empty"),
-    ],
-)
-def test_detect_format_says_what_is_wrong(content: bytes, message: str) -> None:
+def test_detect_format_says_what_is_wrong(first: FirstRecord, message: str) -> None:
     with pytest.raises(datasets.DatasetError, match=re.escape(message)):
-        datasets.detect_format("a.jsonl", _first(content))
+        datasets.detect_format(first)
 
 
 def _report(records: dict[str, int], tokens: dict[str, int] | None) -> PreflightReport:

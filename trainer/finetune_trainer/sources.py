@@ -1,15 +1,17 @@
 """Data sources as streams of records: which files a dataset names, cut into work units, each read
-record by record without holding a file in memory.
+record by record without holding a file in memory. The one home of the file-kind rules.
 
 Called by the tokenizer (`shards`) in its worker processes and, through `data.preflight`, by
-`finetune-trainer check` and `kubectl finetune add dataset` (which also reads `first_line` to
-detect a file's format). No torch, no tokenizer here.
+`finetune-trainer check` and `kubectl finetune add dataset` (which also reads `first_record` to
+detect a file's format, and `is_data_file` / `check_name` to list folders). No torch, no
+tokenizer here.
 
 File kinds, by name (a compression suffix may follow the kind's suffix):
 - `.parquet`: one record per row (pyarrow, read one row group at a time; only the dataset's
-  fields are read); compression is Parquet's own.
+  fields are read); compression is Parquet's own (a `.parquet.gz` is an error).
 - `.txt`: one document per file (the whole file is one text record).
-- anything else: JSONL, one JSON object per line; blank lines are skipped.
+- anything else: JSONL, one JSON object per line; blank lines are skipped. In folders the CLI
+  lists only `.jsonl`, `.json`, `.txt` and `.parquet` names (`DATA_SUFFIXES`).
 - compressed: `.gz` (gzip) and `.zst`/`.zstd` (Zstandard), streamed. Any other compression suffix
   (`.bz2`, `.xz`, `.lz4`, `.br`, `.zip`, `.7z`, `.tar`) is an error naming the file.
 
@@ -42,6 +44,16 @@ COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
 UNSUPPORTED_COMPRESSIONS = (".bz2", ".xz", ".lz4", ".br", ".zip", ".7z", ".tar", ".lzma", ".z", ".snappy")
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+DATA_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
+ALLOWED = (
+    "JSONL (.jsonl, .json), Parquet (.parquet) or plain-text (.txt) files, JSONL and .txt optionally "
+    "compressed with gzip (.gz) or zstd (.zst, .zstd)"
+)
+NO_RECORDS = {
+    "jsonl": "no records: the file is empty or holds only blank lines (JSONL is one JSON object per line)",
+    "parquet": "no records: the Parquet file has no rows",
+    "txt": "empty file (a .txt file is one text document)",
+}
 
 
 class ReadableStore(Protocol):
@@ -68,7 +80,7 @@ class SourceFile:
     @property
     def kind(self) -> str:
         """"parquet", "txt" or "jsonl"."""
-        stem = self.name[: -len(_compression_suffix(self.name))] if self.compression else self.name
+        stem = _stem(self.name)
         if stem.endswith(".parquet"):
             return "parquet"
         if stem.endswith(".txt"):
@@ -123,16 +135,40 @@ def compression_of(name: str) -> str | None:
             return kind
     for suffix in UNSUPPORTED_COMPRESSIONS:
         if lower.endswith(suffix):
-            raise InvalidData(
-                f"{name}: compression {suffix[1:]!r} is not supported; use gzip (.gz), zstd (.zst) "
-                "or uncompressed JSONL, Parquet or .txt files"
-            )
+            raise InvalidData(f"{name}: compression {suffix[1:]!r} is not supported; use {ALLOWED}")
     return None
 
 
 def _compression_suffix(name: str) -> str:
     lower = name.lower()
     return next(s for s in COMPRESSIONS if lower.endswith(s))
+
+
+def check_name(name: str) -> None:
+    """InvalidData naming the file when its name says something we cannot read: an unknown
+    compression, or a Parquet file compressed from outside (Parquet compresses itself)."""
+    if compression_of(name) is not None and _stem(name).endswith(".parquet"):
+        raise InvalidData(
+            f"{name}: a Parquet file is not read through {_compression_suffix(name)}; Parquet compresses "
+            "its own pages: upload the .parquet file as it is"
+        )
+
+
+def is_data_file(name: str) -> bool:
+    """Whether a file in a folder or glob is a dataset file by its name (DATA_SUFFIXES, after a
+    compression suffix, read or not: an unreadable one is then reported by `check_name`)."""
+    lower = name.lower()
+    for suffix in (*COMPRESSIONS, *UNSUPPORTED_COMPRESSIONS):
+        if lower.endswith(suffix):
+            lower = lower[: -len(suffix)]
+            break
+    return lower.endswith(DATA_SUFFIXES)
+
+
+def _stem(name: str) -> str:
+    """The name without its (readable) compression suffix, lower case."""
+    lower = name.lower()
+    return lower[: -len(_compression_suffix(name))] if compression_of(name) else lower
 
 
 # ---- listing ------------------------------------------------------------------------------------
@@ -148,7 +184,7 @@ def list_files(uris: Sequence[str], *, endpoint: str | None = None, region: str 
         for store, obj in matches:
             source = _source(store, obj)
             try:
-                compression_of(source.name)
+                check_name(source.name)
             except InvalidData as exc:
                 errors.append(str(exc))
             files.append(source)
@@ -215,14 +251,20 @@ def open_unit(unit: Unit, store: ReadableStore) -> tuple[IO[bytes], int]:
     if compression == "gzip":
         if not head.startswith(GZIP_MAGIC):
             raw.close()
-            raise InvalidData(f"{unit.file.name}: named .gz but is not gzip data")
+            raise InvalidData(
+                f"{unit.file.name}: named .gz but is not gzip data; gzip-compress it, or drop the .gz from "
+                "the name of an uncompressed file"
+            )
         import gzip
 
         return io.BufferedReader(gzip.GzipFile(fileobj=raw), READ_CHUNK), 0  # type: ignore[arg-type]
     if compression == "zstd":
         if not head.startswith(ZSTD_MAGIC):
             raw.close()
-            raise InvalidData(f"{unit.file.name}: named .zst but is not Zstandard data")
+            raise InvalidData(
+                f"{unit.file.name}: named {_compression_suffix(unit.file.name)} but is not Zstandard data; "
+                "compress it with zstd, or drop the suffix from the name of an uncompressed file"
+            )
         import zstandard
 
         return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw), READ_CHUNK), 0  # type: ignore[arg-type]
@@ -250,41 +292,83 @@ def read_unit(unit: Unit, store: ReadableStore, spec: DatasetSpec) -> Iterator[I
                 return
             yield from _read_txt(stream, spec)
             return
-        number = 0
         any_record = False
-        while unit.end is None or position < unit.end:
-            line = stream.readline()
-            if not line:
-                break
-            position += len(line)
-            number += 1
-            if not line.strip():
-                yield Item(number, None)  # neither record nor problem: counts the line
-                continue
-            any_record = True
-            try:
-                data = json.loads(line)
-            except UnicodeDecodeError as exc:
-                yield Item(number, None, f"not UTF-8 ({exc.reason} at byte {exc.start} of the line)")
-                continue
-            except json.JSONDecodeError as exc:
-                yield Item(number, None, f"invalid JSON ({exc.msg})")
-                continue
-            problem = check_record(data, spec)
-            yield Item(number, None if problem else data, problem)
+        for item in _json_lines(stream, position, unit.end):
+            any_record = any_record or item.data is not None or item.problem is not None
+            if item.data is not None:
+                problem = check_record(item.data, spec)
+                yield Item(item.line, None if problem else item.data, problem)
+            else:
+                yield item
         if not any_record and unit.start == 0 and unit.end is None:
-            yield Item(0, None, "no records")
+            yield Item(0, None, NO_RECORDS["jsonl"])
 
 
-def first_line(file: SourceFile, store: ReadableStore) -> tuple[int, bytes] | None:
-    """The first non-blank line of a JSONL file and its 1-based number (None: no such line),
-    read without reading the rest."""
-    stream, _ = open_unit(Unit(file), store)
+def _json_lines(stream: IO[bytes], position: int, end: int | None) -> Iterator[Item]:
+    """The lines of a JSONL stream from byte `position` up to `end` (None: its end), numbered from
+    1: each a JSON object as parsed (not checked against a dataset), a problem, or blank."""
+    number = 0
+    while end is None or position < end:
+        line = stream.readline()
+        if not line:
+            break
+        position += len(line)
+        number += 1
+        if not line.strip():
+            yield Item(number, None)  # neither record nor problem: counts the line
+            continue
+        try:
+            data = json.loads(line)
+        except UnicodeDecodeError as exc:
+            yield Item(number, None, f"not UTF-8 ({exc.reason} at byte {exc.start} of the line)")
+            continue
+        except json.JSONDecodeError as exc:
+            yield Item(number, None, f"invalid JSON ({exc.msg})")
+            continue
+        if not isinstance(data, dict):
+            yield Item(number, None, f"a record must be a JSON object, got {_json_type(data)}")
+            continue
+        yield Item(number, data)
+
+
+def _json_type(value: Any) -> str:
+    return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
+
+
+@dataclass(frozen=True)
+class FirstRecord:
+    """What a file's first record says about its format: the file's kind, where the record is
+    (`file:line`, `file:row 1`, `file`) and its field names (a Parquet file's columns; none for a
+    .txt file, which is text)."""
+
+    kind: str
+    where: str
+    fields: tuple[str, ...]
+
+
+def first_record(file: SourceFile, store: ReadableStore) -> FirstRecord:
+    """The first record of a file, read without reading the rest (a Parquet file: its schema and
+    row count). InvalidData names the file (and line) when it cannot be read as its name says,
+    holds no record, or its first non-blank line is not a JSON object."""
+    check_name(file.name)
+    if file.kind == "txt":
+        return FirstRecord("txt", file.name, ())
+    if file.kind == "parquet":
+        with store.open_read(file.key) as handle:
+            parquet = _parquet_file(handle)
+            if isinstance(parquet, str):
+                raise InvalidData(f"{file.name}: {parquet}")
+            if parquet.metadata.num_rows == 0:
+                raise InvalidData(f"{file.name}: {NO_RECORDS['parquet']}")
+            return FirstRecord("parquet", f"{file.name}:row 1", tuple(parquet.schema_arrow.names))
+    stream, position = open_unit(Unit(file), store)
     with stream:
-        for number, line in enumerate(stream, start=1):
-            if line.strip():
-                return number, line
-    return None
+        for item in _json_lines(stream, position, None):
+            if item.problem is not None:
+                raise InvalidData(f"{file.name}:{item.line}: {item.problem}")
+            if item.data is not None:
+                return FirstRecord("jsonl", f"{file.name}:{item.line}", tuple(item.data))
+    raise InvalidData(f"{file.name}: {NO_RECORDS['jsonl']}")
 
 
 def _read_txt(stream: IO[bytes], spec: DatasetSpec) -> Iterator[Item]:
@@ -295,7 +379,7 @@ def _read_txt(stream: IO[bytes], spec: DatasetSpec) -> Iterator[Item]:
         yield Item(0, None, f"not UTF-8 ({exc.reason} at byte {exc.start})")
         return
     if not text.strip():
-        yield Item(0, None, "empty file")
+        yield Item(0, None, NO_RECORDS["txt"])
         return
     yield Item(1, {spec.text_field: text})
 
@@ -308,21 +392,28 @@ def spec_fields(spec: DatasetSpec) -> list[str]:
     return [spec.messages_field]
 
 
+def _parquet_file(handle: IO[bytes]) -> Any:
+    """A pyarrow ParquetFile over an open object, or why it is not one (a str). Parquet keeps its
+    footer at the end, so it needs a seekable file: local files are; an S3 object is read whole
+    into memory (one file at a time: the caller cuts corpora into files)."""
+    import pyarrow.parquet as pq
+
+    source: Any = handle if handle.seekable() else io.BytesIO(handle.read())
+    try:
+        return pq.ParquetFile(source)
+    except Exception as exc:  # pyarrow raises ArrowInvalid and OSError subclasses
+        return f"not a Parquet file ({exc})"
+
+
 def _read_parquet(unit: Unit, store: ReadableStore, spec: DatasetSpec) -> Iterator[Item]:
     """Rows of the dataset's fields, one row group's batch at a time. A file without a field the
     format needs is one problem naming the field and the columns it has."""
-    import pyarrow.parquet as pq
-
     from finetune_trainer.data import check_record
 
     with store.open_read(unit.file.key) as handle:
-        # Parquet keeps its footer at the end: it needs a seekable file. Local files are; an S3
-        # object is read whole into memory only up to one file (the caller cuts corpora into files).
-        source: Any = handle if handle.seekable() else io.BytesIO(handle.read())
-        try:
-            parquet = pq.ParquetFile(source)
-        except Exception as exc:  # pyarrow raises ArrowInvalid and OSError subclasses
-            yield Item(0, None, f"not a Parquet file ({exc})")
+        parquet = _parquet_file(handle)
+        if isinstance(parquet, str):
+            yield Item(0, None, parquet)
             return
         columns = parquet.schema_arrow.names
         fields = spec_fields(spec)
@@ -342,7 +433,7 @@ def _read_parquet(unit: Unit, store: ReadableStore, spec: DatasetSpec) -> Iterat
                 problem = check_record(data, spec)
                 yield Item(row, None if problem else data, problem)
         if row == 0:
-            yield Item(0, None, "no records")
+            yield Item(0, None, NO_RECORDS["parquet"])
 
 
 def where(unit: Unit, line: int, line_offset: int) -> str:

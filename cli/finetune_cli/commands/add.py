@@ -39,7 +39,7 @@ def cmd_add_dataset(app: App) -> None:
         )
     except datasets.DatasetError as exc:
         raise CliError(
-            str(exc), details=exc.details, hint="fix the records (file:line above) and run the command again"
+            str(exc), details=exc.details, hint="fix the files or records named above (file, file:line) and run the command again"
         ) from None
     registry.save(summary, files, replace=args.replace, where=where)  # type: ignore[arg-type]
     result = {**summary.to_metadata(), "uri": f"{registry.uri}{args.name}/"}
@@ -70,16 +70,13 @@ def check_dataset(
     created: str | None = None,
 ) -> datasets.DatasetSummary:
     """Stream every file through the trainer's preflight (format detected from each file's first
-    record unless given) and count records, and tokens with `tokenizer` where it can be used.
+    record, `sources.first_record`, unless given) and count records, and tokens with `tokenizer` where it can be used.
     DatasetError says what the trainer would reject, by file:line."""
     datasets.check_file_set([(f.name, split) for f, split in files])
     try:
         if format is None:
             format = datasets.choose_format(
-                {
-                    f.name: datasets.detect_format(f.name, None if datasets.is_text_file(f.name) else storage.first_line(f, where))
-                    for f, _ in files
-                }
+                {f.name: datasets.detect_format(storage.first_record(f, where)) for f, _ in files}
             )
         counting = tokens.find(tokenizer, format=format)
         spec = DatasetSpec(name=name, format=format)
