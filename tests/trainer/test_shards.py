@@ -221,7 +221,10 @@ def test_a_corpus_without_records_names_its_files(tmp_path: Path, tokenizer: Any
     spec = DatasetSpec(train=[f"file://{tmp_path}/data/blank.jsonl"])
     with pytest.raises(InvalidData) as caught:
         shards_for(list_files(spec.train or []), spec, tokenizer, _settings(tmp_path))
-    assert caught.value.details == [f"file://{tmp_path}/data/blank.jsonl: no records"]
+    assert caught.value.details == [
+        f"file://{tmp_path}/data/blank.jsonl: no records: the file is empty or holds only blank lines "
+        "(JSONL is one JSON object per line)"
+    ]
 
 
 def test_s3_sources_stream_by_range_and_the_cache_lives_in_s3(
