@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from finetune_trainer import checkpoints as ckpt
+from finetune_trainer import wrapping
 from finetune_trainer.loop import LoopHooks, LoopPlan, TrainingLoop, decay_groups
 
 STEPS = 3
@@ -42,14 +43,16 @@ def _scaler() -> torch.amp.GradScaler:
     return torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
 
 
-def _loop(model: Any, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> TrainingLoop:
-    vocab = model.config.vocab_size
+def _loop(model: Any, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, *, rank: int = 0,
+          world_size: int = 1) -> TrainingLoop:
+    vocab = wrapping.unwrap(model).config.vocab_size
 
     def collate(ids: list[int]) -> dict[str, torch.Tensor]:
         batch = torch.stack([torch.arange(i, i + 16) % vocab for i in ids])
         return {"input_ids": batch, "labels": batch.clone()}
 
-    plan = LoopPlan(total_steps=10, batch_size=2, micro_batch=2, accumulation=1, rank=0, world_size=1, seed=0,
+    plan = LoopPlan(total_steps=10, batch_size=2 * world_size, micro_batch=2, accumulation=1, rank=rank,
+                    world_size=world_size, seed=0,
                     peak_lr=1e-3, warmup=0, schedule="constant", max_grad_norm=1.0, log_every=10**6,
                     eval_every=10**6, save_every=10**6, dataset_size=8)  # fmt: skip
     nothing = lambda *_: None  # noqa: E731
@@ -143,3 +146,56 @@ def test_a_checkpoint_with_scaler_state_loads_without_a_scaler(model_dir: Callab
     model3 = _model(folder)
     ckpt.load_weights(model3, tmp_path / "checkpoint")  # mode Evaluate on a checkpoint
     assert _same_weights(model, model3)
+
+
+def _two_ranks(rank: int, folder: str, store: str, out: str) -> None:
+    """One of two gloo processes: DDP training with a scaler, a checkpoint saved by both, then
+    loaded by both into fresh scalers; each rank writes what it held and what it loaded."""
+    import json
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        model = wrapping.replicate(_model(Path(folder)), device=torch.device("cpu"))
+        optimizer = torch.optim.AdamW(decay_groups(model, 0.0), lr=1e-3, foreach=True)
+        scaler = _scaler()
+        loop = _loop(model, optimizer, scaler, rank=rank, world_size=2)
+        for step in range(STEPS):
+            loop.train_step(step, 1e-3)
+        local = Path(out) / "checkpoint"  # one folder both ranks write into, as after the download
+        ckpt.save_sharded(model, optimizer, local, train_state={"step": STEPS}, adapters_only=False, is_main=rank == 0,
+                          scaler=scaler)  # fmt: skip
+        torch.distributed.barrier()
+        fresh = torch.amp.GradScaler("cpu")
+        model2 = wrapping.replicate(_model(Path(folder)), device=torch.device("cpu"))
+        optimizer2 = torch.optim.AdamW(decay_groups(model2, 0.0), lr=1e-3, foreach=True)
+        ckpt.load_sharded(model2, optimizer2, local, adapters_only=False, scaler=fresh)
+        report = {"held": scaler.state_dict(), "loaded": fresh.state_dict()}
+        (Path(out) / f"rank-{rank}.json").write_text(json.dumps(report))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_store_one_scaler_state_and_every_rank_restores_it(
+    model_dir: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """Data parallel on 2 processes: every rank's scaler sees the same reduced gradients, DCP
+    stores the state once, and every rank — and a 1-process run resuming it — restores the same."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    folder = model_dir("llama")
+    torch.distributed.destroy_process_group()  # this process joins no group of the two
+    try:
+        mp.spawn(_two_ranks, args=(str(folder), str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    finally:
+        torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    reports = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+    held = reports[0]["held"]
+    assert (held["scale"], held["_growth_tracker"]) == (2.0**11, 1)
+    assert [r["held"] for r in reports] == [r["loaded"] for r in reports] == [held, held]
+    scaler = torch.amp.GradScaler("cpu")
+    model, optimizer = _fresh(folder)
+    ckpt.load_sharded(model, optimizer, tmp_path / "checkpoint", adapters_only=False, scaler=scaler)  # resharded 2 → 1
+    assert scaler.state_dict() == held
