@@ -507,6 +507,24 @@ class ResumeRecord(_Model):
     )
 
 
+class FailureRecord(_Model):
+    """The first pod failure or deletion the operator saw in one attempt of a multi-node job:
+    what made it restart all pods (recorded when first seen, so the cause stays known after the
+    Job controller has removed the pod)."""
+
+    attempt: int = Field(
+        ge=0, description="The attempt that failed (status.restarts when its pods were created)."
+    )
+    rank: int | None = Field(default=None, ge=0, description="Node rank of the pod that failed first.")
+    pod: str | None = Field(default=None, description="Name of the pod that failed first (absent once gone).")
+    reason: str = Field(
+        description="Why: Deleted, a DisruptionTarget reason (EvictionByEvictionAPI, "
+        "PreemptionByScheduler, ...), the trainer's reason (Error, WorkerFailed, ...), or PodGone."
+    )
+    message: str = Field(description="The cause as the PodFailed event and the restart's message say it.")
+    time: str | None = Field(default=None, description="When it happened, as the pod tells (RFC 3339).")
+
+
 class FineTuneJobStatus(_Model):
     """What the operator observed; written by the operator only."""
 
@@ -529,6 +547,11 @@ class FineTuneJobStatus(_Model):
         ge=0,
         description="Retries so far: of a multi-node job, gang restarts (all pods restarted together); "
         "of a single pod, failed pods.",
+    )
+    last_failure: FailureRecord | None = Field(
+        default=None,
+        description="Of a multi-node job: the cause of the newest failed attempt (the first pod that "
+        "failed or was deleted, its rank and reason).",
     )
     exit_code: int | None = Field(default=None, description="Exit code of the last terminated trainer.")
     progress: Progress | None = Field(default=None, description="Training progress from rank 0.")

@@ -19,7 +19,7 @@ from finetune_operator.conditions import clip
 from finetune_operator.kueue import Queue, QueueState
 from finetune_operator.observed import Observed
 from finetune_operator.pods import (
-    failure_cause,
+    cause_message,
     live_pods,
     oom_killed,
     sorted_terminated,
@@ -57,7 +57,7 @@ def decide_phase(
         oom = (Phase.FAILED, Reason.OOM_KILLED, "")
         return Phase.FAILED, Reason.OOM_KILLED, _finish_message(job, oom, observed), False
 
-    decision = gang.decide(job, observed.batch_job, failure_cause(job, observed.pods))
+    decision = gang.decide(job, observed.batch_job, cause_message(job, observed.batch_job, observed.pods))
     if decision.action is not gang.Action.NONE:
         return Phase.RUNNING, Reason.RESTARTING, decision.message, False
 
@@ -218,7 +218,7 @@ def _finish_message(job: FineTuneJob, finished: tuple[Phase, Reason, str], obser
             )
         final = summary.get("finalUri") if summary else None
         return f"training finished; final model in {final}" if final else "training finished"
-    pod_message = failure_cause(job, observed.pods)
+    pod_message = cause_message(job, observed.batch_job, observed.pods)
     if reason is Reason.OOM_KILLED:
         return clip(f"{OOM_ADVICE} ({pod_message})" if pod_message else OOM_ADVICE)
     prefix = {

@@ -46,7 +46,6 @@ from finetune_operator.status import (
     Observed,
     Problem,
     derive_status,
-    failure_cause,
     invalid_spec_status,
     is_finished,
 )
@@ -218,7 +217,7 @@ def _reconcile(
     # 7. What the written status decided for the batch Job: a gang restart, stopping it after
     #    an OOM kill, its TTL once the result is recorded.
     if batch_job is not None:
-        _act_on_batch_job(cluster, job, batch_job, pods, new_status, outcome, now)
+        _act_on_batch_job(cluster, job, batch_job, new_status, outcome, now)
     return outcome
 
 
@@ -277,14 +276,13 @@ def _act_on_batch_job(
     cluster: Cluster,
     job: FineTuneJob,
     batch_job: Mapping[str, Any],
-    pods: list[dict[str, Any]],
     status: FineTuneJobStatus,
     outcome: Outcome,
     now: datetime,
 ) -> None:
     """After the status write (a crash in between loses nothing): what it decided for the Job."""
     if status.reason == Reason.RESTARTING.value:
-        _restart_gang(cluster, job, batch_job, pods, outcome, now)
+        _restart_gang(cluster, job, batch_job, status, outcome, now)
     if status.reason == Reason.OOM_KILLED.value:
         _stop_after_oom(cluster, job, batch_job, outcome)
     if status.phase is not None and status.phase.terminal:
@@ -298,17 +296,19 @@ def _restart_gang(
     cluster: Cluster,
     job: FineTuneJob,
     batch_job: Mapping[str, Any],
-    pods: list[dict[str, Any]],
+    status: FineTuneJobStatus,
     outcome: Outcome,
     now: datetime,
 ) -> None:
     """After the status write that counted it: delete the failed attempt's Job (its pods first);
-    the Job's DELETED event starts the cycle that creates the next attempt. (`gang` explains.)"""
-    decision = gang.decide(job, batch_job, failure_cause(job, pods))
+    the Job's DELETED event starts the cycle that creates the next attempt. (`gang` explains.)
+    The PodFailed event names the cause the status recorded (`status.lastFailure`)."""
+    cause = status.last_failure.message if status.last_failure is not None else ""
+    decision = gang.decide(job, batch_job, cause)
     if decision.action not in (gang.Action.RESTART, gang.Action.DELETE_STALE):
         return
     if decision.action is gang.Action.RESTART:  # the event before the delete: a crash loses neither
-        message = failure_cause(job, pods) or "a pod failed"
+        message = cause or "a pod failed"
         cluster.event(job.ref, type="Warning", reason=Reason.POD_FAILED.value, message=message, now=now)
         outcome.events.append(("Warning", Reason.POD_FAILED.value, message))
     meta = batch_job["metadata"]

@@ -47,17 +47,19 @@ from finetune_operator.conditions import clip, conditions, unknown_fields_condit
 from finetune_operator.observed import Observed, Problem
 from finetune_operator.phase import decide_phase, is_finished
 from finetune_operator.pods import (
-    failure_cause,
+    attempt_failure,
+    cause_message,
     first_pod_start,
     last_exit,
     rank0_live,
+    restart_cause,
     termination_summary,
 )
 from finetune_operator.results import apply_progress, apply_summary, trim
 from finetune_trainer.config import EVALUATE
 
 # What `reconcile` reads from here, besides the two functions below.
-__all__ = ["Observed", "Problem", "derive_status", "failure_cause", "invalid_spec_status", "is_finished"]
+__all__ = ["Observed", "Problem", "derive_status", "invalid_spec_status", "is_finished"]
 
 
 def derive_status(
@@ -105,13 +107,24 @@ def derive_status(
     elif "jobName" in previous:
         status["jobName"] = previous["jobName"]
     if gang.is_gang(job):
+        decision = gang.decide(job, observed.batch_job, cause_message(job, observed.batch_job, observed.pods))
         restarts = (
             gang.restarts_so_far(job)  # killed for memory: no restart to count
             if reason is Reason.OOM_KILLED
-            else gang.decide(job, observed.batch_job, failure_cause(job, observed.pods)).restarts
+            else decision.restarts
         )
         if restarts:
             status["restarts"] = restarts
+        # The cause of the newest failed attempt, recorded when first seen (`pods.attempt_failure`);
+        # when the attempt ends without one, what this cycle tells (`pods.restart_cause`).
+        if is_finished(previous):
+            record = previous.get("lastFailure")
+        else:
+            ending = decision.action is gang.Action.RESTART or phase is Phase.FAILED
+            found = (restart_cause if ending else attempt_failure)(job, observed.batch_job, observed.pods)
+            record = found.model_dump(by_alias=True, exclude_none=True) if found is not None else None
+        if record:
+            status["lastFailure"] = record
     exit_code = last_exit(observed.pods)
     if exit_code is not None:
         status["exitCode"] = exit_code[0]

@@ -13,6 +13,10 @@ name of the first training file (of the first eval file without training files):
 - `file:///standin/slow/…`    — 1 s per step (for suspend, resume, cancel)
 - `file:///standin/invalid/…` — exit 3 (EXIT_INVALID_INPUT) at once, with a summary
 - `file:///standin/crash/…`   — exit 1 (retryable) at once
+
+A file `standin-hold-sigterm` in the run folder makes a SIGTERM'd trainer wait until the file is
+removed before it checkpoints and exits (a trainer whose checkpoint takes a while): a test holds a
+deleted pod terminating until it has seen what the operator made of it.
 """
 
 from __future__ import annotations
@@ -200,6 +204,9 @@ def main() -> None:
     state.update(phase="Training", step=step, evaluations=evaluations)
     while step < total:
         if stop.wait(seconds):
+            hold = run_dir / "standin-hold-sigterm"
+            while hold.exists():  # bounded by the pod's grace period (SIGKILL)
+                time.sleep(0.1)
             checkpoint(step)
             finish(
                 {

@@ -180,3 +180,106 @@ def test_a_lost_peer_is_a_symptom_even_when_it_is_reported_first(fake: FakeClust
     run(fake, seconds=10)
     message = fake.finetunejob()["status"]["message"]
     assert RANK1_CAUSE in message and "gloo" not in message
+
+
+def _deleted(item: dict[str, object], at: str = "2026-11-29T06:05:31Z", grace: int = 30) -> dict[str, object]:
+    meta = item["metadata"]
+    assert isinstance(meta, dict)
+    meta.update(deletionTimestamp=at, deletionGracePeriodSeconds=grace)
+    return item
+
+
+def _running(fake: FakeCluster) -> None:
+    fake.pods = [pod(0), pod(1, ip="127.0.0.6")]
+    fake.objects[("Job", "team-a", "demo")]["status"] = {"startTime": "2026-11-29T06:00:01Z", "active": 2}
+
+
+def test_a_deleted_pod_is_remembered_as_the_cause_after_it_is_gone(fake: FakeCluster) -> None:
+    """Seen once while its peers still run, a deleted pod stays the cause: when the Job controller
+    has removed it and stopped rank 0 too, the restart, its event and the status still name it."""
+    two_nodes(fake)
+    _running(fake)
+    run(fake, seconds=5)
+    fake.pods[1] = _deleted(fake.pods[1])  # kubectl delete pod demo-1-abcde
+    run(fake, seconds=6)
+    recorded = fake.finetunejob()["status"]["lastFailure"]
+    assert recorded == {
+        "attempt": 0, "rank": 1, "pod": "demo-1-abcde", "reason": "Deleted",
+        "message": "pod demo-1-abcde (rank 1) was deleted", "time": "2026-11-29T06:05:01.000Z",
+    }  # fmt: skip
+    assert fake.finetunejob()["status"]["phase"] == "Running"
+
+    # Later: rank 1 counted and removed; rank 0 stopped by the Job controller (itself deleted now).
+    rank1_fails(fake)
+    fake.pods = [_deleted(pod(0), at="2026-11-29T06:05:34Z")]
+    fake.events.clear()
+    run(fake, seconds=10)
+
+    status = fake.finetunejob()["status"]
+    assert (status["phase"], status["reason"], status["restarts"]) == ("Running", "Restarting", 1)
+    assert status["message"].endswith("after pod demo-1-abcde (rank 1) was deleted"), status["message"]
+    assert status["lastFailure"] == recorded
+    assert ("Warning", "PodFailed", "pod demo-1-abcde (rank 1) was deleted") in fake.events
+    reconciling = {c["type"]: c for c in status["conditions"]}["Reconciling"]
+    assert "pod demo-1-abcde (rank 1) was deleted" in reconciling["message"]
+
+    # The next attempt runs: the cause of the restart stays in the status.
+    fake.finish_deletion("Job", "team-a", "demo")
+    run(fake, seconds=15)
+    _running(fake)
+    run(fake, seconds=20)
+    status = fake.finetunejob()["status"]
+    assert (status["reason"], status["lastFailure"]) == ("Training", recorded)
+
+
+def test_the_pods_the_job_controller_stops_are_never_the_cause(fake: FakeCluster) -> None:
+    """Rank 1 already failed (gone); rank 0 being deleted is the Job controller ending the
+    attempt, even in a cycle whose Job copy does not say so yet."""
+    two_nodes(fake)
+    _running(fake)
+    run(fake, seconds=5)
+    fake.pods = [_deleted(pod(0))]  # rank 1 gone, the Job's status not updated yet
+    run(fake, seconds=6)
+    assert "lastFailure" not in fake.finetunejob()["status"]
+    rank1_fails(fake)
+    fake.pods = [_deleted(pod(0))]
+    run(fake, seconds=10)
+    assert fake.finetunejob()["status"]["lastFailure"]["reason"] == "PodGone"
+    assert fake.finetunejob()["status"]["lastFailure"]["rank"] == 1
+
+
+def test_an_earlier_failure_seen_later_replaces_the_recorded_one(fake: FakeCluster) -> None:
+    """Pod status reaches the API in any order: of the same attempt, the earliest own failure wins."""
+    two_nodes(fake)
+    _running(fake)
+    run(fake, seconds=5)
+    fake.pods[0] = pod(0, "Failed", exit_code=1, finished_at="2026-11-29T06:05:03Z",
+                       message=summary(0, "RuntimeError: gloo timeout", "2026-11-29T06:05:02.950Z"))  # fmt: skip
+    run(fake, seconds=6)
+    assert fake.finetunejob()["status"]["lastFailure"]["rank"] == 0
+    rank1_fails(fake)
+    fake.pods[0]["status"]["containerStatuses"][0]["state"]["terminated"]["message"] = summary(
+        0, "RuntimeError: gloo timeout", "2026-11-29T06:05:02.950Z"
+    )
+    run(fake, seconds=10)
+    status = fake.finetunejob()["status"]
+    assert status["lastFailure"]["rank"] == 1 and RANK1_CAUSE in status["lastFailure"]["message"]
+    assert RANK1_CAUSE in status["message"]
+
+
+def test_an_evicted_pod_is_named_with_the_eviction_reason(fake: FakeCluster) -> None:
+    two_nodes(fake)
+    _running(fake)
+    run(fake, seconds=5)
+    evicted = _deleted(fake.pods[1])
+    evicted["status"]["conditions"] = [  # type: ignore[index]
+        condition("DisruptionTarget", "EvictionByEvictionAPI", "Eviction API: evicting")
+        | {"lastTransitionTime": "2026-11-29T06:05:01Z"}
+    ]
+    run(fake, seconds=6)
+    recorded = fake.finetunejob()["status"]["lastFailure"]
+    assert (recorded["rank"], recorded["reason"]) == (1, "EvictionByEvictionAPI")
+    assert (
+        recorded["message"]
+        == "pod demo-1-abcde (rank 1) was disrupted (EvictionByEvictionAPI): Eviction API: evicting"
+    )
