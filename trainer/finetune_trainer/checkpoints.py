@@ -137,8 +137,8 @@ def save_sharded(model: Any, optimizer: Any, local: Path, *, train_state: dict[s
     from the model folder). `scaler` (fp16's `torch.amp.GradScaler`) adds its state under
     `scaler.*`: the same on every rank (every rank sees the same reduced gradients), so DCP
     writes it once."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    from torch.distributed.checkpoint.state_dict_saver import save
 
     model_state, optimizer_state = get_state_dict(
         model, optimizer, options=StateDictOptions(ignore_frozen_params=adapters_only)
@@ -146,16 +146,16 @@ def save_sharded(model: Any, optimizer: Any, local: Path, *, train_state: dict[s
     state: dict[str, Any] = {"model": model_state, "optimizer": optimizer_state}
     if scaler is not None:
         state[SCALER] = scaler.state_dict()
-    dcp.save(state, checkpoint_id=str(local / STATE))
+    save(state, checkpoint_id=str(local / STATE))
     if is_main:
         (local / TRAIN_STATE).write_text(json.dumps(train_state, indent=1))
 
 
 def has_scaler_state(local: Path) -> bool:
     """Whether a checkpoint folder holds a loss scaler's state (written by an fp16 run)."""
-    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
 
-    saved = dcp.FileSystemReader(str(local / STATE)).read_metadata().state_dict_metadata
+    saved = FileSystemReader(str(local / STATE)).read_metadata().state_dict_metadata
     return any(key.startswith(SCALER + ".") for key in saved)
 
 
@@ -164,8 +164,8 @@ def load_sharded(model: Any, optimizer: Any, local: Path, *, adapters_only: bool
     processes), and `scaler`'s state when the checkpoint has one (every rank reads the same);
     returns train_state.json. A checkpoint without scaler state (bf16, fp32, or an earlier
     version) leaves `scaler` at its initial scale; a scaler state without a `scaler` is not read."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict_loader import load
 
     options = StateDictOptions(ignore_frozen_params=adapters_only, strict=not adapters_only)
     model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
@@ -175,7 +175,7 @@ def load_sharded(model: Any, optimizer: Any, local: Path, *, adapters_only: bool
             state[SCALER] = scaler.state_dict()
         else:
             log.warning("checkpoint %s holds no loss scaler state: the fp16 scale restarts at %g", local, scaler.get_scale())
-    dcp.load(state, checkpoint_id=str(local / STATE))  # in place
+    load(state, checkpoint_id=str(local / STATE))  # in place
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state, options=options)
     if SCALER in state:
         scaler.load_state_dict(state[SCALER])
@@ -186,21 +186,22 @@ def load_weights(model: Any, local: Path) -> None:
     """The weights of a checkpoint folder (`save_sharded`, any number of processes) into a plain
     model in this process: DCP reassembles the full tensors. (A LoRA checkpoint holds only
     the adapters: `model` must then be the peft model on its base.)"""
-    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
         set_model_state_dict,
     )
+    from torch.distributed.checkpoint.state_dict_loader import load
 
-    saved = dcp.FileSystemReader(str(local / STATE)).read_metadata().state_dict_metadata
+    saved = FileSystemReader(str(local / STATE)).read_metadata().state_dict_metadata
     everything = get_model_state_dict(model)
     state = {name: value for name, value in everything.items() if f"model.{name}" in saved}
     trained = {name for name, p in model.named_parameters() if p.requires_grad}
     missing = sorted(name for name in trained if name in everything and name not in state)
     if missing or not state:
         raise ValueError(f"checkpoint {local}: holds no weights for {missing[:3] or 'this model'}")
-    dcp.load({"model": state}, checkpoint_id=str(local / STATE))  # in place
+    load({"model": state}, checkpoint_id=str(local / STATE))  # in place
     set_model_state_dict(model, state, options=StateDictOptions(strict=False))
 
 

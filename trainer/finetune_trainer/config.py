@@ -31,7 +31,7 @@ from typing import Annotated, Any, Literal, NamedTuple, Self
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
-from pydantic.json_schema import JsonDict
+from pydantic.config import JsonDict
 
 # URI grammar shared with the CRD schema. Each pattern must mean the same to pydantic-core's Rust
 # regex and to the API server's RE2: no lookarounds, no backreferences, no Unicode classes (`\s`

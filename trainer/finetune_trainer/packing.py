@@ -147,7 +147,8 @@ def _restarting_positions(pieces: np.ndarray[Any, Any], total: int) -> np.ndarra
     """0, 1, … restarting at each offset in `pieces` (sorted, starting with 0)."""
     positions = np.arange(total, dtype=np.int64)
     bounds = np.append(pieces, total)
-    return positions - np.repeat(pieces, np.diff(bounds))
+    restarting: np.ndarray[Any, Any] = positions - np.repeat(pieces, np.diff(bounds))
+    return restarting
 
 
 @dataclass

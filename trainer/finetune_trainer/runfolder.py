@@ -18,8 +18,9 @@ from typing import Any
 from finetune_trainer.checkpoints import list_complete, utc_now
 from finetune_trainer.config import EVALUATE, TrainerConfig
 from finetune_trainer.contract import BaselineResult, EvaluationPoint
-from finetune_trainer.data import DataPlan, SequenceDataset, TokenDataset
+from finetune_trainer.data import DataPlan, SequenceDataset
 from finetune_trainer.errors import InvalidInput
+from finetune_trainer.packing import TokenDataset
 from finetune_trainer.storage import Store, sha256_file
 
 METRICS = "metrics.jsonl"

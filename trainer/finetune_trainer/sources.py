@@ -257,7 +257,7 @@ def open_unit(unit: Unit, store: ReadableStore) -> tuple[IO[bytes], int]:
             )
         import gzip
 
-        return io.BufferedReader(gzip.GzipFile(fileobj=raw), READ_CHUNK), 0  # type: ignore[arg-type]
+        return io.BufferedReader(gzip.GzipFile(fileobj=raw), READ_CHUNK), 0
     if compression == "zstd":
         if not head.startswith(ZSTD_MAGIC):
             raw.close()
@@ -267,7 +267,7 @@ def open_unit(unit: Unit, store: ReadableStore) -> tuple[IO[bytes], int]:
             )
         import zstandard
 
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw), READ_CHUNK), 0  # type: ignore[arg-type]
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw), READ_CHUNK), 0
     if unit.file.kind == "jsonl" and unit.start == 0 and (head.startswith(GZIP_MAGIC) or head.startswith(ZSTD_MAGIC)):
         raw.close()
         kind = "gzip" if head.startswith(GZIP_MAGIC) else "Zstandard"

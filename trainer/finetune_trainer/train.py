@@ -53,7 +53,6 @@ from finetune_trainer.data import (
     DataPlan,
     SequenceDataset,
     ShardSettings,
-    TokenDataset,
     node_topology,
     packing_mode,
     plan_data,
@@ -74,6 +73,7 @@ from finetune_trainer.loop import (
     warmup_steps,
 )
 from finetune_trainer.models import fetch_model, load_model, load_tokenizer
+from finetune_trainer.packing import TokenDataset
 from finetune_trainer.storage import open_store
 from finetune_trainer.telemetry import Progress
 
@@ -178,8 +178,10 @@ class Recipe:
         if self.world_size > 1:
             torch.distributed.init_process_group(backend, timeout=timeout)
         else:
-            torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1,
-                                                 timeout=timeout)
+            # torch.distributed.HashStore is this class, re-exported only on POSIX (typed here)
+            from torch._C._distributed_c10d import HashStore
+
+            torch.distributed.init_process_group(backend, store=HashStore(), rank=0, world_size=1, timeout=timeout)
         try:
             yield
         finally:
