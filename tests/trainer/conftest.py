@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,13 @@ __all__ = ["FAMILIES"]
 
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("FINETUNE_TERMINATION_LOG", str(tmp_path / "termination-log"))
+    _isolate(monkeypatch, tmp_path)
+
+
+def _isolate(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    """The environment of a new trainer container whose writable files live under `folder`."""
+    monkeypatch.setenv("FINETUNE_CACHE_DIR", str(folder / "cache"))
+    monkeypatch.setenv("FINETUNE_TERMINATION_LOG", str(folder / "termination-log"))
     monkeypatch.setenv("FINETUNE_PROGRESS_PORT", "0")
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PET_NNODES", "PET_NPROC_PER_NODE"):
@@ -54,9 +60,44 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> 
 
 @pytest.fixture
 def text_data(tmp_path: Path) -> dict[str, str]:
-    train = write_jsonl(tmp_path / "data" / "train.jsonl", [{"text": t} for t in _sentences(48, 0)])
-    evaluation = write_jsonl(tmp_path / "data" / "eval.jsonl", [{"text": t} for t in _sentences(8, 1000)])
+    return _write_text_data(tmp_path / "data")
+
+
+def _write_text_data(folder: Path) -> dict[str, str]:
+    train = write_jsonl(folder / "train.jsonl", [{"text": t} for t in _sentences(48, 0)])
+    evaluation = write_jsonl(folder / "eval.jsonl", [{"text": t} for t in _sentences(8, 1000)])
     return {"train": train, "eval": evaluation}
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    """A finished run of `base_config` (no overrides) on one family's tiny model, shared by the
+    tests that only inspect its result. Read-only: a test that changes the run folder copies it."""
+
+    model: Path
+    data: dict[str, str]  # the run's own copy of the `text_data` files
+    run: Path  # the run folder (checkpoints.outputUri)
+    code: int
+    summary: dict[str, Any]  # the termination message
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory, model_dir: Callable[[str], Path]) -> Callable[[str], TrainedRun]:
+    """`trained(family)`: the default tiny run of that family, trained once per session (in its
+    own folder and environment, as if in a container of its own) when a test first asks."""
+    made: dict[str, TrainedRun] = {}
+
+    def get(family: str) -> TrainedRun:
+        if family not in made:
+            root = tmp_path_factory.mktemp(f"trained-{family}")
+            data = _write_text_data(root / "data")
+            with pytest.MonkeyPatch.context() as monkeypatch:
+                _isolate(monkeypatch, root)
+                code, summary = run_trainer(base_config(model_dir(family), data, root / "run"), root)
+            made[family] = TrainedRun(model=model_dir(family), data=data, run=root / "run", code=code, summary=summary)
+        return made[family]
+
+    return get
 
 
 def _sentences(n: int, offset: int) -> list[str]:

@@ -5,6 +5,7 @@ no optimizer step and no checkpoint written."""
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import pytest
 
 from finetune_trainer import contract
-from tests.trainer.conftest import base_config, run_trainer
+from tests.trainer.conftest import TrainedRun, base_config, run_trainer
 
 
 def _evaluate_config(model_uri: str, data: dict[str, str], run: Path, **overrides: Any) -> dict[str, Any]:
@@ -69,30 +70,28 @@ def test_evaluation_equals_step_zero_of_training_and_writes_no_checkpoint(
 
 
 def test_evaluating_a_checkpoint_equals_the_training_runs_evaluation_at_that_step(
-    model_dir: Callable[[str], Path], text_data: dict[str, str], tmp_path: Path
+    trained: Callable[[str], TrainedRun], tmp_path: Path
 ) -> None:
     """What `kubectl finetune eval --checkpoint JOB:STEP` creates: model.uri = the checkpoint."""
-    training = tmp_path / "train"
-    code, trained = run_trainer(base_config(model_dir("llama"), text_data, training), tmp_path, "train.json")
-    assert code == contract.EXIT_OK
-    checkpoint = (training / "checkpoints" / "step-000004").as_uri() + "/"
-    code, summary = run_trainer(_evaluate_config(checkpoint, text_data, tmp_path / "eval"), tmp_path, "eval.json")
+    training = trained("llama")
+    assert training.code == contract.EXIT_OK
+    checkpoint = (training.run / "checkpoints" / "step-000004").as_uri() + "/"
+    code, summary = run_trainer(_evaluate_config(checkpoint, training.data, tmp_path / "eval"), tmp_path, "eval.json")
     assert code == contract.EXIT_OK, summary
-    (step_4,) = [e for e in trained["evaluations"] if e["step"] == 4]
+    (step_4,) = [e for e in training.summary["evaluations"] if e["step"] == 4]
     (result,) = summary["evaluations"]
     assert result["step"] == 0
     for metric in ("loss", "accuracy", "perplexity"):
         assert result[metric] == pytest.approx(step_4[metric], abs=1e-6), metric
 
 
-def test_an_evaluation_refuses_a_training_run_folder(
-    model_dir: Callable[[str], Path], text_data: dict[str, str], tmp_path: Path
-) -> None:
-    model = model_dir("gpt2")
+def test_an_evaluation_refuses_a_training_run_folder(trained: Callable[[str], TrainedRun], tmp_path: Path) -> None:
+    training = trained("gpt2")
+    assert training.code == contract.EXIT_OK
     run = tmp_path / "run"
-    assert run_trainer(base_config(model, text_data, run, hyperparameters={"maxSteps": 2}), tmp_path, "t.json")[0] == 0
+    shutil.copytree(training.run, run)  # the shared run stays untouched whatever happens here
     run_json = (run / "run.json").read_text()
-    code, summary = run_trainer(_evaluate_config(f"file://{model}", text_data, run), tmp_path, "e.json")
+    code, summary = run_trainer(_evaluate_config(f"file://{training.model}", training.data, run), tmp_path, "e.json")
     assert code == contract.EXIT_INVALID_INPUT
     assert "checkpoints.outputUri: the run folder" in summary["message"]
     assert "holds a training run" in summary["message"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,7 +20,7 @@ import pytest
 
 from finetune_trainer import contract
 from finetune_trainer.telemetry import Progress, serve
-from tests.trainer.conftest import base_config, final_eval, write_config
+from tests.trainer.conftest import TrainedRun, base_config, final_eval, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -140,21 +141,22 @@ def test_progress_report_shape_and_http() -> None:
 
 
 def test_a_corrupt_newest_checkpoint_resumes_from_the_one_before_and_says_so(
-    model_dir: Callable[[str], Path], text_data: dict[str, str], tmp_path: Path
+    trained: Callable[[str], TrainedRun], tmp_path: Path
 ) -> None:
     """A file of the newest checkpoint no longer matches its manifest (bit rot, a bad copy):
     resume falls back to the previous complete checkpoint, reports the skipped one, moves its
     manifest aside so nothing lists it again, and the run ends as an uninterrupted one."""
     from tests.trainer.conftest import run_trainer
 
-    model = model_dir("llama")
+    first = trained("llama")  # 4 steps, checkpoints at 2 and 4
+    model, text_data = first.model, first.data
     whole = base_config(model, text_data, tmp_path / "whole", hyperparameters={"maxSteps": 6})
     code, uninterrupted = run_trainer(whole, tmp_path, "whole.json")
     assert code == contract.EXIT_OK
 
     run = tmp_path / "run"
-    code, first = run_trainer(base_config(model, text_data, run, hyperparameters={"maxSteps": 4}), tmp_path, "first.json")
-    assert code == contract.EXIT_OK and [c["step"] for c in first["checkpoints"]] == [2, 4]
+    shutil.copytree(first.run, run)  # the first attempt: a copy of the shared run, corrupted here
+    assert first.code == contract.EXIT_OK and [c["step"] for c in first.summary["checkpoints"]] == [2, 4]
     shard = next((run / "checkpoints" / "step-000004" / "state").glob("*.distcp"))
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF

@@ -16,7 +16,7 @@ from finetune_trainer.config import DatasetSpec
 from finetune_trainer.data import Collator, ShardSettings, plan_data, token_dataset
 from finetune_trainer.evaluation import evaluate_model
 from finetune_trainer.models import load_model, load_tokenizer
-from tests.trainer.conftest import base_config, final_eval, run_trainer
+from tests.trainer.conftest import TrainedRun, base_config, final_eval, run_trainer
 from tests.trainer.factories import FAMILIES
 
 
@@ -38,12 +38,10 @@ def _reevaluate(folder: Path, data: dict[str, str], length: int = 32, checkpoint
 
 
 @pytest.mark.parametrize("family", list(FAMILIES), ids=list(FAMILIES))
-def test_family_trains_evaluates_checkpoints_and_reloads(
-    family: str, model_dir: Callable[[str], Path], text_data: dict[str, str], tmp_path: Path
-) -> None:
-    run = tmp_path / "run"
-    code, summary = run_trainer(base_config(model_dir(family), text_data, run), tmp_path)
-    assert code == contract.EXIT_OK, summary
+def test_family_trains_evaluates_checkpoints_and_reloads(family: str, trained: Callable[[str], TrainedRun]) -> None:
+    result = trained(family)
+    run, summary, text_data = result.run, result.summary, result.data
+    assert result.code == contract.EXIT_OK, summary
     assert [e["step"] for e in summary["evaluations"]] == [0, 2, 4]
     assert summary["evaluations"][-1]["loss"] < summary["evaluations"][0]["loss"]
     manifest = json.loads((run / "checkpoints" / "step-000004" / "manifest.json").read_text())
@@ -52,7 +50,7 @@ def test_family_trains_evaluates_checkpoints_and_reloads(
     recorded = manifest["metrics"]["evalLoss"]
     assert recorded == pytest.approx(final_eval(summary)["loss"], abs=0)
     checkpoint = run / "checkpoints" / "step-000004"
-    assert _reevaluate(model_dir(family), text_data, checkpoint=checkpoint) == pytest.approx(recorded, abs=1e-6)
+    assert _reevaluate(result.model, text_data, checkpoint=checkpoint) == pytest.approx(recorded, abs=1e-6)
     assert _reevaluate(run / "final", text_data) == pytest.approx(recorded, abs=1e-6)
     assert (run / "run.json").exists() and (run / "metrics.jsonl").exists()
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
