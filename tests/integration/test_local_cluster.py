@@ -333,6 +333,45 @@ def test_indexed_job_pods_reach_each_other_by_hostname_and_subdomain(
     assert messages[1] == f"{ips[1]} got 'welcome from {ips[0]}' from {ips[0]}"
 
 
+def test_two_pods_listen_on_the_wildcard_address_of_the_same_port(cluster: ClusterHandle, namespace: str) -> None:
+    """As in pods' own network namespaces (rank 0 of two multi-node jobs each runs torchrun's
+    store on every address of port 29500): each pod's wildcard bind is its pod IP's."""
+    apply(cluster, namespace, {
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "wildcard"},
+        "spec": {"clusterIP": "None", "selector": {"job-name": "wild"}, "ports": [{"name": "p", "port": 29501}]},
+    })  # fmt: skip
+    script = textwrap.dedent(
+        """
+        import os, pathlib, socket, time
+        index = int(os.environ["JOB_COMPLETION_INDEX"])
+        server = socket.create_server(("0.0.0.0", 29501))  # every address, as torchrun's store
+        peer = f"wild-{1 - index}.wildcard"
+        deadline = time.time() + 60
+        while True:  # both listen at once: each reaches the other's port
+            try:
+                conn = socket.create_connection((peer, 29501), timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.2)
+        accepted, _ = server.accept()
+        conn.sendall(b"x")
+        accepted.recv(1)
+        pathlib.Path("/dev/termination-log").write_text(f"listened on {server.getsockname()[0]}")
+        """
+    )
+    apply(cluster, namespace, job_manifest("wild", [python_container(script)], completions=2, parallelism=2,
+                                           completionMode="Indexed", template_spec={"subdomain": "wildcard"}))  # fmt: skip
+
+    condition = wait_job_finished(cluster, namespace, "wild", timeout=120)
+
+    assert condition["type"] == "Complete", condition
+    pods = job_pods(cluster, namespace, "wild")
+    messages = sorted(p["status"]["containerStatuses"][0]["state"]["terminated"]["message"] for p in pods)
+    assert messages == sorted(f"listened on {p['status']['podIP']}" for p in pods)
+
+
 def _token(cluster: ClusterHandle, namespace: str, service_account: str) -> str:
     return cluster.kubectl("create", "token", service_account, "-n", namespace).stdout.strip()
 

@@ -29,7 +29,8 @@ import urllib3.exceptions
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from finetune_dev import podspec
+from finetune_dev import paths, podspec
+from finetune_dev.node import pod_ports
 from finetune_dev.node.worker import PodWorker, kill_group, utc_timestamp
 
 log = logging.getLogger("process-node")
@@ -67,6 +68,8 @@ class NodeAgent:
         self.workers: dict[str, PodWorker] = {}
         self.lock = threading.RLock()
         self.stopping = threading.Event()
+        # A wildcard bind in a pod is a bind to its IP, as in a pod's own network namespace.
+        self.bind_library = pod_ports.build(paths.cache_dir())
 
     def _while_unreachable(self, what: str, call: Callable[[], T]) -> T:
         """`call()`, retried while the API server cannot be reached (restarting: connection
@@ -185,6 +188,9 @@ class NodeAgent:
             if key.startswith(("OPENBLAS_", "FINETUNE_POD_")) or key in ("TZ", "PIP_CACHE_DIR", "HF_HOME"):
                 env[key] = value
         return env
+
+    def network_env(self, pod_ip: str, inherited: str | None) -> dict[str, str]:
+        return pod_ports.env(self.bind_library, pod_ip, inherited)
 
     def event(self, pod: dict[str, Any], reason: str, message: str, *, warning: bool = False) -> None:
         meta = pod["metadata"]

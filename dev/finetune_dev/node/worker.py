@@ -95,6 +95,11 @@ class PodHost(Protocol):
         """What a process inherits from the "image"."""
         ...
 
+    def network_env(self, pod_ip: str, inherited: str | None) -> dict[str, str]:
+        """Variables that give the pod its own listening ports (`pod_ports`); `inherited`: the
+        container's own LD_PRELOAD, kept."""
+        ...
+
     def service_account_token(self, pod: dict[str, Any], expiration: int | None, audience: str | None) -> str:
         """A token for the pod's ServiceAccount, bound to the pod (TokenRequest API)."""
         ...
@@ -319,6 +324,7 @@ class PodWorker:
         argv = podspec.command_line(run.spec, env)
         base = self.host.base_env()
         full_env = {**base, **env, "HOSTNAME": self.host_entry().hostname}
+        full_env.update(self.host.network_env(self.ip, full_env.get("LD_PRELOAD")))
         plan_mounts = [
             {"source": str(self.directory / "hosts"), "target": "/etc/hosts", "readOnly": False},
         ]
