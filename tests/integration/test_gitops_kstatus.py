@@ -21,7 +21,7 @@ from finetune_operator.api import ObjectRef
 from finetune_operator.status import Observed, derive_status, invalid_spec_status
 from tests.gitops_health import health, kstatus
 from tests.operator.factories import NOW, batch_job, ftj, parsed, pod, progress_report
-from tests.unit.test_operator_status import CASES
+from tests.operator.status_cases import CASES
 
 
 def written(
