@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,43 @@ def _isolate(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PET_NNODES", "PET_NPROC_PER_NODE"):
         monkeypatch.delenv(name, raising=False)
+
+
+S3_BUCKET = os.environ.get("FINETUNE_TEST_S3_BUCKET", "finetune-test")
+
+
+@pytest.fixture(scope="session")
+def s3_server(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The endpoint of a real S3 server, with its credentials in the environment (as in a pod):
+    FINETUNE_TEST_S3_ENDPOINT with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY if set, otherwise
+    the local cluster's versitygw (the session's `cluster` fixture, started on first use)."""
+    endpoint = os.environ.get("FINETUNE_TEST_S3_ENDPOINT")
+    if endpoint:
+        yield endpoint
+        return
+    cluster = request.getfixturevalue("cluster")
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in cluster.env.items():
+            if key.startswith("AWS_"):
+                patch.setenv(key, value)
+        yield cluster.s3_endpoint
+
+
+def s3_root(endpoint: str) -> str:
+    """A fresh s3:// folder in FINETUNE_TEST_S3_BUCKET (default finetune-test, created if missing)."""
+    import boto3
+    from botocore.config import Config
+
+    client = boto3.client(
+        "s3", endpoint_url=endpoint, region_name="us-east-1",
+        config=Config(request_checksum_calculation="when_required", response_checksum_validation="when_required",
+                      s3={"addressing_style": "path"}),
+    )
+    try:
+        client.head_bucket(Bucket=S3_BUCKET)
+    except client.exceptions.ClientError:
+        client.create_bucket(Bucket=S3_BUCKET)
+    return f"s3://{S3_BUCKET}/tests/{uuid.uuid4().hex[:12]}/"
 
 
 @pytest.fixture(scope="session")

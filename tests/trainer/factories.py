@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from finetune_trainer.data import IGNORE
+
+if TYPE_CHECKING:
+    from finetune_trainer.config import DatasetSpec
 
 CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -90,3 +95,32 @@ def write_jsonl(path: Path, records: list[Any]) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return f"file://{path}"
+
+
+def reference_document(record: dict[str, Any], spec: DatasetSpec, tokenizer: Any) -> tuple[list[int], list[int]]:
+    """(ids, labels) of one record computed from the tokenizer directly, apart from the trainer's
+    code: what the shards must hold."""
+    eos = tokenizer.eos_token_id
+    if spec.format == "text":
+        ids = [*tokenizer(record[spec.text_field])["input_ids"], eos]
+        return ids, ids
+    if spec.format == "prompt-completion":
+        prompt = tokenizer(record[spec.prompt_field])["input_ids"]
+        completion = tokenizer(record[spec.completion_field], add_special_tokens=False)["input_ids"]
+        ids = [*prompt, *completion, eos]
+        shown = list(prompt) if spec.train_on_inputs else [IGNORE] * len(prompt)
+        return ids, [*shown, *completion, eos]
+
+    def render(messages: list[Any], prompt: bool) -> list[int]:
+        return list(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=prompt, return_dict=False))
+
+    messages = record[spec.messages_field]
+    ids = render(messages, False)
+    labels = [IGNORE] * len(ids)
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            start, end = len(render(messages[:i], True)), len(render(messages[: i + 1], False))
+            labels[start:end] = ids[start:end]
+    if ids[-1] != eos:  # the EOS the trainer appends is trained when it ends an assistant turn
+        ids, labels = [*ids, eos], [*labels, IGNORE if labels[-1] == IGNORE else eos]
+    return ids, labels

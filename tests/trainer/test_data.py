@@ -15,41 +15,12 @@ from finetune_trainer.data import IGNORE, ShardSettings, plan_data, preflight, s
 from finetune_trainer.errors import InvalidData
 from finetune_trainer.shards import TokenStore
 from finetune_trainer.sources import list_files
-from tests.trainer.factories import make_tokenizer, write_jsonl
+from tests.trainer.factories import make_tokenizer, reference_document, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Any:
     return make_tokenizer()
-
-
-def reference_document(record: dict[str, Any], spec: DatasetSpec, tokenizer: Any) -> tuple[list[int], list[int]]:
-    """(ids, labels) of one record computed from the tokenizer directly, apart from the trainer's
-    code: what the shards must hold."""
-    eos = tokenizer.eos_token_id
-    if spec.format == "text":
-        ids = [*tokenizer(record[spec.text_field])["input_ids"], eos]
-        return ids, ids
-    if spec.format == "prompt-completion":
-        prompt = tokenizer(record[spec.prompt_field])["input_ids"]
-        completion = tokenizer(record[spec.completion_field], add_special_tokens=False)["input_ids"]
-        ids = [*prompt, *completion, eos]
-        shown = list(prompt) if spec.train_on_inputs else [IGNORE] * len(prompt)
-        return ids, [*shown, *completion, eos]
-
-    def render(messages: list[Any], prompt: bool) -> list[int]:
-        return list(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=prompt, return_dict=False))
-
-    messages = record[spec.messages_field]
-    ids = render(messages, False)
-    labels = [IGNORE] * len(ids)
-    for i, message in enumerate(messages):
-        if message["role"] == "assistant":
-            start, end = len(render(messages[:i], True)), len(render(messages[: i + 1], False))
-            labels[start:end] = ids[start:end]
-    if ids[-1] != eos:  # the EOS the trainer appends is trained when it ends an assistant turn
-        ids, labels = [*ids, eos], [*labels, IGNORE if labels[-1] == IGNORE else eos]
-    return ids, labels
 
 
 def shard_documents(tmp_path: Path, records: list[dict[str, Any]], spec: DatasetSpec, tokenizer: Any) -> list[tuple[list[int], list[int]]]:

@@ -16,8 +16,7 @@ from finetune_trainer.config import DatasetSpec
 from finetune_trainer.data import IGNORE, Collator, ShardSettings, plan_data, token_dataset
 from finetune_trainer.evaluation import evaluate_model
 from finetune_trainer.packing import EpochSampler, TokenDataset
-from tests.trainer.factories import FAMILIES, make_tokenizer, tiny_config
-from tests.trainer.test_data import reference_document
+from tests.trainer.factories import FAMILIES, make_tokenizer, reference_document, tiny_config
 
 WORDS = ["the", "market", "rose", "and", "the", "shares", "fell", "while", "the", "bank", "said", "profit", "for", "the", "year", "was", "higher"]
 

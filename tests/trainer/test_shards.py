@@ -18,9 +18,8 @@ from finetune_trainer.data import ShardSettings, plan_data, shards_for, token_da
 from finetune_trainer.errors import InvalidData
 from finetune_trainer.shards import TokenStore, build_shards, token_dtype
 from finetune_trainer.sources import list_files
-from tests.trainer.factories import make_tokenizer
-from tests.trainer.test_data import reference_document
-from tests.trainer.test_storage import s3_server  # noqa: F401  (the real S3 server fixture)
+from tests.trainer.conftest import s3_root
+from tests.trainer.factories import make_tokenizer, reference_document
 
 
 @pytest.fixture(scope="module")
@@ -228,12 +227,10 @@ def test_a_corpus_without_records_names_its_files(tmp_path: Path, tokenizer: Any
 
 
 def test_s3_sources_stream_by_range_and_the_cache_lives_in_s3(
-    tmp_path: Path, tokenizer: Any, s3_server: str, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+    tmp_path: Path, tokenizer: Any, s3_server: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from finetune_trainer.storage import open_store
-    from tests.trainer.test_storage import _s3_root
-
-    root = _s3_root()
+    root = s3_root(s3_server)
     store = open_store(root, endpoint=s3_server)
     try:
         local = _write(tmp_path / "data" / "a.jsonl", _records("text", 300))
