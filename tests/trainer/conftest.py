@@ -107,10 +107,14 @@ def _write_text_data(folder: Path) -> dict[str, str]:
     return {"train": train, "eval": evaluation}
 
 
+# LoRA settings of the shared LoRA run (trained("llama", lora=TINY_LORA)).
+TINY_LORA: dict[str, Any] = {"rank": 4, "alpha": 8, "dropout": 0.0}
+
+
 @dataclass(frozen=True)
 class TrainedRun:
-    """A finished run of `base_config` (no overrides) on one family's tiny model, shared by the
-    tests that only inspect its result. Read-only: a test that changes the run folder copies it."""
+    """A finished run of `base_config` on one family's tiny model, shared by the tests that only
+    inspect its result. Read-only: a test that changes the run folder copies it."""
 
     model: Path
     data: dict[str, str]  # the run's own copy of the `text_data` files
@@ -120,20 +124,22 @@ class TrainedRun:
 
 
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory: pytest.TempPathFactory, model_dir: Callable[[str], Path]) -> Callable[[str], TrainedRun]:
-    """`trained(family)`: the default tiny run of that family, trained once per session (in its
-    own folder and environment, as if in a container of its own) when a test first asks."""
+def trained(tmp_path_factory: pytest.TempPathFactory, model_dir: Callable[[str], Path]) -> Callable[..., TrainedRun]:
+    """`trained(family, **overrides)`: the tiny run `base_config(model, data, run, **overrides)`
+    of that family, trained once per session (in its own folder and environment, as if in a
+    container of its own) when a test first asks for it."""
     made: dict[str, TrainedRun] = {}
 
-    def get(family: str) -> TrainedRun:
-        if family not in made:
+    def get(family: str, **overrides: Any) -> TrainedRun:
+        key = json.dumps([family, overrides], sort_keys=True)
+        if key not in made:
             root = tmp_path_factory.mktemp(f"trained-{family}")
             data = _write_text_data(root / "data")
             with pytest.MonkeyPatch.context() as monkeypatch:
                 _isolate(monkeypatch, root)
-                code, summary = run_trainer(base_config(model_dir(family), data, root / "run"), root)
-            made[family] = TrainedRun(model=model_dir(family), data=data, run=root / "run", code=code, summary=summary)
-        return made[family]
+                code, summary = run_trainer(base_config(model_dir(family), data, root / "run", **overrides), root)
+            made[key] = TrainedRun(model=model_dir(family), data=data, run=root / "run", code=code, summary=summary)
+        return made[key]
 
     return get
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from finetune_trainer import contract
-from tests.trainer.conftest import base_config, final_eval, run_trainer, write_config
+from tests.trainer.conftest import TINY_LORA, TrainedRun, base_config, final_eval, run_trainer, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -357,14 +357,12 @@ def test_every_node_imports_the_catalog_gguf_model_in_full(tmp_path: Path) -> No
     assert summary["phase"] == "Succeeded" and summary["evaluations"][0]["step"] == 0
 
 
-def test_every_node_merges_a_lora_checkpoint_for_evaluation(
-    model_dir: Callable[[str], Path], text_data: dict[str, str], tmp_path: Path
-) -> None:
+def test_every_node_merges_a_lora_checkpoint_for_evaluation(trained: Callable[..., TrainedRun], tmp_path: Path) -> None:
     """Evaluating a LoRA run's checkpoint on two nodes: each node merges the adapter into its
     own cache in full (not only node 0)."""
-    lora_run = tmp_path / "lora-run"
-    code, _ = run_trainer(base_config(model_dir("llama"), text_data, lora_run, lora={"rank": 4}), tmp_path)
-    assert code == contract.EXIT_OK
+    training = trained("llama", lora=TINY_LORA)
+    assert training.code == contract.EXIT_OK
+    lora_run, text_data = training.run, training.data
     config = write_config(tmp_path / "eval.json", {
         "mode": "Evaluate",
         "model": {"uri": f"file://{lora_run}/checkpoints/step-000004/"},

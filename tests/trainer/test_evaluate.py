@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from finetune_trainer import contract
-from tests.trainer.conftest import TrainedRun, base_config, run_trainer
+from tests.trainer.conftest import TINY_LORA, TrainedRun, base_config, run_trainer
 
 
 def _evaluate_config(model_uri: str, data: dict[str, str], run: Path, **overrides: Any) -> dict[str, Any]:
@@ -70,7 +70,7 @@ def test_evaluation_equals_step_zero_of_training_and_writes_no_checkpoint(
 
 
 def test_evaluating_a_checkpoint_equals_the_training_runs_evaluation_at_that_step(
-    trained: Callable[[str], TrainedRun], tmp_path: Path
+    trained: Callable[..., TrainedRun], tmp_path: Path
 ) -> None:
     """What `kubectl finetune eval --checkpoint JOB:STEP` creates: model.uri = the checkpoint."""
     training = trained("llama")
@@ -85,7 +85,7 @@ def test_evaluating_a_checkpoint_equals_the_training_runs_evaluation_at_that_ste
         assert result[metric] == pytest.approx(step_4[metric], abs=1e-6), metric
 
 
-def test_an_evaluation_refuses_a_training_run_folder(trained: Callable[[str], TrainedRun], tmp_path: Path) -> None:
+def test_an_evaluation_refuses_a_training_run_folder(trained: Callable[..., TrainedRun], tmp_path: Path) -> None:
     training = trained("gpt2")
     assert training.code == contract.EXIT_OK
     run = tmp_path / "run"
@@ -99,20 +99,18 @@ def test_an_evaluation_refuses_a_training_run_folder(trained: Callable[[str], Tr
 
 
 def test_evaluating_a_lora_checkpoint_merges_it_into_the_base_named_by_the_run(
-    model_dir: Callable[[str], Path], text_data: dict[str, str], tmp_path: Path
+    trained: Callable[..., TrainedRun], tmp_path: Path
 ) -> None:
     """A LoRA run's checkpoint holds only the adapters; its train_state.json names the base model."""
-    training = tmp_path / "train"
-    lora = {"rank": 4, "alpha": 8, "dropout": 0.0}
-    code, trained = run_trainer(base_config(model_dir("llama"), text_data, training, lora=lora), tmp_path, "t.json")
-    assert code == contract.EXIT_OK
-    checkpoint = training / "checkpoints" / "step-000004"
+    training = trained("llama", lora=TINY_LORA)
+    assert training.code == contract.EXIT_OK
+    checkpoint = training.run / "checkpoints" / "step-000004"
     assert not (checkpoint / "config.json").exists() and (checkpoint / "train_state.json").exists()
     code, summary = run_trainer(
-        _evaluate_config(checkpoint.as_uri() + "/", text_data, tmp_path / "eval"), tmp_path, "e.json"
+        _evaluate_config(checkpoint.as_uri() + "/", training.data, tmp_path / "eval"), tmp_path, "e.json"
     )
     assert code == contract.EXIT_OK, summary
-    (step_4,) = [e for e in trained["evaluations"] if e["step"] == 4]
+    (step_4,) = [e for e in training.summary["evaluations"] if e["step"] == 4]
     assert summary["evaluations"][0]["loss"] == pytest.approx(step_4["loss"], abs=1e-5)
     assert summary["evaluations"][0]["accuracy"] == pytest.approx(step_4["accuracy"], abs=1e-6)
 

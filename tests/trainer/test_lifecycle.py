@@ -141,7 +141,7 @@ def test_progress_report_shape_and_http() -> None:
 
 
 def test_a_corrupt_newest_checkpoint_resumes_from_the_one_before_and_says_so(
-    trained: Callable[[str], TrainedRun], tmp_path: Path
+    trained: Callable[..., TrainedRun], tmp_path: Path
 ) -> None:
     """A file of the newest checkpoint no longer matches its manifest (bit rot, a bad copy):
     resume falls back to the previous complete checkpoint, reports the skipped one, moves its

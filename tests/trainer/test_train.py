@@ -38,7 +38,7 @@ def _reevaluate(folder: Path, data: dict[str, str], length: int = 32, checkpoint
 
 
 @pytest.mark.parametrize("family", list(FAMILIES), ids=list(FAMILIES))
-def test_family_trains_evaluates_checkpoints_and_reloads(family: str, trained: Callable[[str], TrainedRun]) -> None:
+def test_family_trains_evaluates_checkpoints_and_reloads(family: str, trained: Callable[..., TrainedRun]) -> None:
     result = trained(family)
     run, summary, text_data = result.run, result.summary, result.data
     assert result.code == contract.EXIT_OK, summary
