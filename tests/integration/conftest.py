@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from finetune_operator import crdgen, rbac
+from tests.integration.kueue_env import Kueue, running_kueue
 from tests.integration.operator_env import (
     SERVICE_ACCOUNT,
     OperatorProcess,
@@ -72,3 +73,10 @@ def operator(
     runs.mkdir(exist_ok=True)
     with running_operator(operator_kubeconfig, runs) as process:
         yield process
+
+
+@pytest.fixture(scope="module")
+def kueue(cluster: ClusterHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kueue]:
+    """Kueue's real controller manager on the cluster (kueue_env.py), for test_kueue.py."""
+    with running_kueue(cluster, tmp_path_factory.mktemp("kueue")) as kept:
+        yield kept

@@ -1,8 +1,8 @@
 """Kueue's real controller manager on the local cluster, for tests/integration/test_kueue.py.
 
-`kueue` (module scope) installs Kueue's CRDs from the pinned module's source (Go module cache),
-runs the controller manager built by finetune_dev.binaries as a local process under a
-ServiceAccount bound to Kueue's own ClusterRole (config/components/rbac/role.yaml: the rights it
+`running_kueue` (the module-scoped `kueue` fixture of conftest.py) installs Kueue's CRDs from the
+pinned module's source (Go module cache), runs the controller manager built by
+finetune_dev.binaries as a local process under a ServiceAccount bound to Kueue's own ClusterRole (config/components/rbac/role.yaml: the rights it
 ships with, not cluster admin), and registers its admission webhooks — the batch Job and Kueue
 API ones — with `clientConfig.url` on 127.0.0.1 and a serving certificate from the cluster's CA
 (Kueue's internal certificate management names a Service, which the local API server cannot
@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from finetune_dev import binaries, pki
@@ -100,8 +99,10 @@ def _ready(url: str) -> bool:
         return False
 
 
-@pytest.fixture(scope="module")
-def kueue(cluster: ClusterHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kueue]:
+@contextlib.contextmanager
+def running_kueue(cluster: ClusterHandle, directory: Path) -> Iterator[Kueue]:
+    """Kueue's CRDs, identity and controller manager (with its webhooks) on `cluster`, its files
+    in `directory`; the webhooks removed and the process stopped on exit."""
     source = _source()
     cluster.kubectl(
         "apply", "--server-side", "--force-conflicts", "-f", str(source / "config/components/crd/bases")
@@ -121,7 +122,6 @@ def kueue(cluster: ClusterHandle, tmp_path_factory: pytest.TempPathFactory) -> I
             timeout=60,
             what=f"the CRD {crd}.kueue.x-k8s.io to be established",
         )
-    directory = tmp_path_factory.mktemp("kueue")
     role = yaml.safe_load((source / "config/components/rbac/role.yaml").read_text())
     kubeconfig = identity_kubeconfig(cluster, SERVICE_ACCOUNT, role, directory)
     cluster.kubectl("create", "namespace", NAMESPACE, check=False)

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.kueue_env import Kueue, kueue  # noqa: F401  (the fixture)
+from tests.integration.kueue_env import Kueue
 from tests.integration.operator_env import (
     OperatorProcess,
     apply,
@@ -40,7 +40,7 @@ def _apply_all(cluster: ClusterHandle, namespace: str | None, *objects: dict[str
 
 
 @pytest.fixture
-def local_queue(cluster: ClusterHandle, namespace: str, kueue: Kueue) -> Iterator[str]:  # noqa: F811
+def local_queue(cluster: ClusterHandle, namespace: str, kueue: Kueue) -> Iterator[str]:
     """A ClusterQueue (quota: one job's pod; lower priorities are preempted) for `namespace`, and
     its LocalQueue; the name of the LocalQueue."""
     suffix = uuid.uuid4().hex[:6]

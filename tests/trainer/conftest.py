@@ -20,9 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.trainer.factories import FAMILIES, make_model_dir, make_tokenizer, write_jsonl
-
-__all__ = ["FAMILIES"]
+from tests.trainer.factories import make_model_dir, make_tokenizer, write_jsonl
 
 
 @pytest.fixture(autouse=True)
