@@ -2,8 +2,8 @@
 
 `running_kueue` (the module-scoped `kueue` fixture of conftest.py) installs Kueue's CRDs from the
 pinned module's source (Go module cache), runs the controller manager built by
-finetune_dev.binaries as a local process under a ServiceAccount bound to Kueue's own ClusterRole (config/components/rbac/role.yaml: the rights it
-ships with, not cluster admin), and registers its admission webhooks — the batch Job and Kueue
+finetune_dev.binaries as a local process under a ServiceAccount bound to Kueue's own ClusterRole
+(config/components/rbac/role.yaml: the rights it ships with, not cluster admin), and registers its admission webhooks — the batch Job and Kueue
 API ones — with `clientConfig.url` on 127.0.0.1 and a serving certificate from the cluster's CA
 (Kueue's internal certificate management names a Service, which the local API server cannot
 route to; the same certificate serves its metrics endpoint, see `METRICS_CERT_DIR`). Only the
