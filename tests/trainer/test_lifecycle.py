@@ -41,10 +41,10 @@ def _start(config: Path, tmp_path: Path, name: str, port: int = 0) -> tuple[subp
         "POD_IP": "127.0.0.1",
         "OMP_NUM_THREADS": "1",
     }
-    log = (tmp_path / f"{name}.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "finetune_trainer"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
-    )
+    with (tmp_path / f"{name}.log").open("wb") as log:  # the child keeps its own copy of the file
+        process = subprocess.Popen(
+            [sys.executable, "-m", "finetune_trainer"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+        )
     return process, tmp_path / f"termination-{name}"
 
 
