@@ -4,9 +4,10 @@
 # ~/.cache/finetune-dev/wheels, downloaded once and shared with the image builds (torch is
 # downloaded once, not once per install). Needs python3.11 and Go >= 1.26 on PATH;
 # the control-plane binaries are built later, on first use, by `finetune-dev up` (cached).
-# With FINETUNE_BUILD_IMAGES=1 it also installs the image tools (buildah,
-# podman, mmdebstrap, runc: Debian packages) and builds both images (dev/finetune_dev/images.py,
-# layer caches under ~/.cache/finetune-dev/images) while the Go build runs.
+# It also starts the image build in the background (dev/images.sh: the Debian tools buildah,
+# podman, mmdebstrap and runc when missing, then both images, layer caches under
+# ~/.cache/finetune-dev/images, log in images/logs/build.log); it runs on beside the Go build,
+# pip and the tests, and the image tests wait for it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,20 +26,11 @@ done
 # The process node cannot run pods from a checkout under a path the pods mount over (/tmp, ...).
 PYTHONPATH=dev "$python" -m finetune_dev.paths .
 
-build_images=0
-if [ "${FINETUNE_BUILD_IMAGES:-0}" = 1 ]; then build_images=1; fi
-image_tools_pid=
-if [ "$build_images" = 1 ]; then
-  missing=()
-  for tool in buildah podman mmdebstrap runc; do command -v "$tool" >/dev/null || missing+=("$tool"); done
-  if [ "${#missing[@]}" -gt 0 ]; then
-    echo "setup: installing ${missing[*]} (Debian packages) to build the images"
-    tools_log=$(mktemp)
-    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-        "${missing[@]}"; } >"$tools_log" 2>&1 &
-    image_tools_pid=$!
-  fi
-fi
+# The images: in the background, detached from this script (it goes on after setup returns);
+# the base image now, the two targets once the wheelhouse below is filled.
+wheels_ready=$(mktemp -u "${TMPDIR:-/tmp}/finetune-wheels-ready.XXXXXX")
+setsid ./dev/images.sh "$python" "$wheels_ready" "$$" >/dev/null 2>&1 </dev/null &
+echo "setup: building the images in the background (log: ${FINETUNE_DEV_CACHE:-~/.cache/finetune-dev}/images/logs/build.log)"
 
 # Build the control-plane binaries (Go, CPU-bound) while pip downloads and unpacks (I/O-bound),
 # then the tests' Kueue and Prometheus (finetune_dev.binaries.OPTIONAL_COMPONENTS).
@@ -49,12 +41,11 @@ build_pid=$!
 
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 stamp=".venv/.installed-$(cat pyproject.toml cli/pyproject.toml dev/pyproject.toml constraints.txt | sha256sum | cut -c1-16)"
-if [ ! -f "$stamp" ] || [ "$build_images" = 1 ]; then
-  # Every wheel the venv and the images install, downloaded once into ~/.cache/finetune-dev/wheels
-  # (dev/finetune_dev/wheelhouse.py; only what changed after a pin changes).
-  echo "setup: downloading Python packages into the wheelhouse (only what is not there yet)"
-  wheels=$(PYTHONPATH=dev "$python" -m finetune_dev.wheelhouse --python "$python" | tail -n 1)
-fi
+# Every wheel the venv and the images install, downloaded once into ~/.cache/finetune-dev/wheels
+# (dev/finetune_dev/wheelhouse.py; only what changed after a pin changes; a no-op when complete).
+echo "setup: downloading Python packages into the wheelhouse (only what is not there yet)"
+wheels=$(PYTHONPATH=dev "$python" -m finetune_dev.wheelhouse --python "$python" | tail -n 1)
+touch "$wheels_ready"  # the image build goes on to the two targets
 if [ ! -f "$stamp" ]; then
   echo "setup: installing Python dependencies into .venv from the wheelhouse"
   # Three distributions: the product (operator + trainer, what the images hold), the kubectl
@@ -68,19 +59,6 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 
-# The images, from the same wheelhouse (no second download of torch).
-images_pid=
-if [ "$build_images" = 1 ]; then
-  if [ -n "$image_tools_pid" ] && ! wait "$image_tools_pid"; then
-    echo "setup: installing the image tools failed:" >&2
-    tail -n 20 "$tools_log" >&2
-    exit 1
-  fi
-  images_log=$(mktemp)
-  .venv/bin/python -m finetune_dev.images >"$images_log" 2>&1 &
-  images_pid=$!
-fi
-
 if ! wait "$build_pid"; then
   echo "setup: building the local cluster's binaries failed:" >&2
   tail -n 40 "$build_log" >&2
@@ -88,12 +66,3 @@ if ! wait "$build_pid"; then
 fi
 grep -v '^$' "$build_log" || true
 rm -f "$build_log"
-if [ -n "$images_pid" ]; then
-  if ! wait "$images_pid"; then
-    echo "setup: building the images failed:" >&2
-    tail -n 40 "$images_log" >&2
-    exit 1
-  fi
-  cat "$images_log"
-  rm -f "$images_log"
-fi

@@ -1,7 +1,7 @@
 """Build the product images from the Dockerfile with buildah, without a container registry.
 
-Called by ``python -m finetune_dev.images`` (developers; dev/setup.sh with
-FINETUNE_BUILD_IMAGES=1); `podman_run` runs the built images. What it does, each step cached and skipped when done:
+Called by ``python -m finetune_dev.images`` (developers; dev/images.sh, which dev/setup.sh starts
+in the background; `wait_for_build` waits for that build); `podman_run` runs the built images. What it does, each step cached and skipped when done:
 
 1. The base image: Debian bookworm with Python 3.11 from Debian packages (``mmdebstrap``),
    imported with ``podman import`` as ``localhost/finetune-base:<key>`` (the key digests the
@@ -26,6 +26,7 @@ rlimits must be given explicitly and not above the current ones.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import os
 import resource
@@ -185,7 +186,7 @@ def build_target(target: str, *, base: str, revision: str = "unknown") -> StepRe
     return StepResult(target, name, time.monotonic() - start)
 
 
-def build_all(targets: Sequence[str] = TARGETS) -> list[StepResult]:
+def build_all(targets: Sequence[str] = TARGETS, *, base_only: bool = False) -> list[StepResult]:
     """The base image, then each target in turn (they share the base and its layers)."""
     missing = missing_tools()
     if missing:
@@ -195,6 +196,8 @@ def build_all(targets: Sequence[str] = TARGETS) -> list[StepResult]:
     if os.geteuid() != 0:
         raise ImageError("building images here needs root (buildah chroot isolation on overlay storage)")
     base = build_base()
+    if base_only:
+        return [base]
     try:
         wheels = StepResult("wheels", str(wheelhouse.wheelhouse_dir()), wheelhouse.fill())
     except wheelhouse.WheelhouseError as exc:
@@ -205,6 +208,39 @@ def build_all(targets: Sequence[str] = TARGETS) -> list[StepResult]:
 def _git_revision() -> str:
     result = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
     return result.stdout.strip() or "unknown"
+
+
+def build_lock() -> Path:
+    """Held by dev/images.sh for the whole of a build (the one dev/setup.sh starts)."""
+    return images_dir() / "build.lock"
+
+
+def build_status() -> Path:
+    """``<exit code> <checkout>``, written by dev/images.sh when its build ends."""
+    return images_dir() / "build.status"
+
+
+def build_log() -> Path:
+    return images_dir() / "logs" / "build.log"
+
+
+def wait_for_build() -> list[StepResult]:
+    """The images for this checkout: waits for the background build dev/setup.sh started (its
+    lock), raises with its log's tail if it failed for this checkout, then `build_all` (every
+    layer a cache hit when that build was of this checkout's sources)."""
+    images_dir().mkdir(parents=True, exist_ok=True)
+    with build_lock().open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            code, _, checkout = build_status().read_text().strip().partition(" ")
+        except FileNotFoundError:
+            code, checkout = "0", ""
+        if code != "0" and Path(checkout) == ROOT:
+            raise ImageError(
+                f"the image build dev/setup.sh started failed (exit {code}); log {build_log()}:\n"
+                f"{log_tail(build_log(), 40)}"
+            )
+        return build_all()
 
 
 def podman_run(
@@ -263,9 +299,10 @@ def podman(*args: str, timeout: float | None = 60) -> subprocess.CompletedProces
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m finetune_dev.images", description=__doc__.split("\n")[0])
     parser.add_argument("targets", nargs="*", metavar="TARGET", help=f"default: all of {', '.join(TARGETS)}")
+    parser.add_argument("--base-only", action="store_true", help="only the base image (no wheelhouse needed)")
     args = parser.parse_args(argv)
     try:
-        for step in build_all(args.targets or TARGETS):
+        for step in build_all(args.targets or TARGETS, base_only=args.base_only):
             print(f"images: {step.what:<8} {step.image}  ({step.seconds:.0f} s)")
     except ImageError as exc:
         print(f"images: {exc}", file=sys.stderr)

@@ -1,14 +1,14 @@
 """The product images, built from the Dockerfile with buildah and run with podman (slow).
 
-Not part of `make test` yet (the cold build does not fit CI's budget beside the suite: see
-docs/images.md): it runs when asked, as root with the Debian tools installed,
+Part of `make test`: dev/setup.sh starts the build in the background (dev/images.sh; the
+Debian tools when missing, the mmdebstrap base, both targets from the wheelhouse, layer caches
+under ~/.cache/finetune-dev/images) and these tests wait for it to end; if it failed they fail
+with its log's tail. By hand, as root:
 
-    FINETUNE_IMAGE_TESTS=1 FINETUNE_TEST_PORT_BASE=18600 .venv/bin/python -m pytest tests/integration/test_images.py -q
+    FINETUNE_TEST_PORT_BASE=18600 .venv/bin/python -m pytest tests/integration/test_images.py -q
 
-and is reported as skipped otherwise. `finetune_dev.images.build_all` builds the base image
-(mmdebstrap) and both targets from the wheelhouse, reusing the layer cache under
-~/.cache/finetune-dev/images (a warm run is a cache hit). Then, on the host network, talking
-only to this session's loopback servers:
+(without a build from setup, the first test builds the images itself: a cache hit when built).
+Then, on the host network, talking only to this session's loopback servers:
 
 - the operator image, with a least-privilege kubeconfig, answers its health endpoint and
   reconciles a FineTuneJob into a batch Job that names the trainer image;
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import time
 import urllib.request
 import uuid
@@ -42,19 +41,16 @@ from tests.trainer.factories import make_model_dir, make_tokenizer, write_jsonl
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.cluster,
-    pytest.mark.timeout(3600),  # the first test builds the images when they are not cached
-    pytest.mark.skipif(
-        os.environ.get("FINETUNE_IMAGE_TESTS") != "1",
-        reason="the image tests run by hand: FINETUNE_IMAGE_TESTS=1 (docs/images.md, 'What the tests check')",
-    ),
+    pytest.mark.timeout(3600),  # the first test waits for the image build setup started
 ]
 
 
 @pytest.fixture(scope="module")
 def built() -> dict[str, str]:
-    missing = images.missing_tools()
-    assert not missing, f"install {' '.join(missing)} (FINETUNE_BUILD_IMAGES=1 ./dev/setup.sh does)"
-    steps = images.build_all()
+    try:
+        steps = images.wait_for_build()
+    except images.ImageError as exc:
+        pytest.fail(str(exc), pytrace=False)
     return {step.what: step.image for step in steps}
 
 
