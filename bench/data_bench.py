@@ -53,7 +53,10 @@ def make_corpus(path: Path, docs: int, *, seed: int = 0, median_words: float = 1
         return path
     rng = np.random.default_rng(seed)
     words = np.array(
-        ["".join(SYLLABLES[(i >> (4 * k)) % 16] for k in range(1 + i % 3)) + SYLLABLES[i % 7] for i in range(4096)]
+        [
+            "".join(SYLLABLES[(i >> (4 * k)) % 16] for k in range(1 + i % 3)) + SYLLABLES[i % 7]
+            for i in range(4096)
+        ]
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as out:
@@ -62,7 +65,11 @@ def make_corpus(path: Path, docs: int, *, seed: int = 0, median_words: float = 1
             counts = np.clip(rng.lognormal(np.log(median_words), 0.8, n).astype(int), 5, 2000)
             picks = words[rng.integers(0, len(words), int(counts.sum()))]
             offsets = np.concatenate([[0], np.cumsum(counts)])
-            out.write("".join(json.dumps({"text": " ".join(picks[a:b])}) + "\n" for a, b in itertools.pairwise(offsets)))
+            out.write(
+                "".join(
+                    json.dumps({"text": " ".join(picks[a:b])}) + "\n" for a, b in itertools.pairwise(offsets)
+                )
+            )
     path.with_suffix(".done").write_text("")
     return path
 
@@ -88,9 +95,15 @@ def model_folder(workdir: Path, *, tiny: bool) -> Path:
         smol = fetch_model(ModelSpec(name="smollm2-135m-instruct"), cache_dir=workdir / "cache")
         tokenizer = load_tokenizer(smol)
         config = LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            vocab_size=len(tokenizer),
+            hidden_size=256,
+            intermediate_size=768,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=2048,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
         )
     config.use_cache = False
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
@@ -122,7 +135,11 @@ def probe(args: argparse.Namespace) -> None:
     started = time.monotonic()
     train = token_dataset(plan, spec, tokenizer, split="train", length=args.length, settings=settings)
     seconds = time.monotonic() - started
-    result: dict[str, Any] = {"documents": train.documents, "tokens": train.total_tokens(), "seconds": seconds}
+    result: dict[str, Any] = {
+        "documents": train.documents,
+        "tokens": train.total_tokens(),
+        "seconds": seconds,
+    }
     if args.phase == "train":
         import torch
         from torch.utils.data import DataLoader
@@ -134,7 +151,12 @@ def probe(args: argparse.Namespace) -> None:
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         sampler = EpochSampler(len(train), seed=0)
-        loader = DataLoader(train, batch_size=args.micro, sampler=sampler, collate_fn=Collator(tokenizer.pad_token_id, mode="documents"))
+        loader = DataLoader(
+            train,
+            batch_size=args.micro,
+            sampler=sampler,
+            collate_fn=Collator(tokenizer.pad_token_id, mode="documents"),
+        )
         model.train()
         for step, batch in enumerate(loader):
             if step >= args.steps:
@@ -159,12 +181,24 @@ def peak_rss_mb() -> float:
 
 def run_probe(phase: str, corpus: Path, model: Path, shards: Path, **extra: Any) -> dict[str, Any]:
     command = [
-        sys.executable, str(Path(__file__).resolve()), "probe", "--phase", phase, "--corpus", str(corpus),
-        "--model", str(model), "--shards", str(shards),
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "probe",
+        "--phase",
+        phase,
+        "--corpus",
+        str(corpus),
+        "--model",
+        str(model),
+        "--shards",
+        str(shards),
     ]
     for key, value in extra.items():
         command += [f"--{key.replace('_', '-')}", str(value)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "trainer"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "trainer"), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     out = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
@@ -181,13 +215,20 @@ def bench_tokenization(corpus: Path, model: Path, workdir: Path) -> None:
     spec = DatasetSpec(train=[f"file://{corpus}"])
     started = time.monotonic()
     shard_set = build_shards(
-        list_files(spec.train or []), spec, tokenizer, key=f"bench-{time.time_ns()}", local_root=workdir / "tok", remote=None,
+        list_files(spec.train or []),
+        spec,
+        tokenizer,
+        key=f"bench-{time.time_ns()}",
+        local_root=workdir / "tok",
+        remote=None,
         workers=cores,
     )
     ours = time.monotonic() - started
     tokens = shard_set.tokens
-    print(f"tokenization, ours: {shard_set.documents} docs, {tokens} tokens in {ours:.1f}s "
-          f"({tokens / ours:,.0f} tokens/s, {cores} workers)")
+    print(
+        f"tokenization, ours: {shard_set.documents} docs, {tokens} tokens in {ours:.1f}s "
+        f"({tokens / ours:,.0f} tokens/s, {cores} workers)"
+    )
     try:
         import datasets
     except ImportError:
@@ -195,7 +236,9 @@ def bench_tokenization(corpus: Path, model: Path, workdir: Path) -> None:
         return
     datasets.disable_caching()
     started = time.monotonic()
-    table = datasets.load_dataset("json", data_files=str(corpus), split="train", cache_dir=str(workdir / "hf"))
+    table = datasets.load_dataset(
+        "json", data_files=str(corpus), split="train", cache_dir=str(workdir / "hf")
+    )
     loaded = time.monotonic()
 
     def encode(batch: dict[str, list[str]]) -> dict[str, Any]:
@@ -204,10 +247,14 @@ def bench_tokenization(corpus: Path, model: Path, workdir: Path) -> None:
     mapped = table.map(encode, batched=True, num_proc=cores, remove_columns=["text"])
     done = time.monotonic()
     reference = done - started
-    print(f"tokenization, datasets: load_dataset(json) {loaded - started:.1f}s + map(batched, num_proc={cores}) "
-          f"{done - loaded:.1f}s = {reference:.1f}s for {len(mapped)} docs")
-    print(f"RATIO tokenization throughput ours / datasets (JSONL to token ids): {reference / ours:.2f}x "
-          f"(map alone: {(done - loaded) / ours:.2f}x)")
+    print(
+        f"tokenization, datasets: load_dataset(json) {loaded - started:.1f}s + map(batched, num_proc={cores}) "
+        f"{done - loaded:.1f}s = {reference:.1f}s for {len(mapped)} docs"
+    )
+    print(
+        f"RATIO tokenization throughput ours / datasets (JSONL to token ids): {reference / ours:.2f}x "
+        f"(map alone: {(done - loaded) / ours:.2f}x)"
+    )
 
 
 def bench_rss(corpus: Path, small: Path, model: Path, workdir: Path, *, steps: int) -> None:
@@ -217,16 +264,24 @@ def bench_rss(corpus: Path, small: Path, model: Path, workdir: Path, *, steps: i
         tok = run_probe("tokenize", path, model, shards, workers=_cores())
         train = run_probe("train", path, model, shards, steps=steps, micro=4, length=256)
         figures[name] = (tok, train)
-        print(f"RSS at {tok['documents']} docs: tokenize {tok['peak_rss_mb']:.0f} MB (workers "
-              f"{tok['peak_worker_rss_mb']:.0f} MB), {steps}-step training {train['peak_rss_mb']:.0f} MB")
+        print(
+            f"RSS at {tok['documents']} docs: tokenize {tok['peak_rss_mb']:.0f} MB (workers "
+            f"{tok['peak_worker_rss_mb']:.0f} MB), {steps}-step training {train['peak_rss_mb']:.0f} MB"
+        )
     (ts, tr_s), (tl, tr_l) = figures["small"], figures["large"]
-    print(f"RATIO peak RSS tokenization {tl['documents']} / {ts['documents']} docs: "
-          f"{tl['peak_rss_mb'] / ts['peak_rss_mb']:.3f} (workers {tl['peak_worker_rss_mb'] / max(ts['peak_worker_rss_mb'], 1):.3f})")
-    print(f"RATIO peak RSS {steps}-step training {tl['documents']} / {ts['documents']} docs: "
-          f"{tr_l['peak_rss_mb'] / tr_s['peak_rss_mb']:.3f}")
+    print(
+        f"RATIO peak RSS tokenization {tl['documents']} / {ts['documents']} docs: "
+        f"{tl['peak_rss_mb'] / ts['peak_rss_mb']:.3f} (workers {tl['peak_worker_rss_mb'] / max(ts['peak_worker_rss_mb'], 1):.3f})"
+    )
+    print(
+        f"RATIO peak RSS {steps}-step training {tl['documents']} / {ts['documents']} docs: "
+        f"{tr_l['peak_rss_mb'] / tr_s['peak_rss_mb']:.3f}"
+    )
 
 
-def _train_rate(model: Any, dataset: Any, collator: Any, *, steps: int, micro: int, seed: int) -> tuple[float, int]:
+def _train_rate(
+    model: Any, dataset: Any, collator: Any, *, steps: int, micro: int, seed: int
+) -> tuple[float, int]:
     """Seconds and trained tokens of `steps` optimizer steps (the first, warm-up step not timed)."""
     import torch
     from torch.utils.data import DataLoader
@@ -234,7 +289,11 @@ def _train_rate(model: Any, dataset: Any, collator: Any, *, steps: int, micro: i
     from finetune_trainer.packing import EpochSampler
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    loader = iter(DataLoader(dataset, batch_size=micro, sampler=EpochSampler(len(dataset), seed=seed), collate_fn=collator))
+    loader = iter(
+        DataLoader(
+            dataset, batch_size=micro, sampler=EpochSampler(len(dataset), seed=seed), collate_fn=collator
+        )
+    )
     seconds, tokens = 0.0, 0
     for step in range(steps + 1):
         batch = next(loader)
@@ -286,7 +345,9 @@ def bench_training(corpus: Path, model_dir: Path, workdir: Path, *, steps: int, 
             rates.append(measured[id(ours)] / measured[id(reference)])
         mean = float(np.mean(rates))
         spread = float(np.std(rates, ddof=1) / np.sqrt(len(rates))) if len(rates) > 1 else float("nan")
-        print(f"RATIO trained tokens/s {name}: {mean:.3f} ± {spread:.3f} (mean ± s.e. of {rounds} rounds of {steps} steps)")
+        print(
+            f"RATIO trained tokens/s {name}: {mean:.3f} ± {spread:.3f} (mean ± s.e. of {rounds} rounds of {steps} steps)"
+        )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -294,7 +355,9 @@ def run(args: argparse.Namespace) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     corpus = make_corpus(workdir / f"corpus-{args.docs}.jsonl", args.docs)
     small = make_corpus(workdir / f"corpus-{args.small_docs}.jsonl", args.small_docs)
-    print(f"corpus: {args.docs} docs, {corpus.stat().st_size / 1e6:.0f} MB; small: {args.small_docs} docs; {_cores()} cores")
+    print(
+        f"corpus: {args.docs} docs, {corpus.stat().st_size / 1e6:.0f} MB; small: {args.small_docs} docs; {_cores()} cores"
+    )
     model = model_folder(workdir, tiny=args.tiny)
     if "tokenize" in args.only:
         bench_tokenization(corpus, model, workdir)
@@ -305,7 +368,9 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     r = commands.add_parser("run")
     r.add_argument("--docs", type=int, default=1_000_000)

@@ -55,8 +55,9 @@ class Turns:
     def wait_for_turn(self, name: str) -> None:
         with self._changed:
             self._changed.wait_for(
-                lambda: self._other(name) in self.done
-                or (self.turn == name and self.ready == set(self.names))
+                lambda: (
+                    self._other(name) in self.done or (self.turn == name and self.ready == set(self.names))
+                )
             )
 
     def arrive(self, name: str) -> None:
@@ -115,7 +116,9 @@ def run_plain(
     args: argparse.Namespace, name: str, turns: Turns, built: Callable[[], None], shared: SharedModel
 ) -> None:
     trainer = plain_hf_trainer.make_trainer(
-        argparse.Namespace(**{**vars(args), "out": f"{args.out}/{name}"}), [turns.callback(name)], shared.model
+        argparse.Namespace(**{**vars(args), "out": f"{args.out}/{name}"}),
+        [turns.callback(name)],
+        shared.model,
     )
     if shared.model is not None and trainer.model is not shared.model:
         raise RuntimeError("--shared-model: the plain Trainer replaced the model it was given")
@@ -176,7 +179,9 @@ def main() -> None:
     args = p.parse_args()
     names = tuple(args.sides.split(","))
     if sorted(names) not in (["ours", "plain"], ["plain-1", "plain-2"]):
-        raise SystemExit(f"--sides: {args.sides!r}; one of ours,plain / plain,ours / plain-1,plain-2 / plain-2,plain-1")
+        raise SystemExit(
+            f"--sides: {args.sides!r}; one of ours,plain / plain,ours / plain-1,plain-2 / plain-2,plain-1"
+        )
     if "ours" in names and not args.config:
         raise SystemExit("--config: required when --sides includes ours (a finetune-trainer config file)")
     # ours, or plain-1 in its place, runs in the main thread: ours installs a SIGTERM handler,

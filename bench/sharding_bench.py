@@ -52,28 +52,57 @@ def model_folder(cache: Path) -> Path:
 def config(model: Path, run: Path, sharding: str, args: argparse.Namespace) -> dict[str, object]:
     return {
         "model": {"uri": f"file://{model}"},
-        "dataset": {"train": [f"file://{DATA}/train.jsonl"], "eval": [f"file://{DATA}/eval.jsonl"], "format": "text"},
+        "dataset": {
+            "train": [f"file://{DATA}/train.jsonl"],
+            "eval": [f"file://{DATA}/eval.jsonl"],
+            "format": "text",
+        },
         "hyperparameters": {
-            "maxSteps": args.steps, "batchSize": 4, "microBatchSize": 1, "sequenceLength": args.sequence_length,
-            "learningRate": 1e-4, "lrScheduler": "constant", "sharding": sharding,
+            "maxSteps": args.steps,
+            "batchSize": 4,
+            "microBatchSize": 1,
+            "sequenceLength": args.sequence_length,
+            "learningRate": 1e-4,
+            "lrScheduler": "constant",
+            "sharding": sharding,
         },
         "evaluation": {"everySteps": 1000, "atStart": False, "logEverySteps": 1, "maxBatches": 1},
         "checkpoints": {"everySteps": 1000, "keepLast": 1, "outputUri": f"file://{run}/"},
     }
 
 
-def run_once(model: Path, work: Path, sharding: str, index: int, args: argparse.Namespace) -> dict[str, float]:
+def run_once(
+    model: Path, work: Path, sharding: str, index: int, args: argparse.Namespace
+) -> dict[str, float]:
     run = work / f"run-{sharding}-{index}"
     path = work / f"{sharding}-{index}.json"
     path.write_text(json.dumps(config(model, run, sharding, args)))
     worker = work / "worker.py"
     worker.write_text(WORKER)
-    env = {**os.environ, "FINETUNE_CACHE_DIR": str(work / "cache"), "FINETUNE_PROGRESS_PORT": "0",
-           "FINETUNE_TERMINATION_LOG": str(work / f"term-{sharding}-{index}"), "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "FINETUNE_CACHE_DIR": str(work / "cache"),
+        "FINETUNE_PROGRESS_PORT": "0",
+        "FINETUNE_TERMINATION_LOG": str(work / f"term-{sharding}-{index}"),
+        "OMP_NUM_THREADS": "1",
+    }
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(args.port),
-         str(worker), str(path)],
-        env=env, cwd=ROOT, capture_output=True, text=True, check=False,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(args.port),
+            str(worker),
+            str(path),
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     reports = [json.loads(line[6:]) for line in result.stdout.splitlines() if line.startswith("BENCH ")]
     if result.returncode or len(reports) != 2 or any(r["code"] for r in reports):
@@ -89,11 +118,15 @@ def run_once(model: Path, work: Path, sharding: str, index: int, args: argparse.
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--sequence-length", type=int, default=128)
-    parser.add_argument("--port", type=int, default=int(os.environ.get("FINETUNE_TEST_PORT_BASE", "29500")) + 90)
+    parser.add_argument(
+        "--port", type=int, default=int(os.environ.get("FINETUNE_TEST_PORT_BASE", "29500")) + 90
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="sharding-bench-", dir=os.environ.get("BENCH_DIR")) as tmp:
         work = Path(tmp)
@@ -107,8 +140,10 @@ def main() -> None:
             print(f"round {index + 1} (fsdp vs data-parallel): {line}", flush=True)
             for key in ratios:
                 ratios[key].append(fsdp[key] / dp[key])
-        print("median ratios fsdp / data-parallel at world size 2: " + ", ".join(
-            f"{k} {statistics.median(v):.3f}x" for k, v in ratios.items()))
+        print(
+            "median ratios fsdp / data-parallel at world size 2: "
+            + ", ".join(f"{k} {statistics.median(v):.3f}x" for k, v in ratios.items())
+        )
 
 
 if __name__ == "__main__":

@@ -228,7 +228,9 @@ def round_interleaved(
     def finish(stdout: str) -> dict[str, float]:
         return json.loads(next(line for line in stdout.splitlines() if line.startswith("PAIR "))[5:])
 
-    pair = wait("interleaved", launch(command, {**os.environ, **ours_env(work, i)}, work / f"pair-{i}.log", finish))
+    pair = wait(
+        "interleaved", launch(command, {**os.environ, **ours_env(work, i)}, work / f"pair-{i}.log", finish)
+    )
     seconds = cast(dict[str, list[float]], pair["seconds"])
     if args.control:
         seconds = {"ours": seconds["plain-1"], "plain": seconds["plain-2"]}
@@ -298,7 +300,11 @@ def print_mean_and_error(ratios: list[float]) -> None:
 
 
 def report_interleaved(
-    ours: list[dict[str, float]], plain: list[dict[str, float]], steps: list[dict[str, float]], *, control: bool
+    ours: list[dict[str, float]],
+    plain: list[dict[str, float]],
+    steps: list[dict[str, float]],
+    *,
+    control: bool,
 ) -> None:
     """The tokens/s comparison of --interleaved rounds: per round, the median over its steps of
     (plain step seconds ÷ ours step seconds) for steps run one right after the other, and the
@@ -307,14 +313,18 @@ def report_interleaved(
     a = statistics.median(r["tokensPerSecond"] for r in ours)
     b = statistics.median(r["tokensPerSecond"] for r in plain)
     print(f"\n{'metric':<22} {label:>17} {'plain HF Trainer':>17} {'ratio':>7}  target")
-    print(f"{'tokensPerSecond':<22} {a:17.2f} {b:17.2f} {a / b:7.3f}  {'= 1.0 (control)' if control else '>= 1.0'}")
+    print(
+        f"{'tokensPerSecond':<22} {a:17.2f} {b:17.2f} {a / b:7.3f}  {'= 1.0 (control)' if control else '>= 1.0'}"
+    )
     for key, what in (("ratio", "median of step pairs"), ("totalRatio", "total step time")):
         ratios = [r[key] for r in steps]
         print(f"tokens/s ratio per round ({what}): {', '.join(f'{r:.3f}' for r in ratios)}")
         print_mean_and_error(ratios)
     spread = statistics.median(r["pairStdev"] for r in steps)
     print(f"one pair of steps varies by {spread:.1%} (standard deviation, median over rounds)")
-    print("peak RSS, step-0 loss, checkpoint stall, upload: not measured here (one process); run without --interleaved")
+    print(
+        "peak RSS, step-0 loss, checkpoint stall, upload: not measured here (one process); run without --interleaved"
+    )
 
 
 def main() -> None:
@@ -359,7 +369,13 @@ def main() -> None:
         ours: list[dict[str, float]] = []
         plain: list[dict[str, float]] = []
         interleaved_steps: list[dict[str, float]] = []
-        play = round_side_by_side if args.side_by_side else round_interleaved if args.interleaved else round_alternating
+        play = (
+            round_side_by_side
+            if args.side_by_side
+            else round_interleaved
+            if args.interleaved
+            else round_alternating
+        )
         for i in range(args.rounds):
             results = play(model, args, work, i)
             if args.interleaved:

@@ -154,6 +154,7 @@ def build_spec(rng: random.Random) -> dict[str, Any]:
 
     if rng.random() < 0.25:
         lora: dict[str, Any] = {"rank": _mostly(rng, [4], [0])}
+
         def modules() -> list[str]:
             return [_mostly(rng, ["q_proj", "v_proj", "k_proj"], [""]) for _ in range(rng.randint(1, 3))]
 
@@ -172,6 +173,7 @@ def build_spec(rng: random.Random) -> dict[str, Any]:
 
     resources: dict[str, Any] = {}
     _put(resources, "nodes", _optional(rng, lambda: rng.choice([1, 2])))
+
     def selector() -> dict[str, str]:
         return {
             _mostly(rng, LABEL_KEYS[:5], LABEL_KEYS[5:]): _mostly(rng, LABEL_VALUES[:4], LABEL_VALUES[4:])

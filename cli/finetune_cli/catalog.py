@@ -66,8 +66,9 @@ class MemoryEstimate:
     lora_gib: float
 
 
-def memory_estimate(parameters: str, *, precision: str = "bf16", strategy: str = "data-parallel",
-                    processes: int = 1) -> MemoryEstimate:
+def memory_estimate(
+    parameters: str, *, precision: str = "bf16", strategy: str = "data-parallel", processes: int = 1
+) -> MemoryEstimate:
     """Model state (weights, gradients, AdamW state) one training process holds, for full
     fine-tuning and for LoRA, as `finetune_trainer.memory.catalog_estimate` computes it for the
     trainer: data parallel keeps all of it on every process, fsdp splits it over `processes`.
@@ -79,7 +80,9 @@ def memory_estimate(parameters: str, *, precision: str = "bf16", strategy: str =
     if processes < 1:
         raise ValueError(f"processes must be at least 1, got {processes}")
     full, lora = (
-        memory.catalog_estimate(parameters, strategy=strategy, world_size=processes, precision=precision, lora=lora)
+        memory.catalog_estimate(
+            parameters, strategy=strategy, world_size=processes, precision=precision, lora=lora
+        )
         for lora in (False, True)
     )
     return MemoryEstimate(full_gib=full.state / GIB, lora_gib=lora.state / GIB)
@@ -110,7 +113,9 @@ def model_rows(
     for model in catalog.values():
         if family and family.lower() not in (model.family, model.name.split("-")[0]):
             continue
-        estimate = memory_estimate(model.parameters, precision=precision, strategy=strategy, processes=processes)
+        estimate = memory_estimate(
+            model.parameters, precision=precision, strategy=strategy, processes=processes
+        )
         rows.append(
             ModelRow(
                 name=model.name,

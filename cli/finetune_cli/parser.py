@@ -131,7 +131,10 @@ def build_parser() -> Parser:
         "--precision", choices=list(catalog.PRECISIONS), default="bf16", help="hyperparameters.precision"
     )
     models.add_argument(
-        "--sharding", choices=list(catalog.STRATEGIES), default="data-parallel", help="hyperparameters.sharding"
+        "--sharding",
+        choices=list(catalog.STRATEGIES),
+        default="data-parallel",
+        help="hyperparameters.sharding",
     )
     models.add_argument(
         "--processes", type=_positive_int, default=1, metavar="N",

@@ -29,7 +29,9 @@ from finetune_trainer.storage import LocalStore, Store, expand, open_store
 
 ENV_DATASETS_URI = "FINETUNE_DATASETS_URI"
 COPY_CHUNK = 8 * 1024 * 1024
-STORAGE_HINT = "check AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, and that the bucket exists"
+STORAGE_HINT = (
+    "check AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, and that the bucket exists"
+)
 
 
 def datasets_uri(
@@ -132,7 +134,8 @@ def list_sources(
             out.append((source, split))
     if unreadable:
         raise CliError(
-            f"{len(unreadable)} file(s) the trainer cannot read", details=unreadable,
+            f"{len(unreadable)} file(s) the trainer cannot read",
+            details=unreadable,
             hint="recompress them with gzip or zstd, or upload them uncompressed",
         )
     return out

@@ -118,7 +118,9 @@ def find(model: str, *, format: str, env: Mapping[str, str] = os.environ) -> Cou
         )
     folder = path if path.is_dir() else path.parent
     if not (folder / TOKENIZER_FILE).is_file():
-        raise CliError(f"--tokenizer {model}: no {TOKENIZER_FILE} in {folder}", hint="give a Hugging Face model folder")
+        raise CliError(
+            f"--tokenizer {model}: no {TOKENIZER_FILE} in {folder}", hint="give a Hugging Face model folder"
+        )
     return _load(folder, str(folder / TOKENIZER_FILE))
 
 
@@ -126,7 +128,9 @@ def _load(folder: Path, description: str) -> Counting:
     try:
         tokenizer = JsonTokenizer(folder)
     except ImportError:
-        return Counting(None, "tokens not counted: the tokenizers package is not installed (pip install tokenizers)")
+        return Counting(
+            None, "tokens not counted: the tokenizers package is not installed (pip install tokenizers)"
+        )
     except Exception as exc:  # a corrupt tokenizer.json: the tokenizers library raises its own Exception
         raise CliError(f"--tokenizer: cannot read {folder / TOKENIZER_FILE}: {exc}") from None
     return Counting(tokenizer, description)

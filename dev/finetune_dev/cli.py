@@ -32,7 +32,9 @@ def cluster_from_env() -> Cluster:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="finetune-dev", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("build", help="build the control-plane binaries and the tests' Kueue and Prometheus (cached)")
+    sub.add_parser(
+        "build", help="build the control-plane binaries and the tests' Kueue and Prometheus (cached)"
+    )
     sub.add_parser("up", help="start the cluster (safe to re-run)")
     sub.add_parser("status", help="show each component's health")
     sub.add_parser("env", help="print shell exports: KUBECONFIG, S3, PATH (kubectl, helm, kubectl finetune)")

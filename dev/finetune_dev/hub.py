@@ -77,9 +77,18 @@ class HubRepo:
 
     def tree_entry(self, path: str) -> dict[str, object]:
         content = self.files[path]
-        entry: dict[str, object] = {"type": "file", "oid": git_blob_id(content), "size": len(content), "path": path}
+        entry: dict[str, object] = {
+            "type": "file",
+            "oid": git_blob_id(content),
+            "size": len(content),
+            "path": path,
+        }
         if path.endswith(LFS_SUFFIXES):
-            entry["lfs"] = {"oid": hashlib.sha256(content).hexdigest(), "size": len(content), "pointerSize": 134}
+            entry["lfs"] = {
+                "oid": hashlib.sha256(content).hexdigest(),
+                "size": len(content),
+                "pointerSize": 134,
+            }
         return entry
 
 
@@ -175,7 +184,9 @@ def serve_hub(repos: list[HubRepo], host: str = "127.0.0.1") -> Iterator[HubServ
                 return _json(_model_info(repo))
             if tree:
                 sub = unquote(tree.group("sub") or "").strip("/")
-                entries = [repo.tree_entry(p) for p in sorted(repo.files) if not sub or p.startswith(sub + "/")]
+                entries = [
+                    repo.tree_entry(p) for p in sorted(repo.files) if not sub or p.startswith(sub + "/")
+                ]
                 return _json(entries)
             return self._file(repo, unquote(resolve.group("file")) if resolve else "")
 

@@ -80,12 +80,7 @@ def storage_env() -> dict[str, str]:
     """Environment for buildah and podman: our own container storage under the cache dir."""
     root = images_dir()
     conf = root / "storage.conf"
-    text = (
-        "[storage]\n"
-        'driver = "overlay"\n'
-        f'graphroot = "{root / "storage"}"\n'
-        f'runroot = "{root / "run"}"\n'
-    )
+    text = f'[storage]\ndriver = "overlay"\ngraphroot = "{root / "storage"}"\nrunroot = "{root / "run"}"\n'
     if not conf.exists() or conf.read_text() != text:
         root.mkdir(parents=True, exist_ok=True)
         conf.write_text(text)
@@ -111,7 +106,9 @@ def _run(cmd: Sequence[str], *, log: Path, what: str) -> None:
     with log.open("w") as out:
         out.write("$ " + " ".join(cmd) + "\n")
         out.flush()
-        code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=storage_env(), check=False).returncode
+        code = subprocess.run(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=storage_env(), check=False
+        ).returncode
     if code != 0:
         raise ImageError(f"{what} failed (exit {code}); log {log}:\n{log_tail(log, 40)}")
 
@@ -134,7 +131,14 @@ def build_base() -> StepResult:
         tar.unlink(missing_ok=True)
         log = images_dir() / "logs" / "base.log"
         _run(
-            ["nice", "mmdebstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}", BASE_SUITE, str(tar)],
+            [
+                "nice",
+                "mmdebstrap",
+                "--variant=minbase",
+                f"--include={','.join(BASE_PACKAGES)}",
+                BASE_SUITE,
+                str(tar),
+            ],
             log=log,
             what="mmdebstrap of the base image",
         )
@@ -206,7 +210,9 @@ def build_all(targets: Sequence[str] = TARGETS, *, base_only: bool = False) -> l
 
 
 def _git_revision() -> str:
-    result = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=False
+    )
     return result.stdout.strip() or "unknown"
 
 
@@ -281,7 +287,9 @@ def podman_run(
     for volume in volumes:
         cmd += ["--volume", volume]
     cmd += [image, *args]
-    return subprocess.run(cmd, env=storage_env(), capture_output=True, text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        cmd, env=storage_env(), capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 def podman(*args: str, timeout: float | None = 60) -> subprocess.CompletedProcess[str]:

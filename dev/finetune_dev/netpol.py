@@ -101,7 +101,10 @@ def _selecting(policies: Sequence[Policy], pod: Endpoint, direction: str) -> lis
 
 
 def _peer_matches(
-    peer: Mapping[str, Any], policy_namespace: str, other: Endpoint, namespaces: Mapping[str, Mapping[str, str]]
+    peer: Mapping[str, Any],
+    policy_namespace: str,
+    other: Endpoint,
+    namespaces: Mapping[str, Mapping[str, str]],
 ) -> bool:
     if "ipBlock" in peer:
         block = peer["ipBlock"]

@@ -77,7 +77,9 @@ def _name(requirement: str) -> str:
 
 
 def _key(reqs: Requirements, constraints: Path) -> str:
-    text = "\n".join([constraints.read_text(), *reqs.with_dependencies, "--no-deps", *reqs.without_dependencies])
+    text = "\n".join(
+        [constraints.read_text(), *reqs.with_dependencies, "--no-deps", *reqs.without_dependencies]
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -91,14 +93,27 @@ def fill(*, python: str = sys.executable, constraints: Path = ROOT / "constraint
     if stamp.exists():
         return 0.0
     wheels.mkdir(parents=True, exist_ok=True)
-    download = [python, "-m", "pip", "download", "--progress-bar", "off", "--dest", str(wheels), "-c", str(constraints)]
+    download = [
+        python,
+        "-m",
+        "pip",
+        "download",
+        "--progress-bar",
+        "off",
+        "--dest",
+        str(wheels),
+        "-c",
+        str(constraints),
+    ]
     log = cache_dir() / "logs" / "wheelhouse.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as out:
         for args in ([*reqs.with_dependencies], ["--no-deps", *reqs.without_dependencies]):
             out.write("$ pip download " + " ".join(args) + "\n")
             out.flush()
-            code = subprocess.run([*download, *args], stdout=out, stderr=subprocess.STDOUT, check=False).returncode
+            code = subprocess.run(
+                [*download, *args], stdout=out, stderr=subprocess.STDOUT, check=False
+            ).returncode
             if code != 0:
                 raise WheelhouseError(f"pip download failed (exit {code}); log {log}:\n{log_tail(log, 30)}")
     resolved = {Path(m).name for m in _SAVED.findall(log.read_text())}
@@ -110,7 +125,9 @@ def fill(*, python: str = sys.executable, constraints: Path = ROOT / "constraint
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m finetune_dev.wheelhouse", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m finetune_dev.wheelhouse", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--python", default=sys.executable, help="the Python 3.11 whose pip downloads")
     args = parser.parse_args(argv)
     try:

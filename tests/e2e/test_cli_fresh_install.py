@@ -59,11 +59,16 @@ def plugin_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )  # fmt: skip
     assert install.returncode == 0, install.stdout + install.stderr
     installed = subprocess.run(
-        [venv / "bin" / "python", "-m", "pip", "list", "--format", "json"], capture_output=True, text=True, check=True
+        [venv / "bin" / "python", "-m", "pip", "list", "--format", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     names = {p["name"].lower() for p in json.loads(installed.stdout)}
     assert "kubectl-finetune" in names
-    assert not names & {"torch", "transformers", "accelerate", "peft"}, "the plugin installs without the ML stack"
+    assert not names & {"torch", "transformers", "accelerate", "peft"}, (
+        "the plugin installs without the ML stack"
+    )
     return venv / "bin"
 
 

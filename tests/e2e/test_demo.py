@@ -28,11 +28,18 @@ def _objects(cluster: ClusterHandle, bucket: str, prefix: str) -> dict[str, int]
 
 @pytest.mark.timeout(3600)  # the demo itself may take 2,400 s (its --timeout below)
 def test_demo_fine_tunes_smollm2_end_to_end(cluster: ClusterHandle) -> None:
-    env = {**os.environ, "FINETUNE_DEV_STATE": str(cluster.cluster.root), "FINETUNE_DEV_PORT_BASE": str(cluster.cluster.ports.base)}
+    env = {
+        **os.environ,
+        "FINETUNE_DEV_STATE": str(cluster.cluster.root),
+        "FINETUNE_DEV_PORT_BASE": str(cluster.cluster.ports.base),
+    }
 
     result = subprocess.run(
         [sys.executable, "-m", "finetune_dev.demo", "--fresh", "--timeout", "2400"],
-        capture_output=True, text=True, env=env, timeout=3000,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=3000,
     )
 
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -42,7 +49,9 @@ def test_demo_fine_tunes_smollm2_end_to_end(cluster: ClusterHandle) -> None:
     assert status["phase"] == "Succeeded"
     evaluations = status["evaluations"]
     assert evaluations[0]["step"] == 0 and evaluations[-1]["step"] == 30
-    assert evaluations[-1]["loss"] < evaluations[0]["loss"] - 0.1, "fine-tuning must lower the eval loss clearly"
+    assert evaluations[-1]["loss"] < evaluations[0]["loss"] - 0.1, (
+        "fine-tuning must lower the eval loss clearly"
+    )
     assert evaluations[-1]["perplexity"] < evaluations[0]["perplexity"]
     # Checkpoints are in S3, each completed by its manifest; the final export too.
     run = status["runUri"]
@@ -87,8 +96,13 @@ def _assert_trained_on_two_pods(cluster: ClusterHandle, status: dict[str, Any]) 
     """The job succeeded as one gang of two pods (completion indexes 0 and 1), both through on
     the first attempt; returns the pods."""
     assert status["phase"] == "Succeeded", status.get("message")
-    pods = get(cluster, demo.DEMO_NAMESPACE, "pods", "-l", f"batch.kubernetes.io/job-name={status['jobName']}")["items"]
-    assert sorted(p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] for p in pods) == ["0", "1"]
+    pods = get(
+        cluster, demo.DEMO_NAMESPACE, "pods", "-l", f"batch.kubernetes.io/job-name={status['jobName']}"
+    )["items"]
+    assert sorted(p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] for p in pods) == [
+        "0",
+        "1",
+    ]
     assert all(p["status"]["phase"] == "Succeeded" for p in pods)
     assert not status.get("restarts"), "both pods ran through on the first attempt"
     return list(pods)
@@ -141,7 +155,9 @@ def _run_prefix(status: dict[str, Any]) -> str:
 
 def _metrics(cluster: ClusterHandle, status: dict[str, Any], kind: str) -> list[dict[str, Any]]:
     """The run's metrics.jsonl records of `kind` (full precision; status rounds its figures)."""
-    body = cluster.s3_client().get_object(Bucket="finetune-runs", Key=_run_prefix(status) + "metrics.jsonl")["Body"]
+    body = cluster.s3_client().get_object(Bucket="finetune-runs", Key=_run_prefix(status) + "metrics.jsonl")[
+        "Body"
+    ]
     records = [json.loads(line) for line in body.read().decode().splitlines()]
     return [r for r in records if r["kind"] == kind]
 
@@ -188,16 +204,24 @@ def test_fsdp_across_two_pods_equals_one_process_and_exports_a_loadable_model(
     _assert_trained_on_two_pods(cluster, fsdp)
     # the same run: every evaluation and every logged training loss
     assert [e["step"] for e in fsdp["evaluations"]] == [e["step"] for e in single["evaluations"]] == [0, 2, 4]
-    evaluations = {name: _metrics(cluster, status, "eval") for name, status in (("single", single), ("fsdp", fsdp))}
+    evaluations = {
+        name: _metrics(cluster, status, "eval") for name, status in (("single", single), ("fsdp", fsdp))
+    }
     for one, two in zip(evaluations["single"], evaluations["fsdp"], strict=True):
         assert (two["step"], two["tokens"]) == (one["step"], one["tokens"])
         assert two["loss"] == pytest.approx(one["loss"], rel=1e-5), (one, two)
         assert two["accuracy"] == pytest.approx(one["accuracy"], abs=1e-9), (one, two)
-    losses = {name: _metrics(cluster, status, "train") for name, status in (("single", single), ("fsdp", fsdp))}
+    losses = {
+        name: _metrics(cluster, status, "train") for name, status in (("single", single), ("fsdp", fsdp))
+    }
     assert [r["step"] for r in losses["fsdp"]] == [r["step"] for r in losses["single"]] == [1, 2, 3, 4]
     for one, two in zip(losses["single"], losses["fsdp"], strict=True):
         assert two["loss"] == pytest.approx(one["loss"], rel=1e-5), (one, two)
-    pairs = [(a["loss"], b["loss"]) for kind in (evaluations, losses) for a, b in zip(kind["single"], kind["fsdp"], strict=True)]
+    pairs = [
+        (a["loss"], b["loss"])
+        for kind in (evaluations, losses)
+        for a, b in zip(kind["single"], kind["fsdp"], strict=True)
+    ]
     print(f"final eval loss, one process {evaluations['single'][-1]['loss']!r} vs fsdp on two pods "
           f"{evaluations['fsdp'][-1]['loss']!r}; largest relative difference of any loss "
           f"{max(abs(b - a) / abs(a) for a, b in pairs):.2e}")  # fmt: skip
@@ -206,16 +230,23 @@ def test_fsdp_across_two_pods_equals_one_process_and_exports_a_loadable_model(
     prefix = _run_prefix(fsdp)
     objects = _objects(cluster, "finetune-runs", prefix)
     checkpoint = f"{prefix}checkpoints/step-000004/"
-    manifest = json.loads(s3.get_object(Bucket="finetune-runs", Key=checkpoint + "manifest.json")["Body"].read())
+    manifest = json.loads(
+        s3.get_object(Bucket="finetune-runs", Key=checkpoint + "manifest.json")["Body"].read()
+    )
     assert manifest["format"] == "dcp"
     assert {f["path"] for f in manifest["files"]} == {
-        "state/.metadata", "state/__0_0.distcp", "state/__1_0.distcp", "train_state.json"
+        "state/.metadata",
+        "state/__0_0.distcp",
+        "state/__1_0.distcp",
+        "train_state.json",
     }
     for entry in manifest["files"]:
         assert objects[checkpoint + entry["path"]] == entry["size"], entry
     assert not any(k.startswith(checkpoint + ".ranks/") for k in objects), "no per-rank listing left behind"
     assert [c["step"] for c in fsdp["checkpoints"]] == [4]
-    train_state = json.loads(s3.get_object(Bucket="finetune-runs", Key=checkpoint + "train_state.json")["Body"].read())
+    train_state = json.loads(
+        s3.get_object(Bucket="finetune-runs", Key=checkpoint + "train_state.json")["Body"].read()
+    )
     assert (train_state["worldSize"], train_state["sharding"]) == (2, "fsdp")
 
     # final/ is a plain Hugging Face folder gathered from the shards
@@ -228,4 +259,6 @@ def test_fsdp_across_two_pods_equals_one_process_and_exports_a_loadable_model(
     original = AutoModelForCausalLM.from_pretrained(model_dir)
     assert exported.num_parameters() == original.num_parameters()
     trained = dict(exported.named_parameters())
-    assert any(not torch.equal(p, trained[name]) for name, p in original.named_parameters()), "final/ holds trained weights"
+    assert any(not torch.equal(p, trained[name]) for name, p in original.named_parameters()), (
+        "final/ holds trained weights"
+    )

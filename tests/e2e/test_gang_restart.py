@@ -137,7 +137,9 @@ class StatusWatch:
 
 
 @pytest.mark.timeout(2400)
-def test_killing_rank_1_restarts_both_pods_and_ends_as_uninterrupted(cluster: ClusterHandle, tmp_path: Path) -> None:
+def test_killing_rank_1_restarts_both_pods_and_ends_as_uninterrupted(
+    cluster: ClusterHandle, tmp_path: Path
+) -> None:
     demo.install_operator(cluster.cluster)
     s3 = cluster.s3_client()
     for bucket in ("finetune-models", "finetune-datasets", "finetune-runs"):
@@ -166,7 +168,10 @@ def test_killing_rank_1_restarts_both_pods_and_ends_as_uninterrupted(cluster: Cl
     os.kill(pid, signal.SIGKILL)
 
     def finished() -> bool:
-        phases = [get(cluster, demo.DEMO_NAMESPACE, "finetunejob", n).get("status", {}).get("phase") for n in (steady, killed)]
+        phases = [
+            get(cluster, demo.DEMO_NAMESPACE, "finetunejob", n).get("status", {}).get("phase")
+            for n in (steady, killed)
+        ]
         return all(phase in demo.TERMINAL for phase in phases)
 
     wait_for(finished, timeout=1500, interval=1, what="both FineTuneJobs to finish")

@@ -49,7 +49,9 @@ def cli(
         env=env or cli_env(cluster, datasets_uri),
     )
     if check and result.returncode != 0:
-        raise AssertionError(f"kubectl finetune {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+        raise AssertionError(
+            f"kubectl finetune {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+        )
     return result
 
 
@@ -68,7 +70,12 @@ def experiment_file(tmp_path: Path, name: str, **spec: Any) -> Path:
         "hyperparameters": {"maxSteps": 10, "batchSize": 2},
         **spec,
     }
-    manifest = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": body}
+    manifest = {
+        "apiVersion": "finetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": body,
+    }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(manifest))
     return path
@@ -76,5 +83,13 @@ def experiment_file(tmp_path: Path, name: str, **spec: Any) -> Path:
 
 def set_status(cluster: ClusterHandle, namespace: str, name: str, status: dict[str, Any]) -> None:
     cluster.kubectl(
-        "patch", "ftj", name, "-n", namespace, "--subresource=status", "--type=merge", "-p", json.dumps({"status": status})
+        "patch",
+        "ftj",
+        name,
+        "-n",
+        namespace,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps({"status": status}),
     )

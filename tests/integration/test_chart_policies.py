@@ -87,7 +87,9 @@ def _sleeper(name: str, labels: dict[str, str]) -> dict[str, Any]:
 def installed(cluster: ClusterHandle, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
     assert_no_other_operator(cluster)
     suffix = uuid.uuid4().hex[:6]
-    inst = Installed(f"fp-{suffix}", f"fp-sys-{suffix}", f"fp-team-{suffix}", f"fp-mon-{suffix}", f"fp-oth-{suffix}")
+    inst = Installed(
+        f"fp-{suffix}", f"fp-sys-{suffix}", f"fp-team-{suffix}", f"fp-mon-{suffix}", f"fp-oth-{suffix}"
+    )
     for ns in (inst.system, inst.team, inst.monitoring, inst.other):
         _namespace(cluster, ns)
     runs = tmp_path_factory.mktemp("runs")
@@ -122,9 +124,15 @@ def _pods(cluster: ClusterHandle, namespace: str, selector: str) -> list[dict[st
 
 def _with_ip(cluster: ClusterHandle, namespace: str, selector: str, count: int) -> list[dict[str, Any]]:
     pods: list[dict[str, Any]] = wait_for(
-        lambda: (found := [p for p in _pods(cluster, namespace, selector) if (p.get("status") or {}).get("podIP")])
-        and len(found) == count
-        and found,
+        lambda: (
+            (
+                found := [
+                    p for p in _pods(cluster, namespace, selector) if (p.get("status") or {}).get("podIP")
+                ]
+            )
+            and len(found) == count
+            and found
+        ),
         timeout=180,
         what=f"{count} pod(s) {selector} in {namespace} with an IP",
     )
@@ -179,15 +187,24 @@ def test_network_policies_admit_exactly_peers_operator_and_scraper(
         "operator": operator,
         "scraper": _with_ip(cluster, inst.monitoring, "app.kubernetes.io/name=prometheus", 1)[0],
         "other pod, same namespace": _with_ip(cluster, inst.team, "app=stranger", 1)[0],
-        "scraper's labels, other namespace": _with_ip(cluster, inst.other, "app.kubernetes.io/name=prometheus", 1)[0],
+        "scraper's labels, other namespace": _with_ip(
+            cluster, inst.other, "app.kubernetes.io/name=prometheus", 1
+        )[0],
     }
-    assert [p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] for p in alpha] == ["0", "1"]
+    assert [p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] for p in alpha] == [
+        "0",
+        "1",
+    ]
     policies = [
         p
         for ns in (inst.team, inst.system, inst.monitoring, inst.other)
         for p in get(cluster, ns, "networkpolicies")["items"]
     ]
-    assert {p["metadata"]["name"] for p in policies} == {"alpha-trainers", "beta-trainers", f"{inst.release}-finetune-operator"}
+    assert {p["metadata"]["name"] for p in policies} == {
+        "alpha-trainers",
+        "beta-trainers",
+        f"{inst.release}-finetune-operator",
+    }
     namespaces = {
         ns["metadata"]["name"]: ns["metadata"].get("labels") or {}
         for ns in json.loads(cluster.kubectl("get", "namespaces", "-o", "json").stdout)["items"]
@@ -195,7 +212,13 @@ def test_network_policies_admit_exactly_peers_operator_and_scraper(
     endpoints = {role: Endpoint.from_pod(pod) for role, pod in pods.items()}
 
     rows = [
-        (source, target, port, what, allowed(policies, namespaces, endpoints[source], endpoints[target], port))
+        (
+            source,
+            target,
+            port,
+            what,
+            allowed(policies, namespaces, endpoints[source], endpoints[target], port),
+        )
         for source, target, port, what in CONNECTIONS
     ]
 
@@ -233,8 +256,12 @@ def test_namespace_editors_run_suspend_and_cancel_jobs_viewers_only_read(
     _bind(cluster, ns, "bob", "view")
     # The clusterrole-aggregation controller folds the chart's roles into edit and view.
     wait_for(
-        lambda: _as(cluster, "alice", ns, "auth", "can-i", "create", "finetunejobs.finetune.dev").stdout.strip() == "yes"
-        and _as(cluster, "bob", ns, "auth", "can-i", "list", "finetunejobs.finetune.dev").stdout.strip() == "yes",
+        lambda: (
+            _as(cluster, "alice", ns, "auth", "can-i", "create", "finetunejobs.finetune.dev").stdout.strip()
+            == "yes"
+            and _as(cluster, "bob", ns, "auth", "can-i", "list", "finetunejobs.finetune.dev").stdout.strip()
+            == "yes"
+        ),
         timeout=60,
         what="the chart's ClusterRoles to be aggregated into edit and view",
     )
@@ -242,9 +269,13 @@ def test_namespace_editors_run_suspend_and_cancel_jobs_viewers_only_read(
 
     created = _as(cluster, "alice", ns, "apply", "-f", "-", input=job)
     assert created.returncode == 0, created.stderr
-    suspended = _as(cluster, "alice", ns, "patch", "ftj", "by-alice", "--type=merge", "-p", '{"spec":{"suspend":true}}')
+    suspended = _as(
+        cluster, "alice", ns, "patch", "ftj", "by-alice", "--type=merge", "-p", '{"spec":{"suspend":true}}'
+    )
     assert suspended.returncode == 0, suspended.stderr
-    cancelled = _as(cluster, "alice", ns, "patch", "ftj", "by-alice", "--type=merge", "-p", '{"spec":{"cancel":true}}')
+    cancelled = _as(
+        cluster, "alice", ns, "patch", "ftj", "by-alice", "--type=merge", "-p", '{"spec":{"cancel":true}}'
+    )
     assert cancelled.returncode == 0, cancelled.stderr
     spec = json.loads(_as(cluster, "bob", ns, "get", "ftj", "by-alice", "-o", "json").stdout)["spec"]
     assert (spec["suspend"], spec["cancel"]) == (True, True), "the viewer reads what the editor changed"

@@ -235,9 +235,19 @@ def test_add_dataset_from_s3_parquet_and_zstd_counts_records_and_tokens_per_spli
     body = "".join(json.dumps({"text": t}) + "\n" for t in evaluation).encode()
     s3.put_object(Bucket=bucket, Key="raw/eval.jsonl.zst", Body=zstandard.ZstdCompressor().compress(body))
     result = cli(
-        cluster, namespace, "add", "dataset", "--name", "wire",
-        "--paths", f"s3://{bucket}/raw/train.parquet", "--eval-paths", f"s3://{bucket}/raw/eval.jsonl.zst",
-        "--tokenizer", str(tmp_path / "tokenizer"), datasets_uri=datasets_uri,
+        cluster,
+        namespace,
+        "add",
+        "dataset",
+        "--name",
+        "wire",
+        "--paths",
+        f"s3://{bucket}/raw/train.parquet",
+        "--eval-paths",
+        f"s3://{bucket}/raw/eval.jsonl.zst",
+        "--tokenizer",
+        str(tmp_path / "tokenizer"),
+        datasets_uri=datasets_uri,
     )
     tokens = {
         split: sum(len(tokenizer(t)["input_ids"]) + 1 for t in texts)  # every document with its EOS
@@ -258,33 +268,68 @@ def test_add_dataset_from_s3_parquet_and_zstd_counts_records_and_tokens_per_spli
     ("key", "body", "extra", "message"),
     [
         pytest.param(
-            "t.jsonl.bz2", b"BZh9", [], "t.jsonl.bz2: compression 'bz2' is not supported; use JSONL (.jsonl, .json), "
-            "Parquet (.parquet) or plain-text (.txt) files", id="unknown-compression",
+            "t.jsonl.bz2",
+            b"BZh9",
+            [],
+            "t.jsonl.bz2: compression 'bz2' is not supported; use JSONL (.jsonl, .json), "
+            "Parquet (.parquet) or plain-text (.txt) files",
+            id="unknown-compression",
         ),
         pytest.param(
-            "t.parquet", _parquet_bytes(body=["a", "b"]), [],
-            "t.parquet:row 1: cannot tell the format from the columns ['body']", id="parquet-no-text-detected",
+            "t.parquet",
+            _parquet_bytes(body=["a", "b"]),
+            [],
+            "t.parquet:row 1: cannot tell the format from the columns ['body']",
+            id="parquet-no-text-detected",
         ),
         pytest.param(
-            "t.parquet", _parquet_bytes(body=["a", "b"]), ["--format", "text"],
-            "t.parquet: no column 'text' (dataset.textField); the file has columns ['body']", id="parquet-no-text",
+            "t.parquet",
+            _parquet_bytes(body=["a", "b"]),
+            ["--format", "text"],
+            "t.parquet: no column 'text' (dataset.textField); the file has columns ['body']",
+            id="parquet-no-text",
         ),
         pytest.param(
-            "t.jsonl.gz", b'{"text": "x"}\n', [], "t.jsonl.gz: named .gz but is not gzip data", id="gz-not-gzip",
+            "t.jsonl.gz",
+            b'{"text": "x"}\n',
+            [],
+            "t.jsonl.gz: named .gz but is not gzip data",
+            id="gz-not-gzip",
         ),
         pytest.param("t.jsonl", b"", [], "t.jsonl: no records: the file is empty", id="empty-file"),
-        pytest.param("t.jsonl", b'{"text": "ok"}\n[1]\n', ["--format", "text"], "t.jsonl:2: a record must be a JSON object", id="line"),
+        pytest.param(
+            "t.jsonl",
+            b'{"text": "ok"}\n[1]\n',
+            ["--format", "text"],
+            "t.jsonl:2: a record must be a JSON object",
+            id="line",
+        ),
     ],
 )
 def test_add_dataset_from_s3_names_the_file_it_cannot_read(
-    cluster: ClusterHandle, namespace: str, datasets_uri: str, key: str, body: bytes, extra: list[str], message: str
+    cluster: ClusterHandle,
+    namespace: str,
+    datasets_uri: str,
+    key: str,
+    body: bytes,
+    extra: list[str],
+    message: str,
 ) -> None:
     bucket = datasets_uri[5:].split("/", 1)[0]
     folder = f"bad-{uuid.uuid4().hex[:6]}"
     cluster.s3_client().put_object(Bucket=bucket, Key=f"{folder}/{key}", Body=body)
     result = cli(
-        cluster, namespace, "add", "dataset", "--name", folder, "--paths", f"s3://{bucket}/{folder}/{key}", *extra,
-        datasets_uri=datasets_uri, check=False,
+        cluster,
+        namespace,
+        "add",
+        "dataset",
+        "--name",
+        folder,
+        "--paths",
+        f"s3://{bucket}/{folder}/{key}",
+        *extra,
+        datasets_uri=datasets_uri,
+        check=False,
     )
     assert result.returncode == 1
     assert f"s3://{bucket}/{folder}/{message}" in result.stderr, result.stderr

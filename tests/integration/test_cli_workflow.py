@@ -39,7 +39,11 @@ def test_experiment_run_watch_compare_plot(cluster: ClusterHandle, namespace: st
     assert row["start"] and row["end"]
 
     evaluations = cli_json(cluster, namespace, "status", "view", "--job_id", "studio", "--summaries")
-    assert [(e["step"], e["kind"]) for e in evaluations] == [(0, "zero-shot"), (10, "fine-tuned"), (20, "fine-tuned")]
+    assert [(e["step"], e["kind"]) for e in evaluations] == [
+        (0, "zero-shot"),
+        (10, "fine-tuned"),
+        (20, "fine-tuned"),
+    ]
     assert evaluations[-1]["loss"] < evaluations[0]["loss"]
     table = cli(cluster, namespace, "compare").stdout
     assert "smollm2-135m-instruct" in table and "Perplexity" in table
@@ -49,18 +53,38 @@ def test_experiment_run_watch_compare_plot(cluster: ClusterHandle, namespace: st
     cli(cluster, namespace, "plot", "studio", "--out", str(png))
     assert png.read_bytes()[:4] == b"\x89PNG"
 
-    cli(cluster, namespace, "eval", "--checkpoint", "studio:15", "--data", "file:///standin/ok/eval.jsonl",
-        "--name", "eval-studio", "--wait", "--interval", "0.5", "--timeout", "120")
+    cli(
+        cluster,
+        namespace,
+        "eval",
+        "--checkpoint",
+        "studio:15",
+        "--data",
+        "file:///standin/ok/eval.jsonl",
+        "--name",
+        "eval-studio",
+        "--wait",
+        "--interval",
+        "0.5",
+        "--timeout",
+        "120",
+    )
     kinds = [(r["job"], r["step"], r["kind"]) for r in cli_json(cluster, namespace, "compare")]
     assert ("eval-studio", 0, "evaluation") in kinds
     evaluation = get_ftj(cluster, namespace, "eval-studio")
-    assert (evaluation["spec"]["mode"], evaluation["spec"]["model"]["uri"]) == ("Evaluate", checkpoints[0]["uri"])
+    assert (evaluation["spec"]["mode"], evaluation["spec"]["model"]["uri"]) == (
+        "Evaluate",
+        checkpoints[0]["uri"],
+    )
     wait_phase(cluster, namespace, "eval-studio", "Succeeded", timeout=60)
     done = get_ftj(cluster, namespace, "eval-studio")["status"]
     assert (done["progress"]["steps"], done["progress"]["totalSteps"], done["checkpoints"]) == ("eval", 0, [])
     assert [e["step"] for e in done["evaluations"]] == [0]
     assert done["message"].startswith("evaluation finished: eval loss ")
-    assert [r["id"] for r in cli_json(cluster, namespace, "list", "checkpoints")] == ["studio:15", "studio:20"]
+    assert [r["id"] for r in cli_json(cluster, namespace, "list", "checkpoints")] == [
+        "studio:15",
+        "studio:20",
+    ]
 
 
 def test_status_cancel_stops_a_running_job(cluster: ClusterHandle, namespace: str, tmp_path: Path) -> None:
@@ -75,7 +99,10 @@ def test_status_cancel_stops_a_running_job(cluster: ClusterHandle, namespace: st
     cli(cluster, namespace, "experiment", "add", "-f", str(path))
     cli(cluster, namespace, "run", "slowpoke")
     wait_for(
-        lambda: (get_ftj(cluster, namespace, "slowpoke").get("status") or {}).get("progress", {}).get("step", 0) > 0,
+        lambda: (
+            (get_ftj(cluster, namespace, "slowpoke").get("status") or {}).get("progress", {}).get("step", 0)
+            > 0
+        ),
         timeout=60,
         what="slowpoke to train",
     )

@@ -30,4 +30,6 @@ def test_example_is_accepted_by_the_api_server(cluster: ClusterHandle, namespace
 
     result = cluster.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", str(path))
 
-    assert f"finetunejob.finetune.dev/{manifest['metadata']['name']} created (server dry run)" in result.stdout
+    assert (
+        f"finetunejob.finetune.dev/{manifest['metadata']['name']} created (server dry run)" in result.stdout
+    )

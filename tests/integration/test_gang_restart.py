@@ -70,8 +70,13 @@ def test_deleting_one_pod_restarts_both_from_the_checkpoint(
     for rank in (0, 1):
         starts = (run_dir / f"standin-starts-rank{rank}").read_text().split()
         assert len(starts) == 2 and starts[0] == "0" and int(starts[1]) >= 3, (rank, starts)
-    warnings = [(e["reason"], e.get("message", "")) for e in events(cluster, namespace, "gang") if e["type"] == "Warning"]
+    warnings = [
+        (e["reason"], e.get("message", ""))
+        for e in events(cluster, namespace, "gang")
+        if e["type"] == "Warning"
+    ]
     assert warnings == [("PodFailed", f"pod {rank1_name} (rank 1) was deleted")], warnings
-    assert json.loads(cluster.kubectl("get", "networkpolicies", "-n", namespace, "-o", "json").stdout)["items"] == [], (
-        "without FINETUNE_NETWORK_POLICY the operator creates no NetworkPolicy"
-    )
+    assert (
+        json.loads(cluster.kubectl("get", "networkpolicies", "-n", namespace, "-o", "json").stdout)["items"]
+        == []
+    ), "without FINETUNE_NETWORK_POLICY the operator creates no NetworkPolicy"

@@ -50,7 +50,9 @@ def _deleting() -> dict[str, Any]:
 def _invalid_spec() -> dict[str, Any]:
     ref = ObjectRef(name="demo", namespace="team-a", uid="u", generation=1)
     return ftj(
-        status=invalid_spec_status(ref, {}, ["spec.model: exactly one of name or uri must be set"], NOW).to_dict()
+        status=invalid_spec_status(
+            ref, {}, ["spec.model: exactly one of name or uri must be set"], NOW
+        ).to_dict()
     )
 
 

@@ -72,7 +72,9 @@ def test_images_hold_the_product_only_with_labels(built: dict[str, str], target:
         "print([m for m in ('finetune_operator', 'finetune_trainer', 'finetune_cli', 'finetune_dev', 'torch')"
         " if u.find_spec(m)], shutil.which('kubectl-finetune'), shutil.which('finetune-dev'))"
     )
-    result = images.podman_run(built[target], ["-c", probe], env={}, name=None, timeout=300, entrypoint="python3.11")
+    result = images.podman_run(
+        built[target], ["-c", probe], env={}, name=None, timeout=300, entrypoint="python3.11"
+    )
     assert result.returncode == 0, result.stderr
     expected = ["finetune_operator", "finetune_trainer"] + (["torch"] if target == "trainer" else [])
     assert result.stdout.strip() == f"{expected} None None"
@@ -229,11 +231,15 @@ def test_trainer_image_trains_as_non_root_on_a_read_only_root_and_checkpoints_to
         volumes=[f"{config_file}:/etc/finetune/config.yaml:ro"],
         timeout=900,
     )
-    assert result.returncode == 0, f"exit {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, (
+        f"exit {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    )
     keys = {o["Key"][len(prefix) :] for o in client.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]}
     assert "run/checkpoints/step-000002/manifest.json" in keys, sorted(keys)
     assert "run/final/model.safetensors" in keys and "run/run.json" in keys
-    manifest = json.loads(client.get_object(Bucket=bucket, Key=f"{prefix}run/final/manifest.json")["Body"].read())
+    manifest = json.loads(
+        client.get_object(Bucket=bucket, Key=f"{prefix}run/final/manifest.json")["Body"].read()
+    )
     assert manifest["step"] == 2
     print(f"trainer container run: {time.monotonic() - start:.0f} s")
 
@@ -247,4 +253,3 @@ def test_trainer_image_runs_unprivileged(built: dict[str, str], check: str) -> N
     result = images.podman_run(built["trainer"], ["-c", probe], env={}, timeout=120, entrypoint="python3.11")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == {"uid": "10001 10001", "read-only-root": "30"}[check]  # 30: EROFS
-

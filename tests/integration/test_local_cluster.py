@@ -333,7 +333,9 @@ def test_indexed_job_pods_reach_each_other_by_hostname_and_subdomain(
     assert messages[1] == f"{ips[1]} got 'welcome from {ips[0]}' from {ips[0]}"
 
 
-def test_two_pods_listen_on_the_wildcard_address_of_the_same_port(cluster: ClusterHandle, namespace: str) -> None:
+def test_two_pods_listen_on_the_wildcard_address_of_the_same_port(
+    cluster: ClusterHandle, namespace: str
+) -> None:
     """As in pods' own network namespaces (rank 0 of two multi-node jobs each runs torchrun's
     store on every address of port 29500): each pod's wildcard bind is its pod IP's."""
     apply(cluster, namespace, {

@@ -224,4 +224,6 @@ def test_killed_for_memory_fails_at_once_saying_what_to_change(
         timeout=60, what="no pod of the OOMKilled job still running",
     )  # fmt: skip
     failed = json.loads(cluster.kubectl("get", "job", "oom", "-n", namespace, "-o", "json").stdout)["status"]
-    assert (failed.get("failed") or 0) <= 2, "the OOMKilled pod (and the replacement stopped), not backoffLimit's 4"
+    assert (failed.get("failed") or 0) <= 2, (
+        "the OOMKilled pod (and the replacement stopped), not backoffLimit's 4"
+    )

@@ -114,8 +114,10 @@ def test_suspend_and_resume_continue_from_checkpoint(
     wait_for(lambda: not _pods(cluster, namespace, "pause"), timeout=60, what="pods to go away")
     # The operator notices the pods are gone on its next cycle: wait for it, not for the pods.
     wait_for(
-        lambda: status(cluster, namespace, "pause")["message"]
-        == "suspended (spec.suspend); set it to false to resume",
+        lambda: (
+            status(cluster, namespace, "pause")["message"]
+            == "suspended (spec.suspend); set it to false to resume"
+        ),
         timeout=30,
         what="the status to say the job is suspended",
     )

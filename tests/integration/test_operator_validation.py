@@ -68,18 +68,27 @@ INVALID = [
     (
         "model-uri-scheme",
         with_spec(model={"uri": "http://example.com/m"}),
-        ["spec.model.uri: Invalid value", "must be s3://<bucket>/<path>, file:///<absolute path> or hf://<org>/<name>"],
+        [
+            "spec.model.uri: Invalid value",
+            "must be s3://<bucket>/<path>, file:///<absolute path> or hf://<org>/<name>",
+        ],
     ),
     ("model-name-pattern", with_spec(model={"name": "Pythia_70M!"}), ["spec.model.name: Invalid value"]),
     (
         "dataset-name-and-train",
         with_spec(dataset={"name": "reuters", "train": ["s3://d/t.jsonl"]}),
-        ["spec.dataset: Invalid value", "name (a registered dataset) and train (a list of URIs) are exclusive"],
+        [
+            "spec.dataset: Invalid value",
+            "name (a registered dataset) and train (a list of URIs) are exclusive",
+        ],
     ),
     (
         "dataset-no-source",
         with_spec(dataset={"format": "text"}),
-        ["spec.dataset: Invalid value", "set name (a registered dataset), train (a list of URIs) or, in mode Evaluate, eval"],
+        [
+            "spec.dataset: Invalid value",
+            "set name (a registered dataset), train (a list of URIs) or, in mode Evaluate, eval",
+        ],
     ),
     (
         "train-mode-needs-training-data",
@@ -262,14 +271,21 @@ def test_valid_manifest_gets_defaults(cluster: ClusterHandle, namespace: str) ->
 
 
 def test_valid_evaluate_manifest(cluster: ClusterHandle, namespace: str) -> None:
-    obj = manifest("evaluation", mode="Evaluate", dataset={"eval": ["file:///standin/ok/eval.jsonl"]},
-                   hyperparameters={"batchSize": 4}, checkpoints={})
+    obj = manifest(
+        "evaluation",
+        mode="Evaluate",
+        dataset={"eval": ["file:///standin/ok/eval.jsonl"]},
+        hyperparameters={"batchSize": 4},
+        checkpoints={},
+    )
     out = cluster.kubectl(
         "create", "--dry-run=server", "-n", namespace, "-o", "json", "-f", "-", input=json.dumps(obj)
     )
     spec = json.loads(out.stdout)["spec"]
     assert (spec["mode"], spec["dataset"]["eval"], spec["evaluation"]["atStart"]) == (
-        "Evaluate", ["file:///standin/ok/eval.jsonl"], True
+        "Evaluate",
+        ["file:///standin/ok/eval.jsonl"],
+        True,
     )
     assert "maxSteps" not in spec["hyperparameters"] and "train" not in spec["dataset"]
 
@@ -441,7 +457,9 @@ def _server_verdict(custom_api: Any, namespace: str, spec: dict[str, Any]) -> tu
 
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 @given(spec=specs())
-def test_the_crd_and_the_python_validation_agree(custom_api: Any, namespace: str, spec: dict[str, Any]) -> None:
+def test_the_crd_and_the_python_validation_agree(
+    custom_api: Any, namespace: str, spec: dict[str, Any]
+) -> None:
     """Generated near-valid specs: each accepted by the API server (schema + CEL, strict field
     validation) is accepted by `parse_spec`, and each refused by one is refused by the other."""
     accepted, why = _server_verdict(custom_api, namespace, spec)
@@ -464,9 +482,13 @@ def test_the_crd_and_the_python_validation_agree(custom_api: Any, namespace: str
             "spec.checkpoints.outputUri: Invalid value",
             id="output-uri",
         ),
-        pytest.param({"spec": {"storage": {"runsUri": "s3://other/"}}}, "spec.storage: Invalid value", id="runs-uri"),
         pytest.param(
-            {"spec": {"storage": {"endpoint": "http://127.0.0.1:9999"}}}, "spec.storage: Invalid value", id="endpoint"
+            {"spec": {"storage": {"runsUri": "s3://other/"}}}, "spec.storage: Invalid value", id="runs-uri"
+        ),
+        pytest.param(
+            {"spec": {"storage": {"endpoint": "http://127.0.0.1:9999"}}},
+            "spec.storage: Invalid value",
+            id="endpoint",
         ),
     ],
 )

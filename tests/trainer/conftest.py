@@ -34,7 +34,15 @@ def _isolate(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
     monkeypatch.setenv("FINETUNE_TERMINATION_LOG", str(folder / "termination-log"))
     monkeypatch.setenv("FINETUNE_PROGRESS_PORT", "0")
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PET_NNODES", "PET_NPROC_PER_NODE"):
+    for name in (
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "PET_NNODES",
+        "PET_NPROC_PER_NODE",
+    ):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -64,9 +72,14 @@ def s3_root(endpoint: str) -> str:
     from botocore.config import Config
 
     client = boto3.client(
-        "s3", endpoint_url=endpoint, region_name="us-east-1",
-        config=Config(request_checksum_calculation="when_required", response_checksum_validation="when_required",
-                      s3={"addressing_style": "path"}),
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        config=Config(
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            s3={"addressing_style": "path"},
+        ),
     )
     try:
         client.head_bucket(Bucket=S3_BUCKET)
@@ -122,7 +135,9 @@ class TrainedRun:
 
 
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory: pytest.TempPathFactory, model_dir: Callable[[str], Path]) -> Callable[..., TrainedRun]:
+def trained(
+    tmp_path_factory: pytest.TempPathFactory, model_dir: Callable[[str], Path]
+) -> Callable[..., TrainedRun]:
     """`trained(family, **overrides)`: the tiny run `base_config(model, data, run, **overrides)`
     of that family, trained once per session (in its own folder and environment, as if in a
     container of its own) when a test first asks for it."""
@@ -135,15 +150,32 @@ def trained(tmp_path_factory: pytest.TempPathFactory, model_dir: Callable[[str],
             data = _write_text_data(root / "data")
             with pytest.MonkeyPatch.context() as monkeypatch:
                 _isolate(monkeypatch, root)
-                code, summary = run_trainer(base_config(model_dir(family), data, root / "run", **overrides), root)
-            made[key] = TrainedRun(model=model_dir(family), data=data, run=root / "run", code=code, summary=summary)
+                code, summary = run_trainer(
+                    base_config(model_dir(family), data, root / "run", **overrides), root
+                )
+            made[key] = TrainedRun(
+                model=model_dir(family), data=data, run=root / "run", code=code, summary=summary
+            )
         return made[key]
 
     return get
 
 
 def _sentences(n: int, offset: int) -> list[str]:
-    words = ["the", "market", "rose", "fell", "shares", "bank", "oil", "price", "company", "said", "profit", "year"]
+    words = [
+        "the",
+        "market",
+        "rose",
+        "fell",
+        "shares",
+        "bank",
+        "oil",
+        "price",
+        "company",
+        "said",
+        "profit",
+        "year",
+    ]
     return [
         " ".join(words[(i * 7 + j * 3 + offset) % len(words)] for j in range(12 + (i % 5))) + "."
         for i in range(n)
@@ -178,7 +210,9 @@ def write_config(path: Path, config: dict[str, Any]) -> Path:
     return path
 
 
-def run_trainer(config: dict[str, Any], workdir: Path, name: str = "config.json") -> tuple[int, dict[str, Any]]:
+def run_trainer(
+    config: dict[str, Any], workdir: Path, name: str = "config.json"
+) -> tuple[int, dict[str, Any]]:
     """Run the real entry point in this process; returns (exit code, termination message)."""
     from finetune_trainer.cli import main
 

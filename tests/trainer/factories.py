@@ -54,17 +54,28 @@ def tiny_config(family: str, vocab_size: int) -> Any:
         return GPTJConfig(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=128, **common)
     if family == "gpt_neox":
         return GPTNeoXConfig(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-            max_position_embeddings=128, **common,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            **common,
         )
     if family == "codegen":
-        return CodeGenConfig(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=128, n_ctx=128, **common)
+        return CodeGenConfig(
+            n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=128, n_ctx=128, **common
+        )
     if family == "gpt2":
         return GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, **common)
     if family == "llama":
         return LlamaConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=128, **common,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            **common,
         )
     raise ValueError(family)
 
@@ -97,7 +108,9 @@ def write_jsonl(path: Path, records: list[Any]) -> str:
     return f"file://{path}"
 
 
-def reference_document(record: dict[str, Any], spec: DatasetSpec, tokenizer: Any) -> tuple[list[int], list[int]]:
+def reference_document(
+    record: dict[str, Any], spec: DatasetSpec, tokenizer: Any
+) -> tuple[list[int], list[int]]:
     """(ids, labels) of one record computed from the tokenizer directly, apart from the trainer's
     code: what the shards must hold."""
     eos = tokenizer.eos_token_id
@@ -112,7 +125,11 @@ def reference_document(record: dict[str, Any], spec: DatasetSpec, tokenizer: Any
         return ids, [*shown, *completion, eos]
 
     def render(messages: list[Any], prompt: bool) -> list[int]:
-        return list(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=prompt, return_dict=False))
+        return list(
+            tokenizer.apply_chat_template(
+                messages, tokenize=True, add_generation_prompt=prompt, return_dict=False
+            )
+        )
 
     messages = record[spec.messages_field]
     ids = render(messages, False)

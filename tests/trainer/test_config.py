@@ -53,21 +53,35 @@ def test_snake_case_names_are_accepted_in_python() -> None:
     ("patch", "field"),
     [
         pytest.param({"hyperparameters": {"dropout": 1.5}}, "hyperparameters.dropout", id="dropout-range"),
-        pytest.param({"hyperparameters": {"learningRate": 0}}, "hyperparameters.learningRate", id="lr-positive"),
-        pytest.param({"hyperparameters": {"precision": "fp8"}}, "hyperparameters.precision", id="precision-enum"),
+        pytest.param(
+            {"hyperparameters": {"learningRate": 0}}, "hyperparameters.learningRate", id="lr-positive"
+        ),
+        pytest.param(
+            {"hyperparameters": {"precision": "fp8"}}, "hyperparameters.precision", id="precision-enum"
+        ),
         pytest.param({"hyperparameters": {"maxStep": 3}}, "hyperparameters.maxStep", id="unknown-field"),
-        pytest.param({"hyperparameters": {"maxSteps": 3, "epochs": 1}}, "hyperparameters", id="steps-xor-epochs"),
-        pytest.param({"hyperparameters": {"batchSize": 6, "microBatchSize": 4}}, "hyperparameters", id="micro-divides"),
-        pytest.param({"hyperparameters": {"warmupSteps": 3, "warmupRatio": 0.1}}, "hyperparameters", id="warmup-xor"),
+        pytest.param(
+            {"hyperparameters": {"maxSteps": 3, "epochs": 1}}, "hyperparameters", id="steps-xor-epochs"
+        ),
+        pytest.param(
+            {"hyperparameters": {"batchSize": 6, "microBatchSize": 4}}, "hyperparameters", id="micro-divides"
+        ),
+        pytest.param(
+            {"hyperparameters": {"warmupSteps": 3, "warmupRatio": 0.1}}, "hyperparameters", id="warmup-xor"
+        ),
         pytest.param({"model": {"name": "x", "uri": "file:///m"}}, "model", id="name-xor-uri"),
         pytest.param({"model": {"uri": "ftp://m"}}, "model.uri", id="uri-scheme"),
         pytest.param({"dataset": {"format": "text"}}, "dataset", id="train-required"),
-        pytest.param({"dataset": {"train": ["file:///d"], "format": "csv"}}, "dataset.format", id="format-enum"),
+        pytest.param(
+            {"dataset": {"train": ["file:///d"], "format": "csv"}}, "dataset.format", id="format-enum"
+        ),
         pytest.param({"lora": {"rank": 0}}, "lora.rank", id="lora-rank"),
         pytest.param({"run": {}}, "", id="no-run-folder"),
         pytest.param({"mode": "Eval"}, "mode", id="mode-enum"),
         pytest.param({"dataset": {"eval": ["file:///e.jsonl"]}}, "", id="train-mode-needs-train"),
-        pytest.param({"mode": "Evaluate", "hyperparameters": {"maxSteps": 3}}, "", id="evaluate-no-max-steps"),
+        pytest.param(
+            {"mode": "Evaluate", "hyperparameters": {"maxSteps": 3}}, "", id="evaluate-no-max-steps"
+        ),
     ],
 )
 def test_invalid_configs_name_the_field(patch: dict[str, object], field: str) -> None:
@@ -98,7 +112,9 @@ def test_evaluate_mode_config_names_every_misfit_field() -> None:
 
 
 def test_evaluate_mode_needs_only_eval_files() -> None:
-    config = TrainerConfig.from_dict({**MINIMAL, "mode": "Evaluate", "dataset": {"eval": ["file:///e.jsonl"]}})
+    config = TrainerConfig.from_dict(
+        {**MINIMAL, "mode": "Evaluate", "dataset": {"eval": ["file:///e.jsonl"]}}
+    )
     assert (config.mode, config.dataset.train) == ("Evaluate", None)
 
 
@@ -114,9 +130,28 @@ def test_describe_fields_prints_type_range_default() -> None:
 
 def test_json_schema_uses_only_openapi_expressible_constraints() -> None:
     allowed = {
-        "type", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "enum", "const", "pattern",
-        "minLength", "maxLength", "minItems", "maxItems", "items", "anyOf", "default", "description", "title",
-        "properties", "additionalProperties", "required", "$ref", "$defs",
+        "type",
+        "minimum",
+        "maximum",
+        "exclusiveMinimum",
+        "exclusiveMaximum",
+        "enum",
+        "const",
+        "pattern",
+        "minLength",
+        "maxLength",
+        "minItems",
+        "maxItems",
+        "items",
+        "anyOf",
+        "default",
+        "description",
+        "title",
+        "properties",
+        "additionalProperties",
+        "required",
+        "$ref",
+        "$defs",
         "x-kubernetes-list-type",  # a list without duplicates (the Python side: _no_duplicates)
     }
     schema = TrainerConfig.model_json_schema(by_alias=True)
@@ -149,7 +184,13 @@ def test_config_contract_imports_without_torch_or_kopf() -> None:
 def test_termination_message_fits_4096_bytes() -> None:
     evaluation = contract.EvaluationPoint(step=1, loss=1.0, accuracy=0.5, perplexity=2.7)
     summary = contract.TerminationSummary(
-        phase="Failed", exitCode=1, reason="Error", message="x" * 10000, step=3, totalSteps=10, runUri="s3://b/r/",
+        phase="Failed",
+        exitCode=1,
+        reason="Error",
+        message="x" * 10000,
+        step=3,
+        totalSteps=10,
+        runUri="s3://b/r/",
         evaluations=[{**evaluation, "step": i} for i in range(200)],  # type: ignore[typeddict-item]
     )
     text = contract.encode_termination_message(summary)
@@ -175,12 +216,20 @@ def _checkpoint(step: int) -> contract.CheckpointRecord:
         pytest.param(60, "absent", id="too-many-left-out-never-cut"),
     ],
 )
-def test_termination_message_keeps_the_checkpoint_list_whole_or_leaves_it_out(count: int, expected: str) -> None:
+def test_termination_message_keeps_the_checkpoint_list_whole_or_leaves_it_out(
+    count: int, expected: str
+) -> None:
     """A checkpoint missing from the list would read as deleted by keepLast: the list shrinks to
     steps and URIs, or goes away as a whole."""
     summary = contract.TerminationSummary(
-        phase="Succeeded", exitCode=0, reason="Completed", message="trained", step=count, totalSteps=count,
-        runUri="s3://bucket/runs/team/job/", checkpoints=[_checkpoint(i + 1) for i in range(count)],
+        phase="Succeeded",
+        exitCode=0,
+        reason="Completed",
+        message="trained",
+        step=count,
+        totalSteps=count,
+        runUri="s3://bucket/runs/team/job/",
+        checkpoints=[_checkpoint(i + 1) for i in range(count)],
     )
     decoded = json.loads(contract.encode_termination_message(summary))
     if expected == "absent":
@@ -201,4 +250,3 @@ def test_bind_address_and_port_from_env() -> None:
 @pytest.mark.parametrize("path", sorted((ROOT / "trainer" / "examples").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_trainer_config_parses(path: Path) -> None:
     TrainerConfig.from_file(path)
-

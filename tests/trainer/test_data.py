@@ -23,11 +23,16 @@ def tokenizer() -> Any:
     return make_tokenizer()
 
 
-def shard_documents(tmp_path: Path, records: list[dict[str, Any]], spec: DatasetSpec, tokenizer: Any) -> list[tuple[list[int], list[int]]]:
+def shard_documents(
+    tmp_path: Path, records: list[dict[str, Any]], spec: DatasetSpec, tokenizer: Any
+) -> list[tuple[list[int], list[int]]]:
     """The (ids, labels) of every document, as the token shards hold them."""
     uri = write_jsonl(tmp_path / "data" / "records.jsonl", records)
     shard_set = shards_for(
-        list_files([uri]), spec, tokenizer, ShardSettings(local_root=tmp_path / "shards", remote_uri=None, workers=1)
+        list_files([uri]),
+        spec,
+        tokenizer,
+        ShardSettings(local_root=tmp_path / "shards", remote_uri=None, workers=1),
     )
     store = TokenStore(shard_set)
     out = []
@@ -52,7 +57,9 @@ def test_text_trains_on_every_token_and_ends_with_eos(tmp_path: Path, tokenizer:
 
 def test_prompt_completion_masks_the_prompt_only(tmp_path: Path, tokenizer: Any) -> None:
     spec = _spec(format="prompt-completion")
-    ((ids, labels),) = shard_documents(tmp_path, [{"prompt": "what is oil", "completion": " a price"}], spec, tokenizer)
+    ((ids, labels),) = shard_documents(
+        tmp_path, [{"prompt": "what is oil", "completion": " a price"}], spec, tokenizer
+    )
     prompt_len = len(tokenizer("what is oil")["input_ids"])
     assert labels[:prompt_len] == [IGNORE] * prompt_len
     trained = labels[prompt_len:]
@@ -62,7 +69,9 @@ def test_prompt_completion_masks_the_prompt_only(tmp_path: Path, tokenizer: Any)
 
 def test_prompt_completion_train_on_inputs(tmp_path: Path, tokenizer: Any) -> None:
     spec = _spec(format="prompt-completion", train_on_inputs=True)
-    ((ids, labels),) = shard_documents(tmp_path, [{"prompt": "what is oil", "completion": " a price"}], spec, tokenizer)
+    ((ids, labels),) = shard_documents(
+        tmp_path, [{"prompt": "what is oil", "completion": " a price"}], spec, tokenizer
+    )
     assert labels == ids
 
 
@@ -83,15 +92,24 @@ def test_chat_trains_only_on_assistant_turns(tmp_path: Path, tokenizer: Any) -> 
 
 
 @pytest.mark.parametrize("packing", [True, False], ids=["packed", "one-document-per-sequence"])
-def test_sequences_keep_every_token_and_split_long_documents(tmp_path: Path, tokenizer: Any, packing: bool) -> None:
+def test_sequences_keep_every_token_and_split_long_documents(
+    tmp_path: Path, tokenizer: Any, packing: bool
+) -> None:
     uri = write_jsonl(tmp_path / "t.jsonl", [{"text": "the market rose " * 5}, {"text": "oil fell"}])
     spec = DatasetSpec(train=[uri], eval=[uri], packing=packing)
     dataset = token_dataset(
-        plan_data(spec, seed=0), spec, tokenizer, split="train", length=8,
+        plan_data(spec, seed=0),
+        spec,
+        tokenizer,
+        split="train",
+        length=8,
         settings=ShardSettings(local_root=tmp_path / "shards", remote_uri=None, workers=1),
     )
     lengths = [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
-    documents = [len(reference_document(r, spec, tokenizer)[0]) for r in ({"text": "the market rose " * 5}, {"text": "oil fell"})]
+    documents = [
+        len(reference_document(r, spec, tokenizer)[0])
+        for r in ({"text": "the market rose " * 5}, {"text": "oil fell"})
+    ]
     if packing:
         assert sum(lengths) == sum(documents)  # no silent truncation
         assert lengths[:-1] == [8] * (len(lengths) - 1)
@@ -103,15 +121,24 @@ def test_sequences_keep_every_token_and_split_long_documents(tmp_path: Path, tok
     assert flat.count(tokenizer.eos_token_id) == ends_kept
 
 
-def test_sequences_without_trained_tokens_are_dropped_and_an_empty_set_is_an_error(tmp_path: Path, tokenizer: Any) -> None:
+def test_sequences_without_trained_tokens_are_dropped_and_an_empty_set_is_an_error(
+    tmp_path: Path, tokenizer: Any
+) -> None:
     """Without packing a document is cut into pieces; a piece of prompt tokens only carries no
     loss and is dropped, and a set in which no piece is left is an error naming the settings."""
-    uri = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "what is the price of oil today", "completion": " a"}])
+    uri = write_jsonl(
+        tmp_path / "t.jsonl", [{"prompt": "what is the price of oil today", "completion": " a"}]
+    )
     spec = DatasetSpec(train=[uri], eval=[uri], format="prompt-completion", packing=False)
     settings = ShardSettings(local_root=tmp_path / "shards", remote_uri=None, workers=1)
-    ids, _ = reference_document({"prompt": "what is the price of oil today", "completion": " a"}, spec, tokenizer)
+    ids, _ = reference_document(
+        {"prompt": "what is the price of oil today", "completion": " a"}, spec, tokenizer
+    )
     # sequences of 1 token have no target (a label is predicted from the token before it)
-    with pytest.raises(InvalidData, match=r"the train set has no trained tokens .* carries no loss \(dataset.format, trainOnInputs\)"):
+    with pytest.raises(
+        InvalidData,
+        match=r"the train set has no trained tokens .* carries no loss \(dataset.format, trainOnInputs\)",
+    ):
         token_dataset(plan_data(spec, seed=0), spec, tokenizer, split="train", length=1, settings=settings)
     kept = token_dataset(plan_data(spec, seed=0), spec, tokenizer, split="train", length=4, settings=settings)
     assert 0 < len(kept) < -(-len(ids) // 4)  # the prompt-only pieces are dropped
@@ -132,7 +159,12 @@ def test_preflight_reports_every_bad_record_with_its_line(tmp_path: Path) -> Non
         preflight(plan_data(spec, seed=0).train_files, spec)
     text = str(info.value)
     assert "4 bad record(s)" in text
-    for line, words in [(2, "invalid JSON"), (3, "missing field 'completion'"), (5, "empty"), (6, "must be a string")]:
+    for line, words in [
+        (2, "invalid JSON"),
+        (3, "missing field 'completion'"),
+        (5, "empty"),
+        (6, "must be a string"),
+    ]:
         assert f"train.jsonl:{line}: " in text and words in text
 
 
@@ -167,10 +199,22 @@ def test_no_matching_files_is_invalid_data(tmp_path: Path) -> None:
         plan_data(DatasetSpec(train=[f"file://{tmp_path}/missing-*.jsonl"]), seed=0)
 
 
-def _split_texts(tmp_path: Path, spec: DatasetSpec, tokenizer: Any, split: str, *, need_train: bool = True, datasets_uri: str | None = None) -> list[str]:
+def _split_texts(
+    tmp_path: Path,
+    spec: DatasetSpec,
+    tokenizer: Any,
+    split: str,
+    *,
+    need_train: bool = True,
+    datasets_uri: str | None = None,
+) -> list[str]:
     plan = plan_data(spec, seed=1, need_train=need_train, datasets_uri=datasets_uri)
     dataset = token_dataset(
-        plan, spec, tokenizer, split=split, length=10_000,
+        plan,
+        spec,
+        tokenizer,
+        split=split,
+        length=10_000,
         settings=ShardSettings(local_root=tmp_path / "shards", remote_uri=None, workers=1),
     )
     store = dataset.store
@@ -202,17 +246,31 @@ def test_holdout_is_deterministic_and_disjoint(tmp_path: Path, tokenizer: Any) -
         pytest.param({"name": "news", "eval": ["E"]}, True, (10, 3), id="eval-overrides-registered-eval"),
     ],
 )
-def test_eval_sources(spec: dict[str, Any], need_train: bool, expected: tuple[int, int], tmp_path: Path, tokenizer: Any) -> None:
+def test_eval_sources(
+    spec: dict[str, Any], need_train: bool, expected: tuple[int, int], tmp_path: Path, tokenizer: Any
+) -> None:
     """dataset.eval, else a registered dataset's eval/ files, else records held out of train."""
-    train = write_jsonl(tmp_path / "reg" / "news" / "train" / "t.jsonl", [{"text": f"t {i}"} for i in range(10)])
+    train = write_jsonl(
+        tmp_path / "reg" / "news" / "train" / "t.jsonl", [{"text": f"t {i}"} for i in range(10)]
+    )
     write_jsonl(tmp_path / "reg" / "news" / "eval" / "e.jsonl", [{"text": "registered eval"}])
     evaluation = write_jsonl(tmp_path / "e.jsonl", [{"text": f"e {i}"} for i in range(3)])
     uris = {"T": train, "E": evaluation}
     fields = {k: [uris[u] for u in v] if isinstance(v, list) else v for k, v in spec.items()}
     dataset_spec = DatasetSpec.model_validate({**fields, "packing": False})
     registry = f"file://{tmp_path}/reg/"
-    evaluated = _split_texts(tmp_path, dataset_spec, tokenizer, "eval", need_train=need_train, datasets_uri=registry)
+    evaluated = _split_texts(
+        tmp_path, dataset_spec, tokenizer, "eval", need_train=need_train, datasets_uri=registry
+    )
     plan = plan_data(dataset_spec, seed=1, need_train=need_train, datasets_uri=registry)
-    trained = 0 if not plan.train_files else len(_split_texts(tmp_path, dataset_spec, tokenizer, "train", need_train=need_train, datasets_uri=registry))
+    trained = (
+        0
+        if not plan.train_files
+        else len(
+            _split_texts(
+                tmp_path, dataset_spec, tokenizer, "train", need_train=need_train, datasets_uri=registry
+            )
+        )
+    )
     assert (trained, len(evaluated)) == expected
     assert "registered eval" not in evaluated

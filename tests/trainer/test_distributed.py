@@ -31,7 +31,11 @@ def _launch(config: Path, tmp_path: Path, name: str) -> subprocess.CompletedProc
     }
     return subprocess.run(
         [sys.executable, "-m", "finetune_trainer", "--config", str(config)],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -44,7 +48,9 @@ def test_two_processes_match_one_process_with_the_same_global_batch(
     assert code == 0
 
     run = tmp_path / "ddp"
-    config = write_config(tmp_path / "ddp.json", base_config(model_dir("llama"), text_data, run, hyperparameters=settings))
+    config = write_config(
+        tmp_path / "ddp.json", base_config(model_dir("llama"), text_data, run, hyperparameters=settings)
+    )
     result = _launch(config, tmp_path, "ddp")
     assert result.returncode == contract.EXIT_OK, result.stdout[-3000:] + result.stderr[-3000:]
     two = json.loads((tmp_path / "termination-ddp").read_text())
@@ -57,7 +63,9 @@ def test_two_processes_match_one_process_with_the_same_global_batch(
     # one DCP checkpoint for both ranks (the replicated state once), the manifest written last
     manifest = json.loads((run / "checkpoints" / "step-000004" / "manifest.json").read_text())
     assert manifest["format"] == "dcp"
-    assert {"state/.metadata", "state/__0_0.distcp", "train_state.json"} <= {f["path"] for f in manifest["files"]}
+    assert {"state/.metadata", "state/__0_0.distcp", "train_state.json"} <= {
+        f["path"] for f in manifest["files"]
+    }
     assert not any(f["path"].startswith(".ranks/") for f in manifest["files"])
     assert result.stdout.count("Step | Accuracy") == 1
 
@@ -65,8 +73,9 @@ def test_two_processes_match_one_process_with_the_same_global_batch(
 def test_invalid_input_keeps_its_exit_code_through_torchrun(
     model_dir: Callable[[str], Path], text_data: dict[str, str], tmp_path: Path
 ) -> None:
-    config = base_config(model_dir("gpt2"), text_data, tmp_path / "run",
-                         hyperparameters={"batchSize": 3, "microBatchSize": 1})  # 3 % (1 x 2 processes) != 0
+    config = base_config(
+        model_dir("gpt2"), text_data, tmp_path / "run", hyperparameters={"batchSize": 3, "microBatchSize": 1}
+    )  # 3 % (1 x 2 processes) != 0
     result = _launch(write_config(tmp_path / "bad.json", config), tmp_path, "bad")
     assert result.returncode == contract.EXIT_INVALID_INPUT, result.stderr[-2000:]
     summary = json.loads((tmp_path / "termination-bad").read_text())
@@ -80,17 +89,32 @@ def test_sigterm_to_the_launcher_checkpoints_every_rank_at_the_same_step(
     import time
 
     run = tmp_path / "run"
-    config = write_config(tmp_path / "c.json", base_config(
-        model_dir("llama"), text_data, run,
-        hyperparameters={"maxSteps": 200, "batchSize": 4, "microBatchSize": 2},
-        evaluation={"everySteps": 100}, checkpoints={"everySteps": 5},
-    ))
+    config = write_config(
+        tmp_path / "c.json",
+        base_config(
+            model_dir("llama"),
+            text_data,
+            run,
+            hyperparameters={"maxSteps": 200, "batchSize": 4, "microBatchSize": 2},
+            evaluation={"everySteps": 100},
+            checkpoints={"everySteps": 5},
+        ),
+    )
     env = {
-        **os.environ, "FINETUNE_CACHE_DIR": str(tmp_path / "cache"), "FINETUNE_TERMINATION_LOG": str(tmp_path / "term"),
-        "OMP_NUM_THREADS": "1", "PET_NNODES": "1", "PET_NPROC_PER_NODE": "2",
+        **os.environ,
+        "FINETUNE_CACHE_DIR": str(tmp_path / "cache"),
+        "FINETUNE_TERMINATION_LOG": str(tmp_path / "term"),
+        "OMP_NUM_THREADS": "1",
+        "PET_NNODES": "1",
+        "PET_NPROC_PER_NODE": "2",
     }
-    process = subprocess.Popen([sys.executable, "-m", "finetune_trainer", "--config", str(config)], env=env, cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "finetune_trainer", "--config", str(config)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 240
     while not (run / "checkpoints" / "step-000005" / "manifest.json").exists():
         assert process.poll() is None and time.monotonic() < deadline, "no checkpoint before the deadline"
@@ -135,7 +159,9 @@ def _train_losses(run: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]
 
 
-def _assert_same_run(a: dict[str, object], b: dict[str, object], run_a: Path, run_b: Path, rel: float) -> None:
+def _assert_same_run(
+    a: dict[str, object], b: dict[str, object], run_a: Path, run_b: Path, rel: float
+) -> None:
     evaluations_a, evaluations_b = a["evaluations"], b["evaluations"]
     assert isinstance(evaluations_a, list) and isinstance(evaluations_b, list)
     assert [e["step"] for e in evaluations_a] == [e["step"] for e in evaluations_b]
@@ -166,8 +192,13 @@ def test_fsdp_on_two_processes_equals_one_process_and_data_parallel(
     evaluation = {"everySteps": 1, "logEverySteps": 1}
 
     def config(name: str, sharding: str) -> dict[str, Any]:
-        return base_config(model, text_data, tmp_path / name, hyperparameters={**FIVE_STEPS, "sharding": sharding},
-                           evaluation=evaluation)
+        return base_config(
+            model,
+            text_data,
+            tmp_path / name,
+            hyperparameters={**FIVE_STEPS, "sharding": sharding},
+            evaluation=evaluation,
+        )
 
     code, single = run_trainer(config("single", "data-parallel"), tmp_path, "single.json")
     assert code == contract.EXIT_OK, single
@@ -188,7 +219,10 @@ def test_fsdp_on_two_processes_equals_one_process_and_data_parallel(
     assert held["fsdp"]["measured"]["state"] <= 0.55 * held["ddp"]["measured"]["state"], held
     assert held["ddp"]["measured"]["state"] == held["single"]["measured"]["state"], "data parallel replicates"
     for name, record in held.items():  # kubectl finetune list models prints these estimates
-        assert record["estimate"]["state"] == pytest.approx(record["measured"]["state"], rel=0.10), (name, record)
+        assert record["estimate"]["state"] == pytest.approx(record["measured"]["state"], rel=0.10), (
+            name,
+            record,
+        )
 
 
 def _memory_record(run: Path) -> dict[str, Any]:
@@ -197,14 +231,24 @@ def _memory_record(run: Path) -> dict[str, Any]:
     return dict(record)
 
 
-def _fsdp_config(model: Path, data: dict[str, str], run: Path, steps: int, schedule: str = "linear") -> dict[str, Any]:
+def _fsdp_config(
+    model: Path, data: dict[str, str], run: Path, steps: int, schedule: str = "linear"
+) -> dict[str, Any]:
     # linear decay with warmup: a resumed run must continue the schedule, not only the weights
     # (constant: maxSteps 4 then 8 is the same run as 8 at once)
     return base_config(
-        model, data, run,
-        hyperparameters={"sharding": "fsdp", "maxSteps": steps, "batchSize": 4, "microBatchSize": 1,
-                         "lrScheduler": schedule, "warmupSteps": 2 if schedule == "linear" else 0,
-                         "learningRate": 3e-3},
+        model,
+        data,
+        run,
+        hyperparameters={
+            "sharding": "fsdp",
+            "maxSteps": steps,
+            "batchSize": 4,
+            "microBatchSize": 1,
+            "lrScheduler": schedule,
+            "warmupSteps": 2 if schedule == "linear" else 0,
+            "learningRate": 3e-3,
+        },
         evaluation={"everySteps": 4, "logEverySteps": 2},
         checkpoints={"everySteps": 4, "keepLast": 2},
     )
@@ -216,6 +260,7 @@ def test_fsdp_checkpoint_of_two_processes_resumes_on_one(
     """DCP reshards on load: a run checkpointed by 2 processes continues on 1 (same global
     batch) and ends where an uninterrupted run ends."""
     model = model_dir("llama")
+
     def config(run: str, steps: int) -> dict[str, Any]:
         return _fsdp_config(model, text_data, tmp_path / run, steps, schedule="constant")
 
@@ -237,17 +282,28 @@ def test_sigterm_under_fsdp_checkpoints_and_the_resumed_run_equals_an_uninterrup
 
     model = model_dir("llama")
     steps = 40
-    code, uninterrupted = run_trainer(_fsdp_config(model, text_data, tmp_path / "whole", steps), tmp_path, "whole.json")
+    code, uninterrupted = run_trainer(
+        _fsdp_config(model, text_data, tmp_path / "whole", steps), tmp_path, "whole.json"
+    )
     assert code == contract.EXIT_OK, uninterrupted
 
     run = tmp_path / "killed"
     config = write_config(tmp_path / "killed.json", _fsdp_config(model, text_data, run, steps))
     env = {
-        **os.environ, "FINETUNE_CACHE_DIR": str(tmp_path / "cache"), "FINETUNE_TERMINATION_LOG": str(tmp_path / "term"),
-        "OMP_NUM_THREADS": "1", "PET_NNODES": "1", "PET_NPROC_PER_NODE": "2",
+        **os.environ,
+        "FINETUNE_CACHE_DIR": str(tmp_path / "cache"),
+        "FINETUNE_TERMINATION_LOG": str(tmp_path / "term"),
+        "OMP_NUM_THREADS": "1",
+        "PET_NNODES": "1",
+        "PET_NPROC_PER_NODE": "2",
     }
-    process = subprocess.Popen([sys.executable, "-m", "finetune_trainer", "--config", str(config)], env=env, cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "finetune_trainer", "--config", str(config)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 240
     while not (run / "checkpoints" / "step-000004" / "manifest.json").exists():
         assert process.poll() is None and time.monotonic() < deadline, "no checkpoint before the deadline"
@@ -273,10 +329,14 @@ def test_sigterm_under_fsdp_checkpoints_and_the_resumed_run_equals_an_uninterrup
         pytest.param("data-parallel", 1, "fp32", True, 22.54, id="gptj-lora-fp32-base"),
     ],
 )
-def test_memory_estimates_per_process(strategy: str, world_size: int, precision: str, lora: bool, gib: float) -> None:
+def test_memory_estimates_per_process(
+    strategy: str, world_size: int, precision: str, lora: bool, gib: float
+) -> None:
     from finetune_trainer.memory import catalog_estimate
 
-    estimate = catalog_estimate("6.05B", strategy=strategy, world_size=world_size, precision=precision, lora=lora)
+    estimate = catalog_estimate(
+        "6.05B", strategy=strategy, world_size=world_size, precision=precision, lora=lora
+    )
     assert estimate.state / 2**30 == pytest.approx(gib, abs=0.01)
 
 
@@ -285,9 +345,18 @@ def test_auto_shards_only_when_data_parallel_would_not_fit() -> None:
 
     gpu = 80 * 2**30
     assert resolve_strategy("auto", world_size=8, data_parallel_bytes=97 * 10**9, device_bytes=gpu) == "fsdp"
-    assert resolve_strategy("auto", world_size=8, data_parallel_bytes=22 * 10**9, device_bytes=gpu) == "data-parallel"
-    assert resolve_strategy("auto", world_size=1, data_parallel_bytes=97 * 10**9, device_bytes=gpu) == "data-parallel"
-    assert resolve_strategy("auto", world_size=2, data_parallel_bytes=97 * 10**9, device_bytes=None) == "data-parallel"
+    assert (
+        resolve_strategy("auto", world_size=8, data_parallel_bytes=22 * 10**9, device_bytes=gpu)
+        == "data-parallel"
+    )
+    assert (
+        resolve_strategy("auto", world_size=1, data_parallel_bytes=97 * 10**9, device_bytes=gpu)
+        == "data-parallel"
+    )
+    assert (
+        resolve_strategy("auto", world_size=2, data_parallel_bytes=97 * 10**9, device_bytes=None)
+        == "data-parallel"
+    )
     assert resolve_strategy("fsdp", world_size=1, data_parallel_bytes=0, device_bytes=None) == "fsdp"
 
 
@@ -357,7 +426,9 @@ def test_every_node_imports_the_catalog_gguf_model_in_full(tmp_path: Path) -> No
     assert summary["phase"] == "Succeeded" and summary["evaluations"][0]["step"] == 0
 
 
-def test_every_node_merges_a_lora_checkpoint_for_evaluation(trained: Callable[..., TrainedRun], tmp_path: Path) -> None:
+def test_every_node_merges_a_lora_checkpoint_for_evaluation(
+    trained: Callable[..., TrainedRun], tmp_path: Path
+) -> None:
     """Evaluating a LoRA run's checkpoint on two nodes: each node merges the adapter into its
     own cache in full (not only node 0)."""
     training = trained("llama", lora=TINY_LORA)
@@ -387,7 +458,10 @@ def test_the_first_failing_rank_names_the_cause_its_peer_reports_a_lost_peer(
     """Node 1 cannot find its model; node 0 then fails in the next collective. Node 1's summary
     has the cause and the earlier failedAt; node 0's says PeerLost (a symptom)."""
     batch = {"batchSize": 4, "microBatchSize": 2}
-    config = write_config(tmp_path / "c.json", base_config(model_dir("llama"), text_data, tmp_path / "run", hyperparameters=batch))
+    config = write_config(
+        tmp_path / "c.json",
+        base_config(model_dir("llama"), text_data, tmp_path / "run", hyperparameters=batch),
+    )
     missing = base_config(tmp_path / "not-on-node-1", text_data, tmp_path / "run", hyperparameters=batch)
     node1_config = write_config(tmp_path / "c1.json", missing)
 

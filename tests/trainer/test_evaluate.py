@@ -52,14 +52,19 @@ def test_evaluation_equals_step_zero_of_training_and_writes_no_checkpoint(
     assert code == contract.EXIT_OK, trained
 
     run = tmp_path / "eval"
-    config = _evaluate_config(f"file://{model}", text_data, run, evaluation=evaluation, dataset=evaluation_data)
+    config = _evaluate_config(
+        f"file://{model}", text_data, run, evaluation=evaluation, dataset=evaluation_data
+    )
     code, summary = run_trainer(config, tmp_path, "eval.json")
 
     assert code == contract.EXIT_OK, summary
     assert summary["evaluations"] == [trained["evaluations"][0]]  # bit for bit: the same code path
     assert summary["baselines"] == trained["baselines"]
     assert (summary["phase"], summary["reason"], summary["step"], summary["totalSteps"]) == (
-        "Succeeded", "Completed", 0, 0
+        "Succeeded",
+        "Completed",
+        0,
+        0,
     )
     assert summary["message"].startswith("evaluated: eval loss ")
     assert summary["checkpoints"] == [] and "finalUri" not in summary
@@ -76,7 +81,9 @@ def test_evaluating_a_checkpoint_equals_the_training_runs_evaluation_at_that_ste
     training = trained("llama")
     assert training.code == contract.EXIT_OK
     checkpoint = (training.run / "checkpoints" / "step-000004").as_uri() + "/"
-    code, summary = run_trainer(_evaluate_config(checkpoint, training.data, tmp_path / "eval"), tmp_path, "eval.json")
+    code, summary = run_trainer(
+        _evaluate_config(checkpoint, training.data, tmp_path / "eval"), tmp_path, "eval.json"
+    )
     assert code == contract.EXIT_OK, summary
     (step_4,) = [e for e in training.summary["evaluations"] if e["step"] == 4]
     (result,) = summary["evaluations"]
@@ -85,13 +92,17 @@ def test_evaluating_a_checkpoint_equals_the_training_runs_evaluation_at_that_ste
         assert result[metric] == pytest.approx(step_4[metric], abs=1e-6), metric
 
 
-def test_an_evaluation_refuses_a_training_run_folder(trained: Callable[..., TrainedRun], tmp_path: Path) -> None:
+def test_an_evaluation_refuses_a_training_run_folder(
+    trained: Callable[..., TrainedRun], tmp_path: Path
+) -> None:
     training = trained("gpt2")
     assert training.code == contract.EXIT_OK
     run = tmp_path / "run"
     shutil.copytree(training.run, run)  # the shared run stays untouched whatever happens here
     run_json = (run / "run.json").read_text()
-    code, summary = run_trainer(_evaluate_config(f"file://{training.model}", training.data, run), tmp_path, "e.json")
+    code, summary = run_trainer(
+        _evaluate_config(f"file://{training.model}", training.data, run), tmp_path, "e.json"
+    )
     assert code == contract.EXIT_INVALID_INPUT
     assert "checkpoints.outputUri: the run folder" in summary["message"]
     assert "holds a training run" in summary["message"]
@@ -121,6 +132,8 @@ def test_a_lora_adapter_without_its_run_folder_is_invalid_input(
     adapter = tmp_path / "loose" / "adapter"
     adapter.mkdir(parents=True)
     (adapter / "adapter_config.json").write_text("{}")
-    code, summary = run_trainer(_evaluate_config(adapter.as_uri() + "/", text_data, tmp_path / "eval"), tmp_path)
+    code, summary = run_trainer(
+        _evaluate_config(adapter.as_uri() + "/", text_data, tmp_path / "eval"), tmp_path
+    )
     assert code == contract.EXIT_INVALID_INPUT
     assert "is a LoRA adapter" in summary["message"] and "run.json" in summary["message"], summary

@@ -37,7 +37,9 @@ def bin_only_folder(source: Path, target: Path, *, shards: int = 1) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
+    shutil.copytree(
+        source, target, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json")
+    )
     state = AutoModelForCausalLM.from_pretrained(source).state_dict()
     if shards == 1:
         torch.save(state, target / "pytorch_model.bin")
@@ -49,7 +51,9 @@ def bin_only_folder(source: Path, target: Path, *, shards: int = 1) -> Path:
         part = keys[i::shards]
         torch.save({k: state[k] for k in part}, target / name)
         weight_map.update(dict.fromkeys(part, name))
-    (target / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (target / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
     return target
 
 

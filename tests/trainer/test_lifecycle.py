@@ -43,7 +43,11 @@ def _start(config: Path, tmp_path: Path, name: str, port: int = 0) -> tuple[subp
     }
     with (tmp_path / f"{name}.log").open("wb") as log:  # the child keeps its own copy of the file
         process = subprocess.Popen(
-            [sys.executable, "-m", "finetune_trainer"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+            [sys.executable, "-m", "finetune_trainer"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
         )
     return process, tmp_path / f"termination-{name}"
 
@@ -62,7 +66,9 @@ def _wait(predicate: Callable[[], bool], timeout: float, what: str, process: sub
 def _slow_config(model: Path, data: dict[str, str], run: Path, steps: int = 60) -> dict[str, Any]:
     # linear decay with warmup: the resumed run must restore the scheduler, not just the weights
     return base_config(
-        model, data, run,
+        model,
+        data,
+        run,
         hyperparameters={"maxSteps": steps, "lrScheduler": "linear", "warmupSteps": 5, "learningRate": 3e-3},
         evaluation={"everySteps": 20, "logEverySteps": 5},
         checkpoints={"everySteps": 10, "keepLast": 2},
@@ -81,7 +87,12 @@ def test_sigterm_checkpoints_exits_retryable_and_the_restart_matches_an_uninterr
     run = tmp_path / "killed"
     config = write_config(tmp_path / "killed.json", _slow_config(model, text_data, run))
     process, termination = _start(config, tmp_path, "first")
-    _wait(lambda: (run / "checkpoints" / "step-000010" / "manifest.json").exists(), 120, "the first checkpoint", process)
+    _wait(
+        lambda: (run / "checkpoints" / "step-000010" / "manifest.json").exists(),
+        120,
+        "the first checkpoint",
+        process,
+    )
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == contract.EXIT_TERMINATED
     stopped = json.loads(termination.read_text())
@@ -162,7 +173,9 @@ def test_a_corrupt_newest_checkpoint_resumes_from_the_one_before_and_says_so(
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
 
-    code, resumed = run_trainer(base_config(model, text_data, run, hyperparameters={"maxSteps": 6}), tmp_path, "again.json")
+    code, resumed = run_trainer(
+        base_config(model, text_data, run, hyperparameters={"maxSteps": 6}), tmp_path, "again.json"
+    )
     assert code == contract.EXIT_OK, resumed
     record = resumed["resumedFrom"]
     assert record["step"] == 2

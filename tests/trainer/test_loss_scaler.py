@@ -43,8 +43,14 @@ def _scaler() -> torch.amp.GradScaler:
     return torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
 
 
-def _loop(model: Any, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, *, rank: int = 0,
-          world_size: int = 1) -> TrainingLoop:
+def _loop(
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+) -> TrainingLoop:
     vocab = wrapping.unwrap(model).config.vocab_size
 
     def collate(ids: list[int]) -> dict[str, torch.Tensor]:
@@ -62,7 +68,9 @@ def _loop(model: Any, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradSc
                         sync_context=lambda _: contextlib.nullcontext(), scaler=scaler)  # fmt: skip
 
 
-def _trained(folder: Path, scaler: torch.amp.GradScaler | None, steps: int = STEPS) -> tuple[Any, Any, TrainingLoop]:
+def _trained(
+    folder: Path, scaler: torch.amp.GradScaler | None, steps: int = STEPS
+) -> tuple[Any, Any, TrainingLoop]:
     model = _model(folder)
     optimizer = torch.optim.AdamW(decay_groups(model, 0.0), lr=1e-3, foreach=True)
     loop = _loop(model, optimizer, scaler)
@@ -82,7 +90,9 @@ def _save(model: Any, optimizer: Any, local: Path, scaler: torch.amp.GradScaler 
 
 
 def _same_weights(a: Any, b: Any) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    return all(
+        torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
 
 
 def test_the_scaler_state_round_trips_and_the_resumed_run_continues_its_scale(
@@ -98,7 +108,9 @@ def test_the_scaler_state_round_trips_and_the_resumed_run_continues_its_scale(
 
     restored = torch.amp.GradScaler("cpu")  # the trainer's defaults: scale 65536, growth every 2000 steps
     model2, optimizer2 = _fresh(folder)
-    state = ckpt.load_sharded(model2, optimizer2, tmp_path / "checkpoint", adapters_only=False, scaler=restored)
+    state = ckpt.load_sharded(
+        model2, optimizer2, tmp_path / "checkpoint", adapters_only=False, scaler=restored
+    )
 
     assert state["step"] == STEPS
     assert restored.state_dict() == saved
@@ -133,7 +145,9 @@ def test_a_checkpoint_without_scaler_state_loads_with_and_without_a_scaler(
     assert optimizer3.state_dict()["state"][0]["step"] == STEPS
 
 
-def test_a_checkpoint_with_scaler_state_loads_without_a_scaler(model_dir: Callable[[str], Path], tmp_path: Path) -> None:
+def test_a_checkpoint_with_scaler_state_loads_without_a_scaler(
+    model_dir: Callable[[str], Path], tmp_path: Path
+) -> None:
     """An fp16 checkpoint resumes or evaluates in a run without a scaler (its weights and AdamW state)."""
     folder = model_dir("llama")
     scaler = _scaler()
@@ -190,12 +204,16 @@ def test_two_ranks_store_one_scaler_state_and_every_rank_restores_it(
     try:
         mp.spawn(_two_ranks, args=(str(folder), str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
     finally:
-        torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+        torch.distributed.init_process_group(
+            "gloo", store=torch.distributed.HashStore(), rank=0, world_size=1
+        )
     reports = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
     held = reports[0]["held"]
     assert (held["scale"], held["_growth_tracker"]) == (2.0**11, 1)
     assert [r["held"] for r in reports] == [r["loaded"] for r in reports] == [held, held]
     scaler = torch.amp.GradScaler("cpu")
     model, optimizer = _fresh(folder)
-    ckpt.load_sharded(model, optimizer, tmp_path / "checkpoint", adapters_only=False, scaler=scaler)  # resharded 2 → 1
+    ckpt.load_sharded(
+        model, optimizer, tmp_path / "checkpoint", adapters_only=False, scaler=scaler
+    )  # resharded 2 → 1
     assert scaler.state_dict() == held

@@ -58,7 +58,11 @@ def test_evaluate_model_pools_batches_and_ignores_padding() -> None:
     table = torch.log(torch.tensor([[0.5, 0.25, 0.25], [0.1, 0.6, 0.3], [0.2, 0.2, 0.6]]))
     dataset = SequenceDataset([Example([0, 1, 2], [0, 1, 2]), Example([2, 0], [IGNORE, 1])])
     result = evaluate_model(
-        _Unigram(table), dataset, collator=Collator(pad_id=0), micro_batch=2, max_batches=None,
+        _Unigram(table),
+        dataset,
+        collator=Collator(pad_id=0),
+        micro_batch=2,
+        max_batches=None,
         device=torch.device("cpu"),
     )
     # seq 1: 0->1 (p .25, argmax 0 wrong), 1->2 (p .3, argmax 1 wrong); seq 2: 2->1 (p .2, argmax 2 wrong)

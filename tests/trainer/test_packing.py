@@ -18,7 +18,25 @@ from finetune_trainer.evaluation import evaluate_model
 from finetune_trainer.packing import EpochSampler, TokenDataset
 from tests.trainer.factories import FAMILIES, make_tokenizer, reference_document, tiny_config
 
-WORDS = ["the", "market", "rose", "and", "the", "shares", "fell", "while", "the", "bank", "said", "profit", "for", "the", "year", "was", "higher"]
+WORDS = [
+    "the",
+    "market",
+    "rose",
+    "and",
+    "the",
+    "shares",
+    "fell",
+    "while",
+    "the",
+    "bank",
+    "said",
+    "profit",
+    "for",
+    "the",
+    "year",
+    "was",
+    "higher",
+]
 
 
 def _attention_cases() -> list[Any]:
@@ -56,24 +74,34 @@ def _corpus(path: Path, n: int, fmt: str = "text") -> str:
     return f"file://{path}"
 
 
-def _dataset(tmp_path: Path, tokenizer: Any, *, n: int = 60, length: int = 48, fmt: str = "text", **spec: Any) -> tuple[TokenDataset, DatasetSpec]:
+def _dataset(
+    tmp_path: Path, tokenizer: Any, *, n: int = 60, length: int = 48, fmt: str = "text", **spec: Any
+) -> tuple[TokenDataset, DatasetSpec]:
     uri = _corpus(tmp_path / "data" / "c.jsonl", n, fmt)
     dataset_spec = DatasetSpec(train=[uri], eval=[uri], format=fmt, **spec)  # type: ignore[arg-type]
     plan = plan_data(dataset_spec, seed=0)
     settings = ShardSettings(local_root=tmp_path / "cache", remote_uri=None, workers=1)
-    return token_dataset(plan, dataset_spec, tokenizer, split="train", length=length, settings=settings), dataset_spec
+    return token_dataset(
+        plan, dataset_spec, tokenizer, split="train", length=length, settings=settings
+    ), dataset_spec
 
 
 @pytest.mark.parametrize("fmt", ["text", "prompt-completion"])
 @pytest.mark.parametrize("packing", [True, False], ids=["concatenate", "none"])
-def test_sequences_equal_an_independent_packing(tmp_path: Path, tokenizer: Any, fmt: str, packing: bool) -> None:
+def test_sequences_equal_an_independent_packing(
+    tmp_path: Path, tokenizer: Any, fmt: str, packing: bool
+) -> None:
     dataset, spec = _dataset(tmp_path, tokenizer, fmt=fmt, packing=packing)
     path = Path((spec.train or [])[0][len("file://") :])
-    documents = [reference_document(json.loads(line), spec, tokenizer) for line in path.read_text().splitlines()]
+    documents = [
+        reference_document(json.loads(line), spec, tokenizer) for line in path.read_text().splitlines()
+    ]
     expected = _reference_sequences(documents, length=48, packing=packing)
     got = [(dataset[i]["input_ids"].tolist(), dataset[i]["labels"].tolist()) for i in range(len(dataset))]
     assert got == expected
-    assert dataset.trained_tokens() == sum(sum(1 for x in labels[1:] if x != IGNORE) for _, labels in expected)
+    assert dataset.trained_tokens() == sum(
+        sum(1 for x in labels[1:] if x != IGNORE) for _, labels in expected
+    )
 
 
 def _reference_sequences(
@@ -86,7 +114,9 @@ def _reference_sequences(
         labels = [t for _, d in documents for t in d]
         pieces = [(ids[i : i + length], labels[i : i + length]) for i in range(0, len(ids), length)]
     else:
-        pieces = [(d[i : i + length], m[i : i + length]) for d, m in documents for i in range(0, len(d), length)]
+        pieces = [
+            (d[i : i + length], m[i : i + length]) for d, m in documents for i in range(0, len(d), length)
+        ]
     return [(i, m) for i, m in pieces if any(x != IGNORE for x in m[1:])]
 
 
@@ -168,13 +198,21 @@ def test_evaluation_without_max_batches_reads_the_whole_eval_set(
     dataset, _ = _dataset(tmp_path, tokenizer, n=40, length=32, packing_strategy="documents")
     model = _load(model_dir("llama"), "sdpa")
     result = evaluate_model(
-        model, dataset, collator=Collator(tokenizer.pad_token_id, mode="documents"), micro_batch=3,
-        max_batches=None, device=torch.device("cpu"),
+        model,
+        dataset,
+        collator=Collator(tokenizer.pad_token_id, mode="documents"),
+        micro_batch=3,
+        max_batches=None,
+        device=torch.device("cpu"),
     )
     assert result.tokens == dataset.trained_tokens()
     capped = evaluate_model(
-        model, dataset, collator=Collator(tokenizer.pad_token_id, mode="documents"), micro_batch=3,
-        max_batches=2, device=torch.device("cpu"),
+        model,
+        dataset,
+        collator=Collator(tokenizer.pad_token_id, mode="documents"),
+        micro_batch=3,
+        max_batches=2,
+        device=torch.device("cpu"),
     )
     assert capped.tokens < result.tokens
 
@@ -215,7 +253,9 @@ def test_document_aware_packing_trains_end_to_end_and_writes_its_shards_once(
 ) -> None:
     from tests.trainer.conftest import base_config, run_trainer
 
-    config = base_config(model_dir("llama"), text_data, tmp_path / "run", dataset={"packingStrategy": "documents"})
+    config = base_config(
+        model_dir("llama"), text_data, tmp_path / "run", dataset={"packingStrategy": "documents"}
+    )
     code, summary = run_trainer(config, tmp_path)
     assert code == 0, summary
     assert summary["evaluations"][-1]["loss"] < summary["evaluations"][0]["loss"]
@@ -229,4 +269,6 @@ def test_document_strategy_without_packing_is_refused_naming_the_field() -> None
     from pydantic import ValidationError
 
     with pytest.raises(ValidationError, match="packingStrategy: documents needs packing: true"):
-        DatasetSpec.model_validate({"train": ["file:///d.jsonl"], "packing": False, "packingStrategy": "documents"})
+        DatasetSpec.model_validate(
+            {"train": ["file:///d.jsonl"], "packing": False, "packingStrategy": "documents"}
+        )

@@ -28,7 +28,20 @@ def tokenizer() -> Any:
 
 
 def _records(fmt: str, n: int) -> list[dict[str, Any]]:
-    words = ["the", "market", "rose", "and", "the", "shares", "fell", "while", "the", "bank", "said", "profit"]
+    words = [
+        "the",
+        "market",
+        "rose",
+        "and",
+        "the",
+        "shares",
+        "fell",
+        "while",
+        "the",
+        "bank",
+        "said",
+        "profit",
+    ]
     out: list[dict[str, Any]] = []
     for i in range(n):
         text = " ".join(words[(i + k) % len(words)] for k in range(1 + (i * 7) % 23))
@@ -37,7 +50,9 @@ def _records(fmt: str, n: int) -> list[dict[str, Any]]:
         elif fmt == "prompt-completion":
             out.append({"prompt": f"question {i}", "completion": text})
         else:
-            out.append({"messages": [{"role": "user", "content": f"q {i}"}, {"role": "assistant", "content": text}]})
+            out.append(
+                {"messages": [{"role": "user", "content": f"q {i}"}, {"role": "assistant", "content": text}]}
+            )
     return out
 
 
@@ -61,7 +76,9 @@ def _settings(tmp_path: Path, name: str = "local", **extra: Any) -> ShardSetting
 
 
 @pytest.mark.parametrize("fmt", ["text", "prompt-completion", "chat"])
-def test_shards_hold_the_tokens_and_loss_masks_the_tokenizer_gives(tmp_path: Path, tokenizer: Any, fmt: str) -> None:
+def test_shards_hold_the_tokens_and_loss_masks_the_tokenizer_gives(
+    tmp_path: Path, tokenizer: Any, fmt: str
+) -> None:
     _write(tmp_path / "data" / "a.jsonl", _records(fmt, 40))
     _write(tmp_path / "data" / "b.jsonl", _records(fmt, 25))
     spec = DatasetSpec(train=[f"file://{tmp_path}/data/*.jsonl"], format=fmt)  # type: ignore[arg-type]
@@ -92,7 +109,9 @@ def test_the_cached_set_is_reused_by_a_restart_other_lengths_and_packing(
     _write(tmp_path / "data" / "a.jsonl", _records("text", 100))
     spec = DatasetSpec(train=[f"file://{tmp_path}/data/a.jsonl"], eval_size=5)
     plan = plan_data(spec, seed=3)
-    first = token_dataset(plan, spec, tokenizer, split="train", length=32, settings=_settings(tmp_path, "node-a"))
+    first = token_dataset(
+        plan, spec, tokenizer, split="train", length=32, settings=_settings(tmp_path, "node-a")
+    )
     remote_files = sorted(p.name for p in (tmp_path / "remote").rglob("*") if p.is_file())
     assert remote_files == ["manifest.json", "part-00000.docs", "part-00000.ids"]
 
@@ -102,7 +121,9 @@ def test_the_cached_set_is_reused_by_a_restart_other_lengths_and_packing(
     monkeypatch.setattr(shards, "tokenize_units", no_tokenizing)
     # a fresh node (empty local cache), another sequence length and packing mode: downloaded
     other = DatasetSpec(train=spec.train, eval_size=5, packing_strategy="documents")
-    again = token_dataset(plan, other, tokenizer, split="train", length=64, settings=_settings(tmp_path, "node-b"))
+    again = token_dataset(
+        plan, other, tokenizer, split="train", length=64, settings=_settings(tmp_path, "node-b")
+    )
     assert again.documents == first.documents == 95
     assert again.total_tokens() == first.total_tokens()
 
@@ -126,8 +147,16 @@ def _node(args: tuple[Path, int, Any, DatasetSpec, Any]) -> Any:
     files = list_files(spec.train or [])
     try:
         result = build_shards(
-            files, spec, tokenizer, key="k", local_root=tmp_path / f"node-{rank}",
-            remote=_settings(tmp_path).remote(), node_rank=rank, nodes=2, workers=1, unit_bytes=2048,
+            files,
+            spec,
+            tokenizer,
+            key="k",
+            local_root=tmp_path / f"node-{rank}",
+            remote=_settings(tmp_path).remote(),
+            node_rank=rank,
+            nodes=2,
+            workers=1,
+            unit_bytes=2048,
         )
         queue.put((rank, result.manifest, None))
     except InvalidData as exc:
@@ -137,7 +166,9 @@ def _node(args: tuple[Path, int, Any, DatasetSpec, Any]) -> Any:
 def _run_nodes(tmp_path: Path, tokenizer: Any, spec: DatasetSpec) -> dict[int, Any]:
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
-    processes = [context.Process(target=_node, args=((tmp_path, r, tokenizer, spec, queue),)) for r in range(2)]
+    processes = [
+        context.Process(target=_node, args=((tmp_path, r, tokenizer, spec, queue),)) for r in range(2)
+    ]
     for p in processes:
         p.start()
     results = {}
@@ -155,13 +186,19 @@ def test_two_nodes_split_the_units_and_both_get_the_whole_set(tmp_path: Path, to
     results = _run_nodes(tmp_path, tokenizer, spec)
     assert results[0][1] is None and results[1][1] is None
     assert results[0][0] == results[1][0]
-    node_records = {r: json.loads((tmp_path / "remote" / "k" / f"node-{r}.json").read_text()) for r in range(2)}
+    node_records = {
+        r: json.loads((tmp_path / "remote" / "k" / f"node-{r}.json").read_text()) for r in range(2)
+    }
     assert [p["index"] % 2 for p in node_records[0]["parts"]] == [0] * len(node_records[0]["parts"])
     assert [p["index"] % 2 for p in node_records[1]["parts"]] == [1] * len(node_records[1]["parts"])
-    alone = build_shards(list_files(spec.train or []), spec, tokenizer, key="k", local_root=tmp_path / "alone", remote=None)
+    alone = build_shards(
+        list_files(spec.train or []), spec, tokenizer, key="k", local_root=tmp_path / "alone", remote=None
+    )
     expected = _documents(TokenStore(alone))
     for r in range(2):
-        assert _documents(TokenStore(shards.ShardSet(tmp_path / f"node-{r}" / "k", results[r][0]))) == expected
+        assert (
+            _documents(TokenStore(shards.ShardSet(tmp_path / f"node-{r}" / "k", results[r][0]))) == expected
+        )
 
 
 def test_a_bad_record_on_one_node_fails_every_node_with_its_line(tmp_path: Path, tokenizer: Any) -> None:
@@ -174,7 +211,9 @@ def test_a_bad_record_on_one_node_fails_every_node_with_its_line(tmp_path: Path,
     for r in range(2):
         manifest, error = results[r]
         assert manifest is None
-        assert error[1] == [f"file://{path}:400: invalid JSON (Expecting property name enclosed in double quotes)"]
+        assert error[1] == [
+            f"file://{path}:400: invalid JSON (Expecting property name enclosed in double quotes)"
+        ]
     assert not (tmp_path / "remote" / "k" / "manifest.json").exists()
 
 
@@ -207,10 +246,16 @@ class _ShortVocabulary:
 def test_ids_that_do_not_fit_the_dtype_are_an_error(tmp_path: Path, tokenizer: Any) -> None:
     _write(tmp_path / "data" / "a.jsonl", _records("text", 5))
     spec = DatasetSpec(train=[f"file://{tmp_path}/data/a.jsonl"])
-    with pytest.raises(InvalidData, match=r"token id \d+ does not fit the uint8 token shards .* of 256 tokens"):
+    with pytest.raises(
+        InvalidData, match=r"token id \d+ does not fit the uint8 token shards .* of 256 tokens"
+    ):
         build_shards(
-            list_files(spec.train or []), spec, _ShortVocabulary(tokenizer, 256), key="k",
-            local_root=tmp_path / "l", remote=None,
+            list_files(spec.train or []),
+            spec,
+            _ShortVocabulary(tokenizer, 256),
+            key="k",
+            local_root=tmp_path / "l",
+            remote=None,
         )
 
 
@@ -230,6 +275,7 @@ def test_s3_sources_stream_by_range_and_the_cache_lives_in_s3(
     tmp_path: Path, tokenizer: Any, s3_server: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from finetune_trainer.storage import open_store
+
     root = s3_root(s3_server)
     store = open_store(root, endpoint=s3_server)
     try:
@@ -248,13 +294,19 @@ def test_s3_sources_stream_by_range_and_the_cache_lives_in_s3(
         first = shards_for(files, spec, tokenizer, settings)
         assert len(first.manifest["parts"]) > 3
         expected = build_shards(
-            list_files([f"file://{local}", f"file://{local}"]), spec, tokenizer, key="k",
-            local_root=tmp_path / "ref", remote=None,
+            list_files([f"file://{local}", f"file://{local}"]),
+            spec,
+            tokenizer,
+            key="k",
+            local_root=tmp_path / "ref",
+            remote=None,
         )
         assert _documents(TokenStore(first)) == _documents(TokenStore(expected))
         assert store.exists(f"tokens/{first.manifest['key']}/manifest.json")
 
-        monkeypatch.setattr(shards, "tokenize_units", lambda *a, **k: (_ for _ in ()).throw(AssertionError("again")))
+        monkeypatch.setattr(
+            shards, "tokenize_units", lambda *a, **k: (_ for _ in ()).throw(AssertionError("again"))
+        )
         other = ShardSettings(local_root=tmp_path / "node-b", remote_uri=root + "tokens/", endpoint=s3_server)
         again = shards_for(files, spec, tokenizer, other)
         assert _documents(TokenStore(again)) == _documents(TokenStore(expected))
@@ -262,7 +314,9 @@ def test_s3_sources_stream_by_range_and_the_cache_lives_in_s3(
         store.delete_prefix("")
 
 
-def test_a_trainer_that_survives_sigterm_does_not_hang_the_tokenizer_pool(tmp_path: Path, tokenizer: Any) -> None:
+def test_a_trainer_that_survives_sigterm_does_not_hang_the_tokenizer_pool(
+    tmp_path: Path, tokenizer: Any
+) -> None:
     """The trainer handles SIGTERM by checkpointing at the step end, so it does not exit; forked
     tokenizer workers inherit that handler. Both a finished pool and a pool stopped by a worker's
     error must still end (a hang here once cost CI its 900 s timeout)."""
@@ -274,13 +328,26 @@ def test_a_trainer_that_survives_sigterm_does_not_hang_the_tokenizer_pool(tmp_pa
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
         done = build_shards(
-            files, spec, tokenizer, key="k", local_root=tmp_path / "ok", remote=None, workers=2, unit_bytes=2048
+            files,
+            spec,
+            tokenizer,
+            key="k",
+            local_root=tmp_path / "ok",
+            remote=None,
+            workers=2,
+            unit_bytes=2048,
         )
         assert done.manifest["documents"] == 300
         with pytest.raises(InvalidData, match="does not fit the uint8 token shards"):
             build_shards(
-                files, spec, _ShortVocabulary(tokenizer, 256), key="k", local_root=tmp_path / "bad", remote=None,
-                workers=2, unit_bytes=2048,
+                files,
+                spec,
+                _ShortVocabulary(tokenizer, 256),
+                key="k",
+                local_root=tmp_path / "bad",
+                remote=None,
+                workers=2,
+                unit_bytes=2048,
             )
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -26,10 +26,18 @@ def test_smollm2_fine_tunes_on_market_reports(tmp_path: Path, capsys: pytest.Cap
     run = tmp_path / "run"
     config = {
         "model": {"name": "smollm2-135m-instruct"},
-        "dataset": {"train": [f"file://{DATA}/train.jsonl"], "eval": [f"file://{DATA}/eval.jsonl"], "format": "text"},
+        "dataset": {
+            "train": [f"file://{DATA}/train.jsonl"],
+            "eval": [f"file://{DATA}/eval.jsonl"],
+            "format": "text",
+        },
         "hyperparameters": {
-            "maxSteps": 16, "learningRate": 2e-4, "lrScheduler": "cosine", "warmupSteps": 2,
-            "batchSize": 4, "sequenceLength": 96,
+            "maxSteps": 16,
+            "learningRate": 2e-4,
+            "lrScheduler": "cosine",
+            "warmupSteps": 2,
+            "batchSize": 4,
+            "sequenceLength": 96,
         },
         "evaluation": {"everySteps": 8, "logEverySteps": 4, "maxBatches": 4},
         "checkpoints": {"everySteps": 16, "keepLast": 1, "outputUri": f"file://{run}/"},
@@ -38,7 +46,7 @@ def test_smollm2_fine_tunes_on_market_reports(tmp_path: Path, capsys: pytest.Cap
     assert code == contract.EXIT_OK, summary
     out = capsys.readouterr().out
     with capsys.disabled():
-        print("\n" + out[out.index("      Step |"):])
+        print("\n" + out[out.index("      Step |") :])
     assert "Step | Accuracy |     Loss | Perplexity" in out
     start, end = summary["evaluations"][0], summary["evaluations"][-1]
     assert start["step"] == 0 and end["step"] == 16

@@ -34,7 +34,9 @@ def _texts(uri: str, spec: DatasetSpec, *, unit_bytes: int | None = None) -> lis
     out = []
     for unit in units:
         store = open_store(unit.file.store_uri)
-        out.extend(item.data[spec.text_field] for item in read_unit(unit, store, spec) if item.data is not None)
+        out.extend(
+            item.data[spec.text_field] for item in read_unit(unit, store, spec) if item.data is not None
+        )
     return out
 
 
@@ -107,7 +109,12 @@ def test_preflight_counts_the_records_of_each_file(tmp_path: Path) -> None:
     [
         pytest.param("data.jsonl.bz2", b"x", "compression 'bz2' is not supported", id="unknown-compression"),
         pytest.param("data.jsonl.gz", b"{}", "named .gz but is not gzip data", id="gz-not-gzip"),
-        pytest.param("data.jsonl", gzip.compress(b'{"text": "a"}\n'), "is gzip-compressed data; name it .gz", id="gzip-unnamed"),
+        pytest.param(
+            "data.jsonl",
+            gzip.compress(b'{"text": "a"}\n'),
+            "is gzip-compressed data; name it .gz",
+            id="gzip-unnamed",
+        ),
     ],
 )
 def test_compression_mistakes_name_the_file(tmp_path: Path, name: str, content: bytes, expected: str) -> None:
@@ -168,7 +175,8 @@ def test_first_record_of_every_kind_reads_only_its_start(tmp_path: Path) -> None
     _parquet(tmp_path / "e.parquet", id=[1, 2], text=["a", "b"])
     (tmp_path / "f.txt").write_text("a document")
     found = {
-        f.name.rsplit("/", 1)[1]: first_record(f, open_store(f.store_uri)) for f in list_files([f"file://{tmp_path}"])
+        f.name.rsplit("/", 1)[1]: first_record(f, open_store(f.store_uri))
+        for f in list_files([f"file://{tmp_path}"])
     }
     base = f"file://{tmp_path}"
     assert found == {
@@ -185,15 +193,28 @@ def test_first_record_of_every_kind_reads_only_its_start(tmp_path: Path) -> None
     ("name", "content", "expected"),
     [
         pytest.param("t.jsonl", b"\n{oops\n", "t.jsonl:2: invalid JSON", id="bad-json"),
-        pytest.param("t.jsonl", b"[1, 2]\n", "t.jsonl:1: a record must be a JSON object, got an array", id="array"),
-        pytest.param("t.jsonl", b"\n \n", "t.jsonl: no records: the file is empty or holds only blank lines", id="empty"),
-        pytest.param("t.jsonl.gz", b'{"text": "x"}\n', "t.jsonl.gz: named .gz but is not gzip data", id="not-gzip"),
-        pytest.param("t.jsonl.zst", gzip.compress(b"{}"), "t.jsonl.zst: named .zst but is not Zstandard", id="not-zstd"),
+        pytest.param(
+            "t.jsonl", b"[1, 2]\n", "t.jsonl:1: a record must be a JSON object, got an array", id="array"
+        ),
+        pytest.param(
+            "t.jsonl",
+            b"\n \n",
+            "t.jsonl: no records: the file is empty or holds only blank lines",
+            id="empty",
+        ),
+        pytest.param(
+            "t.jsonl.gz", b'{"text": "x"}\n', "t.jsonl.gz: named .gz but is not gzip data", id="not-gzip"
+        ),
+        pytest.param(
+            "t.jsonl.zst", gzip.compress(b"{}"), "t.jsonl.zst: named .zst but is not Zstandard", id="not-zstd"
+        ),
         pytest.param("t.jsonl.xz", b"x", "t.jsonl.xz: compression 'xz' is not supported; use JSONL", id="xz"),
         pytest.param("t.parquet", b"PAR1 not really", "t.parquet: not a Parquet file", id="not-parquet"),
     ],
 )
-def test_first_record_names_the_file_and_line(tmp_path: Path, name: str, content: bytes, expected: str) -> None:
+def test_first_record_names_the_file_and_line(
+    tmp_path: Path, name: str, content: bytes, expected: str
+) -> None:
     (tmp_path / name).write_bytes(content)
     file = SourceFile(f"file://{tmp_path}/", name, len(content), "v")
     with pytest.raises(InvalidData, match=re.escape(f"file://{tmp_path}/{expected}")):
@@ -205,7 +226,9 @@ def test_an_empty_parquet_file_has_no_records(tmp_path: Path) -> None:
 
     _parquet(tmp_path / "t.parquet", text=pa.array([], pa.string()))
     (file,) = list_files([f"file://{tmp_path}/t.parquet"])
-    with pytest.raises(InvalidData, match=re.escape(f"{file.name}: no records: the Parquet file has no rows")):
+    with pytest.raises(
+        InvalidData, match=re.escape(f"{file.name}: no records: the Parquet file has no rows")
+    ):
         first_record(file, open_store(file.store_uri))
     with pytest.raises(InvalidData) as caught:
         preflight([file], _spec(file.name))
@@ -241,19 +264,32 @@ def test_add_dataset_counts_the_tokens_the_shards_hold(
     train.write_bytes(gzip.compress(("\n".join(_lines(120)) + "\n").encode()))
     (tmp_path / "eval.jsonl").write_text("\n".join(_lines(9)) + "\n")
     code, out, err = _add_dataset(
-        tmp_path, monkeypatch, "--name", "news", "--paths", str(train), "--eval-paths", str(tmp_path / "eval.jsonl"),
-        "--tokenizer", str(tokenizer_dir),
+        tmp_path,
+        monkeypatch,
+        "--name",
+        "news",
+        "--paths",
+        str(train),
+        "--eval-paths",
+        str(tmp_path / "eval.jsonl"),
+        "--tokenizer",
+        str(tokenizer_dir),
     )
     assert code == 0, err
     spec = DatasetSpec(train=[f"file://{train}"])
     expected = {}
     for split, uri in (("train", f"file://{train}"), ("eval", f"file://{tmp_path}/eval.jsonl")):
         made = shards_for(
-            list_files([uri]), spec, load_tokenizer(tokenizer_dir),
+            list_files([uri]),
+            spec,
+            load_tokenizer(tokenizer_dir),
             ShardSettings(local_root=tmp_path / f"shards-{split}", remote_uri=None, workers=1),
         )
         expected[split] = made.tokens
-    assert f"120 train records ({expected['train']:,} tokens), 9 eval records ({expected['eval']:,} tokens)" in out
+    assert (
+        f"120 train records ({expected['train']:,} tokens), 9 eval records ({expected['eval']:,} tokens)"
+        in out
+    )
     metadata = json.loads((tmp_path / "registry" / "news" / "dataset.json").read_text())
     assert (metadata["trainTokens"], metadata["evalTokens"]) == (expected["train"], expected["eval"])
     assert (tmp_path / "registry" / "news" / "train" / "train.jsonl.gz").read_bytes() == train.read_bytes()
@@ -264,15 +300,27 @@ def test_add_dataset_counts_the_tokens_the_shards_hold(
 
 def test_add_dataset_says_why_tokens_are_not_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "train.jsonl").write_text("\n".join(_lines(5)) + "\n")
-    code, out, err = _add_dataset(tmp_path, monkeypatch, "--name", "gguf", "--paths", str(tmp_path / "train.jsonl"))
+    code, out, err = _add_dataset(
+        tmp_path, monkeypatch, "--name", "gguf", "--paths", str(tmp_path / "train.jsonl")
+    )
     assert code == 0, err
     assert "5 train records (eval: evalSize records held out)" in out
     assert "tokens not counted: smollm2-135m-instruct's tokenizer is inside its GGUF file" in out
     code, out, err = _add_dataset(
-        tmp_path, monkeypatch, "--name", "hub", "--paths", str(tmp_path / "train.jsonl"), "--tokenizer", "pythia-70m"
+        tmp_path,
+        monkeypatch,
+        "--name",
+        "hub",
+        "--paths",
+        str(tmp_path / "train.jsonl"),
+        "--tokenizer",
+        "pythia-70m",
     )
     assert code == 0, err
-    assert f"tokens not counted: pythia-70m (hf://EleutherAI/pythia-70m) is not in the local Hugging Face cache ({tmp_path}/hub)" in out
+    assert (
+        f"tokens not counted: pythia-70m (hf://EleutherAI/pythia-70m) is not in the local Hugging Face cache ({tmp_path}/hub)"
+        in out
+    )
     metadata = json.loads((tmp_path / "registry" / "hub" / "dataset.json").read_text())
     assert metadata["trainTokens"] is None and metadata["tokenizer"].startswith("tokens not counted")
 
@@ -288,7 +336,14 @@ def test_add_dataset_reads_a_catalog_tokenizer_from_the_hub_cache(
     (snapshot.parents[1] / "refs" / "main").write_text("abc123")
     (tmp_path / "train.jsonl").write_text("\n".join(_lines(5)) + "\n")
     code, out, err = _add_dataset(
-        tmp_path, monkeypatch, "--name", "hub", "--paths", str(tmp_path / "train.jsonl"), "--tokenizer", "pythia-70m"
+        tmp_path,
+        monkeypatch,
+        "--name",
+        "hub",
+        "--paths",
+        str(tmp_path / "train.jsonl"),
+        "--tokenizer",
+        "pythia-70m",
     )
     assert code == 0, err
     assert f"tokens counted with pythia-70m ({snapshot}/tokenizer.json)" in out
@@ -303,8 +358,14 @@ def test_add_dataset_reports_bad_records_by_file_and_line_and_uploads_nothing(
     lines[3] = "{oops"
     (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
     code, _, err = _add_dataset(
-        tmp_path, monkeypatch, "--name", "bad", "--paths", str(tmp_path / "train.jsonl"),
-        "--tokenizer", str(tokenizer_dir),
+        tmp_path,
+        monkeypatch,
+        "--name",
+        "bad",
+        "--paths",
+        str(tmp_path / "train.jsonl"),
+        "--tokenizer",
+        str(tokenizer_dir),
     )
     assert code == 1
     assert "29 record(s) the trainer would reject (9 more not shown)" in err
@@ -318,11 +379,23 @@ def test_add_dataset_reports_bad_records_by_file_and_line_and_uploads_nothing(
     ("name", "content", "message"),
     [
         pytest.param("t.jsonl.gz", b'{"text": "x"}\n', "named .gz but is not gzip data", id="not-gzip"),
-        pytest.param("t.jsonl", gzip.compress(b'{"text": "x"}\n'), "is gzip-compressed data; name it .gz", id="gzip-unnamed"),
+        pytest.param(
+            "t.jsonl",
+            gzip.compress(b'{"text": "x"}\n'),
+            "is gzip-compressed data; name it .gz",
+            id="gzip-unnamed",
+        ),
         pytest.param("t.jsonl", b"\n\n", "t.jsonl: no records", id="no-records"),
         pytest.param("t.jsonl", b'{"body": "x"}\n', "t.jsonl:1: cannot tell the format", id="unknown-format"),
-        pytest.param("t.jsonl.zst", b'{"text": "x"}\n', "t.jsonl.zst: named .zst but is not Zstandard data", id="not-zstd"),
-        pytest.param("t.jsonl.lz4", b"x", "t.jsonl.lz4: compression 'lz4' is not supported; use JSONL", id="lz4"),
+        pytest.param(
+            "t.jsonl.zst",
+            b'{"text": "x"}\n',
+            "t.jsonl.zst: named .zst but is not Zstandard data",
+            id="not-zstd",
+        ),
+        pytest.param(
+            "t.jsonl.lz4", b"x", "t.jsonl.lz4: compression 'lz4' is not supported; use JSONL", id="lz4"
+        ),
     ],
 )
 def test_add_dataset_names_the_file_it_cannot_read(
@@ -343,8 +416,16 @@ def test_add_dataset_reads_parquet_and_zstd_and_counts_their_tokens(
     _parquet(tmp_path / "train.parquet", id=list(range(40)), text=texts)
     (tmp_path / "eval.jsonl.zst").write_bytes(_zst(("\n".join(_lines(6)) + "\n").encode()))
     code, out, err = _add_dataset(
-        tmp_path, monkeypatch, "--name", "mixed", "--paths", str(tmp_path / "train.parquet"),
-        "--eval-paths", str(tmp_path / "eval.jsonl.zst"), "--tokenizer", str(tokenizer_dir),
+        tmp_path,
+        monkeypatch,
+        "--name",
+        "mixed",
+        "--paths",
+        str(tmp_path / "train.parquet"),
+        "--eval-paths",
+        str(tmp_path / "eval.jsonl.zst"),
+        "--tokenizer",
+        str(tokenizer_dir),
     )
     assert code == 0, err
     tokenizer = load_tokenizer(tokenizer_dir)
@@ -364,7 +445,10 @@ def test_add_dataset_parquet_without_the_text_column_says_what_it_has(
         tmp_path, monkeypatch, "--name", "x", "--paths", str(tmp_path / "t.parquet"), "--format", "text"
     )
     assert code == 1
-    assert f"file://{tmp_path}/t.parquet: no column 'text' (dataset.textField); the file has columns ['body']" in err
+    assert (
+        f"file://{tmp_path}/t.parquet: no column 'text' (dataset.textField); the file has columns ['body']"
+        in err
+    )
     assert not (tmp_path / "registry" / "x").exists()
 
 
@@ -383,4 +467,6 @@ def test_add_dataset_lists_every_file_kind_in_a_folder_and_refuses_unreadable_on
     (data / "d.jsonl.bz2").write_bytes(b"x")
     code, _, err = _add_dataset(tmp_path, monkeypatch, "--name", "folder2", "--paths", str(data))
     assert code == 1
-    assert "1 file(s) the trainer cannot read" in err and f"file://{data}/d.jsonl.bz2: compression 'bz2'" in err
+    assert (
+        "1 file(s) the trainer cannot read" in err and f"file://{data}/d.jsonl.bz2: compression 'bz2'" in err
+    )

@@ -56,7 +56,8 @@ def test_globs(root: str, endpoint: str | None) -> None:
     for key in ("data/train-1.jsonl", "data/train-2.jsonl", "data/eval.jsonl", "data/sub/train-3.jsonl"):
         store.write_bytes(key, b"{}\n")
     assert [s.uri + o.key for s, o in expand(root + "data/train-*.jsonl", endpoint=endpoint)] == [
-        root + "data/train-1.jsonl", root + "data/train-2.jsonl"
+        root + "data/train-1.jsonl",
+        root + "data/train-2.jsonl",
     ]
     assert len(expand(root + "data/**/train-*.jsonl", endpoint=endpoint)) == 3
     assert len(expand(root + "data/", endpoint=endpoint)) == 4
@@ -113,22 +114,39 @@ def test_model_data_and_run_folder_on_s3_with_resume(
     root = s3_root(s3_server)
     store = open_store(root, endpoint=s3_server)
     try:
-        ckpt.upload_folder(store, model_dir("gpt2"), "models/tiny-gpt2/", step=0, metrics={})  # with a manifest
+        ckpt.upload_folder(
+            store, model_dir("gpt2"), "models/tiny-gpt2/", step=0, metrics={}
+        )  # with a manifest
         for split in ("train", "eval"):
-            store.upload_file(Path(text_data[split][len("file://"):]), f"data/{split}.jsonl")
+            store.upload_file(Path(text_data[split][len("file://") :]), f"data/{split}.jsonl")
         data = {"train": root + "data/train*.jsonl", "eval": root + "data/eval.jsonl"}
         model = Path("/unused")
         common = {"run": {"storageEndpoint": s3_server}, "model": {"uri": root + "models/tiny-gpt2/"}}
-        first = base_config(model, data, tmp_path, hyperparameters={"maxSteps": 2},
-                            checkpoints={"everySteps": 2, "outputUri": root + "run/"}, **common)
+        first = base_config(
+            model,
+            data,
+            tmp_path,
+            hyperparameters={"maxSteps": 2},
+            checkpoints={"everySteps": 2, "outputUri": root + "run/"},
+            **common,
+        )
         assert run_trainer(first, tmp_path, "first.json")[0] == 0
-        second = base_config(model, data, tmp_path, hyperparameters={"maxSteps": 4},
-                             checkpoints={"everySteps": 2, "outputUri": root + "run/"}, **common)
+        second = base_config(
+            model,
+            data,
+            tmp_path,
+            hyperparameters={"maxSteps": 4},
+            checkpoints={"everySteps": 2, "outputUri": root + "run/"},
+            **common,
+        )
         code, summary = run_trainer(second, tmp_path, "second.json")
         assert code == 0 and final_eval(summary)["step"] == 4
         assert [e["step"] for e in summary["evaluations"]] == [0, 2, 4]
         assert json.loads(store.read_bytes("run/final/manifest.json"))["step"] == 4
         assert store.exists("run/run.json") and store.exists("run/metrics.jsonl")
-        assert [m["step"] for m in ckpt.list_complete(open_store(root + "run/", endpoint=s3_server))] == [2, 4]
+        assert [m["step"] for m in ckpt.list_complete(open_store(root + "run/", endpoint=s3_server))] == [
+            2,
+            4,
+        ]
     finally:
         store.delete_prefix("")

@@ -326,7 +326,9 @@ def test_a_run_through_two_outages_ends_as_one_without(
     assert outages == ["first checkpoint upload", "final export"], "both faults happened"
     assert [e["step"] for e in summary["evaluations"]] == [e["step"] for e in clean["evaluations"]]
     assert final_eval(summary)["loss"] == pytest.approx(final_eval(clean)["loss"], abs=1e-6)
-    assert [c["step"] for c in summary["checkpoints"]] == [c["step"] for c in clean["checkpoints"]] == [2, 4, 6]
+    assert (
+        [c["step"] for c in summary["checkpoints"]] == [c["step"] for c in clean["checkpoints"]] == [2, 4, 6]
+    )
     for record in summary["checkpoints"]:
         folder = faulty / "checkpoints" / f"step-{record['step']:06d}"
         manifest = json.loads((folder / "manifest.json").read_text())
@@ -334,7 +336,9 @@ def test_a_run_through_two_outages_ends_as_one_without(
             stored = folder / entry["path"]
             assert stored.stat().st_size == entry["size"], stored
             assert hashlib.sha256(stored.read_bytes()).hexdigest() == entry["sha256"], stored
-    final_files = sorted(p.relative_to(faulty / "final") for p in (faulty / "final").rglob("*") if p.is_file())
+    final_files = sorted(
+        p.relative_to(faulty / "final") for p in (faulty / "final").rglob("*") if p.is_file()
+    )
     clean_final = server.root / "runs" / "clean" / "final"
     assert final_files == sorted(p.relative_to(clean_final) for p in clean_final.rglob("*") if p.is_file())
     for rel in final_files:

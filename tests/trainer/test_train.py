@@ -20,25 +20,37 @@ from tests.trainer.conftest import TrainedRun, base_config, final_eval, run_trai
 from tests.trainer.factories import FAMILIES
 
 
-def _reevaluate(folder: Path, data: dict[str, str], length: int = 32, checkpoint: Path | None = None) -> float:
+def _reevaluate(
+    folder: Path, data: dict[str, str], length: int = 32, checkpoint: Path | None = None
+) -> float:
     tokenizer = load_tokenizer(folder)
     spec = DatasetSpec(train=[data["train"]], eval=[data["eval"]])
-    settings = ShardSettings(local_root=Path(tempfile.mkdtemp(prefix="reevaluate-")), remote_uri=None, workers=1)
-    dataset = token_dataset(plan_data(spec, seed=42), spec, tokenizer, split="eval", length=length, settings=settings)
+    settings = ShardSettings(
+        local_root=Path(tempfile.mkdtemp(prefix="reevaluate-")), remote_uri=None, workers=1
+    )
+    dataset = token_dataset(
+        plan_data(spec, seed=42), spec, tokenizer, split="eval", length=length, settings=settings
+    )
     model = load_model(folder, init="pretrained", dropout=None, seed=0)
     if checkpoint is not None:  # the weights of a training checkpoint on the model folder's config
         from finetune_trainer.checkpoints import load_weights
 
         load_weights(model, checkpoint)
     result = evaluate_model(
-        model, dataset, collator=Collator(tokenizer.pad_token_id), micro_batch=4, max_batches=None,
+        model,
+        dataset,
+        collator=Collator(tokenizer.pad_token_id),
+        micro_batch=4,
+        max_batches=None,
         device=torch.device("cpu"),
     )
     return result.loss
 
 
 @pytest.mark.parametrize("family", list(FAMILIES), ids=list(FAMILIES))
-def test_family_trains_evaluates_checkpoints_and_reloads(family: str, trained: Callable[..., TrainedRun]) -> None:
+def test_family_trains_evaluates_checkpoints_and_reloads(
+    family: str, trained: Callable[..., TrainedRun]
+) -> None:
     result = trained(family)
     run, summary, text_data = result.run, result.summary, result.data
     assert result.code == contract.EXIT_OK, summary
@@ -46,7 +58,11 @@ def test_family_trains_evaluates_checkpoints_and_reloads(family: str, trained: C
     assert summary["evaluations"][-1]["loss"] < summary["evaluations"][0]["loss"]
     manifest = json.loads((run / "checkpoints" / "step-000004" / "manifest.json").read_text())
     assert manifest["step"] == 4 and manifest["format"] == "dcp"
-    assert {f["path"] for f in manifest["files"]} == {"state/.metadata", "state/__0_0.distcp", "train_state.json"}
+    assert {f["path"] for f in manifest["files"]} == {
+        "state/.metadata",
+        "state/__0_0.distcp",
+        "train_state.json",
+    }
     recorded = manifest["metrics"]["evalLoss"]
     assert recorded == pytest.approx(final_eval(summary)["loss"], abs=0)
     checkpoint = run / "checkpoints" / "step-000004"
@@ -59,7 +75,9 @@ def test_family_trains_evaluates_checkpoints_and_reloads(family: str, trained: C
     board = EventAccumulator(str(run / "tensorboard"))
     board.Reload()
     eval_steps = sorted(e.step for e in board.Scalars("eval/loss"))
-    assert eval_steps == sorted(e["step"] for e in summary["evaluations"]), "every evaluation, step 0 included"
+    assert eval_steps == sorted(e["step"] for e in summary["evaluations"]), (
+        "every evaluation, step 0 included"
+    )
 
 
 def test_keep_last_deletes_older_checkpoints(
@@ -67,7 +85,11 @@ def test_keep_last_deletes_older_checkpoints(
 ) -> None:
     run = tmp_path / "run"
     config = base_config(
-        model_dir("gpt2"), text_data, run, hyperparameters={"maxSteps": 6}, checkpoints={"everySteps": 1, "keepLast": 2}
+        model_dir("gpt2"),
+        text_data,
+        run,
+        hyperparameters={"maxSteps": 6},
+        checkpoints={"everySteps": 1, "keepLast": 2},
     )
     code, summary = run_trainer(config, tmp_path)
     assert code == 0
@@ -85,8 +107,11 @@ def test_gradient_accumulation_equals_the_full_batch(
     results = []
     for micro in (4, 1):
         config = base_config(
-            model_dir("llama"), text_data, tmp_path / f"run-{micro}",
-            hyperparameters={"microBatchSize": micro}, dataset={"packing": False},
+            model_dir("llama"),
+            text_data,
+            tmp_path / f"run-{micro}",
+            hyperparameters={"microBatchSize": micro},
+            dataset={"packing": False},
         )
         code, summary = run_trainer(config, tmp_path, f"config-{micro}.json")
         assert code == 0
@@ -100,18 +125,26 @@ def test_resume_continues_where_the_checkpoint_left_off(
     """A run stopped at step 3 and started again (same run folder) ends where an uninterrupted
     run ends. (The constant schedule makes maxSteps=3 then 6 the same run as 6 at once.)"""
     model = model_dir("gpt_neox")
-    whole = base_config(model, text_data, tmp_path / "whole", hyperparameters={"maxSteps": 6}, checkpoints={"everySteps": 3})
+    whole = base_config(
+        model, text_data, tmp_path / "whole", hyperparameters={"maxSteps": 6}, checkpoints={"everySteps": 3}
+    )
     code, uninterrupted = run_trainer(whole, tmp_path, "whole.json")
     assert code == 0
-    first = base_config(model, text_data, tmp_path / "parts", hyperparameters={"maxSteps": 3}, checkpoints={"everySteps": 3})
+    first = base_config(
+        model, text_data, tmp_path / "parts", hyperparameters={"maxSteps": 3}, checkpoints={"everySteps": 3}
+    )
     assert run_trainer(first, tmp_path, "first.json")[0] == 0
-    second = base_config(model, text_data, tmp_path / "parts", hyperparameters={"maxSteps": 6}, checkpoints={"everySteps": 3})
+    second = base_config(
+        model, text_data, tmp_path / "parts", hyperparameters={"maxSteps": 6}, checkpoints={"everySteps": 3}
+    )
     code, resumed = run_trainer(second, tmp_path, "second.json")
     assert code == 0
     assert final_eval(resumed)["step"] == 6
     assert final_eval(resumed)["loss"] == pytest.approx(final_eval(uninterrupted)["loss"], abs=1e-6)
     assert resumed["evaluations"][0]["step"] == 0  # history kept across attempts
-    assert [c["step"] for c in resumed["checkpoints"]] == [3, 6], "the first attempt's checkpoint still exists"
+    assert [c["step"] for c in resumed["checkpoints"]] == [3, 6], (
+        "the first attempt's checkpoint still exists"
+    )
 
 
 def test_lora_trains_exports_merged_and_adapter_and_resumes(
@@ -119,8 +152,14 @@ def test_lora_trains_exports_merged_and_adapter_and_resumes(
 ) -> None:
     model = model_dir("llama")
     lora = {"rank": 4, "alpha": 8, "dropout": 0.0}
-    whole = base_config(model, text_data, tmp_path / "whole", hyperparameters={"maxSteps": 6}, lora=lora,
-                        checkpoints={"everySteps": 3})
+    whole = base_config(
+        model,
+        text_data,
+        tmp_path / "whole",
+        hyperparameters={"maxSteps": 6},
+        lora=lora,
+        checkpoints={"everySteps": 3},
+    )
     code, uninterrupted = run_trainer(whole, tmp_path, "whole.json")
     assert code == 0
     final = tmp_path / "whole" / "final"
@@ -129,15 +168,31 @@ def test_lora_trains_exports_merged_and_adapter_and_resumes(
     assert _reevaluate(final, text_data) == pytest.approx(final_eval(uninterrupted)["loss"], abs=1e-5)
     from torch.distributed.checkpoint import FileSystemReader
 
-    saved = FileSystemReader(str(tmp_path / "whole" / "checkpoints" / "step-000003" / "state")).read_metadata()
+    saved = FileSystemReader(
+        str(tmp_path / "whole" / "checkpoints" / "step-000003" / "state")
+    ).read_metadata()
     weights = [key for key in saved.state_dict_metadata if key.startswith("model.")]
-    assert weights and all("lora_" in key for key in weights), "a LoRA checkpoint holds the adapters, not the base"
+    assert weights and all("lora_" in key for key in weights), (
+        "a LoRA checkpoint holds the adapters, not the base"
+    )
 
-    first = base_config(model, text_data, tmp_path / "parts", hyperparameters={"maxSteps": 3}, lora=lora,
-                        checkpoints={"everySteps": 3})
+    first = base_config(
+        model,
+        text_data,
+        tmp_path / "parts",
+        hyperparameters={"maxSteps": 3},
+        lora=lora,
+        checkpoints={"everySteps": 3},
+    )
     assert run_trainer(first, tmp_path, "first.json")[0] == 0
-    second = base_config(model, text_data, tmp_path / "parts", hyperparameters={"maxSteps": 6}, lora=lora,
-                         checkpoints={"everySteps": 3})
+    second = base_config(
+        model,
+        text_data,
+        tmp_path / "parts",
+        hyperparameters={"maxSteps": 6},
+        lora=lora,
+        checkpoints={"everySteps": 3},
+    )
     code, resumed = run_trainer(second, tmp_path, "second.json")
     assert code == 0
     assert final_eval(resumed)["step"] == 6  # resumed, not restarted at step 0
@@ -147,7 +202,12 @@ def test_lora_trains_exports_merged_and_adapter_and_resumes(
 def test_scratch_init_trains_from_random_weights(
     model_dir: Callable[[str], Path], text_data: dict[str, str], tmp_path: Path
 ) -> None:
-    config = base_config(model_dir("gpt2"), text_data, tmp_path / "run", model={"uri": f"file://{model_dir('gpt2')}", "init": "scratch"})
+    config = base_config(
+        model_dir("gpt2"),
+        text_data,
+        tmp_path / "run",
+        model={"uri": f"file://{model_dir('gpt2')}", "init": "scratch"},
+    )
     code, summary = run_trainer(config, tmp_path)
     assert code == 0
     assert summary["evaluations"][-1]["loss"] < summary["evaluations"][0]["loss"]
@@ -157,18 +217,32 @@ def test_scratch_init_trains_from_random_weights(
     ("patch", "expected"),
     [
         pytest.param({"hyperparameters": {"dropout": 2.0}}, "hyperparameters.dropout", id="out-of-range"),
-        pytest.param({"hyperparameters": {"batchSize": 4, "microBatchSize": 3}}, "multiple", id="micro-batch"),
+        pytest.param(
+            {"hyperparameters": {"batchSize": 4, "microBatchSize": 3}}, "multiple", id="micro-batch"
+        ),
         pytest.param({"model": {"uri": "file:///nonexistent/model"}}, "does not exist", id="missing-model"),
         pytest.param({"model": {"name": "no-such-model"}}, "unknown model", id="unknown-catalog-name"),
-        pytest.param({"hyperparameters": {"sharding": "zero3"}}, "hyperparameters.sharding", id="unknown-sharding"),
-        pytest.param({"hyperparameters": {"sharding": "data-parallel", "cpuOffload": True}}, "cpuOffload apply to sharding fsdp",
-                     id="offload-without-fsdp"),
-        pytest.param({"hyperparameters": {"sharding": "fsdp", "cpuOffload": True}}, "hyperparameters.cpuOffload",
-                     id="offload-on-cpu"),
+        pytest.param(
+            {"hyperparameters": {"sharding": "zero3"}}, "hyperparameters.sharding", id="unknown-sharding"
+        ),
+        pytest.param(
+            {"hyperparameters": {"sharding": "data-parallel", "cpuOffload": True}},
+            "cpuOffload apply to sharding fsdp",
+            id="offload-without-fsdp",
+        ),
+        pytest.param(
+            {"hyperparameters": {"sharding": "fsdp", "cpuOffload": True}},
+            "hyperparameters.cpuOffload",
+            id="offload-on-cpu",
+        ),
     ],
 )
 def test_invalid_config_exits_with_the_permanent_code(
-    patch: dict[str, object], expected: str, model_dir: Callable[[str], Path], text_data: dict[str, str], tmp_path: Path
+    patch: dict[str, object],
+    expected: str,
+    model_dir: Callable[[str], Path],
+    text_data: dict[str, str],
+    tmp_path: Path,
 ) -> None:
     config = base_config(model_dir("gpt2"), text_data, tmp_path / "run")
     for key, value in patch.items():
@@ -194,7 +268,9 @@ def test_baselines_are_evaluated_zero_shot_on_the_same_eval_set(
 ) -> None:
     baseline = model_dir("gptj")
     config = base_config(
-        model_dir("gpt2"), text_data, tmp_path / "run",
+        model_dir("gpt2"),
+        text_data,
+        tmp_path / "run",
         evaluation={"baselines": [{"uri": f"file://{baseline}"}]},
     )
     code, summary = run_trainer(config, tmp_path)
@@ -214,8 +290,15 @@ def test_baselines_are_evaluated_zero_shot_on_the_same_eval_set(
         ),
         pytest.param(
             "chat",
-            [{"messages": [{"role": "user", "content": f"price {i}?"}, {"role": "assistant", "content": "it rose"}]}
-             for i in range(24)],
+            [
+                {
+                    "messages": [
+                        {"role": "user", "content": f"price {i}?"},
+                        {"role": "assistant", "content": "it rose"},
+                    ]
+                }
+                for i in range(24)
+            ],
             id="chat",
         ),
     ],
@@ -225,8 +308,13 @@ def test_masked_formats_train_end_to_end(
 ) -> None:
     from tests.trainer.factories import write_jsonl
 
-    data = {"train": write_jsonl(tmp_path / "train.jsonl", records[:20]), "eval": write_jsonl(tmp_path / "eval.jsonl", records[20:])}
-    config = base_config(model_dir("llama"), data, tmp_path / "run", dataset={"format": fmt, "packing": False})
+    data = {
+        "train": write_jsonl(tmp_path / "train.jsonl", records[:20]),
+        "eval": write_jsonl(tmp_path / "eval.jsonl", records[20:]),
+    }
+    config = base_config(
+        model_dir("llama"), data, tmp_path / "run", dataset={"format": fmt, "packing": False}
+    )
     code, summary = run_trainer(config, tmp_path)
     assert code == 0, summary
     assert summary["evaluations"][-1]["loss"] < summary["evaluations"][0]["loss"]
@@ -235,9 +323,14 @@ def test_masked_formats_train_end_to_end(
 def test_epochs_set_the_number_of_steps(
     model_dir: Callable[[str], Path], text_data: dict[str, str], tmp_path: Path
 ) -> None:
-    config = base_config(model_dir("gpt2"), text_data, tmp_path / "run",
-                         hyperparameters={"maxSteps": None, "epochs": 1.0, "batchSize": 8, "microBatchSize": 8},
-                         evaluation={"everySteps": 100}, checkpoints={"everySteps": 100})
+    config = base_config(
+        model_dir("gpt2"),
+        text_data,
+        tmp_path / "run",
+        hyperparameters={"maxSteps": None, "epochs": 1.0, "batchSize": 8, "microBatchSize": 8},
+        evaluation={"everySteps": 100},
+        checkpoints={"everySteps": 100},
+    )
     config["hyperparameters"] = {k: v for k, v in config["hyperparameters"].items() if v is not None}
     code, summary = run_trainer(config, tmp_path)
     assert code == 0
@@ -256,7 +349,10 @@ def test_check_mode_validates_without_training(
     assert not (tmp_path / "run").exists()
     bad_data = tmp_path / "bad.jsonl"
     bad_data.write_text("{oops\n")
-    bad = write_config(tmp_path / "bad.json", base_config(model_dir("gpt2"), {**text_data, "train": f"file://{bad_data}"}, tmp_path / "run"))
+    bad = write_config(
+        tmp_path / "bad.json",
+        base_config(model_dir("gpt2"), {**text_data, "train": f"file://{bad_data}"}, tmp_path / "run"),
+    )
     assert main(["--config", str(bad), "--check"]) == contract.EXIT_INVALID_INPUT
 
 
@@ -265,8 +361,12 @@ def test_gradient_checkpointing_gives_the_same_result(
 ) -> None:
     losses = []
     for flag in (False, True):
-        config = base_config(model_dir("gpt_neox"), text_data, tmp_path / f"run-{flag}",
-                             hyperparameters={"gradientCheckpointing": flag})
+        config = base_config(
+            model_dir("gpt_neox"),
+            text_data,
+            tmp_path / f"run-{flag}",
+            hyperparameters={"gradientCheckpointing": flag},
+        )
         code, summary = run_trainer(config, tmp_path, f"c-{flag}.json")
         assert code == 0
         losses.append(final_eval(summary)["loss"])
@@ -276,7 +376,9 @@ def test_gradient_checkpointing_gives_the_same_result(
 def test_bf16_mixed_precision_trains_on_cpu(
     model_dir: Callable[[str], Path], text_data: dict[str, str], tmp_path: Path
 ) -> None:
-    config = base_config(model_dir("llama"), text_data, tmp_path / "run", hyperparameters={"precision": "bf16"})
+    config = base_config(
+        model_dir("llama"), text_data, tmp_path / "run", hyperparameters={"precision": "bf16"}
+    )
     code, summary = run_trainer(config, tmp_path)
     assert code == 0
     assert summary["evaluations"][-1]["loss"] < summary["evaluations"][0]["loss"]
@@ -311,8 +413,14 @@ def test_lora_under_fsdp_trains_resumes_and_exports_merged(
     lora = {"rank": 4, "alpha": 8, "dropout": 0.0}
 
     def config(run: str, steps: int) -> dict[str, object]:
-        return base_config(model, text_data, tmp_path / run, hyperparameters={**FSDP, "maxSteps": steps}, lora=lora,
-                           checkpoints={"everySteps": 3})
+        return base_config(
+            model,
+            text_data,
+            tmp_path / run,
+            hyperparameters={**FSDP, "maxSteps": steps},
+            lora=lora,
+            checkpoints={"everySteps": 3},
+        )
 
     code, uninterrupted = run_trainer(config("whole", 6), tmp_path, "whole.json")
     assert code == contract.EXIT_OK, uninterrupted
@@ -323,9 +431,13 @@ def test_lora_under_fsdp_trains_resumes_and_exports_merged(
     assert manifest["format"] == "dcp"
     from torch.distributed.checkpoint import FileSystemReader
 
-    saved = FileSystemReader(str(tmp_path / "whole" / "checkpoints" / "step-000003" / "state")).read_metadata()
+    saved = FileSystemReader(
+        str(tmp_path / "whole" / "checkpoints" / "step-000003" / "state")
+    ).read_metadata()
     weights = [key for key in saved.state_dict_metadata if key.startswith("model.")]
-    assert weights and all("lora_" in key for key in weights), "a LoRA checkpoint holds the adapters, not the base"
+    assert weights and all("lora_" in key for key in weights), (
+        "a LoRA checkpoint holds the adapters, not the base"
+    )
 
     assert run_trainer(config("parts", 3), tmp_path, "first.json")[0] == contract.EXIT_OK
     code, resumed = run_trainer(config("parts", 6), tmp_path, "second.json")
@@ -337,8 +449,13 @@ def test_lora_under_fsdp_trains_resumes_and_exports_merged(
 def test_bf16_under_fsdp_trains_with_a_bf16_frozen_lora_base(
     model_dir: Callable[[str], Path], text_data: dict[str, str], tmp_path: Path
 ) -> None:
-    config = base_config(model_dir("llama"), text_data, tmp_path / "run", hyperparameters={**FSDP, "precision": "bf16"},
-                         lora={"rank": 4, "alpha": 8, "dropout": 0.0})
+    config = base_config(
+        model_dir("llama"),
+        text_data,
+        tmp_path / "run",
+        hyperparameters={**FSDP, "precision": "bf16"},
+        lora={"rank": 4, "alpha": 8, "dropout": 0.0},
+    )
     code, summary = run_trainer(config, tmp_path)
     assert code == contract.EXIT_OK, summary
     assert summary["evaluations"][-1]["loss"] < summary["evaluations"][0]["loss"]
@@ -346,7 +463,9 @@ def test_bf16_under_fsdp_trains_with_a_bf16_frozen_lora_base(
     (held,) = [r for r in records if r["kind"] == "memory"]
     assert 0 < held["trainedParameters"] < held["frozenParameters"]
     # the frozen base in bf16 (2 bytes a weight), the adapters in fp32 (master weights)
-    assert held["measured"]["parameters"] == 2 * held["frozenParameters"] + 4 * held["trainedParameters"], held
+    assert held["measured"]["parameters"] == 2 * held["frozenParameters"] + 4 * held["trainedParameters"], (
+        held
+    )
 
 
 def test_a_sharded_export_has_an_index_and_reloads(model_dir: Callable[[str], Path], tmp_path: Path) -> None:
@@ -368,8 +487,12 @@ def test_activation_checkpointing_under_fsdp_gives_the_same_result(
 ) -> None:
     losses = []
     for flag in (False, True):
-        config = base_config(model_dir("gpt_neox"), text_data, tmp_path / f"run-{flag}",
-                             hyperparameters={**FSDP, "gradientCheckpointing": flag})
+        config = base_config(
+            model_dir("gpt_neox"),
+            text_data,
+            tmp_path / f"run-{flag}",
+            hyperparameters={**FSDP, "gradientCheckpointing": flag},
+        )
         code, summary = run_trainer(config, tmp_path, f"c-{flag}.json")
         assert code == contract.EXIT_OK, summary
         losses.append(final_eval(summary)["loss"])
@@ -383,10 +506,19 @@ def test_a_checkpoint_of_the_earlier_trainer_format_is_refused_naming_what_to_do
     run = tmp_path / "run"
     old = run / "checkpoints" / "step-000002"
     old.mkdir(parents=True)
-    (old / "manifest.json").write_text(json.dumps({
-        "step": 2, "time": "2026-11-01T00:00:00Z", "uri": old.as_uri() + "/", "format": "trainer", "metrics": {},
-        "files": [], "bytes": 0,
-    }))
+    (old / "manifest.json").write_text(
+        json.dumps(
+            {
+                "step": 2,
+                "time": "2026-11-01T00:00:00Z",
+                "uri": old.as_uri() + "/",
+                "format": "trainer",
+                "metrics": {},
+                "files": [],
+                "bytes": 0,
+            }
+        )
+    )
     code, summary = run_trainer(base_config(model_dir("gpt2"), text_data, run), tmp_path)
     assert code == contract.EXIT_INVALID_INPUT, summary
     message = summary["message"]

@@ -77,7 +77,9 @@ def test_model_rows_cover_every_catalog_entry() -> None:
     assert {r.name for r in rows} == set(CATALOG)
     gptj = next(r for r in rows if r.name == "gpt-j-6b")
     assert (gptj.architecture, gptj.family, gptj.parameters) == ("gptj", "GPT-J", "6B")
-    assert gptj.full_finetune_gib == pytest.approx(89.4, abs=0.1), "data parallel: all 16 bytes on every process"
+    assert gptj.full_finetune_gib == pytest.approx(89.4, abs=0.1), (
+        "data parallel: all 16 bytes on every process"
+    )
     sharded = next(r for r in catalog.model_rows(strategy="fsdp", processes=8) if r.name == "gpt-j-6b")
     assert sharded.full_finetune_gib == pytest.approx(11.2, abs=0.1), "fsdp over 8 processes: an eighth each"
 

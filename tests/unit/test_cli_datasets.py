@@ -28,7 +28,9 @@ def _first(kind: str, *fields: str) -> FirstRecord:
         pytest.param(_first("jsonl", "prompt", "completion"), "prompt-completion", id="prompt-completion"),
         pytest.param(_first("jsonl", "messages"), "chat", id="chat"),
         pytest.param(_first("parquet", "id", "text"), "text", id="parquet-text-column"),
-        pytest.param(_first("parquet", "prompt", "completion", "text"), "prompt-completion", id="parquet-pairs"),
+        pytest.param(
+            _first("parquet", "prompt", "completion", "text"), "prompt-completion", id="parquet-pairs"
+        ),
     ],
 )
 def test_detect_format(first: FirstRecord, fmt: str) -> None:
@@ -38,12 +40,17 @@ def test_detect_format(first: FirstRecord, fmt: str) -> None:
 @pytest.mark.parametrize(
     ("first", "message"),
     [
-        pytest.param(_first("jsonl", "body"), "a.jsonl:1: cannot tell the format from the fields ['body']", id="jsonl"),
         pytest.param(
-            _first("parquet", "body", "id"), "a.parquet:row 1: cannot tell the format from the columns ['body', 'id']",
+            _first("jsonl", "body"), "a.jsonl:1: cannot tell the format from the fields ['body']", id="jsonl"
+        ),
+        pytest.param(
+            _first("parquet", "body", "id"),
+            "a.parquet:row 1: cannot tell the format from the columns ['body', 'id']",
             id="parquet",
         ),
-        pytest.param(_first("jsonl", "prompt"), "fields ['prompt']: a registered dataset has a 'text' field", id="half"),
+        pytest.param(
+            _first("jsonl", "prompt"), "fields ['prompt']: a registered dataset has a 'text' field", id="half"
+        ),
     ],
 )
 def test_detect_format_says_what_is_wrong(first: FirstRecord, message: str) -> None:
@@ -66,7 +73,12 @@ def test_summarize_counts_records_and_tokens_per_split() -> None:
         {"file:///d/train-1.jsonl": 20, "file:///d/train-2.jsonl": 7, "file:///d/eval.jsonl": 4},
     )
     summary = datasets.summarize(
-        "reuters", "text", files, report, tokenizer="pythia-70m (tokenizer.json)", created="2026-11-29T06:00:00Z"
+        "reuters",
+        "text",
+        files,
+        report,
+        tokenizer="pythia-70m (tokenizer.json)",
+        created="2026-11-29T06:00:00Z",
     )
     assert (summary.format, summary.train_records, summary.eval_records) == ("text", 3, 1)
     assert (summary.tokens("train"), summary.tokens("eval")) == (27, 4)
@@ -77,13 +89,19 @@ def test_summarize_counts_records_and_tokens_per_split() -> None:
 
 def test_without_a_tokenizer_no_token_count_is_made_up() -> None:
     report = _report({"t.jsonl": 4}, None)
-    summary = datasets.summarize("x", "chat", [("t.jsonl", "train", 9)], report, tokenizer="tokens not counted: …")
+    summary = datasets.summarize(
+        "x", "chat", [("t.jsonl", "train", 9)], report, tokenizer="tokens not counted: …"
+    )
     assert summary.tokens("train") is None and not summary.counted_tokens
     assert summary.to_metadata()["trainTokens"] is None
 
 
 def test_metadata_written_before_token_counts_still_reads() -> None:
-    old = {"name": "n", "format": "text", "files": [{"source": "a", "split": "train", "records": 2, "bytes": 9}]}
+    old = {
+        "name": "n",
+        "format": "text",
+        "files": [{"source": "a", "split": "train", "records": 2, "bytes": 9}],
+    }
     assert datasets.DatasetSummary.from_metadata(old).train_records == 2
 
 

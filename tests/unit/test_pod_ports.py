@@ -31,7 +31,9 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _listen(library: Path, pod_ip: str, family: str, host: str, port: int) -> tuple[subprocess.Popen[str], list[object]]:
+def _listen(
+    library: Path, pod_ip: str, family: str, host: str, port: int
+) -> tuple[subprocess.Popen[str], list[object]]:
     env = {"PATH": "/usr/bin:/bin", **pod_ports.env(library, pod_ip)}
     proc = subprocess.Popen(
         [sys.executable, "-c", LISTEN, family, host, str(port)],

@@ -73,7 +73,9 @@ def upload_files(store: Store, local: Path, prefix: str, paths: list[Path]) -> l
     files: list[dict[str, Any]] = []
     for path in paths:
         rel = path.relative_to(local).as_posix()
-        files.append({"path": rel, "size": path.stat().st_size, "sha256": store.upload_file_hashed(path, prefix + rel)})
+        files.append(
+            {"path": rel, "size": path.stat().st_size, "sha256": store.upload_file_hashed(path, prefix + rel)}
+        )
     return files
 
 
@@ -93,22 +95,28 @@ def write_manifest(
     return manifest
 
 
-def upload_folder(store: Store, local: Path, prefix: str, *, step: int, metrics: dict[str, float],
-                  fmt: str = FORMAT_TRAINER) -> dict[str, Any]:
+def upload_folder(
+    store: Store, local: Path, prefix: str, *, step: int, metrics: dict[str, float], fmt: str = FORMAT_TRAINER
+) -> dict[str, Any]:
     """Upload every file of `local` under `prefix`, then the manifest. Returns the manifest."""
     paths = [p for p in iter_local_files(local) if p.relative_to(local).as_posix() != MANIFEST]
-    return write_manifest(store, prefix, upload_files(store, local, prefix, paths), step=step, metrics=metrics, fmt=fmt)
+    return write_manifest(
+        store, prefix, upload_files(store, local, prefix, paths), step=step, metrics=metrics, fmt=fmt
+    )
 
 
-def upload_rank_share(store: Store, local: Path, prefix: str, paths: list[Path], *, rank: int) -> list[dict[str, Any]]:
+def upload_rank_share(
+    store: Store, local: Path, prefix: str, paths: list[Path], *, rank: int
+) -> list[dict[str, Any]]:
     """A rank's part of a sharded checkpoint: its files, then its listing (read by rank 0)."""
     files = upload_files(store, local, prefix, paths)
     store.write_bytes(f"{prefix}{RANKS}rank-{rank}.json", json.dumps(files).encode())
     return files
 
 
-def collect_rank_shares(store: Store, prefix: str, *, world_size: int, timeout: float = RANK_WAIT_SECONDS,
-                        poll: float = 0.2) -> list[dict[str, Any]]:
+def collect_rank_shares(
+    store: Store, prefix: str, *, world_size: int, timeout: float = RANK_WAIT_SECONDS, poll: float = 0.2
+) -> list[dict[str, Any]]:
     """Every rank's listing of a sharded checkpoint (waits for the slowest rank's uploads)."""
     deadline = time.monotonic() + timeout
     files: list[dict[str, Any]] = []
@@ -116,7 +124,9 @@ def collect_rank_shares(store: Store, prefix: str, *, world_size: int, timeout: 
         key = f"{prefix}{RANKS}rank-{rank}.json"
         while not store.exists(key):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"checkpoint {prefix}: rank {rank} did not upload its shard in {timeout:.0f} s")
+                raise TimeoutError(
+                    f"checkpoint {prefix}: rank {rank} did not upload its shard in {timeout:.0f} s"
+                )
             time.sleep(poll)
         files.extend(json.loads(store.read_bytes(key)))
     return files
@@ -130,8 +140,16 @@ def rank_files(local: Path, *, rank: int) -> list[Path]:
     return mine
 
 
-def save_sharded(model: Any, optimizer: Any, local: Path, *, train_state: dict[str, Any], adapters_only: bool,
-                 is_main: bool, scaler: Any = None) -> None:
+def save_sharded(
+    model: Any,
+    optimizer: Any,
+    local: Path,
+    *,
+    train_state: dict[str, Any],
+    adapters_only: bool,
+    is_main: bool,
+    scaler: Any = None,
+) -> None:
     """Every rank writes its slices of the model and AdamW state (a collective); rank 0 writes
     train_state.json. With `adapters_only` (LoRA), the frozen base is not saved (it is reloaded
     from the model folder). `scaler` (fp16's `torch.amp.GradScaler`) adds its state under
@@ -159,7 +177,9 @@ def has_scaler_state(local: Path) -> bool:
     return any(key.startswith(SCALER + ".") for key in saved)
 
 
-def load_sharded(model: Any, optimizer: Any, local: Path, *, adapters_only: bool, scaler: Any = None) -> dict[str, Any]:
+def load_sharded(
+    model: Any, optimizer: Any, local: Path, *, adapters_only: bool, scaler: Any = None
+) -> dict[str, Any]:
     """Restore the model and AdamW state saved by `save_sharded` (resharded to this run's
     processes), and `scaler`'s state when the checkpoint has one (every rank reads the same);
     returns train_state.json. A checkpoint without scaler state (bf16, fp32, or an earlier
@@ -174,9 +194,15 @@ def load_sharded(model: Any, optimizer: Any, local: Path, *, adapters_only: bool
         if has_scaler_state(local):
             state[SCALER] = scaler.state_dict()
         else:
-            log.warning("checkpoint %s holds no loss scaler state: the fp16 scale restarts at %g", local, scaler.get_scale())
+            log.warning(
+                "checkpoint %s holds no loss scaler state: the fp16 scale restarts at %g",
+                local,
+                scaler.get_scale(),
+            )
     load(state, checkpoint_id=str(local / STATE))  # in place
-    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state, options=options)
+    set_state_dict(
+        model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state, options=options
+    )
     if SCALER in state:
         scaler.load_state_dict(state[SCALER])
     return dict(json.loads((local / TRAIN_STATE).read_text()))
@@ -221,7 +247,11 @@ def download_checkpoint(store: Store, manifest: dict[str, Any], local: Path) -> 
         size = target.stat().st_size
         if size != entry["size"] or sha256_file(target) != entry["sha256"]:
             shutil.rmtree(tmp, ignore_errors=True)
-            what = f"{size} bytes, the manifest says {entry['size']}" if size != entry["size"] else "SHA-256 mismatch"
+            what = (
+                f"{size} bytes, the manifest says {entry['size']}"
+                if size != entry["size"]
+                else "SHA-256 mismatch"
+            )
             raise CorruptCheckpoint(f"{prefix}{entry['path']}: {what}")
     shutil.rmtree(local, ignore_errors=True)
     tmp.rename(local)
@@ -261,13 +291,18 @@ def retire_corrupt(store: Store, step: int, reason: str) -> None:
     status, CLI, resume — offers it again. Training past its step writes it anew."""
     prefix = step_key(step)
     manifest = json.loads(store.read_bytes(prefix + MANIFEST))
-    store.write_bytes(prefix + CORRUPT_MANIFEST, json.dumps({**manifest, "corrupt": reason}, indent=1).encode())
+    store.write_bytes(
+        prefix + CORRUPT_MANIFEST, json.dumps({**manifest, "corrupt": reason}, indent=1).encode()
+    )
     store.delete_prefix(prefix + MANIFEST)
 
 
 def record_of(manifest: dict[str, Any]) -> CheckpointRecord:
     return CheckpointRecord(
-        step=int(manifest["step"]), uri=manifest["uri"], time=manifest["time"], metrics=manifest.get("metrics", {})
+        step=int(manifest["step"]),
+        uri=manifest["uri"],
+        time=manifest["time"],
+        metrics=manifest.get("metrics", {}),
     )
 
 
@@ -288,7 +323,9 @@ class Uploader:
     rank: int = 0
     world_size: int = 1
     on_failure: Callable[[BaseException], None] | None = None
-    _queue: queue.Queue[tuple[Path, int, dict[str, float], bool, bool] | None] = field(default_factory=queue.Queue)
+    _queue: queue.Queue[tuple[Path, int, dict[str, float], bool, bool] | None] = field(
+        default_factory=queue.Queue
+    )
     _errors: list[BaseException] = field(default_factory=list)
     _thread: threading.Thread | None = None
 
@@ -296,7 +333,9 @@ class Uploader:
         self._thread = threading.Thread(target=self._run, name="checkpoint-upload", daemon=True)
         self._thread.start()
 
-    def submit(self, local: Path, step: int, metrics: dict[str, float], *, remove_after: bool, sharded: bool = False) -> None:
+    def submit(
+        self, local: Path, step: int, metrics: dict[str, float], *, remove_after: bool, sharded: bool = False
+    ) -> None:
         self.raise_errors()
         self._queue.put((local, step, metrics, remove_after, sharded))
 
@@ -340,7 +379,9 @@ class Uploader:
             finally:
                 self._queue.task_done()
 
-    def _upload_sharded(self, local: Path, step: int, metrics: dict[str, float], started: float, remove_after: bool) -> None:
+    def _upload_sharded(
+        self, local: Path, step: int, metrics: dict[str, float], started: float, remove_after: bool
+    ) -> None:
         prefix = step_key(step)
         mine = rank_files(local, rank=self.rank)
         upload_rank_share(self.store, local, prefix, mine, rank=self.rank)

@@ -52,13 +52,18 @@ def load_config(path: str) -> TrainerConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="finetune-trainer", description=__doc__)
-    parser.add_argument("--config", default=None, help=f"default: ${contract.ENV_CONFIG} or {contract.DEFAULT_CONFIG_PATH}")
+    parser.add_argument(
+        "--config", default=None, help=f"default: ${contract.ENV_CONFIG} or {contract.DEFAULT_CONFIG_PATH}"
+    )
     parser.add_argument("--check", action="store_true", help="validate config and data only (exit 0 or 3)")
     args = parser.parse_args(argv)
     if not args.check and wants_launch():
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s launcher %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s launcher %(levelname)s %(name)s: %(message)s"
+        )
         return launch(
-            ["--config", args.config] if args.config else [], termination_path=contract.termination_message_path()
+            ["--config", args.config] if args.config else [],
+            termination_path=contract.termination_message_path(),
         )
     rank = int(os.environ.get("RANK", "0"))
     is_main = rank == 0
@@ -80,7 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InvalidInput as exc:
         log.error("%s", exc)
         progress.update(phase="Failed")
-        write_failure(termination_path, _summary(config, progress, contract.EXIT_INVALID_INPUT, exc.reason, str(exc)))
+        write_failure(
+            termination_path, _summary(config, progress, contract.EXIT_INVALID_INPUT, exc.reason, str(exc))
+        )
         return contract.EXIT_INVALID_INPUT
 
 
@@ -88,8 +95,13 @@ def check(config: TrainerConfig) -> int:
     from finetune_trainer.data import plan_data, preflight
 
     settings = {"endpoint": config.run.storage_endpoint, "region": config.run.storage_region}
-    plan = plan_data(config.dataset, seed=config.hyperparameters.seed, need_train=config.mode == TRAIN,
-                     datasets_uri=config.run.datasets_uri, **settings)
+    plan = plan_data(
+        config.dataset,
+        seed=config.hyperparameters.seed,
+        need_train=config.mode == TRAIN,
+        datasets_uri=config.run.datasets_uri,
+        **settings,
+    )
     report = preflight([*plan.train_files, *(plan.eval_files or ())], config.dataset, **settings)
     print(f"config and data are valid ({report.total} records in {len(report.records)} files)")
     return contract.EXIT_OK
@@ -110,7 +122,9 @@ def train(config: TrainerConfig, progress: Progress, termination_path: str, *, i
             before = "during the evaluation" if config.mode == EVALUATE else "before training"
             write_termination_message(
                 termination_path,
-                _summary(config, progress, contract.EXIT_TERMINATED, Reason.TERMINATED, f"terminated {before}"),
+                _summary(
+                    config, progress, contract.EXIT_TERMINATED, Reason.TERMINATED, f"terminated {before}"
+                ),
             )
         return contract.EXIT_TERMINATED
     except Exception as exc:
@@ -125,7 +139,11 @@ def train(config: TrainerConfig, progress: Progress, termination_path: str, *, i
         write_failure(termination_path, _summary(config, progress, contract.EXIT_FAILURE, reason, message))
         return contract.EXIT_FAILURE
     if outcome.terminated:
-        code, reason, message = contract.EXIT_TERMINATED, Reason.TERMINATED, f"terminated at step {outcome.step}; checkpoint saved"
+        code, reason, message = (
+            contract.EXIT_TERMINATED,
+            Reason.TERMINATED,
+            f"terminated at step {outcome.step}; checkpoint saved",
+        )
     elif config.mode == EVALUATE:
         code, reason, message = contract.EXIT_OK, Reason.COMPLETED, _evaluated(outcome.evaluations)
     else:

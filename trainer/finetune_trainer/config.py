@@ -248,7 +248,9 @@ class DatasetSpec(_Spec):
         if self.name is not None and self.train is not None:
             raise ValueError("name and train are exclusive: set one of them")
         if self.name is None and self.train is None and self.eval is None:
-            raise ValueError("set name (a registered dataset), train (URIs) or, in mode Evaluate, eval (URIs)")
+            raise ValueError(
+                "set name (a registered dataset), train (URIs) or, in mode Evaluate, eval (URIs)"
+            )
         return self
 
     @model_validator(mode="after")
@@ -277,9 +279,7 @@ class Hyperparameters(_Spec):
         le=1000.0,
         description="Passes over the training data (fractions allowed). Exclusive with maxSteps.",
     )
-    learning_rate: float = Field(
-        default=5e-5, gt=0.0, le=1.0, description="Peak learning rate of AdamW."
-    )
+    learning_rate: float = Field(default=5e-5, gt=0.0, le=1.0, description="Peak learning rate of AdamW.")
     lr_scheduler: Literal["constant", "linear", "cosine"] = Field(
         default="linear",
         description="Decay after warmup: constant, linear to 0, or cosine to 0.",
@@ -332,9 +332,7 @@ class Hyperparameters(_Spec):
         default="fp32",
         description="Training precision: fp32, or bf16/fp16 mixed precision (fp16 needs a GPU).",
     )
-    seed: int = Field(
-        default=42, ge=0, le=2**32 - 1, description="Random seed (weights init, data order)."
-    )
+    seed: int = Field(default=42, ge=0, le=2**32 - 1, description="Random seed (weights init, data order).")
     gradient_checkpointing: bool = Field(
         default=False,
         description="Recompute activations in the backward pass to save memory.",
@@ -374,7 +372,9 @@ class Hyperparameters(_Spec):
         if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
             errors.append("batchSize must be a multiple of microBatchSize")
         if self.sharding == DATA_PARALLEL and (not self.reshard_after_forward or self.cpu_offload):
-            errors.append("reshardAfterForward and cpuOffload apply to sharding fsdp (or auto), not data-parallel")
+            errors.append(
+                "reshardAfterForward and cpuOffload apply to sharding fsdp (or auto), not data-parallel"
+            )
         if self.sharding == FSDP and self.precision == "fp16":
             errors.append("sharding fsdp trains in fp32 or bf16, not fp16 (use precision bf16)")
         if errors:
@@ -408,9 +408,10 @@ class LoraSpec(_Spec):
     rank: int = Field(default=8, ge=1, le=1024, description="LoRA rank r.")
     alpha: float = Field(default=16.0, gt=0.0, le=4096.0, description="LoRA scaling alpha.")
     dropout: float = Field(default=0.05, ge=0.0, le=1.0, description="Dropout on the LoRA input.")
-    target_modules: Annotated[
-        list[Annotated[str, Field(min_length=1, max_length=128)]], AfterValidator(_no_duplicates)
-    ] | None = Field(
+    target_modules: (
+        Annotated[list[Annotated[str, Field(min_length=1, max_length=128)]], AfterValidator(_no_duplicates)]
+        | None
+    ) = Field(
         default=None,
         min_length=1,
         max_length=64,
@@ -440,8 +441,7 @@ class EvaluationSpec(_Spec):
         default=None,
         ge=1,
         le=1_000_000,
-        description="Evaluate at most this many micro-batches per process; default: the whole "
-        "eval set.",
+        description="Evaluate at most this many micro-batches per process; default: the whole eval set.",
     )
     log_every_steps: int = Field(
         default=10,
@@ -511,9 +511,7 @@ class RunSpec(_Spec):
         max_length=1024,
         description="S3 endpoint URL (http(s)://host:port); default: AWS.",
     )
-    storage_region: str | None = Field(
-        default=None, max_length=64, description="S3 region name."
-    )
+    storage_region: str | None = Field(default=None, max_length=64, description="S3 region name.")
     datasets_uri: str | None = Field(
         default=None,
         pattern=RUN_URI_PATTERN,
@@ -631,12 +629,20 @@ def mode_errors(
     errors = []
     if mode == TRAIN:
         if dataset.name is None and dataset.train is None:
-            errors.append(("dataset", "mode Train needs dataset.name or dataset.train (eval alone is for mode Evaluate)"))
+            errors.append(
+                (
+                    "dataset",
+                    "mode Train needs dataset.name or dataset.train (eval alone is for mode Evaluate)",
+                )
+            )
         return errors
     if lora is not None:
         errors.append(
-            ("lora", "not allowed in mode Evaluate (nothing is trained); to evaluate a LoRA checkpoint, "
-             "give its folder as model.uri")
+            (
+                "lora",
+                "not allowed in mode Evaluate (nothing is trained); to evaluate a LoRA checkpoint, "
+                "give its folder as model.uri",
+            )
         )
     if hyperparameters.max_steps is not None:
         errors.append(("hyperparameters.maxSteps", "not allowed in mode Evaluate (nothing is trained)"))
@@ -716,9 +722,13 @@ def describe_fields(model: type[BaseModel]) -> list[FieldRow]:
         elif info.default_factory is not None:
             default = "-"
         else:
-            default = "unset" if info.default is None else str(info.default).lower() if isinstance(
-                info.default, bool
-            ) else str(info.default)
+            default = (
+                "unset"
+                if info.default is None
+                else str(info.default).lower()
+                if isinstance(info.default, bool)
+                else str(info.default)
+            )
         rows.append(FieldRow(alias, type_name, range_text, default, info.description or ""))
     return rows
 

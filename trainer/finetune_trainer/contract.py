@@ -185,5 +185,7 @@ def encode_termination_message(summary: TerminationSummary) -> str:
         elif len(data.get("message", "")) > 16:
             data["message"] = data["message"][: len(data["message"]) // 2] + "…"
         else:
-            data = {k: data[k] for k in ("phase", "exitCode", "reason", "step", "rank", "failedAt") if k in data}
+            data = {
+                k: data[k] for k in ("phase", "exitCode", "reason", "step", "rank", "failedAt") if k in data
+            }
             return json.dumps(data, separators=(",", ":"))

@@ -166,7 +166,10 @@ def _chat_example(messages: list[dict[str, Any]], tokenizer: Any, eos: int, trai
             raise ValueError("the chat template does not render conversations prefix-consistently")
         labels[start : len(upto)] = upto[start:]
     if full[-1] != eos:
-        full, labels = [*full, eos], [*labels, IGNORE if not train_on_inputs and labels[-1] == IGNORE else eos]
+        full, labels = (
+            [*full, eos],
+            [*labels, IGNORE if not train_on_inputs and labels[-1] == IGNORE else eos],
+        )
     if all(x == IGNORE for x in labels):
         raise ValueError("every token is masked (no assistant tokens)")
     return Example(full, labels)
@@ -176,7 +179,8 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
     extra = json.dumps(
-        [getattr(tokenizer, "chat_template", None), tokenizer.eos_token_id, tokenizer.bos_token_id], default=str
+        [getattr(tokenizer, "chat_template", None), tokenizer.eos_token_id, tokenizer.bos_token_id],
+        default=str,
     )
     return hashlib.sha256((text + extra).encode()).hexdigest()
 
@@ -194,7 +198,10 @@ class DataPlan:
 
     @property
     def fingerprint(self) -> str:
-        parts = [fingerprint(self.train_files), fingerprint(self.eval_files) if self.eval_files is not None else "holdout"]
+        parts = [
+            fingerprint(self.train_files),
+            fingerprint(self.eval_files) if self.eval_files is not None else "holdout",
+        ]
         if self.eval_files is None:
             parts.append(f"{self.eval_size}:{self.seed}")
         return hashlib.sha256(":".join(parts).encode()).hexdigest()
@@ -263,13 +270,19 @@ class ShardSettings:
     region: str | None = None
 
     def remote(self) -> Store | None:
-        return open_store(self.remote_uri, endpoint=self.endpoint, region=self.region) if self.remote_uri else None
+        return (
+            open_store(self.remote_uri, endpoint=self.endpoint, region=self.region)
+            if self.remote_uri
+            else None
+        )
 
 
 _STORES: dict[Path, TokenStore] = {}
 
 
-def shards_for(files: Sequence[SourceFile], spec: DatasetSpec, tokenizer: Any, settings: ShardSettings) -> ShardSet:
+def shards_for(
+    files: Sequence[SourceFile], spec: DatasetSpec, tokenizer: Any, settings: ShardSettings
+) -> ShardSet:
     key = shard_key(fingerprint(files), tokenizer_fingerprint(tokenizer), spec)
     return build_shards(
         files,
@@ -406,9 +419,12 @@ def preflight(
     if not counts:
         raise InvalidData(
             f"no records in {len(files)} file(s) ({', '.join(f.name for f in files[:3])}"
-            + (", …" if len(files) > 3 else "") + ")"
+            + (", …" if len(files) > 3 else "")
+            + ")"
         )
-    return PreflightReport(counts, {name: tokens.get(name, 0) for name in counts} if tokenizer is not None else None)
+    return PreflightReport(
+        counts, {name: tokens.get(name, 0) for name in counts} if tokenizer is not None else None
+    )
 
 
 # ---- torch side --------------------------------------------------------------------------------

@@ -23,7 +23,9 @@ class Reason(StrEnum):
 class InvalidInput(Exception):
     """The config or the data is wrong; the message names the field or file:line."""
 
-    def __init__(self, message: str, *, reason: Reason = Reason.INVALID_CONFIG, details: list[str] | None = None):
+    def __init__(
+        self, message: str, *, reason: Reason = Reason.INVALID_CONFIG, details: list[str] | None = None
+    ):
         super().__init__(message)
         self.reason = reason
         self.details = details or []

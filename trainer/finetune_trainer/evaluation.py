@@ -32,7 +32,9 @@ class TokenStats:
     tokens: int
 
     def __add__(self, other: TokenStats) -> TokenStats:
-        return TokenStats(self.loss_sum + other.loss_sum, self.correct + other.correct, self.tokens + other.tokens)
+        return TokenStats(
+            self.loss_sum + other.loss_sum, self.correct + other.correct, self.tokens + other.tokens
+        )
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,10 @@ def token_stats(logits: torch.Tensor, labels: torch.Tensor) -> TokenStats:
     targets = labels[:, 1:]
     mask = targets != IGNORE
     losses = F.cross_entropy(
-        shifted_logits.reshape(-1, shifted_logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
+        shifted_logits.reshape(-1, shifted_logits.size(-1)),
+        targets.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="sum",
     )
     correct = ((shifted_logits.argmax(dim=-1) == targets) & mask).sum()
     return TokenStats(float(losses), int(correct), int(mask.sum()))
@@ -59,7 +64,9 @@ def finalize(stats: TokenStats) -> EvalResult:
     if stats.tokens == 0:
         raise ValueError("no evaluated tokens")
     loss = stats.loss_sum / stats.tokens
-    return EvalResult(loss=loss, accuracy=stats.correct / stats.tokens, perplexity=_safe_exp(loss), tokens=stats.tokens)
+    return EvalResult(
+        loss=loss, accuracy=stats.correct / stats.tokens, perplexity=_safe_exp(loss), tokens=stats.tokens
+    )
 
 
 def _safe_exp(x: float) -> float:
@@ -104,7 +111,9 @@ def evaluate_model(
             first: dict[str, Any] = dict(dataset[0])
             items = [{**first, "labels": [IGNORE] * len(first["labels"])}]
         batch = {k: v.to(device) for k, v in collator(items).items()}
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits  # every input the collator made
+        logits = model(
+            **{k: v for k, v in batch.items() if k != "labels"}
+        ).logits  # every input the collator made
         stats = stats + token_stats(logits, batch["labels"])
     if was_training:
         model.train()

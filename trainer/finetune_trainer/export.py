@@ -38,7 +38,9 @@ def full_tensors(model: nn.Module, *, only: str | None = None) -> Iterator[tuple
     first_name: dict[int, str] = {}
     for name, parameter in model.named_parameters(remove_duplicate=False):
         first_name.setdefault(id(parameter), name)
-    aliases = {name for name, p in model.named_parameters(remove_duplicate=False) if first_name[id(p)] != name}
+    aliases = {
+        name for name, p in model.named_parameters(remove_duplicate=False) if first_name[id(p)] != name
+    }
     for name, value in model.state_dict().items():
         if name in aliases or (only is not None and only not in name):
             continue
@@ -46,8 +48,13 @@ def full_tensors(model: nn.Module, *, only: str | None = None) -> Iterator[tuple
         yield name, full.detach().to("cpu")
 
 
-def write_safetensors(tensors: Iterator[tuple[str, torch.Tensor]], folder: Path, *, write: bool,
-                      max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
+def write_safetensors(
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    folder: Path,
+    *,
+    write: bool,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> list[str]:
     """Consume `tensors` (on every process), and on the writing process store them as
     model.safetensors, or as numbered shards of at most `max_shard_bytes` plus the index.
     Returns the file names written."""
@@ -88,11 +95,15 @@ def write_safetensors(tensors: Iterator[tuple[str, torch.Tensor]], folder: Path,
         path.rename(final)
         names.append(final.name)
         weight_map.update(dict.fromkeys(keys, final.name))
-    (folder / INDEX).write_text(json.dumps({"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, indent=2))
+    (folder / INDEX).write_text(
+        json.dumps({"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, indent=2)
+    )
     return [*names, INDEX]
 
 
-def export_full(model: nn.Module, folder: Path, *, is_main: bool, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+def export_full(
+    model: nn.Module, folder: Path, *, is_main: bool, max_shard_bytes: int = MAX_SHARD_BYTES
+) -> None:
     """Full fine-tuning: every weight gathered and written (fp32 master weights)."""
     write_safetensors(full_tensors(model), folder, write=is_main, max_shard_bytes=max_shard_bytes)
     if is_main:
@@ -100,7 +111,13 @@ def export_full(model: nn.Module, folder: Path, *, is_main: bool, max_shard_byte
 
 
 def export_lora(
-    model: nn.Module, folder: Path, *, is_main: bool, base_folder: Path, lora: Any, merge: bool,
+    model: nn.Module,
+    folder: Path,
+    *,
+    is_main: bool,
+    base_folder: Path,
+    lora: Any,
+    merge: bool,
     max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> None:
     """LoRA: final/adapter/ (peft format); with `merge`, final/ holds the merged model."""
@@ -111,8 +128,13 @@ def export_lora(
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
-    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=lora.target_modules, task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
     peft_model = get_peft_model(base, config)
     missing, unexpected = peft_model.load_state_dict(adapters, strict=False)
     if unexpected or any("lora_" in key for key in missing):

@@ -40,7 +40,9 @@ def steps_per_epoch(dataset_size: int, batch_size: int) -> int:
 def total_steps(*, max_steps: int | None, epochs: float | None, dataset_size: int, batch_size: int) -> int:
     if max_steps is not None:
         return max_steps
-    return max(1, math.ceil((epochs if epochs is not None else 1.0) * steps_per_epoch(dataset_size, batch_size)))
+    return max(
+        1, math.ceil((epochs if epochs is not None else 1.0) * steps_per_epoch(dataset_size, batch_size))
+    )
 
 
 def step_indices(step: int, *, dataset_size: int, batch_size: int, seed: int) -> list[int]:
@@ -52,7 +54,9 @@ def step_indices(step: int, *, dataset_size: int, batch_size: int, seed: int) ->
     return order[position * batch_size : (position + 1) * batch_size]
 
 
-def rank_micro_batches(indices: Sequence[int], *, rank: int, world_size: int, micro: int, accumulation: int) -> list[list[int]]:
+def rank_micro_batches(
+    indices: Sequence[int], *, rank: int, world_size: int, micro: int, accumulation: int
+) -> list[list[int]]:
     """This process's micro-batches of a global batch: every world_size-th index from `rank`,
     cut into `accumulation` micro-batches of up to `micro` (some may be empty)."""
     mine = list(indices[rank::world_size])
@@ -88,7 +92,9 @@ def loss_sum(model: Any, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tenso
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs).logits.float()
     targets = shifted_targets(batch["labels"])
-    total = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
+    total = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
     return total, (targets != IGNORE).sum()
 
 
@@ -177,9 +183,18 @@ class TrainingLoop:
     request ended it early (after saving a checkpoint). `scaler`: the fp16 loss scaler
     (`loss_scaler`), None otherwise."""
 
-    def __init__(self, model: Any, optimizer: torch.optim.Optimizer, plan: LoopPlan, hooks: LoopHooks, *,
-                 device: torch.device, autocast_dtype: torch.dtype | None, sync_context: Callable[[bool], Any],
-                 scaler: torch.amp.GradScaler | None):
+    def __init__(
+        self,
+        model: Any,
+        optimizer: torch.optim.Optimizer,
+        plan: LoopPlan,
+        hooks: LoopHooks,
+        *,
+        device: torch.device,
+        autocast_dtype: torch.dtype | None,
+        sync_context: Callable[[bool], Any],
+        scaler: torch.amp.GradScaler | None,
+    ):
         self.model = model
         self.scaler = scaler
         self.optimizer = optimizer
@@ -199,7 +214,9 @@ class TrainingLoop:
         self._window_first_step = start_step
         step = start_step
         while step < plan.total_steps:
-            lr = learning_rate(step, peak=plan.peak_lr, warmup=plan.warmup, total=plan.total_steps, schedule=plan.schedule)
+            lr = learning_rate(
+                step, peak=plan.peak_lr, warmup=plan.warmup, total=plan.total_steps, schedule=plan.schedule
+            )
             grad_norm = self.train_step(step, lr)
             step += 1
             epoch = step / steps_per_epoch(plan.dataset_size, plan.batch_size)
@@ -218,12 +235,22 @@ class TrainingLoop:
     def train_step(self, step: int, lr: float) -> float | None:
         """One optimizer step over the global batch of `step`; returns the gradient norm."""
         plan = self.plan
-        indices = step_indices(step, dataset_size=plan.dataset_size, batch_size=plan.batch_size, seed=plan.seed)
-        micro_indices = rank_micro_batches(
-            indices, rank=plan.rank, world_size=plan.world_size, micro=plan.micro_batch, accumulation=plan.accumulation
+        indices = step_indices(
+            step, dataset_size=plan.dataset_size, batch_size=plan.batch_size, seed=plan.seed
         )
-        batches = [(self._to_device(self.hooks.collate(ids) if ids else None), bool(ids)) for ids in micro_indices]
-        targets = torch.stack([(shifted_targets(b["labels"]) != IGNORE).sum() for b, _ in batches]).sum().double()
+        micro_indices = rank_micro_batches(
+            indices,
+            rank=plan.rank,
+            world_size=plan.world_size,
+            micro=plan.micro_batch,
+            accumulation=plan.accumulation,
+        )
+        batches = [
+            (self._to_device(self.hooks.collate(ids) if ids else None), bool(ids)) for ids in micro_indices
+        ]
+        targets = (
+            torch.stack([(shifted_targets(b["labels"]) != IGNORE).sum() for b, _ in batches]).sum().double()
+        )
         denominator = _all_reduce_sum(targets).clamp(min=1).to(torch.float32)
         # seeded per (seed, step, rank): a resumed run draws the same dropout masks
         torch.manual_seed((plan.seed * 1_000_003 + step) * 1009 + plan.rank)
@@ -235,7 +262,9 @@ class TrainingLoop:
                 loss = total / denominator * plan.world_size
                 (loss if self.scaler is None else self.scaler.scale(loss)).backward()
             if real:
-                self._window += torch.stack([total.detach().double(), count.double(), input_tokens(batch).double()])
+                self._window += torch.stack(
+                    [total.detach().double(), count.double(), input_tokens(batch).double()]
+                )
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grad_norm = self._clip()
@@ -284,11 +313,17 @@ class TrainingLoop:
 
     def _autocast(self) -> Any:
         return torch.autocast(
-            device_type=self.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=self.autocast_dtype is not None
+            device_type=self.device.type,
+            dtype=self.autocast_dtype or torch.bfloat16,
+            enabled=self.autocast_dtype is not None,
         )
 
 
 def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+    if (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    ):
         torch.distributed.all_reduce(tensor)
     return tensor

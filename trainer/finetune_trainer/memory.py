@@ -70,7 +70,9 @@ def estimate(
     return MemoryEstimate(parameters, gradients, optimizer, gathered)
 
 
-def resolve_strategy(requested: str, *, world_size: int, data_parallel_bytes: int, device_bytes: int | None) -> str:
+def resolve_strategy(
+    requested: str, *, world_size: int, data_parallel_bytes: int, device_bytes: int | None
+) -> str:
     """`auto` → fsdp when several processes share the job and data parallel would not fit in
     90 % of one device's memory (`device_bytes`; None on CPU, where memory is the node's and data
     parallel keeps its faster steps); otherwise data-parallel. An explicit choice is kept."""
@@ -97,12 +99,19 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def catalog_estimate(parameters: str, *, strategy: str, world_size: int, precision: str, lora: bool) -> MemoryEstimate:
+def catalog_estimate(
+    parameters: str, *, strategy: str, world_size: int, precision: str, lora: bool
+) -> MemoryEstimate:
     """The estimate for a catalog entry (`CatalogModel.parameters`, e.g. "6B"), as
     `kubectl finetune list models` prints it. LoRA counts the whole model as frozen (the
     adapters are a fraction of a percent)."""
     count = parse_parameters(parameters)
     if lora:
-        return estimate(trained_parameters=0, frozen_parameters=count, strategy=strategy, world_size=world_size,
-                        precision=precision)
+        return estimate(
+            trained_parameters=0,
+            frozen_parameters=count,
+            strategy=strategy,
+            world_size=world_size,
+            precision=precision,
+        )
     return estimate(trained_parameters=count, strategy=strategy, world_size=world_size, precision=precision)

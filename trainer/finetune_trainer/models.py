@@ -59,7 +59,9 @@ def resolve_uri(spec: ModelSpec) -> str:
     if spec.name is not None:
         entry = CATALOG.get(spec.name)
         if entry is None:
-            raise InvalidInput(f"model.name: unknown model {spec.name!r}; known: {', '.join(sorted(CATALOG))}")
+            raise InvalidInput(
+                f"model.name: unknown model {spec.name!r}; known: {', '.join(sorted(CATALOG))}"
+            )
         uri = entry.uri
     else:
         assert spec.uri is not None
@@ -97,7 +99,9 @@ def fetch_model(
     if not (local / "config.json").exists() and ((local / ADAPTER_CONFIG).exists() or is_checkpoint):
         return merge_adapter(uri, local, cache_dir=cache_dir, endpoint=endpoint, region=region)
     if not (local / "config.json").exists():
-        raise InvalidInput(f"model {spec.display_name!r}: {uri} has no config.json (not a Hugging Face folder)")
+        raise InvalidInput(
+            f"model {spec.display_name!r}: {uri} has no config.json (not a Hugging Face folder)"
+        )
     return local
 
 
@@ -237,10 +241,16 @@ def _convert_in_fresh_process(*args: str) -> None:
         [sys.executable, "-m", "finetune_trainer.models", *args], capture_output=True, text=True
     )
     if result.returncode == EXIT_INVALID_INPUT:
-        raise InvalidInput(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "conversion failed")
+        raise InvalidInput(
+            result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "conversion failed"
+        )
     if result.returncode != 0:
         # Progress bars (carriage-return redraws) would crowd the cause out of the message.
-        lines = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.strip() and "%|" not in line]
+        lines = [
+            line
+            for line in result.stderr.replace("\r", "\n").splitlines()
+            if line.strip() and "%|" not in line
+        ]
         raise RuntimeError(
             f"model conversion {args[0]} failed (exit {result.returncode}): " + "\n".join(lines[-15:])[-2000:]
         )
@@ -332,7 +342,9 @@ def import_gguf(path: Path, *, cache_dir: Path) -> Path:
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = plain.load_state_dict(quantized.state_dict(), strict=False)
     if unexpected or [m for m in missing if "rotary" not in m]:
-        raise InvalidInput(f"GGUF import of {path}: state dict mismatch (missing {missing}, unexpected {unexpected})")
+        raise InvalidInput(
+            f"GGUF import of {path}: state dict mismatch (missing {missing}, unexpected {unexpected})"
+        )
     if getattr(config, "tie_word_embeddings", False):
         plain.tie_weights()
     tmp = target.with_name(target.name + ".partial")
@@ -387,8 +399,9 @@ def merge_adapter(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if (adapter / TRAIN_STATE).exists():  # a training checkpoint: its weights on the run's model
-        merged, base_spec, base_folder = _checkpoint_model(uri, adapter, cache_dir=cache_dir, endpoint=endpoint,
-                                                           region=region)
+        merged, base_spec, base_folder = _checkpoint_model(
+            uri, adapter, cache_dir=cache_dir, endpoint=endpoint, region=region
+        )
     else:
         base_spec = adapter_base(uri, endpoint=endpoint, region=region)
         base_folder = fetch_model(base_spec, cache_dir=cache_dir, endpoint=endpoint, region=region)
@@ -406,8 +419,9 @@ def merge_adapter(
     return target
 
 
-def _checkpoint_model(uri: str, local: Path, *, cache_dir: Path, endpoint: str | None,
-                      region: str | None) -> tuple[Any, ModelSpec, Path]:
+def _checkpoint_model(
+    uri: str, local: Path, *, cache_dir: Path, endpoint: str | None, region: str | None
+) -> tuple[Any, ModelSpec, Path]:
     """A training checkpoint (DCP, any strategy and number of processes) as a plain model: the
     run's model (run.json) with the checkpoint's weights; a LoRA checkpoint's adapters merged."""
     from finetune_trainer.checkpoints import load_weights
@@ -487,7 +501,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "import-gguf":
             import_gguf(args.path, cache_dir=args.cache_dir)
         else:
-            merge_adapter(args.uri, args.adapter, cache_dir=args.cache_dir, endpoint=args.endpoint, region=args.region)
+            merge_adapter(
+                args.uri, args.adapter, cache_dir=args.cache_dir, endpoint=args.endpoint, region=args.region
+            )
     except InvalidInput as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_INVALID_INPUT

@@ -52,7 +52,9 @@ class TokenDataset:
     """A map-style dataset (torch's Dataset protocol) of the sequences of some documents of a
     token store. Item i is {"input_ids", "labels", "position_ids"} as int64 numpy arrays."""
 
-    def __init__(self, store: TokenStore, documents: np.ndarray[Any, Any], *, length: int, mode: PackingMode) -> None:
+    def __init__(
+        self, store: TokenStore, documents: np.ndarray[Any, Any], *, length: int, mode: PackingMode
+    ) -> None:
         self.store = store
         self.mode: PackingMode = mode
         self.length = length
@@ -86,7 +88,9 @@ class TokenDataset:
         return {"input_ids": ids, "labels": labels, "position_ids": positions}
 
     # ---- internals ---------------------------------------------------------------------------
-    def _read(self, start: int, end: int) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    def _read(
+        self, start: int, end: int
+    ) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], np.ndarray[Any, Any]]:
         """Ids, labels and the offsets where each document piece begins, of virtual [start, end)."""
         d = int(np.searchsorted(self.virtual_starts, start, side="right")) - 1
         ids_parts, label_parts, pieces = [], [], []
@@ -119,9 +123,9 @@ class TokenDataset:
             lengths = np.minimum(length, total - starts)
             if self.mode == "documents":
                 # documents that begin inside each block, plus the block's own first piece
-                begins = np.searchsorted(self.virtual_starts[:-1], starts + lengths, side="left") - np.searchsorted(
-                    self.virtual_starts[:-1], starts, side="right"
-                )
+                begins = np.searchsorted(
+                    self.virtual_starts[:-1], starts + lengths, side="left"
+                ) - np.searchsorted(self.virtual_starts[:-1], starts, side="right")
                 pieces = begins + 1
             else:
                 pieces = np.ones(len(starts), dtype=np.int64)
@@ -217,7 +221,9 @@ class EpochSampler:
     DistributedSampler does). `set_epoch(epoch, skip=k)` starts an epoch past its first k
     indices: an exact resume mid-epoch."""
 
-    def __init__(self, length: int, *, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self, length: int, *, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1
+    ) -> None:
         self.length = length
         self.seed = seed
         self.shuffle = shuffle

@@ -65,9 +65,16 @@ class RunFolder:
 
         return SummaryWriter(log_dir=str(self.local_dir / TENSORBOARD))
 
-    def write_run_json(self, config: TrainerConfig, raw: DataPlan, model_folder: Path,
-                       train: TokenDataset | SequenceDataset, evaluation: TokenDataset | SequenceDataset,
-                       *, world_size: int) -> None:
+    def write_run_json(
+        self,
+        config: TrainerConfig,
+        raw: DataPlan,
+        model_folder: Path,
+        train: TokenDataset | SequenceDataset,
+        evaluation: TokenDataset | SequenceDataset,
+        *,
+        world_size: int,
+    ) -> None:
         """run.json: the config, the model's files, the data's fingerprint and sizes, versions."""
         if self.store is None:
             return
@@ -126,12 +133,18 @@ def earlier_attempts(store: Store, local_dir: Path, *, is_main: bool) -> History
         if record.get("kind") == "eval":
             evaluations.pop(record["step"], None)
             evaluations[record["step"]] = EvaluationPoint(
-                step=record["step"], loss=record["loss"], accuracy=record["accuracy"], perplexity=record["perplexity"]
+                step=record["step"],
+                loss=record["loss"],
+                accuracy=record["accuracy"],
+                perplexity=record["perplexity"],
             )
         elif record.get("kind") == "baseline":
             baselines.pop(record["model"], None)
             baselines[record["model"]] = BaselineResult(
-                model=record["model"], loss=record["loss"], accuracy=record["accuracy"], perplexity=record["perplexity"]
+                model=record["model"],
+                loss=record["loss"],
+                accuracy=record["accuracy"],
+                perplexity=record["perplexity"],
             )
     history.evaluations, history.baselines = list(evaluations.values()), list(baselines.values())
     return history

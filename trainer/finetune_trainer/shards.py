@@ -155,7 +155,9 @@ def _tokenize_indexed(item: tuple[int, Unit]) -> PartSummary:
     index, unit = item
     store = _STORES.get(unit.file.store_uri)
     if store is None:
-        store = _STORES[unit.file.store_uri] = open_store(unit.file.store_uri, endpoint=_JOB.endpoint, region=_JOB.region)
+        store = _STORES[unit.file.store_uri] = open_store(
+            unit.file.store_uri, endpoint=_JOB.endpoint, region=_JOB.region
+        )
     return tokenize_unit(index, unit, store, _JOB)
 
 
@@ -281,7 +283,9 @@ class ShardSet:
         return int(self.manifest["tokens"])
 
 
-def _problems_report(files: Sequence[SourceFile], units: Sequence[Unit], summaries: Iterable[PartSummary]) -> InvalidData:
+def _problems_report(
+    files: Sequence[SourceFile], units: Sequence[Unit], summaries: Iterable[PartSummary]
+) -> InvalidData:
     by_index = {s.index: s for s in summaries}
     # line offsets: a unit's lines are counted from the end of the previous unit of its file
     offsets: dict[int, int] = {}
@@ -348,14 +352,21 @@ def build_shards(
         summaries = tokenize_units(mine, job, workers=workers)
         log.info(
             "tokenized %d unit(s) of %d (node %d of %d) in %.1fs: %d documents, %d tokens",
-            len(mine), len(units), node_rank, nodes, time.monotonic() - started,
-            sum(s.documents for s in summaries), sum(s.tokens for s in summaries),
+            len(mine),
+            len(units),
+            node_rank,
+            nodes,
+            time.monotonic() - started,
+            sum(s.documents for s in summaries),
+            sum(s.tokens for s in summaries),
         )
         failed = any(s.problem_count for s in summaries)
         if remote is not None and not failed:
             for s in summaries:
                 for suffix in _suffixes(spec):
-                    remote.upload_file(folder / f"{part_name(s.index)}{suffix}", f"{key}/{part_name(s.index)}{suffix}")
+                    remote.upload_file(
+                        folder / f"{part_name(s.index)}{suffix}", f"{key}/{part_name(s.index)}{suffix}"
+                    )
         if remote is not None and nodes > 1:
             node_record = {"parts": [s.to_json() for s in summaries], "failed": failed}
             remote.write_bytes(node_file, json.dumps(node_record).encode())
@@ -371,7 +382,8 @@ def build_shards(
     if all_documents == 0:
         raise InvalidData(
             f"no records to train on in {len(files)} file(s) ({', '.join(f.name for f in files[:3])}"
-            + (", …" if len(files) > 3 else "") + ")"
+            + (", …" if len(files) > 3 else "")
+            + ")"
         )
     manifest = {
         "version": FORMAT_VERSION,
@@ -383,14 +395,19 @@ def build_shards(
         "files": [f.name for f in files],
         "documents": all_documents,
         "tokens": sum(s.tokens for s in summaries),
-        "parts": [{"index": s.index, "documents": s.documents, "tokens": s.tokens} for s in sorted(summaries, key=lambda s: s.index)],
+        "parts": [
+            {"index": s.index, "documents": s.documents, "tokens": s.tokens}
+            for s in sorted(summaries, key=lambda s: s.index)
+        ],
     }
     if nodes > 1:
         missing = [p for p in manifest["parts"] if not (folder / f"{part_name(p['index'])}.ids").exists()]
         assert remote is not None
         for p in missing:
             for suffix in _suffixes(spec):
-                remote.download_file(f"{key}/{part_name(p['index'])}{suffix}", folder / f"{part_name(p['index'])}{suffix}")
+                remote.download_file(
+                    f"{key}/{part_name(p['index'])}{suffix}", folder / f"{part_name(p['index'])}{suffix}"
+                )
     if remote is not None and node_rank == 0:
         remote.write_bytes(f"{key}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
     _write_manifest(folder, manifest)
@@ -414,7 +431,9 @@ def _gather_nodes(
     deadline = time.monotonic() + timeout
     while True:
         present = {r: remote.exists(f"{key}/node-{r}.json") for r in range(nodes)}
-        records = {r: json.loads(remote.read_bytes(f"{key}/node-{r}.json")) for r, ok in present.items() if ok}
+        records = {
+            r: json.loads(remote.read_bytes(f"{key}/node-{r}.json")) for r, ok in present.items() if ok
+        }
         summaries = [PartSummary.from_json(p) for rec in records.values() for p in rec["parts"]]
         if len(records) == nodes:
             if any(rec["failed"] for rec in records.values()):

@@ -79,7 +79,7 @@ class SourceFile:
 
     @property
     def kind(self) -> str:
-        """"parquet", "txt" or "jsonl"."""
+        """ "parquet", "txt" or "jsonl"."""
         stem = _stem(self.name)
         if stem.endswith(".parquet"):
             return "parquet"
@@ -172,7 +172,9 @@ def _stem(name: str) -> str:
 
 
 # ---- listing ------------------------------------------------------------------------------------
-def list_files(uris: Sequence[str], *, endpoint: str | None = None, region: str | None = None) -> list[SourceFile]:
+def list_files(
+    uris: Sequence[str], *, endpoint: str | None = None, region: str | None = None
+) -> list[SourceFile]:
     """Every file the URIs name, in order (sorted within each URI). InvalidData names each URI that
     matches nothing and each file with a compression we cannot read."""
     files: list[SourceFile] = []
@@ -189,7 +191,9 @@ def list_files(uris: Sequence[str], *, endpoint: str | None = None, region: str 
                 errors.append(str(exc))
             files.append(source)
     if errors:
-        raise InvalidData(f"dataset preflight failed: {len(errors)} problem(s) with the files", details=errors)
+        raise InvalidData(
+            f"dataset preflight failed: {len(errors)} problem(s) with the files", details=errors
+        )
     return files
 
 
@@ -268,7 +272,11 @@ def open_unit(unit: Unit, store: ReadableStore) -> tuple[IO[bytes], int]:
         import zstandard
 
         return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw), READ_CHUNK), 0
-    if unit.file.kind == "jsonl" and unit.start == 0 and (head.startswith(GZIP_MAGIC) or head.startswith(ZSTD_MAGIC)):
+    if (
+        unit.file.kind == "jsonl"
+        and unit.start == 0
+        and (head.startswith(GZIP_MAGIC) or head.startswith(ZSTD_MAGIC))
+    ):
         raw.close()
         kind = "gzip" if head.startswith(GZIP_MAGIC) else "Zstandard"
         raise InvalidData(f"{unit.file.name}: is {kind}-compressed data; name it .gz or .zst")
@@ -332,7 +340,9 @@ def _json_lines(stream: IO[bytes], position: int, end: int | None) -> Iterator[I
 
 
 def _json_type(value: Any) -> str:
-    return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
+    return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number"
+    )
 
 
 @dataclass(frozen=True)
@@ -423,7 +433,9 @@ def _read_parquet(unit: Unit, store: ReadableStore, spec: DatasetSpec) -> Iterat
                 spec.format, "dataset.promptField / dataset.completionField"
             )
             yield Item(
-                0, None, f"no column {', '.join(map(repr, missing))} ({setting}); the file has columns {columns}"
+                0,
+                None,
+                f"no column {', '.join(map(repr, missing))} ({setting}); the file has columns {columns}",
             )
             return
         row = 0

@@ -51,9 +51,15 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, ClientError):
         meta = exc.response.get("ResponseMetadata") or {}
         code = str((exc.response.get("Error") or {}).get("Code") or "")
-        return int(meta.get("HTTPStatusCode") or 0) >= 500 or code in ("SlowDown", "Throttling", "RequestTimeout")
+        return int(meta.get("HTTPStatusCode") or 0) >= 500 or code in (
+            "SlowDown",
+            "Throttling",
+            "RequestTimeout",
+        )
     if isinstance(exc, S3UploadFailedError):  # boto3 wraps the multipart failure's cause as text
-        return any(word in str(exc) for word in ("Could not connect", "Connection", "timed out", "(5", "SlowDown"))
+        return any(
+            word in str(exc) for word in ("Could not connect", "Connection", "timed out", "(5", "SlowDown")
+        )
     return False
 
 
@@ -82,7 +88,11 @@ def with_retries(
             pause = delay * (0.5 + 0.5 * jitter())
             log.warning(
                 "storage: %s failed (attempt %d, %s); retrying in %.1fs (giving up after %.0fs)",
-                what, attempt, _short(exc), pause, budget_seconds,
+                what,
+                attempt,
+                _short(exc),
+                pause,
+                budget_seconds,
             )
             sleep(pause)
             delay = min(delay * 2, MAX_BACKOFF_SECONDS)
@@ -124,11 +134,13 @@ class Store(Protocol):
     def open_read(self, key: str, start: int = 0) -> IO[bytes]:
         """A sequential binary reader of the object from byte `start` on (the caller closes it)."""
         ...
+
     def write_bytes(self, key: str, data: bytes) -> None: ...
     def upload_file(self, local: Path, key: str) -> None: ...
     def upload_file_hashed(self, local: Path, key: str) -> str:
         """Upload and return the SHA-256, reading the file once."""
         ...
+
     def download_file(self, key: str, local: Path) -> None: ...
     def delete_prefix(self, prefix: str) -> None: ...
     def exists(self, key: str) -> bool: ...
@@ -154,7 +166,9 @@ class LocalStore:
         for p in sorted(base.rglob("*")):
             if p.is_file() and not p.name.endswith(".partial"):
                 stat = p.stat()
-                out.append(ObjectInfo(p.relative_to(self.root).as_posix(), stat.st_size, str(stat.st_mtime_ns)))
+                out.append(
+                    ObjectInfo(p.relative_to(self.root).as_posix(), stat.st_size, str(stat.st_mtime_ns))
+                )
         return out
 
     def read_bytes(self, key: str) -> bytes:
@@ -256,7 +270,9 @@ class S3Store:
         out: list[ObjectInfo] = []
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
             for obj in page.get("Contents", []):
-                out.append(ObjectInfo(obj["Key"][len(self.prefix) :], int(obj["Size"]), str(obj.get("ETag", ""))))
+                out.append(
+                    ObjectInfo(obj["Key"][len(self.prefix) :], int(obj["Size"]), str(obj.get("ETag", "")))
+                )
         if prefix and not prefix.endswith("/"):  # a prefix names a folder or one exact object
             out = [o for o in out if o.key == prefix or o.key.startswith(prefix + "/")]
         return sorted(out, key=lambda o: o.key)
@@ -351,7 +367,9 @@ def split_glob(uri: str) -> tuple[str, str]:
     return f"{scheme}://{'/'.join(parts[:-1])}/", parts[-1]
 
 
-def expand(uri: str, *, endpoint: str | None = None, region: str | None = None) -> list[tuple[Store, ObjectInfo]]:
+def expand(
+    uri: str, *, endpoint: str | None = None, region: str | None = None
+) -> list[tuple[Store, ObjectInfo]]:
     """Files matching a URI with optional globs (`*` within a path segment, `**` across), or every
     file below it when it names a folder. Sorted by key."""
     root, pattern = split_glob(uri)

@@ -43,24 +43,40 @@ class Metrics:
         r = self.registry
         self.step = Gauge("finetune_step", "Optimizer steps completed", registry=r)
         self.total_steps = Gauge("finetune_total_steps", "Optimizer steps planned", registry=r)
-        self.train_loss = Gauge("finetune_train_loss", "Token-weighted train loss of the last window", registry=r)
+        self.train_loss = Gauge(
+            "finetune_train_loss", "Token-weighted train loss of the last window", registry=r
+        )
         self.learning_rate = Gauge("finetune_learning_rate", "Current learning rate", registry=r)
-        self.tokens_per_second = Gauge("finetune_tokens_per_second", "Training throughput, all processes", registry=r)
+        self.tokens_per_second = Gauge(
+            "finetune_tokens_per_second", "Training throughput, all processes", registry=r
+        )
         self.tokens = Counter("finetune_trained_tokens", "Tokens processed in training", registry=r)
         self.eval_loss = Gauge("finetune_eval_loss", "Eval loss at the last evaluation", registry=r)
-        self.eval_accuracy = Gauge("finetune_eval_accuracy", "Token accuracy at the last evaluation", registry=r)
-        self.eval_perplexity = Gauge("finetune_eval_perplexity", "Perplexity at the last evaluation", registry=r)
-        self.checkpoint_bytes = Counter("finetune_checkpoint_bytes", "Bytes of checkpoints uploaded", registry=r)
+        self.eval_accuracy = Gauge(
+            "finetune_eval_accuracy", "Token accuracy at the last evaluation", registry=r
+        )
+        self.eval_perplexity = Gauge(
+            "finetune_eval_perplexity", "Perplexity at the last evaluation", registry=r
+        )
+        self.checkpoint_bytes = Counter(
+            "finetune_checkpoint_bytes", "Bytes of checkpoints uploaded", registry=r
+        )
         self.checkpoint_seconds = Gauge(
             "finetune_checkpoint_upload_seconds", "Upload time of the last checkpoint", registry=r
         )
         self.checkpoint_upload_failures = Counter(
-            "finetune_checkpoint_upload_failures", "Checkpoints whose upload failed (after retries)", registry=r
+            "finetune_checkpoint_upload_failures",
+            "Checkpoints whose upload failed (after retries)",
+            registry=r,
         )
         self.checkpoint_save_seconds = Gauge(
-            "finetune_checkpoint_save_seconds", "Local save time of the last checkpoint (training stall)", registry=r
+            "finetune_checkpoint_save_seconds",
+            "Local save time of the last checkpoint (training stall)",
+            registry=r,
         )
-        self.baseline_loss = Gauge("finetune_baseline_eval_loss", "Zero-shot eval loss of a baseline", ["model"], registry=r)
+        self.baseline_loss = Gauge(
+            "finetune_baseline_eval_loss", "Zero-shot eval loss of a baseline", ["model"], registry=r
+        )
 
 
 class Progress:
@@ -115,7 +131,10 @@ class Progress:
 
     def add_baseline(self, result: BaselineResult) -> None:
         with self._lock:
-            self._data["baselines"] = [*[b for b in self._data["baselines"] if b["model"] != result["model"]], result]
+            self._data["baselines"] = [
+                *[b for b in self._data["baselines"] if b["model"] != result["model"]],
+                result,
+            ]
         self.metrics.baseline_loss.labels(model=result["model"]).set(result["loss"])
 
     def set_checkpoints(self, records: list[CheckpointRecord]) -> None:

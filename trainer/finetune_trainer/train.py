@@ -96,7 +96,9 @@ class StopFlag:
             signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        log.warning("SIGTERM: %s", "checkpointing at the end of this step" if self.in_training else "stopping")
+        log.warning(
+            "SIGTERM: %s", "checkpointing at the end of this step" if self.in_training else "stopping"
+        )
         self.requested = True
         if not self.in_training:
             raise Terminated()
@@ -115,7 +117,9 @@ class Outcome:
 
 
 def _eval_point(step: int, result: EvalResult) -> EvaluationPoint:
-    return EvaluationPoint(step=step, loss=result.loss, accuracy=result.accuracy, perplexity=result.perplexity)
+    return EvaluationPoint(
+        step=step, loss=result.loss, accuracy=result.accuracy, perplexity=result.perplexity
+    )
 
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -181,7 +185,9 @@ class Recipe:
             # torch.distributed.HashStore is this class, re-exported only on POSIX (typed here)
             from torch._C._distributed_c10d import HashStore
 
-            torch.distributed.init_process_group(backend, store=HashStore(), rank=0, world_size=1, timeout=timeout)
+            torch.distributed.init_process_group(
+                backend, store=HashStore(), rank=0, world_size=1, timeout=timeout
+            )
         try:
             yield
         finally:
@@ -216,7 +222,9 @@ class Recipe:
         node_rank, nodes = node_topology(self.env)
         settings = ShardSettings(
             local_root=self.cache_dir / "tokens",
-            remote_uri=shard_cache_uri(datasets_uri=self.config.run.datasets_uri, run_uri=self.config.run_uri),
+            remote_uri=shard_cache_uri(
+                datasets_uri=self.config.run.datasets_uri, run_uri=self.config.run_uri
+            ),
             node_rank=node_rank,
             nodes=nodes,
             endpoint=self.config.run.storage_endpoint,
@@ -264,9 +272,19 @@ class Recipe:
         self.progress.add_evaluation(point)
         self.io.append_metric({"kind": "eval", **point, "tokens": result.tokens})
         if self.board is not None:  # step 0 (zero-shot) included
-            for name, value in (("loss", result.loss), ("accuracy", result.accuracy), ("perplexity", result.perplexity)):
+            for name, value in (
+                ("loss", result.loss),
+                ("accuracy", result.accuracy),
+                ("perplexity", result.perplexity),
+            ):
                 self.board.add_scalar(f"eval/{name}", value, step)
-        log.info("eval step %d: loss %.4f accuracy %.4f perplexity %.3f", step, result.loss, result.accuracy, result.perplexity)
+        log.info(
+            "eval step %d: loss %.4f accuracy %.4f perplexity %.3f",
+            step,
+            result.loss,
+            result.accuracy,
+            result.perplexity,
+        )
 
     def evaluate_baselines(self, raw: DataPlan) -> None:
         done = {b["model"] for b in self.baselines}
@@ -280,7 +298,10 @@ class Recipe:
             result = self.evaluate(model, dataset)
             del model
             baseline = BaselineResult(
-                model=spec.display_name, loss=result.loss, accuracy=result.accuracy, perplexity=result.perplexity
+                model=spec.display_name,
+                loss=result.loss,
+                accuracy=result.accuracy,
+                perplexity=result.perplexity,
             )
             self.baselines.append(baseline)
             self.progress.add_baseline(baseline)
@@ -298,7 +319,11 @@ class Recipe:
         metrics = {}
         last = next((e for e in reversed(self.evaluations) if e["step"] == step), None)
         if last is not None:
-            metrics = {"evalLoss": last["loss"], "evalAccuracy": last["accuracy"], "evalPerplexity": last["perplexity"]}
+            metrics = {
+                "evalLoss": last["loss"],
+                "evalAccuracy": last["accuracy"],
+                "evalPerplexity": last["perplexity"],
+            }
         train_loss = self.progress.report()["trainLoss"]
         if train_loss is not None:
             metrics["trainLoss"] = train_loss
@@ -311,7 +336,13 @@ class Recipe:
         self.checkpoint_records = [ckpt.record_of(m) for m in ckpt.list_complete(self.run_store)]
         self.progress.set_checkpoints(self.checkpoint_records)
         self.io.append_metric(
-            {"kind": "checkpoint", "step": manifest["step"], "uri": manifest["uri"], "bytes": manifest["bytes"], "uploadSeconds": seconds}
+            {
+                "kind": "checkpoint",
+                "step": manifest["step"],
+                "uri": manifest["uri"],
+                "bytes": manifest["bytes"],
+                "uploadSeconds": seconds,
+            }
         )
         self.io.flush()
 
@@ -350,7 +381,11 @@ class Recipe:
             self.checkpoint_records = [r for r in self.checkpoint_records if r["step"] <= step]
             self.progress.set_checkpoints(self.checkpoint_records)
         self.progress.set_resumed(step=step, skipped=skipped)
-        log.info("resuming from %s%s", by_step[step]["uri"], f" (skipped {len(skipped)} corrupt)" if skipped else "")
+        log.info(
+            "resuming from %s%s",
+            by_step[step]["uri"],
+            f" (skipped {len(skipped)} corrupt)" if skipped else "",
+        )
         return local_for(step)
 
     def _checkpoint_folder(self, step: int) -> Path:
@@ -427,9 +462,14 @@ class Recipe:
         self._restore_history()
         resume = None if evaluate_only else self.resume_point()
         if resume is None:
-            self.io.write_run_json(cfg, raw, model_folder, train_dataset, self.eval_dataset, world_size=self.world_size)
+            self.io.write_run_json(
+                cfg, raw, model_folder, train_dataset, self.eval_dataset, world_size=self.world_size
+            )
         model = load_model(
-            model_folder, init=cfg.model.init, dropout=cfg.hyperparameters.dropout, seed=cfg.hyperparameters.seed
+            model_folder,
+            init=cfg.model.init,
+            dropout=cfg.hyperparameters.dropout,
+            seed=cfg.hyperparameters.seed,
         )
         self.strategy = self._resolve_strategy(model)
         if evaluate_only:
@@ -445,17 +485,32 @@ class Recipe:
         hp = self.config.hyperparameters
         parameters = sum(p.numel() for p in model.parameters())
         data_parallel = memory.estimate(
-            trained_parameters=parameters, strategy="data-parallel", world_size=self.world_size, precision=hp.precision
+            trained_parameters=parameters,
+            strategy="data-parallel",
+            world_size=self.world_size,
+            precision=hp.precision,
         )
-        device_bytes = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
+        device_bytes = (
+            torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
+        )
         strategy = memory.resolve_strategy(
-            hp.sharding, world_size=self.world_size, data_parallel_bytes=data_parallel.state, device_bytes=device_bytes
+            hp.sharding,
+            world_size=self.world_size,
+            data_parallel_bytes=data_parallel.state,
+            device_bytes=device_bytes,
         )
-        log.info("sharding: %s (requested %s; %d processes; data parallel would hold %.2f GiB of model state per process)",
-                 strategy, hp.sharding, self.world_size, data_parallel.state / 2**30)
+        log.info(
+            "sharding: %s (requested %s; %d processes; data parallel would hold %.2f GiB of model state per process)",
+            strategy,
+            hp.sharding,
+            self.world_size,
+            data_parallel.state / 2**30,
+        )
         if hp.cpu_offload and self.device.type != "cuda":
-            raise InvalidInput("hyperparameters.cpuOffload: offloading to host memory needs a GPU run (on the CPU the "
-                               "model already lives in host memory); leave it false")
+            raise InvalidInput(
+                "hyperparameters.cpuOffload: offloading to host memory needs a GPU run (on the CPU the "
+                "model already lives in host memory); leave it false"
+            )
         return strategy
 
     def _wrap(self, model: Any) -> Any:
@@ -470,8 +525,13 @@ class Recipe:
         if hp.gradient_checkpointing:
             wrapping.enable_activation_checkpointing(model, lora=lora is not None)
         if sharded:
-            return wrapping.shard(model, device=self.device, precision=hp.precision,
-                                  reshard_after_forward=hp.reshard_after_forward, cpu_offload=hp.cpu_offload)
+            return wrapping.shard(
+                model,
+                device=self.device,
+                precision=hp.precision,
+                reshard_after_forward=hp.reshard_after_forward,
+                cpu_offload=hp.cpu_offload,
+            )
         return wrapping.replicate(model, device=self.device)
 
     def _sync_context(self, model: Any) -> Any:
@@ -480,14 +540,25 @@ class Recipe:
             return lambda last: contextlib.nullcontext() if last else model.no_sync()
         return lambda last: contextlib.nullcontext()
 
-    def _train(self, model: Any, model_folder: Path, tokenizer: Any, train_dataset: TokenDataset | SequenceDataset,
-               resume: Path | None) -> Outcome:
+    def _train(
+        self,
+        model: Any,
+        model_folder: Path,
+        tokenizer: Any,
+        train_dataset: TokenDataset | SequenceDataset,
+        resume: Path | None,
+    ) -> Outcome:
         """setup (wrap, optimizer, resume) → evaluate step 0 + baselines → train → export."""
         cfg, hp = self.config, self.config.hyperparameters
         lora = cfg.lora is not None
         model = self._wrap(model)
-        optimizer = torch.optim.AdamW(decay_groups(model, hp.weight_decay), lr=hp.learning_rate, betas=(0.9, 0.999),
-                                      eps=1e-8, foreach=True)
+        optimizer = torch.optim.AdamW(
+            decay_groups(model, hp.weight_decay),
+            lr=hp.learning_rate,
+            betas=(0.9, 0.999),
+            eps=1e-8,
+            foreach=True,
+        )
         board = self.board = self.io.tensorboard()
         autocast = None if self.strategy == FSDP else AUTOCAST[hp.precision]  # FSDP: its MixedPrecisionPolicy
         scaler = loss_scaler(self.device, autocast)  # fp16 only; checkpointed with the model
@@ -495,25 +566,49 @@ class Recipe:
         if resume is not None:
             state = ckpt.load_sharded(model, optimizer, resume, adapters_only=lora, scaler=scaler)
             start = int(state["step"])
-            log.info("resumed at step %d (saved by %d processes, now %d)", start, state["worldSize"], self.world_size)
+            log.info(
+                "resumed at step %d (saved by %d processes, now %d)",
+                start,
+                state["worldSize"],
+                self.world_size,
+            )
         elif cfg.evaluation.at_start:
             self.record_evaluation(0, self.evaluate(model, self.eval_dataset))
         self.evaluate_baselines(self._raw)
         self.io.flush()
 
-        total = total_steps(max_steps=hp.max_steps, epochs=hp.epochs, dataset_size=len(train_dataset), batch_size=hp.batch_size)
+        total = total_steps(
+            max_steps=hp.max_steps,
+            epochs=hp.epochs,
+            dataset_size=len(train_dataset),
+            batch_size=hp.batch_size,
+        )
         self.total_steps = total
         plan = LoopPlan(
-            total_steps=total, batch_size=hp.batch_size, micro_batch=self.micro,
-            accumulation=self.accumulation, rank=self.rank, world_size=self.world_size,
-            seed=hp.seed, peak_lr=hp.learning_rate,
+            total_steps=total,
+            batch_size=hp.batch_size,
+            micro_batch=self.micro,
+            accumulation=self.accumulation,
+            rank=self.rank,
+            world_size=self.world_size,
+            seed=hp.seed,
+            peak_lr=hp.learning_rate,
             warmup=warmup_steps(steps=hp.warmup_steps, ratio=hp.warmup_ratio, total=total),
-            schedule=hp.lr_scheduler, max_grad_norm=hp.max_grad_norm, log_every=cfg.evaluation.log_every_steps,
-            eval_every=cfg.evaluation.every_steps, save_every=cfg.checkpoints.every_steps, dataset_size=len(train_dataset),
+            schedule=hp.lr_scheduler,
+            max_grad_norm=hp.max_grad_norm,
+            log_every=cfg.evaluation.log_every_steps,
+            eval_every=cfg.evaluation.every_steps,
+            save_every=cfg.checkpoints.every_steps,
+            dataset_size=len(train_dataset),
         )
-        self.uploader = ckpt.Uploader(self.run_store, cfg.checkpoints.keep_last, self._uploaded,
-                                      rank=self.rank, world_size=self.world_size,
-                                      on_failure=lambda _: self.progress.metrics.checkpoint_upload_failures.inc())
+        self.uploader = ckpt.Uploader(
+            self.run_store,
+            cfg.checkpoints.keep_last,
+            self._uploaded,
+            rank=self.rank,
+            world_size=self.world_size,
+            on_failure=lambda _: self.progress.metrics.checkpoint_upload_failures.inc(),
+        )
         self.uploader.start()
         collator = self.collator()
 
@@ -522,9 +617,19 @@ class Recipe:
             started = time.perf_counter()
             local = self.local_run / f"checkpoint-{step}"
             ckpt.save_sharded(
-                model, optimizer, local, adapters_only=lora, is_main=self.is_main, scaler=scaler,
-                train_state={"step": step, "epoch": step / steps_per_epoch(len(train_dataset), hp.batch_size),
-                             "worldSize": self.world_size, "sharding": self.strategy, "config": cfg.to_dict()},
+                model,
+                optimizer,
+                local,
+                adapters_only=lora,
+                is_main=self.is_main,
+                scaler=scaler,
+                train_state={
+                    "step": step,
+                    "epoch": step / steps_per_epoch(len(train_dataset), hp.batch_size),
+                    "worldSize": self.world_size,
+                    "sharding": self.strategy,
+                    "config": cfg.to_dict(),
+                },
             )
             self.checkpoint_saved(local, step, time.perf_counter() - started)
             self.progress.update(phase=TrainerPhase.TRAINING)
@@ -538,13 +643,17 @@ class Recipe:
             return self.terminated
 
         loop = TrainingLoop(
-            model, optimizer, plan,
+            model,
+            optimizer,
+            plan,
             LoopHooks(
                 collate=lambda ids: collator([train_dataset[i] for i in ids]),
                 empty_batch=lambda: collator([{"input_ids": [self.pad_id], "labels": [IGNORE]}]),
                 on_step=lambda step, epoch: self.progress.update(step=step, epoch=epoch),
                 on_log=lambda entry: self._log_train(entry, board, total),
-                evaluate=evaluate, save=save, stop_requested=stop_requested,
+                evaluate=evaluate,
+                save=save,
+                stop_requested=stop_requested,
                 measure=lambda: self.record_memory(model, optimizer),
             ),
             device=self.device,
@@ -565,10 +674,19 @@ class Recipe:
         self.uploader.wait()
         self.uploader.close()
         self.io.flush()
-        self.progress.update(phase=TrainerPhase.TERMINATED if self.terminated else TrainerPhase.SUCCEEDED, step=step)
-        return Outcome(terminated=self.terminated, step=step, total_steps=total, evaluations=self.evaluations,
-                       baselines=self.baselines, checkpoints=self.checkpoint_records, final_uri=final_uri,
-                       run_uri=cfg.run_uri)
+        self.progress.update(
+            phase=TrainerPhase.TERMINATED if self.terminated else TrainerPhase.SUCCEEDED, step=step
+        )
+        return Outcome(
+            terminated=self.terminated,
+            step=step,
+            total_steps=total,
+            evaluations=self.evaluations,
+            baselines=self.baselines,
+            checkpoints=self.checkpoint_records,
+            final_uri=final_uri,
+            run_uri=cfg.run_uri,
+        )
 
     def record_memory(self, model: Any, optimizer: torch.optim.Optimizer) -> None:
         """The model state this process holds after its first optimizer step, measured on the
@@ -579,34 +697,65 @@ class Recipe:
         frozen = sum(p.numel() for p in parameters if not p.requires_grad)
         blocks = wrapping.transformer_blocks(wrapping.unwrap(model)) if self.strategy == FSDP else []
         estimate = memory.estimate(
-            trained_parameters=trained, frozen_parameters=frozen, strategy=self.strategy, world_size=self.world_size,
+            trained_parameters=trained,
+            frozen_parameters=frozen,
+            strategy=self.strategy,
+            world_size=self.world_size,
             precision=self.config.hyperparameters.precision,
             largest_block_parameters=max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0),
         )
-        log.info("model state per process: %.1f MiB measured, %.1f MiB estimated (%s, %d processes)",
-                 sum(measured.values()) / 2**20, estimate.state / 2**20, self.strategy, self.world_size)
-        self.io.append_metric({
-            "kind": "memory", "strategy": self.strategy, "worldSize": self.world_size, "rank": self.rank,
-            "trainedParameters": trained, "frozenParameters": frozen,
-            "measured": {**measured, "state": sum(measured.values())},
-            "estimate": {"parameters": estimate.parameters, "gradients": estimate.gradients,
-                         "optimizer": estimate.optimizer, "state": estimate.state,
-                         "gatheredBlock": estimate.gathered_block_bytes},
-        })
+        log.info(
+            "model state per process: %.1f MiB measured, %.1f MiB estimated (%s, %d processes)",
+            sum(measured.values()) / 2**20,
+            estimate.state / 2**20,
+            self.strategy,
+            self.world_size,
+        )
+        self.io.append_metric(
+            {
+                "kind": "memory",
+                "strategy": self.strategy,
+                "worldSize": self.world_size,
+                "rank": self.rank,
+                "trainedParameters": trained,
+                "frozenParameters": frozen,
+                "measured": {**measured, "state": sum(measured.values())},
+                "estimate": {
+                    "parameters": estimate.parameters,
+                    "gradients": estimate.gradients,
+                    "optimizer": estimate.optimizer,
+                    "state": estimate.state,
+                    "gatheredBlock": estimate.gathered_block_bytes,
+                },
+            }
+        )
 
     def _log_train(self, entry: TrainLog, board: Any, total: int) -> None:
         self.progress.metrics.tokens.inc(entry.input_tokens)
         self.progress.update(
-            trainLoss=entry.loss, learningRate=entry.learning_rate, tokensPerSecond=entry.tokens_per_second,
+            trainLoss=entry.loss,
+            learningRate=entry.learning_rate,
+            tokensPerSecond=entry.tokens_per_second,
             etaSeconds=(total - entry.step) * entry.seconds_per_step,
         )
-        self.io.append_metric({
-            "kind": "train", "step": entry.step, "epoch": entry.epoch, "loss": entry.loss,
-            "learningRate": entry.learning_rate, "gradNorm": entry.grad_norm, "tokensPerSecond": entry.tokens_per_second,
-        })
+        self.io.append_metric(
+            {
+                "kind": "train",
+                "step": entry.step,
+                "epoch": entry.epoch,
+                "loss": entry.loss,
+                "learningRate": entry.learning_rate,
+                "gradNorm": entry.grad_norm,
+                "tokensPerSecond": entry.tokens_per_second,
+            }
+        )
         if board is not None:
-            for name, value in (("loss", entry.loss), ("learning_rate", entry.learning_rate),
-                                ("grad_norm", entry.grad_norm), ("tokens_per_second", entry.tokens_per_second)):
+            for name, value in (
+                ("loss", entry.loss),
+                ("learning_rate", entry.learning_rate),
+                ("grad_norm", entry.grad_norm),
+                ("tokens_per_second", entry.tokens_per_second),
+            ):
                 if value is not None:
                     board.add_scalar(f"train/{name}", value, entry.step)
 
@@ -619,8 +768,14 @@ class Recipe:
             shutil.rmtree(local, ignore_errors=True)
         inner = wrapping.unwrap(model)
         if self.config.lora is not None:
-            export.export_lora(inner, local, is_main=self.is_main, base_folder=model_folder, lora=self.config.lora,
-                               merge=self.config.lora.merge_on_export)
+            export.export_lora(
+                inner,
+                local,
+                is_main=self.is_main,
+                base_folder=model_folder,
+                lora=self.config.lora,
+                merge=self.config.lora.merge_on_export,
+            )
         else:
             export.export_full(inner, local, is_main=self.is_main)
         torch.distributed.barrier()
@@ -628,9 +783,19 @@ class Recipe:
             return None
         tokenizer.save_pretrained(local)
         final = self.evaluations[-1] if self.evaluations else None
-        metrics = {} if final is None else {"evalLoss": final["loss"], "evalAccuracy": final["accuracy"], "evalPerplexity": final["perplexity"]}
+        metrics = (
+            {}
+            if final is None
+            else {
+                "evalLoss": final["loss"],
+                "evalAccuracy": final["accuracy"],
+                "evalPerplexity": final["perplexity"],
+            }
+        )
         self.run_store.delete_prefix("final/manifest.json")
-        manifest = ckpt.upload_folder(self.run_store, local, "final/", step=step, metrics=metrics, fmt="final")
+        manifest = ckpt.upload_folder(
+            self.run_store, local, "final/", step=step, metrics=metrics, fmt="final"
+        )
         return str(manifest["uri"])
 
     # ---- mode Evaluate --------------------------------------------------------------------------
@@ -668,7 +833,9 @@ def configure_threads() -> None:
         torch.set_num_threads(share)
 
 
-def run(config: TrainerConfig, *, progress: Progress, stop: StopFlag, env: Mapping[str, str] = os.environ) -> Outcome:
+def run(
+    config: TrainerConfig, *, progress: Progress, stop: StopFlag, env: Mapping[str, str] = os.environ
+) -> Outcome:
     configure_threads()
     recipe = Recipe(config, progress=progress, stop=stop, env=env)
     return recipe.run()
@@ -684,7 +851,9 @@ def format_table(outcome: Outcome) -> str:
     for e in sorted(outcome.evaluations, key=lambda e: e["step"]):
         lines.append(f"{e['step']:>10} | {e['accuracy']:8.4f} | {e['loss']:8.4f} | {_ppl(e['perplexity'])}")
     for b in outcome.baselines:
-        lines.append(f"{b['model'][:10]:>10} | {b['accuracy']:8.4f} | {b['loss']:8.4f} | {_ppl(b['perplexity'])}")
+        lines.append(
+            f"{b['model'][:10]:>10} | {b['accuracy']:8.4f} | {b['loss']:8.4f} | {_ppl(b['perplexity'])}"
+        )
     return "\n".join(lines)
 
 

@@ -35,11 +35,18 @@ def cmd_add_dataset(app: App) -> None:
     created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     try:
         summary = check_dataset(
-            args.name, files, format=args.format, tokenizer=args.tokenizer or DEFAULT_MODEL, where=where, created=created
+            args.name,
+            files,
+            format=args.format,
+            tokenizer=args.tokenizer or DEFAULT_MODEL,
+            where=where,
+            created=created,
         )
     except datasets.DatasetError as exc:
         raise CliError(
-            str(exc), details=exc.details, hint="fix the files or records named above (file, file:line) and run the command again"
+            str(exc),
+            details=exc.details,
+            hint="fix the files or records named above (file, file:line) and run the command again",
         ) from None
     registry.save(summary, files, replace=args.replace, where=where)  # type: ignore[arg-type]
     result = {**summary.to_metadata(), "uri": f"{registry.uri}{args.name}/"}
@@ -84,8 +91,12 @@ def check_dataset(
     except InvalidData as exc:
         raise datasets.rejection(exc) from None
     return datasets.summarize(
-        name, format, [(f.name, split, f.size) for f, split in files], report,
-        tokenizer=counting.description, created=created,
+        name,
+        format,
+        [(f.name, split, f.size) for f, split in files],
+        report,
+        tokenizer=counting.description,
+        created=created,
     )
 
 

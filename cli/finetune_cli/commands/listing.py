@@ -21,7 +21,11 @@ def models_view(
     *, precision: str, family: str | None, strategy: str = "data-parallel", processes: int = 1
 ) -> views.View:
     rows = catalog.model_rows(precision=precision, family=family, strategy=strategy, processes=processes)
-    over = "every process holds all of it" if strategy == "data-parallel" else f"split over {processes} processes"
+    over = (
+        "every process holds all of it"
+        if strategy == "data-parallel"
+        else f"split over {processes} processes"
+    )
     return views.View(
         title=(
             f"Model catalog (memory per training process for weights, gradients and AdamW state: "
@@ -101,7 +105,11 @@ def checkpoints_view(app: App, job_id: str | None) -> views.View:
 
 def cmd_list_models(app: App) -> None:
     args = app.args
-    app.view(models_view(precision=args.precision, family=args.family, strategy=args.sharding, processes=args.processes))
+    app.view(
+        models_view(
+            precision=args.precision, family=args.family, strategy=args.sharding, processes=args.processes
+        )
+    )
 
 
 def cmd_list_hyperparameters(app: App) -> None:

@@ -56,7 +56,9 @@ def cmd_logs(app: App) -> None:
 
 
 def _log(app: App, pod: Mapping[str, Any], *, follow: bool) -> Iterator[bytes]:
-    return app.core.log(str(pod["metadata"]["name"]), container=CONTAINER_NAME, follow=follow, tail=app.args.tail)
+    return app.core.log(
+        str(pod["metadata"]["name"]), container=CONTAINER_NAME, follow=follow, tail=app.args.tail
+    )
 
 
 def cmd_events(app: App) -> None:
