@@ -201,6 +201,9 @@ def test_readme_next_steps_in_a_new_namespace_with_only_kubeconfig(
     board = subprocess.Popen(
         ["kubectl", "finetune", "tensorboard", "first", ns, "--port", "0", "--interval", "1", "--timeout", "300"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        # Ctrl-C as at a terminal: a shell running this suite in the background hands its children
+        # SIGINT ignored, and a process started so never sees the KeyboardInterrupt
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     try:
         assert board.stdout is not None

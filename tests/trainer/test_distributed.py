@@ -70,6 +70,42 @@ def test_two_processes_match_one_process_with_the_same_global_batch(
     assert result.stdout.count("Step | Accuracy") == 1
 
 
+def _terminated_after_a_checkpoint(config: Path, run: Path, tmp_path: Path, name: str) -> dict[str, Any]:
+    """Start the launcher as `_launch` does, send it SIGTERM once the run folder holds a complete
+    checkpoint (any: with `keepLast` the first may already be pruned when the test looks) and
+    return the termination message of the exit it must make (143)."""
+    import signal
+    import time
+
+    env = {
+        **os.environ,
+        "FINETUNE_CACHE_DIR": str(tmp_path / f"cache-{name}"),
+        "FINETUNE_TERMINATION_LOG": str(tmp_path / f"termination-{name}"),
+        "OMP_NUM_THREADS": "1",
+        "PET_NNODES": "1",
+        "PET_NPROC_PER_NODE": "2",
+    }
+    log = tmp_path / f"{name}.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "finetune_trainer", "--config", str(config)],
+            env=env,
+            cwd=ROOT,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 240
+        while not any((run / "checkpoints").glob("step-*/manifest.json")):
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"no checkpoint before the exit or the deadline:\n{log.read_text()[-3000:]}")
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=120)
+    assert code == contract.EXIT_TERMINATED, log.read_text()[-3000:]
+    return dict(json.loads((tmp_path / f"termination-{name}").read_text()))
+
+
 def test_invalid_input_keeps_its_exit_code_through_torchrun(
     model_dir: Callable[[str], Path], text_data: dict[str, str], tmp_path: Path
 ) -> None:
@@ -85,9 +121,6 @@ def test_invalid_input_keeps_its_exit_code_through_torchrun(
 def test_sigterm_to_the_launcher_checkpoints_every_rank_at_the_same_step(
     model_dir: Callable[[str], Path], text_data: dict[str, str], tmp_path: Path
 ) -> None:
-    import signal
-    import time
-
     run = tmp_path / "run"
     config = write_config(
         tmp_path / "c.json",
@@ -100,28 +133,7 @@ def test_sigterm_to_the_launcher_checkpoints_every_rank_at_the_same_step(
             checkpoints={"everySteps": 5},
         ),
     )
-    env = {
-        **os.environ,
-        "FINETUNE_CACHE_DIR": str(tmp_path / "cache"),
-        "FINETUNE_TERMINATION_LOG": str(tmp_path / "term"),
-        "OMP_NUM_THREADS": "1",
-        "PET_NNODES": "1",
-        "PET_NPROC_PER_NODE": "2",
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "finetune_trainer", "--config", str(config)],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 240
-    while not (run / "checkpoints" / "step-000005" / "manifest.json").exists():
-        assert process.poll() is None and time.monotonic() < deadline, "no checkpoint before the deadline"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=120) == contract.EXIT_TERMINATED
-    summary = json.loads((tmp_path / "term").read_text())
+    summary = _terminated_after_a_checkpoint(config, run, tmp_path, "stopped")
     assert summary["reason"] == "Terminated" and 5 <= summary["step"] < 200
     manifest = json.loads((run / "checkpoints" / f"step-{summary['step']:06d}" / "manifest.json").read_text())
     assert manifest["step"] == summary["step"], "both ranks saved the step they stopped at"
@@ -277,9 +289,6 @@ def test_fsdp_checkpoint_of_two_processes_resumes_on_one(
 def test_sigterm_under_fsdp_checkpoints_and_the_resumed_run_equals_an_uninterrupted_one(
     model_dir: Callable[[str], Path], text_data: dict[str, str], tmp_path: Path
 ) -> None:
-    import signal
-    import time
-
     model = model_dir("llama")
     steps = 40
     code, uninterrupted = run_trainer(
@@ -289,28 +298,7 @@ def test_sigterm_under_fsdp_checkpoints_and_the_resumed_run_equals_an_uninterrup
 
     run = tmp_path / "killed"
     config = write_config(tmp_path / "killed.json", _fsdp_config(model, text_data, run, steps))
-    env = {
-        **os.environ,
-        "FINETUNE_CACHE_DIR": str(tmp_path / "cache"),
-        "FINETUNE_TERMINATION_LOG": str(tmp_path / "term"),
-        "OMP_NUM_THREADS": "1",
-        "PET_NNODES": "1",
-        "PET_NPROC_PER_NODE": "2",
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "finetune_trainer", "--config", str(config)],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 240
-    while not (run / "checkpoints" / "step-000004" / "manifest.json").exists():
-        assert process.poll() is None and time.monotonic() < deadline, "no checkpoint before the deadline"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=120) == contract.EXIT_TERMINATED
-    stopped = json.loads((tmp_path / "term").read_text())
+    stopped = _terminated_after_a_checkpoint(config, run, tmp_path, "killed")
     assert stopped["reason"] == "Terminated" and 4 <= stopped["step"] < steps, stopped
     manifest = json.loads((run / "checkpoints" / f"step-{stopped['step']:06d}" / "manifest.json").read_text())
     assert {"state/__0_0.distcp", "state/__1_0.distcp"} <= {f["path"] for f in manifest["files"]}

@@ -17,6 +17,7 @@ folder (checkpoint shards aside: each rank uploads its own).
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import logging
@@ -190,7 +191,13 @@ class Recipe:
             )
         try:
             yield
+            if self.world_size > 1:
+                torch.distributed.barrier()  # no rank tears the group down under a peer still using it
         finally:
+            # Collect the run's reference cycles (modules, DTensors, pending collective work) while
+            # the interpreter is whole: a gloo work object that outlives the group into interpreter
+            # shutdown aborts the process ("terminate called without an active exception").
+            gc.collect()
             torch.distributed.destroy_process_group()
 
     @contextlib.contextmanager

@@ -49,7 +49,7 @@ def wrap_lora(model: Any, spec: LoraSpec, *, seed: int, frozen_dtype: torch.dtyp
 def enable_activation_checkpointing(model: Any, *, lora: bool) -> None:
     """Recompute each block's activations in the backward pass. Non-reentrant checkpointing:
     the variant that composes with FSDP2 (and DDP) hooks."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if lora:
         model.enable_input_require_grads()
 
