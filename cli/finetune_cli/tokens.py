@@ -24,7 +24,7 @@ TOKENIZER_FILE = "tokenizer.json"
 
 
 class JsonTokenizer:
-    """What `finetune_trainer.data.encode_batch` calls on a tokenizer, over a `tokenizers`
+    """What `finetune_trainer.records.encode_batch` calls on a tokenizer, over a `tokenizers`
     Tokenizer: batch encoding with or without special tokens, the EOS id, no chat template."""
 
     chat_template = None

@@ -39,6 +39,10 @@ from finetune_dev.pki import ClientIdentity
 
 DEFAULT_PORT_BASE = 16400
 NODE_NAME = "process-node"
+# The components run on after the call that started them (they are found and stopped through
+# their pid files); their Popen objects are kept here for the life of this process, so that
+# Python neither warns that a dropped one "is still running" nor leaves an exited one unreaped.
+_STARTED: list[subprocess.Popen[bytes]] = []
 SERVICE_CIDR = "10.0.0.0/24"
 S3_REGION = "us-east-1"
 
@@ -393,6 +397,7 @@ class Component:
             except OSError as exc:
                 raise ClusterError(f"{self.name} could not be started: {exc}") from exc
         self._pidfile(cluster).write_text(str(process.pid))
+        _STARTED.append(process)
         return process
 
     def wait_healthy(self, cluster: Cluster, process: subprocess.Popen[bytes]) -> None:

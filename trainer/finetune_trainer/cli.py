@@ -22,7 +22,7 @@ from finetune_trainer import contract
 from finetune_trainer.config import EVALUATE, PATTERN_MESSAGES, TRAIN, TrainerConfig
 from finetune_trainer.errors import InvalidInput, Reason
 from finetune_trainer.launch import launch, wants_launch
-from finetune_trainer.telemetry import Progress, serve, write_termination_message
+from finetune_trainer.telemetry import Progress, serve, write_failure, write_termination_message
 
 log = logging.getLogger("finetune_trainer")
 
@@ -170,18 +170,6 @@ def lost_peer(exc: BaseException) -> bool:
     text = str(exc).lower()
     words = ("connection closed by peer", "connection reset by peer", "gloo", "nccl", "c10d")
     return isinstance(exc, getattr(dist, "DistError", ())) or any(word in text for word in words)
-
-
-def write_failure(path: str, summary: contract.TerminationSummary) -> None:
-    """A failure's summary, from whichever rank failed, unless a process of this pod wrote one
-    already: the first failure in a pod names its cause (a peer's "connection closed" comes
-    later). Of a job's failed pods, the operator reports the one whose `failedAt` is earliest."""
-    try:
-        if os.path.getsize(path) > 0:
-            return
-    except OSError:
-        pass
-    write_termination_message(path, summary)
 
 
 def disk_full(exc: BaseException) -> str | None:

@@ -36,8 +36,8 @@ def _report_dead_worker(path: str, exc: Any) -> None:
     from datetime import UTC, datetime
 
     from finetune_trainer import contract
-    from finetune_trainer.cli import write_failure
     from finetune_trainer.errors import Reason
+    from finetune_trainer.telemetry import write_failure
 
     rank, failure = exc.get_first_failure()
     how = f"killed by {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"

@@ -45,6 +45,7 @@ import numpy as np
 from finetune_trainer.config import DatasetSpec
 from finetune_trainer.contract import ENV_COLLECTIVE_TIMEOUT, collective_timeout_seconds
 from finetune_trainer.errors import InvalidData
+from finetune_trainer.records import encode_batch, eos_id
 from finetune_trainer.sources import (
     BadRecords,
     Item,
@@ -164,7 +165,6 @@ def _tokenize_indexed(item: tuple[int, Unit]) -> PartSummary:
 def tokenize_unit(index: int, unit: Unit, store: Store, job: _Job) -> PartSummary:
     """Stream one unit: validate each record, tokenize valid ones BATCH_RECORDS at a time, append
     them to this part's files. Memory: one batch."""
-    from finetune_trainer.data import encode_batch
 
     name = part_name(index)
     masked = masks_tokens(job.spec)
@@ -336,7 +336,6 @@ def build_shards(
         if manifest is not None:
             return _download(remote, key, folder, manifest)
     units = units_of(files, unit_bytes=unit_bytes)
-    from finetune_trainer.data import eos_id
 
     eos_id(tokenizer)
     vocab = len(tokenizer)

@@ -35,6 +35,7 @@ from typing import IO, Any, Protocol
 
 from finetune_trainer.config import DatasetSpec
 from finetune_trainer.errors import InvalidData
+from finetune_trainer.records import check_record
 from finetune_trainer.storage import ObjectInfo, Store, expand
 
 UNIT_BYTES = 32 * 1024 * 1024
@@ -286,7 +287,6 @@ def open_unit(unit: Unit, store: ReadableStore) -> tuple[IO[bytes], int]:
 def read_unit(unit: Unit, store: ReadableStore, spec: DatasetSpec) -> Iterator[Item]:
     """Every position of the unit, in order: records that pass `check`, and problems, each with its
     line (or row) within the unit. Nothing beyond one line (one Parquet batch) is held."""
-    from finetune_trainer.data import check_record
 
     kind = unit.file.kind
     if kind == "parquet":
@@ -418,7 +418,6 @@ def _parquet_file(handle: IO[bytes]) -> Any:
 def _read_parquet(unit: Unit, store: ReadableStore, spec: DatasetSpec) -> Iterator[Item]:
     """Rows of the dataset's fields, one row group's batch at a time. A file without a field the
     format needs is one problem naming the field and the columns it has."""
-    from finetune_trainer.data import check_record
 
     with store.open_read(unit.file.key) as handle:
         parquet = _parquet_file(handle)

@@ -1,4 +1,5 @@
-"""What rank 0 tells the outside world: progress JSON, Prometheus metrics, termination message.
+"""What the training processes tell the outside world: rank 0's progress JSON and Prometheus
+metrics, and the termination message (a failure's written by the first process that fails).
 
 `Progress` is updated by the training loop; `serve()` exposes it read-only on
 `$POD_IP:$FINETUNE_PROGRESS_PORT` (`/progress`, `/metrics`, `/healthz`) for the operator to poll.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -190,3 +192,15 @@ def write_termination_message(path: str, summary: TerminationSummary) -> None:
         Path(path).write_text(encode_termination_message(summary), encoding="utf-8")
     except OSError as exc:  # not in a container (no /dev/termination-log): log only
         log.warning("cannot write termination message to %s: %s", path, exc)
+
+
+def write_failure(path: str, summary: TerminationSummary) -> None:
+    """A failure's summary, from whichever rank failed, unless a process of this pod wrote one
+    already: the first failure in a pod names its cause (a peer's "connection closed" comes
+    later). Of a job's failed pods, the operator reports the one whose `failedAt` is earliest."""
+    try:
+        if os.path.getsize(path) > 0:
+            return
+    except OSError:
+        pass
+    write_termination_message(path, summary)
