@@ -237,5 +237,5 @@ def test_readme_next_steps_in_a_new_namespace_with_only_kubeconfig(
         assert scalars("train/loss"), "train loss logged every step"
     finally:
         board.send_signal(signal.SIGINT)
-        board.wait(timeout=30)
-    assert board.returncode == 0, board.stderr.read() if board.stderr else ""
+        _, errors = board.communicate(timeout=30)  # waits, and closes its pipes
+    assert board.returncode == 0, errors
