@@ -564,7 +564,9 @@ class Recipe:
             lr=hp.learning_rate,
             betas=(0.9, 0.999),
             eps=1e-8,
-            foreach=True,
+            # torch's default per device: the multi-tensor kernels on CUDA, the per-parameter loop
+            # on the CPU (there foreach took 0.41 s a step for SmolLM2-135M, the loop 0.30-0.40 s)
+            foreach=None,
         )
         board = self.board = self.io.tensorboard()
         autocast = None if self.strategy == FSDP else AUTOCAST[hp.precision]  # FSDP: its MixedPrecisionPolicy
