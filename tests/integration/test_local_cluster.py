@@ -199,11 +199,19 @@ def test_deleting_a_pod_sends_sigterm_the_process_can_handle(cluster: ClusterHan
         """
     )
     _run_pod(cluster, namespace, "graceful", script, grace=30)
+    pod_dirs = cluster.cluster.root / "node" / "pods"
+    assert list(pod_dirs.glob(f"{namespace}_graceful_*")), "the node keeps a running pod's volumes and logs"
 
     terminated = _final_container_state(cluster, namespace, "graceful")
 
     assert terminated["exitCode"] == 0
     assert terminated["message"] == "checkpoint saved after SIGTERM"
+    # As a kubelet does, the node removes a deleted pod's volumes and logs from its disk.
+    wait_for(
+        lambda: not list(pod_dirs.glob(f"{namespace}_graceful_*")),
+        timeout=30,
+        what="the node to remove the deleted pod's directory",
+    )
 
 
 def test_a_process_ignoring_sigterm_is_killed_after_the_grace_period(

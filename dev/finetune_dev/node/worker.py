@@ -238,6 +238,10 @@ class PodWorker:
             log.exception("pod %s/%s: worker crashed", self.namespace, self.name)
         finally:
             self.kill_all(grace=0)
+            if self.stop_requested.is_set():
+                # The pod is deleted: as a kubelet does, remove its volumes (emptyDirs) and logs,
+                # so that a session of many pods does not fill the disk.
+                shutil.rmtree(self.directory, ignore_errors=True)
             self.host.pod_finished(self)
 
     def _lifecycle(self) -> None:
