@@ -13,19 +13,33 @@ import pytest
 from botocore.exceptions import ClientError
 
 from finetune_dev import demo
-from tests.kube import ClusterHandle
+from tests.kube import ClusterHandle, wait_for
 
 
 @pytest.fixture(autouse=True)
-def _demo_run_folders_removed(cluster: ClusterHandle) -> Iterator[None]:
-    """Each test's run folders in the demo namespace are deleted when it ends: a SmolLM2 run
-    folder (checkpoints with the optimizer state, the export) is several GB, and the tier's
-    jobs would otherwise pile them up on the S3 server's disk for the rest of the session."""
+def _demo_jobs_removed(cluster: ClusterHandle) -> Iterator[None]:
+    """Each test's FineTuneJobs in the demo namespace, their pods and their run folders are
+    deleted when it ends. A SmolLM2 job leaves about 1 GB in its finished pods' volumes on the
+    node and several GB in its run folder (checkpoints with the optimizer state, the export);
+    the tier's jobs would otherwise pile them up on the disk for the rest of the session."""
     yield
-    s3 = cluster.s3_client()
-    pages = s3.get_paginator("list_objects_v2").paginate(
-        Bucket="finetune-runs", Prefix=f"{demo.DEMO_NAMESPACE}/"
+    namespace = demo.DEMO_NAMESPACE
+    deleted = cluster.kubectl(
+        "delete", "finetunejobs", "--all", "-n", namespace, "--wait=true", check=False, timeout=300
     )
+    if deleted.returncode != 0 and "doesn't have a resource type" not in deleted.stderr:  # no CRD: no jobs
+        raise AssertionError(f"deleting the demo namespace's FineTuneJobs failed: {deleted.stderr}")
+    wait_for(
+        lambda: (
+            not cluster.kubectl(
+                "get", "pods", "-n", namespace, "-l", "finetune.dev/job-name", "-o", "name"
+            ).stdout.strip()
+        ),
+        timeout=300,
+        what=f"the training pods in {namespace} to be deleted",
+    )
+    s3 = cluster.s3_client()
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket="finetune-runs", Prefix=f"{namespace}/")
     try:
         for page in pages:
             keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
