@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from finetune_trainer.config import uri_name
 from finetune_trainer.data import BadRecords, PreflightReport
 from finetune_trainer.errors import InvalidData
 from finetune_trainer.sources import FirstRecord
@@ -179,7 +180,7 @@ def summarize(
 
 def upload_key(name: str, split: str, source: str, taken: set[str]) -> str:
     """`<name>/<split>/<file name>`, made unique when two sources share a file name."""
-    base = source.rstrip("/").rsplit("/", 1)[-1]
+    base = uri_name(source)
     key = f"{name}/{split}/{base}"
     stem, dot, ext = base.partition(".")
     number = 1

@@ -15,6 +15,7 @@ from typing import Any
 
 from finetune_cli.experiments import checkpoint_id, is_evaluation, role
 from finetune_operator.api import LABEL_COMPONENT, LABEL_JOB_NAME, Phase
+from finetune_trainer.config import uri_name
 
 
 def model_label(job: Mapping[str, Any]) -> str:
@@ -24,8 +25,7 @@ def model_label(job: Mapping[str, Any]) -> str:
     model = (job.get("spec") or {}).get("model") or {}
     if model.get("name"):
         return str(model["name"])
-    uri = str(model.get("uri") or "?")
-    return uri.rstrip("/").rsplit("/", 1)[-1]
+    return uri_name(str(model.get("uri") or "?"))
 
 
 def dataset_label(job: Mapping[str, Any]) -> str:
@@ -33,7 +33,7 @@ def dataset_label(job: Mapping[str, Any]) -> str:
     if dataset.get("name"):
         return str(dataset["name"])
     train = dataset.get("train") or []
-    return str(train[0]).rstrip("/").rsplit("/", 1)[-1] if train else "?"
+    return uri_name(str(train[0])) if train else "?"
 
 
 TERMINAL_PHASES = frozenset(p.value for p in Phase if p.terminal)

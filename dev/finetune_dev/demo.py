@@ -34,7 +34,7 @@ from finetune_dev.cli import cluster_from_env
 from finetune_dev.cluster import Cluster
 from finetune_dev.paths import cache_dir
 from finetune_dev.readiness import readiness
-from finetune_operator.api import LABEL_JOB_NAME
+from finetune_operator.api import LABEL_JOB_NAME, Phase
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "finetune-operator"
@@ -45,7 +45,7 @@ OPERATOR_NAMESPACE = "finetune-system"
 DEMO_NAMESPACE = "finetune-demo"
 CREDENTIALS_SECRET = "finetune-s3"
 MODEL_PREFIX = "smollm2-135m-instruct/"
-TERMINAL = ("Succeeded", "Failed", "Cancelled")
+TERMINAL = frozenset(phase.value for phase in Phase if phase.terminal)
 OPERATOR_PODS = "app.kubernetes.io/name=finetune-operator,app.kubernetes.io/instance=finetune-operator"
 READY_TIMEOUT = 120.0  # seconds a pod the demo waits on may take to become ready
 # A pod without a readiness probe is Ready the moment its process starts, even one that exits at

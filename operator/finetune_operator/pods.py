@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from finetune_operator import gang
-from finetune_operator.api import FailureRecord, FineTuneJob
+from finetune_operator.api import FailureRecord, FineTuneJob, rfc3339
 from finetune_operator.builders import COMPLETION_INDEX_ANNOTATION, CONTAINER_NAME
 from finetune_trainer import contract
 from finetune_trainer.errors import Reason as TrainerReason
@@ -221,7 +221,7 @@ def _deletion_requested(meta: Mapping[str, Any]) -> str:
     """When the pod's deletion was asked for: deletionTimestamp less the grace period."""
     stamp = datetime.fromisoformat(str(meta["deletionTimestamp"]).replace("Z", "+00:00"))
     asked = stamp - timedelta(seconds=int(meta.get("deletionGracePeriodSeconds") or 0))
-    return asked.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    return _millis(rfc3339(asked))
 
 
 def _failure_order(item: tuple[Mapping[str, Any], Mapping[str, Any]]) -> tuple[bool, str]:

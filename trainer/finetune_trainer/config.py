@@ -68,6 +68,12 @@ PATTERN_MESSAGES = {
 }
 
 
+def uri_name(uri: str) -> str:
+    """What a model or data file is called in tables: its URI's last path segment
+    (``s3://models/pythia-1.4b/`` is ``pythia-1.4b``)."""
+    return uri.rstrip("/").rsplit("/", 1)[-1]
+
+
 def _no_duplicates(values: list[str] | None) -> list[str] | None:
     """Lists whose CRD schema is `x-kubernetes-list-type: set` (the API server refuses duplicates
     with 'Duplicate value'); this is the same check in Python."""
@@ -162,7 +168,7 @@ class ModelSpec(_Spec):
         if self.name is not None:
             return self.name
         assert self.uri is not None
-        return self.uri.rstrip("/").rsplit("/", 1)[-1]
+        return uri_name(self.uri)
 
 
 class DatasetSpec(_Spec):

@@ -13,6 +13,7 @@ from finetune_cli import datasets, storage, tokens
 from finetune_cli.app import App
 from finetune_cli.commands.experiment import DEFAULT_MODEL
 from finetune_cli.errors import CliError
+from finetune_operator.api import rfc3339
 from finetune_trainer.config import DatasetSpec
 from finetune_trainer.errors import InvalidData
 from finetune_trainer.sources import SourceFile
@@ -32,7 +33,7 @@ def cmd_add_dataset(app: App) -> None:
     files = storage.list_sources(args.paths, "train", where=where) + storage.list_sources(
         args.eval_paths or [], "eval", where=where
     )
-    created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    created = rfc3339(datetime.now(UTC))
     try:
         summary = check_dataset(
             args.name,

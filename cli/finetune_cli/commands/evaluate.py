@@ -14,6 +14,7 @@ from finetune_cli import experiments, reading, storage, views
 from finetune_cli.app import App
 from finetune_cli.errors import CliError
 from finetune_trainer.catalog import CATALOG
+from finetune_trainer.config import uri_name
 
 TERMINAL = reading.TERMINAL_PHASES
 
@@ -37,7 +38,7 @@ def cmd_eval(app: App) -> None:
         hyperparameters, source_max_batches = experiments.evaluation_settings(source_job)
         max_batches = max_batches or source_max_batches
     elif args.uri:
-        model, model_text = {"uri": args.uri}, args.uri.rstrip("/").rsplit("/", 1)[-1]
+        model, model_text = {"uri": args.uri}, uri_name(args.uri)
     else:
         if args.model not in CATALOG:
             raise CliError(
@@ -56,7 +57,7 @@ def cmd_eval(app: App) -> None:
     elif args.data:
         uris = [storage.as_uri(p) for p in args.data]
         dataset = {"eval": uris, "format": args.format or "text"}
-        data_text = uris[0].rstrip("/").rsplit("/", 1)[-1].split(".")[0]
+        data_text = uri_name(uris[0]).split(".")[0]
     elif source_job is not None:
         dataset = dict((source_job.get("spec") or {}).get("dataset") or {})
         data_text = reading.dataset_label(source_job)
