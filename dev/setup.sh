@@ -25,12 +25,12 @@ for tool in unshare mount; do
 done
 # The process node cannot run pods from a checkout under a path the pods mount over (/tmp, ...).
 PYTHONPATH=dev "$python" -m finetune_dev.paths .
-# Disk: a cold setup and `make test` take about 30 GB (the virtualenv and the images hold torch
+# Disk: a cold setup and `make test` take about 35 GB (the virtualenv and the images hold torch
 # with its CUDA libraries; docs/local-cluster.md#disk lists where it goes). Said now, not as a
 # "No space left on device" in some test half an hour later.
 free_gb=$(df -Pk . | awk 'NR == 2 { print int($4 / 1048576) }')
-if [ "$free_gb" -lt 30 ]; then
-  echo "setup: warning: ${free_gb} GB free on $(df -P . | awk 'NR == 2 { print $6 }'); a cold setup and 'make test' need about 30 GB (docs/local-cluster.md#disk)" >&2
+if [ "$free_gb" -lt 35 ]; then
+  echo "setup: warning: ${free_gb} GB free on $(df -P . | awk 'NR == 2 { print $6 }'); a cold setup and 'make test' need about 35 GB (docs/local-cluster.md#disk)" >&2
 fi
 
 # The images: in the background, detached from this script (it goes on after setup returns);
