@@ -28,9 +28,9 @@ PYTHONPATH=dev "$python" -m finetune_dev.paths .
 # Disk: a cold setup and `make test` take about 35 GB (the virtualenv and the images hold torch
 # with its CUDA libraries; docs/local-cluster.md#disk lists where it goes). Said now, not as a
 # "No space left on device" in some test half an hour later.
-free_gb=$(df -Pk . | awk 'NR == 2 { print int($4 / 1048576) }')
+read -r free_gb disk < <(df -Pk . | awk 'NR == 2 { print int($4 / 1048576), $6 }')
 if [ "$free_gb" -lt 35 ]; then
-  echo "setup: warning: ${free_gb} GB free on $(df -P . | awk 'NR == 2 { print $6 }'); a cold setup and 'make test' need about 35 GB (docs/local-cluster.md#disk)" >&2
+  echo "setup: warning: ${free_gb} GB free on $disk; a cold setup and 'make test' need about 35 GB (docs/local-cluster.md#disk)" >&2
 fi
 
 # The images: in the background, detached from this script (it goes on after setup returns);

@@ -116,6 +116,16 @@ class Cluster:
         return self.root / "logs"
 
     @property
+    def pods_dir(self) -> Path:
+        """Where the process node keeps each pod's volumes and logs, one folder a pod
+        (``<namespace>_<name>_<uid>``), removed when the pod is deleted."""
+        return self.node_state / "pods"
+
+    @property
+    def node_state(self) -> Path:
+        return self.root / "node"
+
+    @property
     def kubeconfig(self) -> Path:
         return self.root / "admin.kubeconfig"
 
@@ -531,7 +541,7 @@ def _node_command(c: Cluster) -> list[str]:
         "-m",
         "finetune_dev.node",
         f"--kubeconfig={c.root / 'node-agent.kubeconfig'}",
-        f"--state-dir={c.root / 'node'}",
+        f"--state-dir={c.node_state}",
         f"--node-name={NODE_NAME}",
         f"--kubelet-port={c.ports.kubelet}",
         f"--pki-dir={c.pki}",

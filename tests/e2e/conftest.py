@@ -13,6 +13,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from finetune_dev import demo
+from finetune_operator.api import LABEL_JOB_NAME
 from tests.kube import ClusterHandle, wait_for
 
 
@@ -32,7 +33,7 @@ def _demo_jobs_removed(cluster: ClusterHandle) -> Iterator[None]:
     wait_for(
         lambda: (
             not cluster.kubectl(
-                "get", "pods", "-n", namespace, "-l", "finetune.dev/job-name", "-o", "name"
+                "get", "pods", "-n", namespace, "-l", LABEL_JOB_NAME, "-o", "name"
             ).stdout.strip()
         ),
         timeout=300,

@@ -199,7 +199,7 @@ def test_deleting_a_pod_sends_sigterm_the_process_can_handle(cluster: ClusterHan
         """
     )
     _run_pod(cluster, namespace, "graceful", script, grace=30)
-    pod_dirs = cluster.cluster.root / "node" / "pods"
+    pod_dirs = cluster.cluster.pods_dir
     assert list(pod_dirs.glob(f"{namespace}_graceful_*")), "the node keeps a running pod's volumes and logs"
 
     terminated = _final_container_state(cluster, namespace, "graceful")
