@@ -8,11 +8,12 @@ progress through `progress.ProgressSource`. Events are emitted after the status 
 
 What the API server could not reject (an unknown catalog model, no run folder) ends in phase
 Failed with reason InvalidSpec and creates nothing; it is never an exception, so kopf never
-retries it. So does a child the API server refuses with 400/422 (a value only the Pod or Job API
-checks): Failed/InvalidSpec with the API server's message, until the spec changes. A 403 on
-create (a ResourceQuota, an admission policy) and a missing ServiceAccount or PriorityClass are
-Pending + Stalled with a reason naming the cause, re-checked by the Pending poll. Other API
-errors propagate as `k8s.ApiError` for the glue to retry.
+retries it. So does a child the API server refuses, created or patched, with 400/413/422 (a
+value only the Pod or Job API checks, a body too large): Failed/InvalidSpec with the API
+server's message, until the spec changes. A 403 on create (a ResourceQuota, an admission
+policy) and a missing ServiceAccount or PriorityClass are Pending + Stalled with a reason naming
+the cause, re-checked by the Pending poll. Other API errors propagate as `k8s.ApiError` for the
+glue to retry.
 
 A finished Job gets `runPolicy.ttlSecondsAfterFinished` only after its result is in the status
 (`_ttl_patch`): with any TTL, even 0, the Job and its pods outlive the operator's reading them,
@@ -365,12 +366,18 @@ def _missing_references(cluster: Cluster, job: FineTuneJob) -> Problem | None:
     return None
 
 
+# What the API server answers for a child it refuses for what the child is, created or patched:
+# 400 (a body it cannot read), 413 (larger than it accepts), 422 (a value only the Job or Pod
+# API validates). Retrying the same request cannot help; changing the spec can.
+REFUSED_STATUSES = (400, 413, 422)
+
+
 def _refused(exc: ApiError) -> Problem | None:
-    """A child the API server refuses for what it is (400/422: a value only the Job or Pod API
-    validates) fails the job with the server's message: retrying cannot help, changing the spec
-    can. 403 (a ResourceQuota, an admission policy) stalls it. Else None: a transient error."""
+    """A child the API server refuses for what it is (`REFUSED_STATUSES`, on create or on patch)
+    fails the job with the server's message. 403 on create (a ResourceQuota, an admission policy)
+    stalls it. Else None: a transient error, retried."""
     detail = exc.message or exc.reason
-    if exc.verb == "create" and exc.status in (400, 422):
+    if exc.verb in ("create", "patch") and exc.status in REFUSED_STATUSES:
         return Problem(
             Reason.INVALID_SPEC,
             f"the API server refused the {exc.kind}: {detail} (fix the spec field it names)",

@@ -8,12 +8,14 @@ Must not import kopf or the Kubernetes client.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from finetune_trainer import contract
+from finetune_trainer.config import ABSOLUTE_RUN_URI_PATTERN, ENDPOINT_PATTERN, PATTERN_MESSAGES
 
 # The container command for every pod. The trainer runs directly, so its exit code (3 = invalid
 # input) reaches the Job's podFailurePolicy unchanged; with several processes it sees the PET_*
@@ -139,4 +141,30 @@ class Settings:
         for name, attr in numbers.items():
             if env.get(name):
                 kwargs[attr] = float(env[name])
+        for name, pattern in STORAGE_DEFAULT_PATTERNS.items():
+            value = env.get(name)
+            if value and not re.match(pattern, value):
+                # the value itself is not echoed: it may be a URL with a password in it
+                raise SettingsError(
+                    f"{name} (Helm: {HELM_VALUES[name]}) {PATTERN_MESSAGES[pattern]}; "
+                    "the operator does not start with it"
+                )
         return cls(**kwargs)  # type: ignore[arg-type]
+
+
+class SettingsError(ValueError):
+    """A FINETUNE_* variable the operator cannot run with; the message names it."""
+
+
+# The cluster's storage defaults obey the spec's own rules (`storage.*` in the CRD): absolute
+# folders, and no credentials in the endpoint — they would reach every job's ConfigMap.
+STORAGE_DEFAULT_PATTERNS = {
+    "FINETUNE_STORAGE_ENDPOINT": ENDPOINT_PATTERN,
+    "FINETUNE_RUNS_URI": ABSOLUTE_RUN_URI_PATTERN,
+    "FINETUNE_DATASETS_URI": ABSOLUTE_RUN_URI_PATTERN,
+}
+HELM_VALUES = {
+    "FINETUNE_STORAGE_ENDPOINT": "storage.endpoint",
+    "FINETUNE_RUNS_URI": "storage.runsUri",
+    "FINETUNE_DATASETS_URI": "storage.datasetsUri",
+}

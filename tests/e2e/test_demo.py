@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 
 from finetune_dev import demo
+from finetune_operator.api import LABEL_JOB_NAME
 from tests.gitops_health import health, kstatus
 from tests.kube import ClusterHandle, get, wait_for
 from tests.trainer.factories import make_model_dir, make_tokenizer
@@ -69,6 +71,34 @@ def test_demo_fine_tunes_smollm2_end_to_end(cluster: ClusterHandle) -> None:
     # The printer columns show the outcome.
     table = cluster.kubectl("get", "ftj", "-n", demo.DEMO_NAMESPACE).stdout
     assert "Succeeded" in table and "30/30" in table
+    _assert_no_credentials_outside_their_secret(cluster, "smollm2-market-reports")
+
+
+def _assert_no_credentials_outside_their_secret(cluster: ClusterHandle, name: str) -> None:
+    """The real trainer (boto3 uploads and downloads, its logs, its termination message) and the
+    operator's pod: the S3 credentials, as given and base64-encoded, appear nowhere but in their
+    Secret — not in a spec, ConfigMap, status, event, pod spec, log or termination message."""
+    values = cluster.cluster.s3_credentials()
+    texts = [
+        cluster.kubectl(
+            "get", "ftj,configmaps,services,jobs,pods", "-n", demo.DEMO_NAMESPACE, "-o", "yaml"
+        ).stdout,
+        cluster.kubectl("get", "events", "-A", "-o", "yaml").stdout,
+    ]
+    pods = [
+        (p["metadata"]["namespace"], p["metadata"]["name"])
+        for selector in (f"{LABEL_JOB_NAME}={name}", "app.kubernetes.io/name=finetune-operator")
+        for p in json.loads(cluster.kubectl("get", "pods", "-A", "-l", selector, "-o", "json").stdout)[
+            "items"
+        ]
+    ]
+    assert len(pods) >= 2, f"the trainer's and the operator's pods are there to scan: {pods}"
+    for namespace, pod in pods:
+        texts.append(cluster.kubectl("logs", pod, "-n", namespace, "--all-containers", check=False).stdout)
+    encoded = [base64.b64encode(value.encode()).decode() for value in values]
+    for text in texts:
+        for value in (*values, *encoded):
+            assert value not in text, "an S3 credential (or its base64) outside its Secret"
 
 
 def _apply(cluster: ClusterHandle, name: str, spec: dict[str, Any]) -> str:

@@ -83,6 +83,14 @@ def test_values_schema_rejects_a_wrong_value_naming_it(cluster: ClusterHandle) -
     assert "metrics.port" in result.stderr or "/metrics/port" in result.stderr
     result = render(cluster, "--set", "image.pullPolicy=Sometimes", check=False)
     assert result.returncode != 0 and "pullPolicy" in result.stderr
+    for value, field in [
+        ("storage.endpoint=https://AKIAEXAMPLE:s3cr3t@minio:9000", "endpoint"),
+        ("storage.runsUri=file://relative/runs/", "runsUri"),
+        ("storage.datasetsUri=s3:///datasets/", "datasetsUri"),
+    ]:
+        result = render(cluster, "--set", value, check=False)
+        assert result.returncode != 0 and field in result.stderr, (value, result.stderr)
+    assert render(cluster, "--set", "storage.endpoint=http://minio.storage:9000").returncode == 0
 
 
 def test_dashboard_queries_only_metrics_the_components_export() -> None:

@@ -195,6 +195,65 @@ def test_job_finishing_while_operator_is_down_loses_nothing(
     ]
 
 
+def test_job_started_and_finished_while_operator_is_down_gets_its_start_time(
+    cluster: ClusterHandle, namespace: str, operator_dir: Path, operator_kubeconfig: Path
+) -> None:
+    """The operator created the children and died before any status write: the Job ran and
+    finished without it. The result still carries startTime (the Job's own), so the finished
+    job's spec is fixed like any other's."""
+    assert_no_other_operator(cluster)
+    limited = identity_kubeconfig(
+        cluster, "finetune-operator-no-status", _role_without("finetunejobs/status", "patch"), operator_dir
+    )
+    runs = operator_dir / "runs-restart"
+    with running_operator(limited, runs):
+        apply(cluster, namespace, manifest("unseen", "ok"))
+        wait_for(lambda: len(_all_children(cluster, namespace)) == 3, timeout=30, what="the children")
+    cluster.kubectl("wait", "--for=condition=Complete", "job/unseen", "-n", namespace, "--timeout=120s")
+    assert status(cluster, namespace, "unseen") == {}, "no status was ever written"
+    job = json.loads(cluster.kubectl("get", "job", "unseen", "-n", namespace, "-o", "json").stdout)
+    with running_operator(operator_kubeconfig, runs):
+        done = wait_phase(cluster, namespace, "unseen", "Succeeded", timeout=60)
+    assert done["startTime"] == job["status"]["startTime"]
+    assert done["progress"]["steps"] == "20/20" and done["latestEvaluation"]["step"] == 20
+    refused = cluster.kubectl(
+        "patch",
+        "ftj",
+        "unseen",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        json.dumps({"spec": {"hyperparameters": {"learningRate": 0.5}}}),
+        check=False,
+    )
+    assert refused.returncode != 0 and "spec.hyperparameters is immutable" in refused.stderr, refused.stderr
+
+
+def test_job_deleted_by_hand_before_its_result_is_read_resumes_and_trains_nothing_twice(
+    cluster: ClusterHandle, namespace: str, operator_dir: Path, operator_kubeconfig: Path
+) -> None:
+    """The Job finished while the operator was down, then someone deleted it (and its pods,
+    with the termination message): the operator, back, cannot know it finished, re-creates it,
+    and the trainer resumes from the run's newest checkpoint — the last step's — so no step is
+    trained twice and the job ends Succeeded with its start time and checkpoints."""
+    assert_no_other_operator(cluster)
+    runs = operator_dir / "runs-deleted-job"
+    with running_operator(operator_kubeconfig, runs):
+        apply(cluster, namespace, manifest("byhand", "ok", hyperparameters={"maxSteps": 40, "batchSize": 4}))
+        running = wait_phase(cluster, namespace, "byhand", "Running", timeout=90)
+    cluster.kubectl("wait", "--for=condition=Complete", "job/byhand", "-n", namespace, "--timeout=120s")
+    cluster.kubectl("delete", "job", "byhand", "-n", namespace, "--cascade=foreground", "--wait=true")
+    assert status(cluster, namespace, "byhand")["phase"] == "Running", "the operator did not see the end"
+    with running_operator(operator_kubeconfig, runs):
+        done = wait_phase(cluster, namespace, "byhand", "Succeeded", timeout=90)
+    assert done["startTime"] == running["startTime"]
+    assert done["progress"]["steps"] == "40/40"
+    assert done["checkpoints"][-1]["uri"].endswith("step-000040/")
+    starts = Path(done["runUri"].removeprefix("file://")) / "standin-starts-rank0"
+    assert starts.read_text() == "0\n40\n", "the second Job resumed at the last step: nothing trained twice"
+
+
 # ---------------------------------------------------------------------------------------------
 # control-plane faults: the API server (and etcd) and the process node restarted mid-job
 

@@ -480,6 +480,57 @@ def test_a_child_the_api_server_refuses_fails_the_job_once(
     assert fake.writes() == [], "the same refusal is not retried nor rewritten"
 
 
+@pytest.mark.parametrize(
+    ("verb", "kind", "status", "message"),
+    [
+        pytest.param(
+            "patch",
+            "ConfigMap",
+            422,
+            'ConfigMap "demo-config" is invalid: []: Too long: must have at most 1048576 bytes',
+            id="patch-422-configmap-too-long",
+        ),
+        pytest.param(
+            "patch", "ConfigMap", 413, "Request entity too large: limit is 3145728", id="patch-413-configmap"
+        ),
+        pytest.param(
+            "patch", "ConfigMap", 400, "error decoding patch: invalid character", id="patch-400-configmap"
+        ),
+        pytest.param(
+            "create",
+            "ConfigMap",
+            413,
+            "Request entity too large: limit is 3145728",
+            id="create-413-configmap",
+        ),
+        pytest.param("create", "Job", 413, "Request entity too large: limit is 3145728", id="create-413-job"),
+    ],
+)
+def test_a_child_refused_on_create_or_patch_fails_the_job_once(
+    fake: FakeCluster, verb: str, kind: str, status: int, message: str
+) -> None:
+    """A patch of an existing child (the ConfigMap of a Pending job whose spec changed) and a
+    body too large (413) are refused for what they are, like a 422 on create: Failed/InvalidSpec
+    with the API server's message, never a retry loop; fixing the spec recovers."""
+    fake.put_finetunejob(ftj())
+    if verb == "patch":
+        assert run(fake).phase == "Pending"
+        set_spec(fake, hyperparameters={"learningRate": 0.001, "maxSteps": 7})
+    fake.refuse[(verb, kind)] = ApiError(verb, kind, status, "refused", message)
+    outcome = run(fake, seconds=30)
+    assert (outcome.phase, outcome.status["reason"]) == ("Failed", "InvalidSpec")
+    assert f"the API server refused the {kind}: {message}" in outcome.status["message"]
+    assert fake.events[-1][0] == "Warning"
+    fake.calls.clear()
+    run(fake, seconds=90)
+    assert fake.writes() == [], "the same refusal is not retried nor rewritten"
+    del fake.refuse[(verb, kind)]
+    set_spec(fake, hyperparameters={"learningRate": 0.002, "maxSteps": 7})
+    recovered = run(fake, seconds=120)
+    assert recovered.phase == "Pending" and recovered.status["reason"] != "InvalidSpec"
+    assert ("ConfigMap", "demo-config") in fake.children() and ("Job", "demo") in fake.children()
+
+
 def test_a_refused_job_recovers_when_the_spec_is_fixed(fake: FakeCluster) -> None:
     fake.put_finetunejob(ftj())
     fake.refuse[("create", "Job")] = ApiError("create", "Job", 422, "Unprocessable Entity", "invalid")

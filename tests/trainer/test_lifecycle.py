@@ -187,3 +187,40 @@ def test_a_corrupt_newest_checkpoint_resumes_from_the_one_before_and_says_so(
     assert [c["step"] for c in resumed["checkpoints"]] == [4, 6], "step 4 trained again and saved anew"
     assert final_eval(resumed)["step"] == 6
     assert final_eval(resumed)["loss"] == pytest.approx(final_eval(uninterrupted)["loss"], abs=1e-6)
+
+
+def _flip_a_byte(folder: Path) -> Path:
+    shard = next((folder / "state").glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    return shard
+
+
+def test_every_checkpoint_corrupt_fails_once_saying_what_to_do(
+    trained: Callable[..., TrainedRun], tmp_path: Path
+) -> None:
+    """Nothing intact to resume from: a permanent failure (exit 3, not retried by the Job) that
+    names each corrupt checkpoint and what to do — never a silent fresh start over the old run,
+    and the manifests stay, so a second attempt says the same."""
+    from tests.trainer.conftest import run_trainer
+
+    first = trained("llama")
+    run = tmp_path / "run"
+    shutil.copytree(first.run, run)
+    shards = [_flip_a_byte(run / "checkpoints" / f"step-{step:06d}") for step in (2, 4)]
+    config = base_config(first.model, first.data, run, hyperparameters={"maxSteps": 6})
+    for attempt in ("first.json", "second.json"):
+        code, summary = run_trainer(config, tmp_path, attempt)
+        assert code == contract.EXIT_INVALID_INPUT, summary
+        assert summary["reason"] == "CorruptCheckpoints"
+        message = summary["message"]
+        assert (
+            "every checkpoint in the run folder is corrupt" in message and "checkpoints.outputUri" in message
+        )
+        assert all(f"step {step}: corrupt" in message for step in (2, 4))
+        assert all(shard.name in message for shard in shards) and "Traceback" not in message
+    assert sorted(p.parent.name for p in (run / "checkpoints").glob("*/manifest.json")) == [
+        "step-000002",
+        "step-000004",
+    ], "nothing retired: the run folder is as it was"

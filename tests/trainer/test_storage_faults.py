@@ -14,6 +14,7 @@ import os
 import secrets
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -82,9 +83,13 @@ def test_permanent_errors_are_not_retried() -> None:
 
 def test_the_budget_ends_the_retries_with_the_last_error() -> None:
     clock, operation = Clock(), Flaky(1000, ConnectionError("refused"))
-    with pytest.raises(ConnectionError):
+    with pytest.raises(storage.StorageUnreachable) as gave_up:
         _run(operation, clock, budget=60)
     assert sum(clock.sleeps) <= 60 and operation.calls > 3
+    assert isinstance(gave_up.value.__cause__, ConnectionError)
+    message = str(gave_up.value)
+    assert f"failed {operation.calls} times over" in message and "ConnectionError: refused" in message
+    assert storage.ENV_RETRY_SECONDS in message and "storage.endpoint" in message
 
 
 def test_botocore_errors_are_classified() -> None:
@@ -232,8 +237,32 @@ def test_a_server_that_stays_down_ends_in_its_error(server: Server, tmp_path: Pa
 
     store = _store(server, budget=4)
     server.stop()
-    with pytest.raises(EndpointConnectionError):
+    with pytest.raises(storage.StorageUnreachable) as gave_up:
         store.write_bytes("metrics.jsonl", b"{}\n")
+    assert isinstance(gave_up.value.__cause__, EndpointConnectionError)
+
+
+def test_a_run_whose_storage_stays_down_fails_with_one_clear_line(
+    server: Server, tmp_path: Path, model_dir: Any, text_data: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real trainer, its run folder on a server that is down past the retry budget: exit 1
+    (the Job retries it) with a termination message that says what failed, for how long and what
+    to check — not a traceback."""
+    from finetune_trainer import contract
+    from tests.trainer.conftest import base_config, run_trainer
+
+    monkeypatch.setenv(storage.ENV_RETRY_SECONDS, "3")
+    config = base_config(
+        model_dir("llama"), text_data, tmp_path / "unused", hyperparameters={"maxSteps": 2},
+        checkpoints={"outputUri": "s3://runs/down/"}, run={"storageEndpoint": server.endpoint},
+    )  # fmt: skip
+    server.stop()
+    code, summary = run_trainer(config, tmp_path)
+    assert code == contract.EXIT_FAILURE
+    assert summary["reason"] == "Error"
+    assert summary["message"].startswith("object storage: "), summary["message"]
+    assert "EndpointConnectionError" in summary["message"] and storage.ENV_RETRY_SECONDS in summary["message"]
+    assert "Traceback" not in summary["message"] and 'File "' not in summary["message"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,6 +298,54 @@ def test_a_full_disk_is_named_not_a_traceback(wrapped: bool) -> None:
 
     named = disk_full(OSError(errno.ENOSPC, "No space left on device", "/var/cache/finetune/model.bin"))
     assert named is not None and "writing /var/cache/finetune/model.bin" in named
+
+
+def test_a_run_that_fills_its_local_disk_ends_with_the_message_not_a_traceback(
+    tmp_path: Path, model_dir: Any, text_data: dict[str, str]
+) -> None:
+    """The real trainer in a process of its own whose cache (FINETUNE_CACHE_DIR: the model
+    cache and the checkpoints staged before upload) is a tmpfs too small for a checkpoint — a
+    real ENOSPC from the kernel, in a mount namespace of the test's own: exit 1 and the termination
+    message names the full disk and what to change."""
+    import json
+
+    from finetune_trainer import contract
+    from tests.trainer.conftest import base_config, write_config
+
+    config = write_config(
+        tmp_path / "config.json",
+        base_config(model_dir("llama"), text_data, tmp_path / "run", hyperparameters={"maxSteps": 4}),
+    )
+    cache, termination = tmp_path / "cache", tmp_path / "termination-log"
+    cache.mkdir()
+    termination.write_text("")
+    script = (
+        f'mount -t tmpfs -o size={FULL_DISK_BYTES} tmpfs "$1" && exec "$2" -m finetune_trainer --config "$3"'
+    )
+    env = {
+        **os.environ,
+        contract.ENV_CACHE_DIR: str(cache),
+        "FINETUNE_TERMINATION_LOG": str(termination),
+    }
+    result = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", script, "sh", str(cache), sys.executable, str(config)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == contract.EXIT_FAILURE, result.stderr[-3000:]
+    assert termination.read_text(), result.stderr[-6000:]
+    summary = json.loads(termination.read_text())
+    assert summary["message"].startswith("no space left on the pod's local disk"), summary["message"]
+    assert contract.ENV_CACHE_DIR in summary["message"]
+    assert "Traceback" not in summary["message"] and "Traceback" not in result.stderr
+    assert not any(cache.iterdir()), "the tmpfs was the process's own: nothing reached the test's folder"
+
+
+# A tmpfs that holds the tiny model's tokenized data but not its checkpoints (each ~0.7 MiB with
+# AdamW state): the run fills it at its first checkpoint (100 KB to 600 KB all end the same way).
+FULL_DISK_BYTES = 400_000
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,3 +421,40 @@ def test_a_run_through_two_outages_ends_as_one_without(
     for rel in final_files:
         if rel.suffix == ".safetensors":
             assert (faulty / "final" / rel).read_bytes() == (clean_final / rel).read_bytes(), rel
+
+
+def test_a_corrupt_newest_checkpoint_in_s3_resumes_from_the_one_before(
+    server: Server, tmp_path: Path, trained: Any
+) -> None:
+    """The fallback on the S3 path: a run folder in the bucket whose newest checkpoint has a
+    flipped byte resumes from the one before, says so, and takes the corrupt one out of the list
+    (its manifest moved aside in the bucket)."""
+    import json
+    import shutil
+
+    from finetune_trainer import contract
+    from tests.trainer.conftest import base_config, run_trainer
+
+    first = trained("llama")  # 4 steps, checkpoints at 2 and 4
+    folder = server.root / "runs" / "corrupt"
+    shutil.copytree(first.run, folder)  # the bucket is a folder of versitygw's posix backend
+    shard = next((folder / "checkpoints" / "step-000004" / "state").glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    config = base_config(
+        first.model, first.data, tmp_path / "unused", hyperparameters={"maxSteps": 6},
+        checkpoints={"outputUri": "s3://runs/corrupt/"}, run={"storageEndpoint": server.endpoint},
+    )  # fmt: skip
+    code, resumed = run_trainer(config, tmp_path)
+    assert code == contract.EXIT_OK, resumed
+    assert resumed["resumedFrom"]["step"] == 2
+    [skipped] = resumed["resumedFrom"]["skipped"]
+    assert (
+        skipped["step"] == 4 and "SHA-256 mismatch" in skipped["reason"] and shard.name in skipped["reason"]
+    )
+    assert [c["step"] for c in resumed["checkpoints"]] == [4, 6]
+    manifest = json.loads((folder / "checkpoints" / "step-000004" / "manifest.json").read_text())
+    for entry in manifest["files"]:  # step 4 trained again and saved anew, intact
+        stored = folder / "checkpoints" / "step-000004" / entry["path"]
+        assert hashlib.sha256(stored.read_bytes()).hexdigest() == entry["sha256"], stored

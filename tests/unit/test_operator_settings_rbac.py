@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from finetune_operator import rbac
-from finetune_operator.settings import DEFAULT_TRAINER_COMMAND, Settings
+from finetune_operator.settings import DEFAULT_TRAINER_COMMAND, Settings, SettingsError
 
 
 def test_defaults() -> None:
@@ -70,6 +70,49 @@ def test_defaults() -> None:
 )
 def test_from_env(env: dict[str, str], attr: str, expected: object) -> None:
     assert getattr(Settings.from_env(env), attr) == expected
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        pytest.param(
+            {"FINETUNE_STORAGE_ENDPOINT": "https://AKIAEXAMPLE:s3cr3t-value@minio.example:9000"},
+            "FINETUNE_STORAGE_ENDPOINT (Helm: storage.endpoint) must be http(s)://<host>",
+            id="endpoint-with-credentials",
+        ),
+        pytest.param(
+            {"FINETUNE_STORAGE_ENDPOINT": "http://user@minio:9000/"},
+            "FINETUNE_STORAGE_ENDPOINT",
+            id="endpoint-with-user",
+        ),
+        pytest.param(
+            {"FINETUNE_STORAGE_ENDPOINT": "minio:9000"}, "FINETUNE_STORAGE_ENDPOINT", id="no-scheme"
+        ),
+        pytest.param(
+            {"FINETUNE_RUNS_URI": "file://relative/runs/"},
+            "FINETUNE_RUNS_URI (Helm: storage.runsUri) must be a folder ending in /",
+            id="relative-runs-folder",
+        ),
+        pytest.param({"FINETUNE_RUNS_URI": "s3://runs"}, "FINETUNE_RUNS_URI", id="runs-not-a-folder"),
+        pytest.param({"FINETUNE_RUNS_URI": "s3:///runs/"}, "FINETUNE_RUNS_URI", id="runs-without-bucket"),
+        pytest.param(
+            {"FINETUNE_DATASETS_URI": "s3://data sets/"},
+            "FINETUNE_DATASETS_URI (Helm: storage.datasetsUri)",
+            id="datasets-with-space",
+        ),
+    ],
+)
+def test_storage_defaults_obey_the_spec_rules_and_never_echo_the_value(
+    env: dict[str, str], named: str
+) -> None:
+    """The operator's defaults reach every job's ConfigMap: an endpoint with credentials in it, or
+    a relative or bucket-less folder, stops the operator at start, naming the variable and the
+    Helm value, without repeating the value (it may hold a password)."""
+    with pytest.raises(SettingsError) as refused:
+        Settings.from_env(env)
+    assert named in str(refused.value)
+    (value,) = env.values()
+    assert value not in str(refused.value) and "s3cr3t" not in str(refused.value)
 
 
 def test_rbac_is_minimal() -> None:

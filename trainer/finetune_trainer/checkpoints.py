@@ -23,6 +23,7 @@ Every rank may download (reads only).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import queue
@@ -164,9 +165,37 @@ def save_sharded(
     state: dict[str, Any] = {"model": model_state, "optimizer": optimizer_state}
     if scaler is not None:
         state[SCALER] = scaler.state_dict()
-    save(state, checkpoint_id=str(local / STATE))
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        save(state, checkpoint_id=str(local / STATE))
+    except CheckpointException as exc:  # a BaseException: `except Exception` would not see it
+        raise _save_failed(exc, local, state) from exc
     if is_main:
         (local / TRAIN_STATE).write_text(json.dumps(train_state, indent=1))
+
+
+def _save_failed(exc: BaseException, local: Path, state: Any) -> Exception:
+    """What a failed DCP save means, as an ordinary exception: ENOSPC when the checkpoint's disk
+    has less room left than the state needs (torch's writer reports a short write on a full disk
+    as "unexpected pos …", with no errno), else the error of each rank."""
+    import torch
+
+    def tensor_bytes(value: Any) -> int:
+        if isinstance(value, torch.Tensor):
+            return value.numel() * value.element_size()
+        if isinstance(value, dict):
+            return sum(tensor_bytes(v) for v in value.values())
+        if isinstance(value, list | tuple):
+            return sum(tensor_bytes(v) for v in value)
+        return 0
+
+    folder = local if local.exists() else local.parent
+    if shutil.disk_usage(folder).free < tensor_bytes(state):
+        return OSError(errno.ENOSPC, "No space left on device", str(local))
+    failures = getattr(exc, "failures", None) or {}
+    detail = "; ".join(f"rank {rank}: {type(e).__name__}: {e}" for rank, e in failures.items())
+    return RuntimeError(f"saving the checkpoint to {local} failed: {detail or exc}")
 
 
 def has_scaler_state(local: Path) -> bool:

@@ -128,13 +128,14 @@ def train(config: TrainerConfig, progress: Progress, termination_path: str, *, i
             )
         return contract.EXIT_TERMINATED
     except Exception as exc:
-        full = disk_full(exc)
-        if full is not None:
-            log.error("%s", full)
+        # what the user can act on is said in one line; anything else with its traceback
+        named = disk_full(exc) or storage_unreachable(exc)
+        if named is not None:
+            log.error("%s", named)
         else:
             log.exception("training failed")
         progress.update(phase="Failed")
-        message = full or f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
+        message = named or f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
         reason = Reason.PEER_LOST if lost_peer(exc) else Reason.ERROR
         write_failure(termination_path, _summary(config, progress, contract.EXIT_FAILURE, reason, message))
         return contract.EXIT_FAILURE
@@ -170,6 +171,18 @@ def lost_peer(exc: BaseException) -> bool:
     text = str(exc).lower()
     words = ("connection closed by peer", "connection reset by peer", "gloo", "nccl", "c10d")
     return isinstance(exc, getattr(dist, "DistError", ())) or any(word in text for word in words)
+
+
+def storage_unreachable(exc: BaseException) -> str | None:
+    """The message of `storage.StorageUnreachable` if `exc` is (or was caused by) one."""
+    from finetune_trainer.storage import StorageUnreachable
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, StorageUnreachable):
+            return str(seen)
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def disk_full(exc: BaseException) -> str | None:

@@ -1,6 +1,7 @@
 """Errors that end a run with `contract.EXIT_INVALID_INPUT` (permanent: retrying cannot help).
 
-Raised by config loading, model resolution and the data preflight; caught once in `cli.main`.
+Raised by config loading, model resolution, the data preflight and a resume that finds every
+checkpoint corrupt; caught once in `cli.main`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ class Reason(StrEnum):
     # another rank's failure, which names the cause (the operator reports that one).
     PEER_LOST = "PeerLost"
     WORKER_FAILED = "WorkerFailed"  # the launcher saw a worker process die (e.g. killed)
+    # Every checkpoint of the run folder fails its manifest's checksums: a retry finds the same.
+    CORRUPT_CHECKPOINTS = "CorruptCheckpoints"
 
 
 class InvalidInput(Exception):

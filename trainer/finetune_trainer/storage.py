@@ -7,7 +7,8 @@ environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY); the endpoint from the c
 An S3 server that is unreachable or answers 5xx (restarted, overloaded) does not end the run:
 every S3Store operation is retried with exponential backoff (`with_retries`: 1 s doubling to
 30 s) for up to FINETUNE_STORAGE_RETRY_SECONDS (default 600), each retry logged as a warning;
-after that the error propagates (the pod fails and the Job retries it). A retried upload
+after that `StorageUnreachable` says what failed, for how long and what to check (the pod fails
+and the Job retries it). A retried upload
 starts the object again from its first byte, so no object is ever half written; a checkpoint
 exists only once its manifest, uploaded last, does.
 """
@@ -74,7 +75,8 @@ def with_retries(
     jitter: Callable[[], float] = random.random,
 ) -> T:
     """`operation()`, again after transient errors with exponential backoff (full jitter on the
-    upper half), until `budget_seconds` have passed; then its last error is raised."""
+    upper half), until `budget_seconds` have passed; then `StorageUnreachable` from its last
+    error. A permanent error is raised as it is, at once."""
     started = clock()
     delay = FIRST_BACKOFF_SECONDS
     attempt = 1
@@ -83,8 +85,10 @@ def with_retries(
             return operation()
         except Exception as exc:
             waited = clock() - started
-            if not transient(exc) or waited + delay > budget_seconds:
+            if not transient(exc):
                 raise
+            if waited + delay > budget_seconds:
+                raise StorageUnreachable(what, attempt, waited, exc) from exc
             pause = delay * (0.5 + 0.5 * jitter())
             log.warning(
                 "storage: %s failed (attempt %d, %s); retrying in %.1fs (giving up after %.0fs)",
@@ -97,6 +101,19 @@ def with_retries(
             sleep(pause)
             delay = min(delay * 2, MAX_BACKOFF_SECONDS)
             attempt += 1
+
+
+class StorageUnreachable(Exception):
+    """Object storage kept failing with transient errors until the retry budget ran out; the
+    message says what, for how long, the last error and what to check — no traceback needed."""
+
+    def __init__(self, what: str, attempts: int, waited: float, last: BaseException) -> None:
+        super().__init__(
+            f"object storage: {what} failed {attempts} times over {waited:.0f} s (last: {_short(last)}); "
+            f"gave up after {ENV_RETRY_SECONDS}: check storage.endpoint and that the S3 server is up "
+            "(the Job's backoffLimit retries the attempt, which resumes from the newest complete checkpoint)"
+        )
+        self.what, self.attempts, self.waited = what, attempts, waited
 
 
 def _short(exc: BaseException) -> str:

@@ -60,7 +60,7 @@ from finetune_trainer.data import (
     shard_cache_uri,
     token_dataset,
 )
-from finetune_trainer.errors import InvalidInput
+from finetune_trainer.errors import InvalidInput, Reason
 from finetune_trainer.evaluation import EvalResult, evaluate_model
 from finetune_trainer.loop import (
     LoopHooks,
@@ -376,10 +376,13 @@ class Recipe:
                 if self.local_rank == 0 and step is not None:
                     ckpt.download_newest_intact(self.run_store, [by_step[step]], local_for)
         skipped = [s for s in mine["skipped"] if step is None or s["step"] > step]
-        if step is None:
-            raise RuntimeError(
-                "every checkpoint in the run folder is corrupt (its files do not match its manifest): "
-                + "; ".join(f"step {s['step']}: {s['reason']}" for s in skipped)
+        if step is None:  # permanent: a retry would find the same files
+            raise InvalidInput(
+                "every checkpoint in the run folder is corrupt (its files do not match its manifest), so "
+                "there is nothing to resume from: to start afresh, set checkpoints.outputUri to a new "
+                "folder (or delete this run folder's checkpoints/)",
+                reason=Reason.CORRUPT_CHECKPOINTS,
+                details=[f"step {s['step']}: {s['reason']}" for s in skipped],
             )
         if skipped:
             if self.is_main:
