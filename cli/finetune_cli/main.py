@@ -60,7 +60,16 @@ def make_console() -> Console:
     return Console(width=160)
 
 
+# An interactive command waits this long for an S3 server that does not answer, then says so
+# (finetune_trainer.storage.StorageUnreachable); the trainer's 600 s default is for pods, which
+# must outlast a storage restart. FINETUNE_STORAGE_RETRY_SECONDS, when set, wins.
+CLI_STORAGE_RETRY_SECONDS = "20"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    from finetune_trainer.storage import ENV_RETRY_SECONDS
+
+    os.environ.setdefault(ENV_RETRY_SECONDS, CLI_STORAGE_RETRY_SECONDS)
     sys.exit(run(sys.argv[1:] if argv is None else argv, console=make_console()))
 
 
