@@ -139,6 +139,32 @@ def test_a_recreated_job_starts_in_a_run_folder_of_its_own(cluster: ClusterHandl
     assert [c["step"] for c in second["checkpoints"]][-1] == 10
 
 
+def test_a_new_object_continues_an_old_run_only_when_its_spec_names_the_folder(
+    cluster: ClusterHandle, namespace: str
+) -> None:
+    """The documented opt-in: checkpoints.outputUri set to the old object's status.runUri makes a
+    new FineTuneJob (another name, another uid) resume from that run's newest checkpoint."""
+    apply(cluster, namespace, manifest("before", "ok"))
+    old = wait_phase(cluster, namespace, "before", "Succeeded", timeout=120)
+    cluster.kubectl("delete", "ftj", "before", "-n", namespace, "--wait=true")
+    apply(
+        cluster,
+        namespace,
+        manifest(
+            "after",
+            "ok",
+            hyperparameters={"maxSteps": 30, "batchSize": 4},
+            checkpoints={"everySteps": 5, "outputUri": old["runUri"]},
+        ),
+    )
+    new = wait_phase(cluster, namespace, "after", "Succeeded", timeout=120)
+    assert new["runUri"] == old["runUri"]
+    starts = Path(old["runUri"].removeprefix("file://")) / "standin-starts-rank0"
+    assert starts.read_text() == "0\n20\n", "the new object resumed at the old run's step 20"
+    assert new["progress"]["steps"] == "30/30"
+    assert [c["step"] for c in new["checkpoints"]][-1] == 30
+
+
 def test_unknown_fields_of_a_lenient_client_are_reported(cluster: ClusterHandle, namespace: str) -> None:
     obj = manifest("typo", "ok")
     obj["spec"]["hyperparameters"]["learningrate"] = 0.1
@@ -154,6 +180,26 @@ def test_unknown_fields_of_a_lenient_client_are_reported(cluster: ClusterHandle,
     assert "AKIA-NOT-A-SECRET" not in json.dumps(current)
     warnings = [e for e in events(cluster, namespace, "typo") if e["reason"] == "UnknownFields"]
     assert warnings and warnings[0]["type"] == "Warning"
+
+
+def test_a_plain_api_client_is_warned_of_each_dropped_field(
+    cluster: ClusterHandle, namespace: str, tmp_path: Path
+) -> None:
+    """A client that asks for no field validation (a plain POST, as API libraries send it) gets
+    the API server's default, Warn: a warning naming each unknown field, which it can show; the
+    object is created without them. What docs/api.md promises such clients."""
+    obj = manifest("plain", "ok")
+    obj["spec"]["hyperparameters"]["learningrate"] = 0.1
+    obj["spec"]["evaluation"]["everystep"] = 3
+    body = tmp_path / "plain.json"
+    body.write_text(json.dumps(obj))
+    created = cluster.kubectl(
+        "create", "--raw", f"/apis/finetune.dev/v1alpha1/namespaces/{namespace}/finetunejobs", "-f", str(body)
+    )
+    assert 'unknown field "spec.hyperparameters.learningrate"' in created.stderr, created.stderr
+    assert 'unknown field "spec.evaluation.everystep"' in created.stderr, created.stderr
+    spec = get_ftj(cluster, namespace, "plain")["spec"]
+    assert "learningrate" not in spec["hyperparameters"] and "everystep" not in spec["evaluation"]
 
 
 def test_no_credential_leaks_across_a_full_run(
