@@ -286,6 +286,32 @@ def test_fsdp_checkpoint_of_two_processes_resumes_on_one(
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
 
 
+def test_a_corrupt_shard_of_one_rank_makes_every_rank_resume_from_the_checkpoint_before(
+    model_dir: Callable[[str], Path], text_data: dict[str, str], tmp_path: Path
+) -> None:
+    """Two processes, FSDP: a flipped byte in rank 1's shard of the newest checkpoint. Both ranks
+    agree on the checkpoint before it (a rank alone must not resume elsewhere), the skipped one is
+    reported, and the run ends as an uninterrupted one (constant schedule: 8 then 12 steps equals
+    12 at once)."""
+    model = model_dir("llama")
+
+    def config(run: str, steps: int) -> dict[str, Any]:
+        return _fsdp_config(model, text_data, tmp_path / run, steps, schedule="constant")
+
+    whole = _launched(config("whole", 12), tmp_path, "whole")
+    _launched(config("parts", 8), tmp_path, "first")  # checkpoints at 4 and 8
+    shard = tmp_path / "parts" / "checkpoints" / "step-000008" / "state" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    resumed = _launched(config("parts", 12), tmp_path, "again")
+    assert resumed["resumedFrom"]["step"] == 4
+    [skipped] = resumed["resumedFrom"]["skipped"]
+    assert skipped["step"] == 8 and "__1_0.distcp" in skipped["reason"] and "SHA-256" in skipped["reason"]
+    assert [e["step"] for e in resumed["evaluations"]] == [e["step"] for e in whole["evaluations"]]
+    assert final_eval(resumed)["loss"] == pytest.approx(final_eval(whole)["loss"], rel=1e-5)
+
+
 def test_sigterm_under_fsdp_checkpoints_and_the_resumed_run_equals_an_uninterrupted_one(
     model_dir: Callable[[str], Path], text_data: dict[str, str], tmp_path: Path
 ) -> None:
