@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 
 from finetune_dev.hub import HubRepo, HubServer, serve_hub
+from finetune_trainer import contract
 from finetune_trainer.config import ModelSpec
 from finetune_trainer.errors import InvalidInput
 from finetune_trainer.models import fetch_model, load_model
@@ -226,3 +228,13 @@ def test_training_run_from_a_gated_bin_repository_never_prints_the_token(
     out, err = capfd.readouterr()
     for text in (out, err, caplog.text, json.dumps(summary), (tmp_path / "run" / "run.json").read_text()):
         assert TOKEN not in text
+    # nor in any file the run wrote: run folder (metrics, checkpoints, final/) and local cache
+    written = [
+        f
+        for folder in (tmp_path / "run", Path(os.environ[contract.ENV_CACHE_DIR]))
+        for f in folder.rglob("*")
+    ]
+    assert any(f.name == "metrics.jsonl" for f in written)
+    for path in written:
+        if path.is_file():
+            assert TOKEN.encode() not in path.read_bytes(), path
