@@ -199,3 +199,22 @@ def build_spec(rng: random.Random) -> dict[str, Any]:
 
 def specs() -> st.SearchStrategy[dict[str, Any]]:
     return st.randoms(use_true_random=True).map(build_spec)
+
+
+# The specs the CRD-vs-Python agreement test (tests/integration/test_operator_validation.py) asks
+# the API server about: fixed seeds, so every run and machine sends the same specs, and a
+# disagreement printed with its seed is replayed with `seeded_spec(seed)`.
+AGREEMENT_SEED = 20261204
+AGREEMENT_EXAMPLES = 150
+
+
+def seeded_spec(seed: int) -> dict[str, Any]:
+    """The spec `build_spec` makes from `random.Random(seed)`: the same on every run."""
+    return build_spec(random.Random(seed))
+
+
+def seeded_specs(
+    seed: int = AGREEMENT_SEED, count: int = AGREEMENT_EXAMPLES
+) -> list[tuple[int, dict[str, Any]]]:
+    """(seed, spec) for the seeds seed, seed + 1, …, seed + count - 1."""
+    return [(s, seeded_spec(s)) for s in range(seed, seed + count)]

@@ -18,7 +18,7 @@ from finetune_operator import builders
 from finetune_operator.api import FineTuneJob, SpecError, parse_spec, unknown_fields
 from finetune_trainer.config import TrainerConfig
 from tests.operator.factories import SETTINGS, ftj
-from tests.strategies import specs
+from tests.strategies import AGREEMENT_EXAMPLES, seeded_spec, seeded_specs, specs
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -99,3 +99,24 @@ def test_the_generated_specs_are_both_valid_and_invalid() -> None:
     tally()
     total = sum(verdicts.values())
     assert verdicts["accepted"] >= total // 5 and verdicts["refused"] >= total // 5, verdicts
+
+
+def test_the_agreement_specs_are_replayable_and_both_valid_and_invalid() -> None:
+    """The specs the agreement test sends to the API server come from fixed seeds: the same
+    list every time, each one rebuilt from its seed alone; accepted and refused often, refused
+    for rules of several sections; and each verdict as `_check` requires (refusals by field)."""
+    chosen = seeded_specs()
+    assert len(chosen) == AGREEMENT_EXAMPLES and chosen == seeded_specs()
+    assert all(seeded_spec(seed) == spec for seed, spec in chosen)
+    assert len({json.dumps(spec, sort_keys=True) for _, spec in chosen}) > AGREEMENT_EXAMPLES * 0.9
+    accepted, sections = 0, set()
+    for _, spec in chosen:
+        _check(spec)
+        try:
+            parse_spec(spec)
+            accepted += 1
+        except SpecError as exc:
+            sections |= {error.split(":")[0].split(".")[1].split("[")[0] for error in exc.errors}
+    refused = len(chosen) - accepted
+    assert min(accepted, refused) >= len(chosen) // 5, {"accepted": accepted, "refused": refused}
+    assert len(sections) >= 6, sorted(sections)
