@@ -18,7 +18,30 @@ LABEL_VALUE = "must be empty or a label value"
 RELATIVE = "file:// paths must be absolute (file:///<path>)"
 EVALUATE_ONLY = "is only used for training: in mode Evaluate leave it unset"
 
+TYPE = "must be of type"
+
 GAPS = [
+    # values of another type: refused as the schema types them, never converted ("10" -> 10)
+    pytest.param(
+        {"hyperparameters": {"maxSteps": "10"}},
+        "spec.hyperparameters.maxSteps",
+        f"{TYPE} integer",
+        id="max-steps-string",
+    ),
+    pytest.param(
+        {"hyperparameters": {"maxSteps": True}},
+        "spec.hyperparameters.maxSteps",
+        f"{TYPE} integer",
+        id="max-steps-boolean",
+    ),
+    pytest.param(
+        {"hyperparameters": {"learningRate": "1e-4"}},
+        "spec.hyperparameters.learningRate",
+        f"{TYPE} number",
+        id="learning-rate-string",
+    ),
+    pytest.param({"suspend": "yes"}, "spec.suspend", f"{TYPE} boolean", id="suspend-string"),
+    pytest.param({"model": {"name": 7}}, "spec.model.name", f"{TYPE} string", id="model-name-number"),
     # URIs: absolute file://, a bucket for s3://, no whitespace
     pytest.param(
         {"model": {"uri": "file://relative/model"}}, "spec.model.uri", RELATIVE, id="model-file-relative"
@@ -269,6 +292,8 @@ GAPS = [
 
 # Specs next to a rule that must pass.
 CLOSE_BUT_VALID = [
+    # a float with no fraction for an integer field: the API server takes it (and stores 10)
+    pytest.param({"hyperparameters": {"maxSteps": 10.0, "batchSize": 8.0}}, id="integral-float-for-integer"),
     pytest.param({"model": {"uri": "file:///models/pythia/"}}, id="file-absolute"),
     pytest.param({"model": {"uri": "s3://models/pythia-70m"}}, id="s3-bucket-key"),
     pytest.param({"model": {"uri": "s3://models"}}, id="s3-bucket-root"),

@@ -95,11 +95,26 @@ def strip_errors(text: str) -> str:
     return "".join(lines)
 
 
+class ManifestLoader(yaml.SafeLoader):
+    """YAML read as kubectl reads it: `1e-4` and JSON's `5e-05` are numbers (YAML 1.2, and Go's
+    sigs.k8s.io/yaml), where PyYAML's YAML 1.1 rules want a dot and read them as strings, which
+    the API server would refuse for a number field."""
+
+
+ManifestLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
 def parse_manifest(text: str, *, namespace: str) -> dict[str, Any]:
     """The edited YAML as a FineTuneJob experiment to create: kind and apiVersion checked,
-    namespace set, the experiment label added and `spec.suspend` forced to true."""
+    namespace set, the experiment label added and `spec.suspend` forced to true. The error block
+    `with_errors` puts on top is YAML comments: parsed as it is, a syntax error's line is the
+    line the editor shows."""
     try:
-        data = yaml.safe_load(strip_errors(text))
+        data = yaml.load(text, Loader=ManifestLoader)  # a SafeLoader
     except yaml.YAMLError as exc:
         raise ManifestError(f"not valid YAML: {exc}") from None
     if not isinstance(data, dict):

@@ -596,13 +596,27 @@ def rfc3339(now: datetime) -> str:
 def parse_spec(spec: Any) -> FineTuneJobSpec:
     """The typed spec; raises `SpecError` with every problem, each naming its field."""
     try:
-        parsed = FineTuneJobSpec.model_validate(spec)
+        # strict: "10", true or "1e-4" for a number is refused, as the API server's schema does
+        # (lax pydantic would convert them)
+        parsed = FineTuneJobSpec.model_validate(_integral_floats_as_ints(spec), strict=True)
     except ValidationError as exc:
         raise SpecError([_format_error(err) for err in exc.errors()]) from None
     problems = cross_field_errors(parsed)
     if problems:
         raise SpecError(problems)
     return parsed
+
+
+def _integral_floats_as_ints(value: Any) -> Any:
+    """JSON numbers as the API server decodes them: 10.0 is the integer 10 (it accepts it for an
+    integer field and stores 10); other floats, and booleans, stay what they are."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _integral_floats_as_ints(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_integral_floats_as_ints(item) for item in value]
+    return value
 
 
 class SpecError(ValueError):
@@ -662,6 +676,18 @@ def _relative_file(uri: str) -> bool:
     return uri.startswith("file://") and not uri.startswith("file:///")
 
 
+# pydantic's strict type errors, as the CRD's OpenAPI types name them
+SCHEMA_TYPES = {
+    "int_type": "integer",
+    "bool_type": "boolean",
+    "float_type": "number",
+    "string_type": "string",
+    "dict_type": "object",
+    "model_type": "object",
+    "list_type": "array",
+}
+
+
 def _format_error(err: Any) -> str:
     loc = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in err.get("loc", ()))
     loc = loc.removeprefix(".")
@@ -669,6 +695,8 @@ def _format_error(err: Any) -> str:
     msg = msg.removeprefix("Value error, ")
     if err.get("type") == "string_pattern_mismatch":
         msg = PATTERN_MESSAGES.get(str((err.get("ctx") or {}).get("pattern")), msg)
+    if err.get("type") in SCHEMA_TYPES:  # the API server's words for a value of another type
+        msg = f"must be of type {SCHEMA_TYPES[err['type']]}"
     return f"spec.{loc}: {msg}" if loc else f"spec: {msg}"
 
 

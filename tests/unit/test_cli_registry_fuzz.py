@@ -217,10 +217,7 @@ class Registrations(RuleBasedStateMachine):
         """`--paths <registry>/<source>/train/`: a registered dataset's own files as the source
         of another registration; the source dataset stays as it is."""
         source = data.draw(st.sampled_from(self.registered()), label="source")
-        if replace and name == source:
-            # Known product bug, left out here (see the report): --replace deletes the dataset
-            # before copying its own files from it, so the dataset is lost.
-            replace = False
+        # with --replace and name == source the files are the dataset's own: refused, kept
         self.attempt += 1
         copied = sorted(
             k for k, v in self.model.items() if k.startswith(f"{source}/train/") and v is not None
@@ -266,3 +263,42 @@ def test_registrations_never_lose_or_overwrite_a_dataset(
         outcome.endswith(" a copy") for outcome in OUTCOMES
     )
     assert covered, f"the attempts did not cover every outcome: {dict(OUTCOMES)}"
+
+
+def _add(argv: list[str], registry: Path) -> tuple[int, str]:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main.run(
+            ["add", "dataset", *argv, "--datasets-uri", f"file://{registry}/"],
+            console=Console(file=io.StringIO(), width=300),
+        )
+    return code, err.getvalue()
+
+
+def test_replacing_a_dataset_from_its_own_files_is_refused_and_keeps_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """What the state machine above found: --replace with --paths inside the dataset itself
+    deleted the dataset before copying from it (a FileNotFoundError, the dataset gone)."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    registry, data = tmp_path / "registry", tmp_path / "t.jsonl"
+    data.write_text('{"text": "one"}\n{"text": "two"}\n')
+    assert _add(["--name", "news", "--paths", str(data)], registry)[0] == 0
+    before = snapshot(registry)
+    code, err = _add(["--name", "news", "--replace", "--paths", str(registry / "news" / "train")], registry)
+    assert code == 1 and "name files of dataset news itself" in err and "Traceback" not in err, err
+    assert snapshot(registry) == before, "the dataset is kept as it was"
+
+
+@pytest.mark.parametrize("name", ["Bad", "-news", "news-", "a b", "n" * 64, "news/2", ""])
+def test_an_invalid_dataset_name_is_a_usage_error_naming_the_option(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str
+) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    data = tmp_path / "t.jsonl"
+    data.write_text('{"text": "one"}\n')
+    code, err = _add([f"--name={name}", "--paths", str(data)], tmp_path / "registry")
+    assert (
+        code == 2 and err.startswith(f"error: --name {name!r}: a dataset name is") and "Traceback" not in err
+    )
+    assert not (tmp_path / "registry").exists() or not any((tmp_path / "registry").iterdir())

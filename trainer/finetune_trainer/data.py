@@ -47,8 +47,16 @@ from finetune_trainer.records import IGNORE as IGNORE  # re-exported: the label 
 from finetune_trainer.records import Example as Example  # re-exported: one tokenized document
 from finetune_trainer.records import encode_batch, eos_id
 from finetune_trainer.shards import BATCH_RECORDS, ShardSet, TokenStore, build_shards, shard_key
+from finetune_trainer.sources import (
+    NO_RECORDS,
+    SourceFile,
+    fingerprint,
+    list_files,
+    read_unit,
+    units_of,
+    where,
+)
 from finetune_trainer.sources import BadRecords as BadRecords  # re-exported: what preflight raises
-from finetune_trainer.sources import SourceFile, fingerprint, list_files, read_unit, units_of, where
 from finetune_trainer.storage import Store, expand, open_store
 
 log = logging.getLogger(__name__)
@@ -258,6 +266,7 @@ def preflight(
     line_offsets: dict[str, int] = {}
     stores: dict[str, Store] = {}
     batch: list[tuple[str, str, dict[str, Any]]] = []  # (file, file:line, record)
+    reported: set[str] = set()  # files with a problem
 
     def problem(text: str) -> None:
         nonlocal total
@@ -285,6 +294,7 @@ def preflight(
         for item in read_unit(unit, store, spec):
             last = max(last, item.line)
             if item.problem is not None:
+                reported.add(unit.file.name)
                 problem(f"{where(unit, item.line, offset)}: {item.problem}")
             elif item.data is not None:
                 counts[unit.file.name] = counts.get(unit.file.name, 0) + 1
@@ -295,6 +305,9 @@ def preflight(
         line_offsets[unit.file.name] = offset + last
     if batch:
         flush()
+    for file in files:  # a file read in several units, none with a record (a unit cannot tell)
+        if file.name not in counts and file.name not in reported and file.kind == "jsonl":
+            problem(f"{file.name}: {NO_RECORDS['jsonl']}")
     if total:
         raise BadRecords(total, shown)
     if not counts:

@@ -7,20 +7,31 @@ The decisions are in `datasets` (format, counts, what an error says), the I/O in
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
+from pathlib import Path
 
 from finetune_cli import datasets, storage, tokens
 from finetune_cli.app import App
 from finetune_cli.commands.experiment import DEFAULT_MODEL
 from finetune_cli.errors import CliError
 from finetune_operator.api import rfc3339
-from finetune_trainer.config import DatasetSpec
+from finetune_trainer.config import NAME_PATTERN, DatasetSpec
 from finetune_trainer.errors import InvalidData
 from finetune_trainer.sources import SourceFile
+
+NAME_MAX_LENGTH = 63  # DatasetSpec.name's
 
 
 def cmd_add_dataset(app: App) -> None:
     args = app.args
+    if len(args.name) > NAME_MAX_LENGTH or not re.match(NAME_PATTERN, args.name):
+        raise CliError(
+            f"--name {args.name!r}: a dataset name is 1 to {NAME_MAX_LENGTH} lowercase letters, digits, "
+            "'.', '_' and '-', starting and ending with a letter or digit",
+            hint="for example --name market-reports",
+            code=2,
+        )
     registry = app.registry()
     if registry.exists(args.name) and not args.replace:
         raise CliError(
@@ -33,6 +44,14 @@ def cmd_add_dataset(app: App) -> None:
     files = storage.list_sources(args.paths, "train", where=where) + storage.list_sources(
         args.eval_paths or [], "eval", where=where
     )
+    own = [f.name for f, _ in files if _inside(f.name, f"{registry.uri}{args.name}/")]
+    if own and args.replace:  # replacing deletes the dataset's folder before the copy
+        raise CliError(
+            f"--paths/--eval-paths name files of dataset {args.name} itself, which --replace would "
+            "delete before copying them",
+            details=own[:5],
+            hint="copy them elsewhere first and register that copy, or choose another --name",
+        )
     created = rfc3339(datetime.now(UTC))
     try:
         summary = check_dataset(
@@ -99,6 +118,13 @@ def check_dataset(
         tokenizer=counting.description,
         created=created,
     )
+
+
+def _inside(uri: str, folder: str) -> bool:
+    """Whether `uri` is below `folder` (both file:// or s3://; local paths compared resolved)."""
+    if uri.startswith("file://") and folder.startswith("file://"):
+        return Path(uri[7:]).resolve().is_relative_to(Path(folder[7:]).resolve())
+    return uri.startswith(folder)
 
 
 def _split(summary: datasets.DatasetSummary, split: datasets.Split) -> str:

@@ -68,14 +68,21 @@ def validate_experiment(app: App, text: str) -> tuple[dict[str, Any] | None, lis
 
 
 def catalog_problems(manifest: Mapping[str, Any]) -> list[str]:
-    """Catalog names the operator would reject (it can only say so after the job is created)."""
-    spec = manifest.get("spec") or {}
+    """Catalog names the operator would reject (it can only say so after the job is created).
+    Shapes it cannot read (a model that is not a mapping, a name that is not a string) are left
+    to the API server's dry run, which names them."""
+
+    def mapping(value: Any) -> Mapping[str, Any]:
+        return value if isinstance(value, Mapping) else {}
+
+    spec = mapping(manifest.get("spec"))
     problems = []
-    models = [("spec.model.name", (spec.get("model") or {}).get("name"))]
-    for i, baseline in enumerate((spec.get("evaluation") or {}).get("baselines") or []):
-        models.append((f"spec.evaluation.baselines[{i}].name", (baseline or {}).get("name")))
+    models = [("spec.model.name", mapping(spec.get("model")).get("name"))]
+    baselines = mapping(spec.get("evaluation")).get("baselines")
+    for i, baseline in enumerate(baselines if isinstance(baselines, list) else []):
+        models.append((f"spec.evaluation.baselines[{i}].name", mapping(baseline).get("name")))
     for field, name in models:
-        if name and name not in CATALOG:
+        if isinstance(name, str) and name and name not in CATALOG:
             problems.append(
                 f"{field}: unknown catalog model {name!r} (see `kubectl finetune list models`, or use uri:)"
             )
