@@ -141,13 +141,12 @@ class Settings:
         for name, attr in numbers.items():
             if env.get(name):
                 kwargs[attr] = float(env[name])
-        for name, pattern in STORAGE_DEFAULT_PATTERNS.items():
+        for name, (pattern, helm_value) in STORAGE_DEFAULTS.items():
             value = env.get(name)
             if value and not re.match(pattern, value):
                 # the value itself is not echoed: it may be a URL with a password in it
                 raise SettingsError(
-                    f"{name} (Helm: {HELM_VALUES[name]}) {PATTERN_MESSAGES[pattern]}; "
-                    "the operator does not start with it"
+                    f"{name} (Helm: {helm_value}) {PATTERN_MESSAGES[pattern]}; the operator does not start with it"
                 )
         return cls(**kwargs)  # type: ignore[arg-type]
 
@@ -158,13 +157,8 @@ class SettingsError(ValueError):
 
 # The cluster's storage defaults obey the spec's own rules (`storage.*` in the CRD): absolute
 # folders, and no credentials in the endpoint — they would reach every job's ConfigMap.
-STORAGE_DEFAULT_PATTERNS = {
-    "FINETUNE_STORAGE_ENDPOINT": ENDPOINT_PATTERN,
-    "FINETUNE_RUNS_URI": ABSOLUTE_RUN_URI_PATTERN,
-    "FINETUNE_DATASETS_URI": ABSOLUTE_RUN_URI_PATTERN,
-}
-HELM_VALUES = {
-    "FINETUNE_STORAGE_ENDPOINT": "storage.endpoint",
-    "FINETUNE_RUNS_URI": "storage.runsUri",
-    "FINETUNE_DATASETS_URI": "storage.datasetsUri",
+STORAGE_DEFAULTS = {  # variable: (its pattern, the Helm value that sets it)
+    "FINETUNE_STORAGE_ENDPOINT": (ENDPOINT_PATTERN, "storage.endpoint"),
+    "FINETUNE_RUNS_URI": (ABSOLUTE_RUN_URI_PATTERN, "storage.runsUri"),
+    "FINETUNE_DATASETS_URI": (ABSOLUTE_RUN_URI_PATTERN, "storage.datasetsUri"),
 }

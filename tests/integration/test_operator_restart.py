@@ -65,6 +65,14 @@ def _all_children(cluster: ClusterHandle, namespace: str) -> list[str]:
     return sorted(line for line in out.splitlines() if line)
 
 
+def _without_status_writes(cluster: ClusterHandle, operator_dir: Path) -> Path:
+    """The kubeconfig of an operator identity that may do everything but write a status: its
+    cycle creates the children, then fails."""
+    return identity_kubeconfig(
+        cluster, "finetune-operator-no-status", _role_without("finetunejobs/status", "patch"), operator_dir
+    )
+
+
 def _can_i(cluster: ClusterHandle, verb: str, resource: str) -> Any:
     name, _, sub = resource.partition("/")
     extra = [f"--subresource={sub}"] if sub else []
@@ -152,9 +160,7 @@ def test_restart_during_status_update(
     cluster: ClusterHandle, namespace: str, operator_dir: Path, operator_kubeconfig: Path
 ) -> None:
     assert_no_other_operator(cluster)
-    limited = identity_kubeconfig(
-        cluster, "finetune-operator-no-status", _role_without("finetunejobs/status", "patch"), operator_dir
-    )
+    limited = _without_status_writes(cluster, operator_dir)
     runs = operator_dir / "runs-restart"
     with running_operator(limited, runs):
         apply(cluster, namespace, manifest("nostatus", "slow", suspend=True))
@@ -202,9 +208,7 @@ def test_job_started_and_finished_while_operator_is_down_gets_its_start_time(
     finished without it. The result still carries startTime (the Job's own), so the finished
     job's spec is fixed like any other's."""
     assert_no_other_operator(cluster)
-    limited = identity_kubeconfig(
-        cluster, "finetune-operator-no-status", _role_without("finetunejobs/status", "patch"), operator_dir
-    )
+    limited = _without_status_writes(cluster, operator_dir)
     runs = operator_dir / "runs-restart"
     with running_operator(limited, runs):
         apply(cluster, namespace, manifest("unseen", "ok"))

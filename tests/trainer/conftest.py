@@ -227,3 +227,11 @@ def run_trainer(
 def final_eval(summary: dict[str, Any]) -> dict[str, Any]:
     evaluations: list[dict[str, Any]] = summary["evaluations"]
     return evaluations[-1]
+
+
+def flip_a_byte(shard: Path) -> Path:
+    """Corrupt a checkpoint file as bit rot would: one byte in its middle inverted."""
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    return shard

@@ -14,7 +14,15 @@ from typing import Any
 import pytest
 
 from finetune_trainer import contract
-from tests.trainer.conftest import TINY_LORA, TrainedRun, base_config, final_eval, run_trainer, write_config
+from tests.trainer.conftest import (
+    TINY_LORA,
+    TrainedRun,
+    base_config,
+    final_eval,
+    flip_a_byte,
+    run_trainer,
+    write_config,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -300,10 +308,7 @@ def test_a_corrupt_shard_of_one_rank_makes_every_rank_resume_from_the_checkpoint
 
     whole = _launched(config("whole", 12), tmp_path, "whole")
     _launched(config("parts", 8), tmp_path, "first")  # checkpoints at 4 and 8
-    shard = tmp_path / "parts" / "checkpoints" / "step-000008" / "state" / "__1_0.distcp"
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    shard.write_bytes(bytes(data))
+    flip_a_byte(tmp_path / "parts" / "checkpoints" / "step-000008" / "state" / "__1_0.distcp")
     resumed = _launched(config("parts", 12), tmp_path, "again")
     assert resumed["resumedFrom"]["step"] == 4
     [skipped] = resumed["resumedFrom"]["skipped"]

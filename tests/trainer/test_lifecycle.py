@@ -20,7 +20,7 @@ import pytest
 
 from finetune_trainer import contract
 from finetune_trainer.telemetry import Progress, serve
-from tests.trainer.conftest import TrainedRun, base_config, final_eval, write_config
+from tests.trainer.conftest import TrainedRun, base_config, final_eval, flip_a_byte, write_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -168,10 +168,7 @@ def test_a_corrupt_newest_checkpoint_resumes_from_the_one_before_and_says_so(
     run = tmp_path / "run"
     shutil.copytree(first.run, run)  # the first attempt: a copy of the shared run, corrupted here
     assert first.code == contract.EXIT_OK and [c["step"] for c in first.summary["checkpoints"]] == [2, 4]
-    shard = next((run / "checkpoints" / "step-000004" / "state").glob("*.distcp"))
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    shard.write_bytes(bytes(data))
+    shard = flip_a_byte(next((run / "checkpoints" / "step-000004" / "state").glob("*.distcp")))
 
     code, resumed = run_trainer(
         base_config(model, text_data, run, hyperparameters={"maxSteps": 6}), tmp_path, "again.json"
@@ -189,14 +186,6 @@ def test_a_corrupt_newest_checkpoint_resumes_from_the_one_before_and_says_so(
     assert final_eval(resumed)["loss"] == pytest.approx(final_eval(uninterrupted)["loss"], abs=1e-6)
 
 
-def _flip_a_byte(folder: Path) -> Path:
-    shard = next((folder / "state").glob("*.distcp"))
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    shard.write_bytes(bytes(data))
-    return shard
-
-
 def test_every_checkpoint_corrupt_fails_once_saying_what_to_do(
     trained: Callable[..., TrainedRun], tmp_path: Path
 ) -> None:
@@ -208,7 +197,10 @@ def test_every_checkpoint_corrupt_fails_once_saying_what_to_do(
     first = trained("llama")
     run = tmp_path / "run"
     shutil.copytree(first.run, run)
-    shards = [_flip_a_byte(run / "checkpoints" / f"step-{step:06d}") for step in (2, 4)]
+    shards = [
+        flip_a_byte(next((run / "checkpoints" / f"step-{step:06d}" / "state").glob("*.distcp")))
+        for step in (2, 4)
+    ]
     config = base_config(first.model, first.data, run, hyperparameters={"maxSteps": 6})
     for attempt in ("first.json", "second.json"):
         code, summary = run_trainer(config, tmp_path, attempt)

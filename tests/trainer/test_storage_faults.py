@@ -433,15 +433,12 @@ def test_a_corrupt_newest_checkpoint_in_s3_resumes_from_the_one_before(
     import shutil
 
     from finetune_trainer import contract
-    from tests.trainer.conftest import base_config, run_trainer
+    from tests.trainer.conftest import base_config, flip_a_byte, run_trainer
 
     first = trained("llama")  # 4 steps, checkpoints at 2 and 4
     folder = server.root / "runs" / "corrupt"
     shutil.copytree(first.run, folder)  # the bucket is a folder of versitygw's posix backend
-    shard = next((folder / "checkpoints" / "step-000004" / "state").glob("*.distcp"))
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    shard.write_bytes(bytes(data))
+    shard = flip_a_byte(next((folder / "checkpoints" / "step-000004" / "state").glob("*.distcp")))
     config = base_config(
         first.model, first.data, tmp_path / "unused", hyperparameters={"maxSteps": 6},
         checkpoints={"outputUri": "s3://runs/corrupt/"}, run={"storageEndpoint": server.endpoint},

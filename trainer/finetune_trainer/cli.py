@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 
 from pydantic import ValidationError
@@ -173,22 +173,24 @@ def lost_peer(exc: BaseException) -> bool:
     return isinstance(exc, getattr(dist, "DistError", ())) or any(word in text for word in words)
 
 
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and what caused it, outermost first."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        yield seen
+        seen = seen.__cause__ or seen.__context__
+
+
 def storage_unreachable(exc: BaseException) -> str | None:
     """The message of `storage.StorageUnreachable` if `exc` is (or was caused by) one."""
     from finetune_trainer.storage import StorageUnreachable
 
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, StorageUnreachable):
-            return str(seen)
-        seen = seen.__cause__ or seen.__context__
-    return None
+    return next((str(e) for e in _causes(exc) if isinstance(e, StorageUnreachable)), None)
 
 
 def disk_full(exc: BaseException) -> str | None:
     """A clear message if `exc` (or what caused it) is ENOSPC, the local disk being full."""
-    seen: BaseException | None = exc
-    while seen is not None:
+    for seen in _causes(exc):
         if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
             where = f" writing {seen.filename}" if seen.filename else ""
             return (
@@ -196,7 +198,6 @@ def disk_full(exc: BaseException) -> str | None:
                 "and checkpoints staged before upload need room for the model about 3 times over; give "
                 "the pod more ephemeral storage (a larger node disk or emptyDir) or use a smaller model"
             )
-        seen = seen.__cause__ or seen.__context__
     return None
 
 
