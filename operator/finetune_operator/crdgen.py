@@ -128,8 +128,14 @@ CEL_RULES: dict[type[BaseModel], list[Rule]] = {
         {
             "rule": "self.packing || self.packingStrategy == 'concatenate'",
             "message": "packingStrategy: documents needs packing: true (without packing every sequence "
-            "is one document already, batched padding-free)",
+            "is one document already)",
             "fieldPath": ".packingStrategy",
+        },
+        {
+            "rule": "!has(self.groupByLength) || !self.groupByLength || !self.packing",
+            "message": "groupByLength: true needs packing: false (with packing every block is "
+            "sequenceLength tokens long already)",
+            "fieldPath": ".groupByLength",
         },
     ],
     trainer_config.Hyperparameters: [

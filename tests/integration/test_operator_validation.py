@@ -90,6 +90,11 @@ INVALID = [
         ],
     ),
     (
+        "group-by-length-with-packing",
+        with_spec(dataset={"train": ["s3://d/t.jsonl"], "groupByLength": True}),
+        ["spec.dataset.groupByLength: Invalid value", "groupByLength: true needs packing: false"],
+    ),
+    (
         "train-mode-needs-training-data",
         with_spec(dataset={"eval": ["s3://d/e.jsonl"]}),
         ["spec.dataset: Invalid value", "mode Train needs dataset.name or dataset.train"],

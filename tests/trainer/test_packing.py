@@ -1,5 +1,5 @@
 """Packing modes read from token shards, what each does to the loss (real tiny models of every
-family, sdpa and eager attention), the collator's batches and the per-epoch sampler."""
+family, sdpa and eager attention), the collator's batches and the loop's order of them."""
 
 from __future__ import annotations
 
@@ -9,13 +9,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
 from finetune_trainer.config import DatasetSpec
 from finetune_trainer.data import IGNORE, Collator, ShardSettings, plan_data, token_dataset
 from finetune_trainer.evaluation import evaluate_model
-from finetune_trainer.packing import EpochSampler, TokenDataset
+from finetune_trainer.loop import step_indices, steps_per_epoch
+from finetune_trainer.packing import TokenDataset
 from tests.trainer.factories import FAMILIES, make_tokenizer, reference_document, tiny_config
 
 WORDS = [
@@ -217,20 +219,43 @@ def test_evaluation_without_max_batches_reads_the_whole_eval_set(
     assert capped.tokens < result.tokens
 
 
-def test_sampler_is_seeded_reshuffles_per_epoch_and_resumes_exactly() -> None:
-    sampler = EpochSampler(103, seed=7)
-    epoch0 = list(sampler)
-    assert sorted(epoch0) == list(range(103))
-    assert list(EpochSampler(103, seed=7)) == epoch0  # every run, every process
-    sampler.set_epoch(1)
-    epoch1 = list(sampler)
-    assert epoch1 != epoch0 and sorted(epoch1) == list(range(103))
-    sampler.set_epoch(1, skip=40)
-    assert list(sampler) == epoch1[40:] and len(sampler) == 63
-    ranks = [list(EpochSampler(103, seed=7, rank=r, world_size=4)) for r in range(4)]
-    assert {len(r) for r in ranks} == {26}  # padded by wrapping: every process reads as many
-    assert set().union(*map(set, ranks)) == set(range(103))
-    assert list(EpochSampler(5, seed=1, shuffle=False)) == [0, 1, 2, 3, 4]
+@pytest.mark.parametrize("grouped", [False, True], ids=["random", "length-grouped"])
+def test_global_batches_take_every_sequence_once_per_epoch_reshuffled_and_pure(grouped: bool) -> None:
+    """The loop's order: a pure function of (seed, step), so a resumed run reads what an
+    uninterrupted one would; each epoch a new permutation of all sequences."""
+    n, batch = 1003, 8
+    lengths = torch.from_numpy(np.random.default_rng(0).integers(1, 513, n)) if grouped else None
+    per_epoch = steps_per_epoch(n, batch)
+
+    def epoch(e: int, seed: int = 7) -> list[list[int]]:
+        return [
+            step_indices(s, dataset_size=n, batch_size=batch, seed=seed, lengths=lengths)
+            for s in range(e * per_epoch, (e + 1) * per_epoch)
+        ]
+
+    first, second = epoch(0), epoch(1)
+    for batches in (first, second):
+        assert sorted(i for b in batches for i in b) == list(range(n))
+        assert sorted(len(b) for b in batches) == [n % batch] + [batch] * (per_epoch - 1)
+    assert first != second and epoch(0) == first and epoch(0, seed=8) != first
+    assert step_indices(per_epoch + 5, dataset_size=n, batch_size=batch, seed=7, lengths=lengths) == second[5]
+
+
+def test_length_grouped_batches_waste_little_on_padding() -> None:
+    n, batch = 4000, 8
+    lengths = torch.from_numpy(np.random.default_rng(1).integers(1, 513, n))
+
+    def padded_over_real(grouping: torch.Tensor | None) -> float:
+        steps = [
+            lengths[step_indices(s, dataset_size=n, batch_size=batch, seed=3, lengths=grouping)]
+            for s in range(steps_per_epoch(n, batch))
+        ]
+        return sum(int(b.max()) * len(b) for b in steps) / int(lengths.sum())
+
+    assert padded_over_real(None) > 1.5  # random batches of 8: the longest of 8 sets the width
+    assert padded_over_real(lengths) < 1.05
+    first = lengths[step_indices(0, dataset_size=n, batch_size=batch, seed=3, lengths=lengths)]
+    assert first.tolist() == sorted(first.tolist(), reverse=True)  # micro-batches cut from it match
 
 
 def test_holdout_from_shards_is_deterministic_and_disjoint(tmp_path: Path, tokenizer: Any) -> None:
@@ -272,3 +297,34 @@ def test_document_strategy_without_packing_is_refused_naming_the_field() -> None
         DatasetSpec.model_validate(
             {"train": ["file:///d.jsonl"], "packing": False, "packingStrategy": "documents"}
         )
+
+
+def test_group_by_length_is_on_without_packing_and_refused_with_it() -> None:
+    from pydantic import ValidationError
+
+    train = ["file:///d.jsonl"]
+    assert DatasetSpec.model_validate({"train": train, "packing": False}).grouped_by_length
+    assert not DatasetSpec.model_validate(
+        {"train": train, "packing": False, "groupByLength": False}
+    ).grouped_by_length
+    assert not DatasetSpec.model_validate({"train": train}).grouped_by_length
+    with pytest.raises(ValidationError, match="groupByLength: true needs packing: false"):
+        DatasetSpec.model_validate({"train": train, "groupByLength": True})
+
+
+@pytest.mark.parametrize(
+    ("attention", "expected"),
+    [
+        ("sdpa", False),
+        ("eager", False),
+        ("flex_attention", False),
+        ("flash_attention_2", True),
+        (None, False),
+    ],
+)
+def test_batches_go_padding_free_only_with_a_variable_length_attention_kernel(
+    attention: str | None, expected: bool
+) -> None:
+    from finetune_trainer.packing import padding_free
+
+    assert padding_free(attention) is expected

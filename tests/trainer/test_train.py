@@ -119,23 +119,40 @@ def test_gradient_accumulation_equals_the_full_batch(
     assert results[0] == pytest.approx(results[1], abs=1e-5)
 
 
+@pytest.mark.parametrize("packing", [True, False], ids=["packed", "length-grouped"])
 def test_resume_continues_where_the_checkpoint_left_off(
-    model_dir: Callable[[str], Path], text_data: dict[str, str], tmp_path: Path
+    model_dir: Callable[[str], Path], text_data: dict[str, str], tmp_path: Path, packing: bool
 ) -> None:
     """A run stopped at step 3 and started again (same run folder) ends where an uninterrupted
     run ends. (The constant schedule makes maxSteps=3 then 6 the same run as 6 at once.)"""
     model = model_dir("gpt_neox")
+    data = {"packing": packing}
     whole = base_config(
-        model, text_data, tmp_path / "whole", hyperparameters={"maxSteps": 6}, checkpoints={"everySteps": 3}
+        model,
+        text_data,
+        tmp_path / "whole",
+        hyperparameters={"maxSteps": 6},
+        checkpoints={"everySteps": 3},
+        dataset=data,
     )
     code, uninterrupted = run_trainer(whole, tmp_path, "whole.json")
     assert code == 0
     first = base_config(
-        model, text_data, tmp_path / "parts", hyperparameters={"maxSteps": 3}, checkpoints={"everySteps": 3}
+        model,
+        text_data,
+        tmp_path / "parts",
+        hyperparameters={"maxSteps": 3},
+        checkpoints={"everySteps": 3},
+        dataset=data,
     )
     assert run_trainer(first, tmp_path, "first.json")[0] == 0
     second = base_config(
-        model, text_data, tmp_path / "parts", hyperparameters={"maxSteps": 6}, checkpoints={"everySteps": 3}
+        model,
+        text_data,
+        tmp_path / "parts",
+        hyperparameters={"maxSteps": 6},
+        checkpoints={"everySteps": 3},
+        dataset=data,
     )
     code, resumed = run_trainer(second, tmp_path, "second.json")
     assert code == 0

@@ -229,9 +229,8 @@ class DatasetSpec(_Spec):
     packing: bool = Field(
         default=True,
         description="Concatenate documents (each ending with the EOS token) and cut them into "
-        "blocks of sequenceLength tokens (see packingStrategy). Off: one record per sequence, "
-        "batched padding-free (the sequences of a batch end to end, position ids restarting); "
-        "longer records are split into several sequences, never truncated silently.",
+        "blocks of sequenceLength tokens (see packingStrategy). Off: one record per sequence "
+        "(see groupByLength); longer records are split into several sequences, never truncated.",
     )
     packing_strategy: Literal["concatenate", "documents"] = Field(
         default="concatenate",
@@ -239,6 +238,12 @@ class DatasetSpec(_Spec):
         "documents: position ids restart at each document, so no token attends across a document "
         "boundary and a document's first token carries no loss (the loss of a block equals that "
         "of its documents evaluated alone).",
+    )
+    group_by_length: bool | None = Field(
+        default=None,
+        description="Without packing: batch sequences of similar length together (the epoch's "
+        "order cut into groups of 50 global batches, each sorted by length, its batches shuffled), "
+        "so padding wastes little compute. Unset: on without packing. Only with packing: false.",
     )
     eval_size: int = Field(
         default=64,
@@ -265,9 +270,24 @@ class DatasetSpec(_Spec):
         if not self.packing and self.packing_strategy != "concatenate":
             raise ValueError(
                 "packingStrategy: documents needs packing: true (without packing every sequence is one "
-                "document already, batched padding-free)"
+                "document already)"
             )
         return self
+
+    @model_validator(mode="after")
+    def _grouping(self) -> Self:
+        """CEL: !has(self.groupByLength) || !self.groupByLength || !self.packing"""
+        if self.packing and self.group_by_length:
+            raise ValueError(
+                "groupByLength: true needs packing: false (with packing every block is sequenceLength "
+                "tokens long already)"
+            )
+        return self
+
+    @property
+    def grouped_by_length(self) -> bool:
+        """Whether training batches are length-grouped: groupByLength, by default on without packing."""
+        return not self.packing if self.group_by_length is None else self.group_by_length
 
 
 class Hyperparameters(_Spec):

@@ -6,10 +6,11 @@ What it guarantees (DESIGN of docs/trainer.md, tested in tests/trainer):
   micro-batch of every process: each micro-batch contributes its summed cross-entropy divided
   by the step's total number of target tokens (one all-reduce of the count per step), so neither
   gradient accumulation nor the number of processes changes the gradient;
-- the global batch of step s is a pure function of (seed, s) (`step_indices`), split over the
-  processes and their micro-batches (`rank_micro_batches`); the learning rate is a pure
-  function of s (`learning_rate`); dropout is seeded per (seed, step, rank) — so a resumed run,
-  also one with another number of processes, continues exactly where the checkpoint left off;
+- the global batch of step s is a pure function of (seed, s) (`step_indices`, length-grouped
+  without packing), split over the processes and their micro-batches (`rank_micro_batches`);
+  the learning rate is a pure function of s (`learning_rate`); dropout is seeded per (seed,
+  step, rank) — so a resumed run, also one with another number of processes, continues exactly
+  where the checkpoint left off;
 - every key of the collated batch except `labels` goes to the model (`position_ids` of
   document-aware packing, `attention_mask`, …); `labels` (IGNORE = -100) define the loss;
 - a process whose share of a (last, partial) batch is empty still runs a forward and backward
@@ -45,13 +46,39 @@ def total_steps(*, max_steps: int | None, epochs: float | None, dataset_size: in
     )
 
 
-def step_indices(step: int, *, dataset_size: int, batch_size: int, seed: int) -> list[int]:
+GROUP_SIZE = 50  # global batches sorted together when grouping by length (transformers' megabatch)
+
+
+def step_indices(
+    step: int,
+    *,
+    dataset_size: int,
+    batch_size: int,
+    seed: int,
+    lengths: torch.Tensor | None = None,
+) -> list[int]:
     """Dataset indices of the global batch of optimizer step `step` (0-based): the epoch's
-    permutation (seeded by seed + epoch), cut into batches; the epoch's last batch may be short."""
+    permutation (seeded by seed + epoch), cut into batches; the epoch's last batch may be short.
+
+    With `lengths` (sequence lengths: length-grouped batches, as transformers'
+    `LengthGroupedSampler`), the permutation is cut into groups of GROUP_SIZE batches, each group
+    sorted by length (longest first) and cut into batches, which are drawn in a seeded order
+    within the group; the indices of a batch come longest first, so consecutive micro-batches
+    hold sequences of similar length. Every sequence still comes once per epoch, and the batch
+    is still a pure function of (seed, step)."""
     per_epoch = steps_per_epoch(dataset_size, batch_size)
     epoch, position = divmod(step, per_epoch)
-    order = torch.randperm(dataset_size, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    return order[position * batch_size : (position + 1) * batch_size]
+    order = torch.randperm(dataset_size, generator=torch.Generator().manual_seed(seed + epoch))
+    if lengths is None:
+        return order[position * batch_size : (position + 1) * batch_size].tolist()
+    group, within = divmod(position, GROUP_SIZE)
+    span = GROUP_SIZE * batch_size
+    members = order[group * span : (group + 1) * span]
+    members = members[torch.sort(lengths[members], descending=True, stable=True).indices]
+    batches = -(-len(members) // batch_size)
+    draw = torch.Generator().manual_seed((seed + epoch) * 1_000_003 + group)
+    batch = int(torch.randperm(batches, generator=draw)[within])
+    return members[batch * batch_size : (batch + 1) * batch_size].tolist()
 
 
 def rank_micro_batches(
@@ -142,6 +169,7 @@ class LoopPlan:
     eval_every: int
     save_every: int
     dataset_size: int
+    lengths: torch.Tensor | None = None  # sequence lengths: length-grouped batches (`step_indices`)
 
 
 @dataclass(frozen=True)
@@ -236,7 +264,11 @@ class TrainingLoop:
         """One optimizer step over the global batch of `step`; returns the gradient norm."""
         plan = self.plan
         indices = step_indices(
-            step, dataset_size=plan.dataset_size, batch_size=plan.batch_size, seed=plan.seed
+            step,
+            dataset_size=plan.dataset_size,
+            batch_size=plan.batch_size,
+            seed=plan.seed,
+            lengths=plan.lengths,
         )
         micro_indices = rank_micro_batches(
             indices,

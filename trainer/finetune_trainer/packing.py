@@ -1,5 +1,5 @@
-"""Sequences cut from memory-mapped token shards, the map-style dataset the loop reads, its
-collator and the per-epoch sampler.
+"""Sequences cut from memory-mapped token shards: the map-style dataset the loop reads and its
+collator (the loop's order of them is `loop.step_indices`).
 
 Called by `data` (which builds them) and by the training loop and `evaluation` (which read
 them). The three packing modes (`dataset.packing`, `dataset.packingStrategy`):
@@ -14,9 +14,10 @@ them). The three packing modes (`dataset.packing`, `dataset.packingStrategy`):
   attends across a document boundary. The loss of a block equals the token-weighted loss of its
   documents evaluated alone.
 - `none` (packing: false): one document per sequence, a document longer than sequenceLength
-  split into several, never truncated. The collator makes a batch padding-free: its sequences
-  are laid end to end in one row with restarting position ids, so no compute is spent on pads;
-  the loss equals the padded computation.
+  split into several, never truncated. Training batches are length-grouped (`loop.step_indices`)
+  and padded, except where the attention has a variable-length kernel (flash attention,
+  `padding_free`): there the collator lays a batch's sequences end to end in one row with
+  restarting position ids, so no compute is spent on pads. Both have the same loss.
 
 Sequences with no trained token are dropped (they carry no loss). The index of a dataset is
 two arrays (start, length) over the selected documents; the tokens are read on access, so a
@@ -27,7 +28,7 @@ Numpy only at import; torch is imported by the collator when called.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -206,51 +207,19 @@ class Collator:
         return {"input_ids": ids_t, "labels": labels_t, "attention_mask": mask}
 
 
+def padding_free(attention: str | None) -> bool:
+    """Whether `packing: false` batches are laid end to end in one row for a model whose
+    attention implementation is `attention` (`config._attn_implementation`): only flash
+    attention has a variable-length kernel. sdpa, eager and flex attend such a row through a
+    dense block-diagonal mask over the whole row — attention work quadratic in the row, not in
+    each sequence — so length-grouped padded rows cost less there (measured in
+    bench/data_bench.py)."""
+    return attention is not None and attention.startswith("flash_attention")
+
+
 def _first_ignored(labels: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     """Labels of a sequence laid after another in one row: its first token is no target there
     (in its own row it never was one)."""
     out = labels.copy()
     out[0] = IGNORE
     return out
-
-
-class EpochSampler:
-    """The indices one process reads in one epoch: a permutation of the dataset seeded by
-    (seed, epoch) — the same on every process and every run — of which process r takes
-    positions r, r + world, …; padded by wrapping so every process reads as many (as
-    DistributedSampler does). `set_epoch(epoch, skip=k)` starts an epoch past its first k
-    indices: an exact resume mid-epoch."""
-
-    def __init__(
-        self, length: int, *, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1
-    ) -> None:
-        self.length = length
-        self.seed = seed
-        self.shuffle = shuffle
-        self.rank = rank
-        self.world_size = world_size
-        self.epoch = 0
-        self.skip = 0
-
-    def set_epoch(self, epoch: int, *, skip: int = 0) -> None:
-        self.epoch = epoch
-        self.skip = skip
-
-    def per_process(self) -> int:
-        return -(-self.length // self.world_size)
-
-    def __len__(self) -> int:
-        return max(0, self.per_process() - self.skip)
-
-    def order(self) -> np.ndarray[Any, Any]:
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.length)
-        else:
-            order = np.arange(self.length)
-        total = self.per_process() * self.world_size
-        if total > self.length:
-            order = np.resize(order, total)  # wraps around
-        return order[self.rank :: self.world_size]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.order()[self.skip :].tolist())

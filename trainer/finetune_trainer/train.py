@@ -74,7 +74,7 @@ from finetune_trainer.loop import (
     warmup_steps,
 )
 from finetune_trainer.models import fetch_model, load_model, load_tokenizer
-from finetune_trainer.packing import TokenDataset
+from finetune_trainer.packing import TokenDataset, padding_free
 from finetune_trainer.storage import open_store
 from finetune_trainer.telemetry import Progress
 
@@ -251,8 +251,14 @@ class Recipe:
         with self.local_main_first():
             return fetch_model(spec, cache_dir=self.cache_dir, **self.store_settings)
 
-    def collator(self) -> Collator:
-        return Collator(self.pad_id, mode=packing_mode(self.config.dataset))
+    def collator(self, model: Any) -> Collator:
+        """The batch maker for `model`: `packing: false` batches go padding-free only where the
+        attention has a variable-length kernel (`packing.padding_free`), padded elsewhere."""
+        config = getattr(wrapping.unwrap(model), "config", None)
+        attention = getattr(config, "_attn_implementation", None)
+        return Collator(
+            self.pad_id, mode=packing_mode(self.config.dataset), padded=not padding_free(attention)
+        )
 
     # ---- evaluation ---------------------------------------------------------------------------
     def evaluate(self, model: Any, dataset: TokenDataset | SequenceDataset) -> EvalResult:
@@ -263,7 +269,7 @@ class Recipe:
             result = evaluate_model(
                 model,
                 dataset,
-                collator=self.collator(),
+                collator=self.collator(model),
                 micro_batch=self.micro,
                 max_batches=self.config.evaluation.max_batches,
                 device=self.device,
@@ -614,6 +620,11 @@ class Recipe:
             eval_every=cfg.evaluation.every_steps,
             save_every=cfg.checkpoints.every_steps,
             dataset_size=len(train_dataset),
+            lengths=(
+                torch.from_numpy(train_dataset.index.lengths)
+                if cfg.dataset.grouped_by_length and isinstance(train_dataset, TokenDataset)
+                else None
+            ),
         )
         self.uploader = ckpt.Uploader(
             self.run_store,
@@ -624,7 +635,7 @@ class Recipe:
             on_failure=lambda _: self.progress.metrics.checkpoint_upload_failures.inc(),
         )
         self.uploader.start()
-        collator = self.collator()
+        collator = self.collator(model)
 
         def save(step: int) -> None:
             self.progress.update(phase=TrainerPhase.CHECKPOINTING)
