@@ -15,7 +15,7 @@ What `run` prints:
    --small-docs documents (each measured in a fresh process, `probe`);
 3. training tokens/s of document-aware packing vs plain packing (same blocks, same model);
 4. training tokens/s without packing (varied lengths): the batches the trainer makes
-   (length-grouped, `loop.step_indices`; padded with sdpa, `packing.padding_free`) vs padded
+   (length-grouped, `loop.step_indices`; padded with sdpa, `packing.collator_for`) vs padded
    batches in random order.
 
 The model for 2-4 is a randomly initialised Llama (hidden 256, 4 layers) with SmolLM2's tokenizer
@@ -305,7 +305,7 @@ def bench_training(corpus: Path, model_dir: Path, workdir: Path, *, steps: int, 
 
     from finetune_trainer.config import DatasetSpec
     from finetune_trainer.data import Collator, ShardSettings, plan_data, token_dataset
-    from finetune_trainer.packing import padding_free
+    from finetune_trainer.packing import collator_for
 
     torch.manual_seed(0)
     tokenizer = _tokenizer(model_dir)
@@ -319,7 +319,7 @@ def bench_training(corpus: Path, model_dir: Path, workdir: Path, *, steps: int, 
     pad = tokenizer.pad_token_id
     unpacked = dataset(packing=False)
     # what the trainer does without packing for this model's attention (padded rows with sdpa)
-    trainer_collator = Collator(pad, mode="none", padded=not padding_free(model.config._attn_implementation))
+    trainer_collator = collator_for(pad, "none", model.config._attn_implementation)
     pairs = {  # (dataset, collator, length-grouped) of ours, then of the reference
         "document-aware / plain packing": (
             (dataset(packing_strategy="documents"), Collator(pad, mode="documents"), False),

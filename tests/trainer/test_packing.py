@@ -313,7 +313,7 @@ def test_group_by_length_is_on_without_packing_and_refused_with_it() -> None:
 
 
 @pytest.mark.parametrize(
-    ("attention", "expected"),
+    ("attention", "one_row"),
     [
         ("sdpa", False),
         ("eager", False),
@@ -322,9 +322,13 @@ def test_group_by_length_is_on_without_packing_and_refused_with_it() -> None:
         (None, False),
     ],
 )
-def test_batches_go_padding_free_only_with_a_variable_length_attention_kernel(
-    attention: str | None, expected: bool
+def test_unpacked_batches_are_one_row_only_with_a_variable_length_attention_kernel(
+    tmp_path: Path, tokenizer: Any, attention: str | None, one_row: bool
 ) -> None:
-    from finetune_trainer.packing import padding_free
+    from finetune_trainer.packing import collator_for
 
-    assert padding_free(attention) is expected
+    dataset, _ = _dataset(tmp_path, tokenizer, n=12, length=64, packing=False)
+    items = [dataset[i] for i in range(4)]
+    batch = collator_for(tokenizer.pad_token_id, "none", attention)(items)
+    assert batch["input_ids"].shape[0] == (1 if one_row else 4)
+    assert ("attention_mask" in batch) is not one_row

@@ -7,6 +7,7 @@ import json
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -126,34 +127,21 @@ def test_resume_continues_where_the_checkpoint_left_off(
     """A run stopped at step 3 and started again (same run folder) ends where an uninterrupted
     run ends. (The constant schedule makes maxSteps=3 then 6 the same run as 6 at once.)"""
     model = model_dir("gpt_neox")
-    data = {"packing": packing}
-    whole = base_config(
-        model,
-        text_data,
-        tmp_path / "whole",
-        hyperparameters={"maxSteps": 6},
-        checkpoints={"everySteps": 3},
-        dataset=data,
-    )
-    code, uninterrupted = run_trainer(whole, tmp_path, "whole.json")
+
+    def config(folder: str, steps: int) -> dict[str, Any]:
+        return base_config(
+            model,
+            text_data,
+            tmp_path / folder,
+            hyperparameters={"maxSteps": steps},
+            checkpoints={"everySteps": 3},
+            dataset={"packing": packing},
+        )
+
+    code, uninterrupted = run_trainer(config("whole", 6), tmp_path, "whole.json")
     assert code == 0
-    first = base_config(
-        model,
-        text_data,
-        tmp_path / "parts",
-        hyperparameters={"maxSteps": 3},
-        checkpoints={"everySteps": 3},
-        dataset=data,
-    )
-    assert run_trainer(first, tmp_path, "first.json")[0] == 0
-    second = base_config(
-        model,
-        text_data,
-        tmp_path / "parts",
-        hyperparameters={"maxSteps": 6},
-        checkpoints={"everySteps": 3},
-        dataset=data,
-    )
+    assert run_trainer(config("parts", 3), tmp_path, "first.json")[0] == 0
+    second = config("parts", 6)
     code, resumed = run_trainer(second, tmp_path, "second.json")
     assert code == 0
     assert final_eval(resumed)["step"] == 6

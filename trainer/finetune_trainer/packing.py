@@ -16,7 +16,7 @@ them). The three packing modes (`dataset.packing`, `dataset.packingStrategy`):
 - `none` (packing: false): one document per sequence, a document longer than sequenceLength
   split into several, never truncated. Training batches are length-grouped (`loop.step_indices`)
   and padded, except where the attention has a variable-length kernel (flash attention,
-  `padding_free`): there the collator lays a batch's sequences end to end in one row with
+  `collator_for`): there the collator lays a batch's sequences end to end in one row with
   restarting position ids, so no compute is spent on pads. Both have the same loss.
 
 Sequences with no trained token are dropped (they carry no loss). The index of a dataset is
@@ -207,14 +207,15 @@ class Collator:
         return {"input_ids": ids_t, "labels": labels_t, "attention_mask": mask}
 
 
-def padding_free(attention: str | None) -> bool:
-    """Whether `packing: false` batches are laid end to end in one row for a model whose
-    attention implementation is `attention` (`config._attn_implementation`): only flash
-    attention has a variable-length kernel. sdpa, eager and flex attend such a row through a
-    dense block-diagonal mask over the whole row — attention work quadratic in the row, not in
-    each sequence — so length-grouped padded rows cost less there (measured in
+def collator_for(pad_id: int, mode: PackingMode, attention: str | None) -> Collator:
+    """The collator the trainer uses for a model whose attention implementation is `attention`
+    (`config._attn_implementation`): `packing: false` batches are laid end to end in one row
+    only for flash attention, which has a variable-length kernel. sdpa, eager and flex attend
+    such a row through a dense block-diagonal mask over the whole row — attention work quadratic
+    in the row, not in each sequence — so length-grouped padded rows cost less there (measured in
     bench/data_bench.py)."""
-    return attention is not None and attention.startswith("flash_attention")
+    varlen = attention is not None and attention.startswith("flash_attention")
+    return Collator(pad_id, mode=mode, padded=not varlen)
 
 
 def _first_ignored(labels: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:

@@ -74,7 +74,7 @@ from finetune_trainer.loop import (
     warmup_steps,
 )
 from finetune_trainer.models import fetch_model, load_model, load_tokenizer
-from finetune_trainer.packing import TokenDataset, padding_free
+from finetune_trainer.packing import TokenDataset, collator_for
 from finetune_trainer.storage import open_store
 from finetune_trainer.telemetry import Progress
 
@@ -253,12 +253,10 @@ class Recipe:
 
     def collator(self, model: Any) -> Collator:
         """The batch maker for `model`: `packing: false` batches go padding-free only where the
-        attention has a variable-length kernel (`packing.padding_free`), padded elsewhere."""
+        attention has a variable-length kernel (`packing.collator_for`), padded elsewhere."""
         config = getattr(wrapping.unwrap(model), "config", None)
         attention = getattr(config, "_attn_implementation", None)
-        return Collator(
-            self.pad_id, mode=packing_mode(self.config.dataset), padded=not padding_free(attention)
-        )
+        return collator_for(self.pad_id, packing_mode(self.config.dataset), attention)
 
     # ---- evaluation ---------------------------------------------------------------------------
     def evaluate(self, model: Any, dataset: TokenDataset | SequenceDataset) -> EvalResult:
