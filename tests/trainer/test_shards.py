@@ -314,14 +314,29 @@ def test_s3_sources_stream_by_range_and_the_cache_lives_in_s3(
         store.delete_prefix("")
 
 
+@pytest.mark.timeout(180)  # a hang fails here, not at the suite's 900 s
 def test_a_trainer_that_survives_sigterm_does_not_hang_the_tokenizer_pool(
-    tmp_path: Path, tokenizer: Any
+    tmp_path: Path, tokenizer: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The trainer handles SIGTERM by checkpointing at the step end, so it does not exit; forked
     tokenizer workers inherit that handler. Both a finished pool and a pool stopped by a worker's
-    error must still end (a hang here once cost CI its 900 s timeout)."""
+    error must still end, even when the error comes before a worker has set itself up (every
+    worker but the first starts 2 s late here: that race once hung CI for its 900 s timeout)."""
+    import os
     import signal
+    import time
 
+    first_worker = tmp_path / "first-worker"
+    set_up = shards._init_worker
+
+    def late_but_first(job: Any) -> None:
+        try:
+            os.close(os.open(first_worker, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            time.sleep(2)  # still holding the trainer's handler when the pool is terminated
+        set_up(job)
+
+    monkeypatch.setattr(shards, "_init_worker", late_but_first)
     _write(tmp_path / "data" / "big.jsonl", _records("text", 300))
     spec = DatasetSpec(train=[f"file://{tmp_path}/data/big.jsonl"])
     files = list_files(spec.train or [])
@@ -338,6 +353,7 @@ def test_a_trainer_that_survives_sigterm_does_not_hang_the_tokenizer_pool(
             unit_bytes=2048,
         )
         assert done.manifest["documents"] == 300
+        first_worker.unlink()
         with pytest.raises(InvalidData, match="does not fit the uint8 token shards"):
             build_shards(
                 files,

@@ -28,6 +28,7 @@ No torch here.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -35,7 +36,7 @@ import multiprocessing
 import os
 import signal
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,8 +146,11 @@ _STORES: dict[str, Store] = {}
 def _init_worker(job: _Job) -> None:
     global _JOB
     # A forked worker inherits the trainer's SIGTERM handler (checkpoint at the step end), which
-    # would make it ignore the pool's terminate and hang its owner: workers die on SIGTERM.
+    # would make it ignore the pool's terminate and hang its owner: workers die on SIGTERM. The
+    # worker was forked with SIGTERM blocked (_sigterm_blocked), so a terminate that came before
+    # this line is pending, not lost to the inherited handler: it kills the worker on unblock.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism
     _JOB = job
 
@@ -251,7 +255,9 @@ def tokenize_units(
                 on_part(results[-1])
         return results
     context = multiprocessing.get_context("fork")
-    with context.Pool(count, initializer=_init_worker, initargs=(job,)) as pool:
+    with _sigterm_blocked():  # the workers and the pool's threads start with it blocked
+        pool = context.Pool(count, initializer=_init_worker, initargs=(job,))
+    with pool:
         for summary in pool.imap(_tokenize_indexed, indexed, chunksize=1):
             results.append(summary)
             if on_part is not None:
@@ -259,6 +265,20 @@ def tokenize_units(
         pool.close()  # every part is done: let the workers exit rather than be terminated
         pool.join()
     return results
+
+
+@contextlib.contextmanager
+def _sigterm_blocked() -> Iterator[None]:
+    """Block SIGTERM in this thread while the pool forks its workers and starts its threads (all
+    inherit the mask; a worker it later replaces is forked from such a thread). A worker that
+    gets the pool's terminate before `_init_worker` has run then keeps it pending instead of
+    handing it to the trainer's inherited handler and living on, which left the pool's terminate
+    waiting for it forever. The trainer's own SIGTERM in this window is delivered on exit."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _init_local(job: _Job) -> None:
