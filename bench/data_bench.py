@@ -13,7 +13,9 @@ What `run` prints:
    line says so);
 2. peak RSS of tokenization, and of a 20-step training run reading the shards, at --docs vs at
    --small-docs documents (each measured in a fresh process, `probe`);
-3. training tokens/s of document-aware packing vs plain packing (same blocks, same model);
+3. training tokens/s of document-aware packing vs plain packing (same blocks, same model): with
+   the document-causal sdpa the trainer uses (`attention.use_document_attention`), and with sdpa
+   through transformers' block-diagonal mask (what it used before);
 4. training tokens/s without packing (varied lengths): the batches the trainer makes
    (length-grouped, `loop.step_indices`; padded with sdpa, `packing.collator_for`) vs padded
    batches in random order.
@@ -303,6 +305,7 @@ def bench_training(corpus: Path, model_dir: Path, workdir: Path, *, steps: int, 
     import torch
     from transformers import AutoModelForCausalLM
 
+    from finetune_trainer.attention import DOCUMENT_SDPA, register
     from finetune_trainer.config import DatasetSpec
     from finetune_trainer.data import Collator, ShardSettings, plan_data, token_dataset
     from finetune_trainer.packing import collator_for
@@ -320,23 +323,31 @@ def bench_training(corpus: Path, model_dir: Path, workdir: Path, *, steps: int, 
     unpacked = dataset(packing=False)
     # what the trainer does without packing for this model's attention (padded rows with sdpa)
     trainer_collator = collator_for(pad, "none", model.config._attn_implementation)
-    pairs = {  # (dataset, collator, length-grouped) of ours, then of the reference
-        "document-aware / plain packing": (
-            (dataset(packing_strategy="documents"), Collator(pad, mode="documents"), False),
-            (dataset(), Collator(pad, mode="concatenate"), False),
+    documents = dataset(packing_strategy="documents")
+    plain = (dataset(), Collator(pad, mode="concatenate"), False, "sdpa")
+    pairs = {  # (dataset, collator, length-grouped, attention) of ours, then of the reference
+        "document-aware (document-causal sdpa, as trained) / plain packing": (
+            (documents, Collator(pad, mode="documents"), False, DOCUMENT_SDPA),
+            plain,
+        ),
+        "document-aware (sdpa through the block-diagonal mask) / plain packing": (
+            (documents, Collator(pad, mode="documents"), False, "sdpa"),
+            plain,
         ),
         "packing: false, length-grouped (as trained) / random padded batches": (
-            (unpacked, trainer_collator, True),
-            (unpacked, Collator(pad, mode="none", padded=True), False),
+            (unpacked, trainer_collator, True, "sdpa"),
+            (unpacked, Collator(pad, mode="none", padded=True), False, "sdpa"),
         ),
     }
+    register()
     for name, (ours, reference) in pairs.items():
         rates: list[float] = []
         for r in range(rounds):  # alternate which side goes first
             sides = [ours, reference] if r % 2 == 0 else [reference, ours]
             measured = {}
             for side in sides:
-                data, collator, grouped = side
+                data, collator, grouped, attention = side
+                model.set_attn_implementation(attention)
                 batches = _batches(data, micro=4, steps=steps + 1, seed=r, grouped=grouped)
                 seconds, tokens = _train_rate(model, data, collator, batches)
                 measured[id(side)] = tokens / seconds

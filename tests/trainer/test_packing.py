@@ -1,5 +1,6 @@
 """Packing modes read from token shards, what each does to the loss (real tiny models of every
-family, sdpa and eager attention), the collator's batches and the loop's order of them."""
+family, sdpa and eager attention, and the trainer's document-causal sdpa), the collator's batches
+and the loop's order of them."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from finetune_trainer.attention import DOCUMENT_SDPA, use_document_attention
 from finetune_trainer.config import DatasetSpec
 from finetune_trainer.data import IGNORE, Collator, ShardSettings, plan_data, token_dataset
 from finetune_trainer.evaluation import evaluate_model
@@ -41,21 +43,29 @@ WORDS = [
 ]
 
 
-def _attention_cases() -> list[Any]:
-    """Every family with eager attention, and with sdpa where transformers implements it for the
-    family (not GPT-J nor CodeGen in this version)."""
+def _sdpa_families() -> list[str]:
+    """The families transformers implements sdpa for (not GPT-J nor CodeGen in this version)."""
     from transformers import AutoModelForCausalLM
 
-    cases = []
-    for family in FAMILIES:
-        model_class = AutoModelForCausalLM._model_mapping[type(tiny_config(family, 384))]
-        for attention in ("sdpa", "eager"):
-            if attention == "eager" or model_class._supports_sdpa:
-                cases.append(pytest.param(family, attention, id=f"{family}-{attention}"))
-    return cases
+    return [
+        family
+        for family in FAMILIES
+        if AutoModelForCausalLM._model_mapping[type(tiny_config(family, 384))]._supports_sdpa
+    ]
 
 
-ATTENTION_CASES = _attention_cases()
+SDPA_FAMILIES = _sdpa_families()
+ATTENTION_CASES = [
+    pytest.param(family, attention, id=f"{family}-{attention}")
+    for family in FAMILIES
+    for attention in ("sdpa", "eager")
+    if attention == "eager" or family in SDPA_FAMILIES
+]
+# what the trainer uses for packingStrategy: documents on sdpa (finetune_trainer.attention)
+DOCUMENT_CASES = [
+    *ATTENTION_CASES,
+    *(pytest.param(f, DOCUMENT_SDPA, id=f"{f}-{DOCUMENT_SDPA}") for f in SDPA_FAMILIES),
+]
 
 
 @pytest.fixture(scope="module")
@@ -140,12 +150,15 @@ def test_document_blocks_restart_positions_and_mask_each_first_token(tmp_path: P
 def _load(folder: Path, attention: str) -> Any:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation=attention, dtype=torch.float32)
+    loaded = "sdpa" if attention == DOCUMENT_SDPA else attention
+    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation=loaded, dtype=torch.float32)
     model.config.use_cache = False
+    if attention == DOCUMENT_SDPA:
+        use_document_attention(model)
     return model.eval()
 
 
-@pytest.mark.parametrize(("family", "attention"), ATTENTION_CASES)
+@pytest.mark.parametrize(("family", "attention"), DOCUMENT_CASES)
 def test_a_document_aware_block_has_the_loss_of_its_documents_alone(
     tmp_path: Path, tokenizer: Any, model_dir: Callable[[str], Path], family: str, attention: str
 ) -> None:
@@ -174,6 +187,81 @@ def test_a_document_aware_block_has_the_loss_of_its_documents_alone(
     with torch.no_grad():
         across = float(model(**plain).loss)
     assert abs(across - packed) > 1e-4
+
+
+@pytest.mark.parametrize("family", SDPA_FAMILIES)
+def test_document_causal_sdpa_trains_like_the_masked_sdpa_one_call_per_document(
+    tmp_path: Path,
+    tokenizer: Any,
+    model_dir: Callable[[str], Path],
+    family: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The loss and every gradient equal sdpa through transformers' block-diagonal mask, and each
+    layer makes one causal sdpa call per document, none masked."""
+    from finetune_trainer import attention
+
+    dataset, _ = _dataset(tmp_path, tokenizer, n=30, length=96, packing_strategy="documents")
+    batch = Collator(tokenizer.pad_token_id, mode="documents")([dataset[i] for i in range(3)])
+    positions = batch["position_ids"]
+    documents = int((positions[:, 1:] != positions[:, :-1] + 1).sum()) + len(positions)
+    assert documents > 2 * len(positions)  # several documents a row: the split is exercised
+    reference, ours = _load(model_dir(family), "sdpa"), _load(model_dir(family), DOCUMENT_SDPA)
+    assert ours.config._attn_implementation == DOCUMENT_SDPA
+    calls: list[tuple[int, bool]] = []  # (query length, masked) of each sdpa call of ours
+    real = attention.sdpa_attention_forward
+
+    def counted(module: Any, query: Any, key: Any, value: Any, mask: Any, **kwargs: Any) -> Any:
+        calls.append((query.shape[2], mask is not None))
+        return real(module, query, key, value, mask, **kwargs)
+
+    expected = reference(**batch).loss
+    expected.backward()
+    monkeypatch.setattr(attention, "sdpa_attention_forward", counted)
+    loss = ours(**batch).loss
+    loss.backward()
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+    for (name, mine), theirs in zip(ours.named_parameters(), reference.parameters(), strict=True):
+        assert torch.allclose(mine.grad, theirs.grad, atol=1e-6), name
+    assert len(calls) == ours.config.num_hidden_layers * documents
+    assert not any(masked for _, masked in calls)
+
+
+def test_what_the_document_split_cannot_honour_goes_to_the_masked_sdpa(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No position ids, a sliding window, a non-causal call or an argument the split does not
+    know: the call goes to sdpa with transformers' mask, as it is."""
+    from types import SimpleNamespace
+
+    from finetune_trainer import attention
+
+    torch.manual_seed(0)
+    query, key, value = (torch.randn(2, 2, 6, 4) for _ in range(3))
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2], [0, 1, 2, 3, 4, 5]])
+    same_document = torch.stack([torch.tensor([0, 0, 0, 1, 1, 1]), torch.zeros(6, dtype=torch.long)])
+    mask = (same_document[:, :, None] == same_document[:, None, :]) & torch.ones(
+        6, 6, dtype=torch.bool
+    ).tril()
+    mask = mask[:, None]
+    module = SimpleNamespace(is_causal=True)
+    masked = attention.sdpa_attention_forward(module, query, key, value, mask)[0]
+    split = attention.document_causal_sdpa(module, query, key, value, mask, position_ids=positions)[0]
+    assert torch.allclose(split, masked, atol=1e-6)
+
+    seen: list[Any] = []
+    monkeypatch.setattr(
+        attention, "sdpa_attention_forward", lambda m, q, k, v, given, **kw: seen.append(given) or (q, None)
+    )
+    for kwargs in (
+        {"position_ids": None},
+        {"position_ids": positions, "sliding_window": 2},
+        {"position_ids": positions, "is_causal": False},
+        {"position_ids": positions, "a_future_argument": 1},
+    ):
+        seen.clear()
+        attention.document_causal_sdpa(module, query, key, value, mask, **kwargs)
+        assert len(seen) == 1 and seen[0] is mask, kwargs
 
 
 @pytest.mark.parametrize(("family", "attention"), ATTENTION_CASES)

@@ -10,7 +10,8 @@ them). The three packing modes (`dataset.packing`, `dataset.packingStrategy`):
 - `documents` (packing: true, strategy documents): the same blocks, but position ids restart at
   every document (and at every block start), the first token of each document carries no loss,
   and the collator sends no attention mask, so transformers builds a block-diagonal causal mask
-  (sdpa, eager, flex) or uses the varlen kernel (flash attention, with `flatten=True`): no token
+  (eager, flex) or uses the varlen kernel (flash attention, with `flatten=True`); on sdpa the
+  trainer gives each document its own causal call (`attention.document_causal_sdpa`): no token
   attends across a document boundary. The loss of a block equals the token-weighted loss of its
   documents evaluated alone.
 - `none` (packing: false): one document per sequence, a document longer than sequenceLength

@@ -36,8 +36,8 @@ from typing import Any
 
 import torch
 
+from finetune_trainer import attention, export, memory, runfolder, wrapping
 from finetune_trainer import checkpoints as ckpt
-from finetune_trainer import export, memory, runfolder, wrapping
 from finetune_trainer.config import EVALUATE, FSDP, ModelSpec, TrainerConfig
 from finetune_trainer.contract import (
     DEFAULT_CACHE_DIR,
@@ -251,6 +251,13 @@ class Recipe:
         with self.local_main_first():
             return fetch_model(spec, cache_dir=self.cache_dir, **self.store_settings)
 
+    def attend(self, model: Any) -> Any:
+        """`packingStrategy: documents` on sdpa: each document attends to itself in its own causal
+        call (`attention.use_document_attention`), not through a dense block-diagonal mask."""
+        if packing_mode(self.config.dataset) == "documents" and attention.use_document_attention(model):
+            log.info("attention: document-causal sdpa (one causal call per packed document)")
+        return model
+
     def collator(self, model: Any) -> Collator:
         """The batch maker for `model`: `packing: false` batches go padding-free only where the
         attention has a variable-length kernel (`packing.collator_for`), padded elsewhere."""
@@ -305,7 +312,7 @@ class Recipe:
             folder = self.fetch(spec)
             tokenizer = load_tokenizer(folder)
             dataset = self.sequences(raw, tokenizer, "eval")
-            model = load_model(folder, init="pretrained", dropout=None, seed=0).to(self.device)
+            model = self.attend(load_model(folder, init="pretrained", dropout=None, seed=0)).to(self.device)
             result = self.evaluate(model, dataset)
             del model
             baseline = BaselineResult(
@@ -479,11 +486,13 @@ class Recipe:
             self.io.write_run_json(
                 cfg, raw, model_folder, train_dataset, self.eval_dataset, world_size=self.world_size
             )
-        model = load_model(
-            model_folder,
-            init=cfg.model.init,
-            dropout=cfg.hyperparameters.dropout,
-            seed=cfg.hyperparameters.seed,
+        model = self.attend(
+            load_model(
+                model_folder,
+                init=cfg.model.init,
+                dropout=cfg.hyperparameters.dropout,
+                seed=cfg.hyperparameters.seed,
+            )
         )
         self.strategy = self._resolve_strategy(model)
         if evaluate_only:
